@@ -1,0 +1,93 @@
+package shard
+
+import (
+	"cmp"
+	"net/netip"
+	"slices"
+)
+
+// Input is everything a node needs to compute its Plan. Every node builds it from the
+// same API objects, so nodes agree on every role.
+type Input struct {
+	Node     string            // this node's member name
+	Roles    bool              // --setRoles: active-backup per instance; off = equal (ECMP)
+	Masters  map[string]string // instance -> member holding its mastership Lease
+	Services []Service         // with ready endpoints only
+}
+
+// BuildPlan computes what one node announces and programs.
+//
+// Every node programs every frontend, master or backup, so a backup serves the moment
+// routers move traffic to it. A VIP is announced only while one of its services has a
+// ready endpoint. A VIP shared by services of different instances (shared IP mode)
+// follows the instance of the service with the smallest key, so that every node
+// derives the same single master for it.
+func BuildPlan(in Input) Plan {
+	type vipState struct {
+		instance string
+		owner    string // service key that decided the instance
+		ready    bool
+	}
+	vips := map[netip.Addr]*vipState{}
+	var plan Plan
+	for _, s := range in.Services {
+		ready := false
+		for _, p := range s.Ports {
+			if len(p.Endpoints) > 0 {
+				ready = true
+			}
+		}
+		for _, vip := range s.VIPs {
+			if !vip.IsValid() {
+				continue
+			}
+			vip = vip.Unmap()
+			v := vips[vip]
+			if v == nil {
+				v = &vipState{instance: s.Instance, owner: s.Key}
+				vips[vip] = v
+			} else if s.Key < v.owner {
+				v.instance, v.owner = s.Instance, s.Key
+			}
+			v.ready = v.ready || ready
+			for _, p := range s.Ports {
+				eps := slices.Clone(p.Endpoints)
+				slices.SortFunc(eps, compareEndpoint)
+				eps = slices.Compact(eps)
+				plan.Frontends = append(plan.Frontends, Frontend{
+					Service: s.Key, VIP: vip, Port: p.Port, Protocol: p.Protocol,
+					Mode: s.Mode, Select: s.Select, Endpoints: eps,
+				})
+			}
+		}
+	}
+	for vip, v := range vips {
+		if !v.ready {
+			continue
+		}
+		role := RoleEqual
+		if in.Roles {
+			role = RoleBackup
+			if m, ok := in.Masters[v.instance]; ok && m == in.Node {
+				role = RoleMaster
+			}
+		}
+		plan.Advertisements = append(plan.Advertisements, Advertisement{
+			Prefix: netip.PrefixFrom(vip, vip.BitLen()), Role: role, Instance: v.instance,
+		})
+	}
+	slices.SortFunc(plan.Advertisements, func(a, b Advertisement) int {
+		return a.Prefix.Addr().Compare(b.Prefix.Addr())
+	})
+	slices.SortFunc(plan.Frontends, compareFrontend)
+	return plan
+}
+
+func compareEndpoint(a, b Endpoint) int {
+	return cmp.Or(a.Addr.Compare(b.Addr), cmp.Compare(a.Port, b.Port))
+}
+
+func compareFrontend(a, b Frontend) int {
+	return cmp.Or(a.VIP.Compare(b.VIP), cmp.Compare(a.Port, b.Port),
+		cmp.Compare(a.Protocol, b.Protocol), cmp.Compare(a.Service, b.Service))
+}
