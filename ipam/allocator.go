@@ -1,0 +1,400 @@
+// Package ipam decides which VIP each LoadBalancer service gets: from which pool, which
+// address, and whether two services may share one (kube-loxilb's shared and --setUniqueIP
+// modes). It is pure: values in, values out; Kubernetes stays the store through Restore.
+package ipam
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+)
+
+var (
+	// ErrPoolExhausted: the pool has no address left for the request.
+	ErrPoolExhausted = errors.New("pool exhausted")
+	// ErrUnknownPool: no pool of the request's family has the selected name.
+	ErrUnknownPool = errors.New("unknown pool")
+	// ErrNoPool: the request's family has no pool at all.
+	ErrNoPool = errors.New("no pool for the address family")
+	// ErrStaticIPConflict: the address is used by another service; the error is a
+	// *ConflictError naming both.
+	ErrStaticIPConflict = errors.New("IP already in use")
+	// ErrInvalidRequest: a request or a restored record is malformed.
+	ErrInvalidRequest = errors.New("invalid request")
+)
+
+// ConflictError says that Requester asked for an address Holder already uses.
+type ConflictError struct {
+	IP        netip.Addr
+	Holder    string
+	Requester string
+	Ports     []PortKey // in shared mode, the ports both services want; empty in unique mode
+}
+
+func (e *ConflictError) Error() string {
+	if len(e.Ports) > 0 {
+		return fmt.Sprintf("%s: %s is used by %s for %v, requested by %s", ErrStaticIPConflict, e.IP, e.Holder, e.Ports, e.Requester)
+	}
+	return fmt.Sprintf("%s: %s is used by %s, requested by %s", ErrStaticIPConflict, e.IP, e.Holder, e.Requester)
+}
+
+// Is makes errors.Is(err, ErrStaticIPConflict) hold.
+func (e *ConflictError) Is(target error) bool { return target == ErrStaticIPConflict }
+
+// Request asks for one address of one family for one service.
+type Request struct {
+	Service  string     // namespace/name
+	Family   Family     // IPv4 or IPv6
+	Pool     string     // annotation loxilb.io/poolSelect; "" = the first pool of the family
+	StaticIP netip.Addr // annotation loxilb.io/staticIP; zero value = none
+	Ports    []PortKey  // in shared mode, services may share an IP when their ports differ
+}
+
+// Validate reports what is malformed in r, wrapping ErrInvalidRequest.
+func (r Request) Validate() error {
+	if r.Service == "" {
+		return fmt.Errorf("%w: no service name", ErrInvalidRequest)
+	}
+	if r.Family != IPv4 && r.Family != IPv6 {
+		return fmt.Errorf("%w: service %s: family %v, expected IPv4 or IPv6", ErrInvalidRequest, r.Service, r.Family)
+	}
+	if r.StaticIP.IsValid() {
+		if err := checkAddr(r.StaticIP); err != nil {
+			return fmt.Errorf("%w: service %s: static IP: %w", ErrInvalidRequest, r.Service, err)
+		}
+		if familyOf(r.StaticIP) != r.Family {
+			return fmt.Errorf("%w: service %s: static IP %s is not %v", ErrInvalidRequest, r.Service, r.StaticIP, r.Family)
+		}
+	}
+	return checkPorts(r.Service, r.Ports)
+}
+
+func checkPorts(service string, ports []PortKey) error {
+	for _, p := range ports {
+		if p.Protocol == 0 || p.Port == 0 {
+			return fmt.Errorf("%w: service %s: port %v, expected a protocol and a port above 0", ErrInvalidRequest, service, p)
+		}
+	}
+	return nil
+}
+
+// normalPorts is ports sorted and without repeats, in storage the caller does not own.
+func normalPorts(ports []PortKey) []PortKey {
+	if len(ports) == 0 {
+		return nil
+	}
+	out := slices.Clone(ports)
+	slices.SortFunc(out, comparePorts)
+	return slices.Compact(out)
+}
+
+// Allocation is the address a service holds in one family.
+type Allocation struct {
+	Service string
+	Pool    string // "" for a static IP outside every pool
+	IP      netip.Addr
+	Ports   []PortKey // sorted, without repeats
+}
+
+// PoolStats describes one pool for metrics and the CLI.
+type PoolStats struct {
+	Name     string
+	Family   Family
+	Size     uint64 // addresses the pool hands out; saturates at 2^64-1 for larger IPv6 pools
+	Used     int    // addresses in use
+	Services int    // allocations in the pool (more than Used when services share addresses)
+}
+
+type pool struct {
+	spec        PoolSpec
+	family      Family
+	first, last u128
+	used        tree
+	services    int
+}
+
+type record struct {
+	pool  *pool // nil outside every pool
+	ip    netip.Addr
+	ports []PortKey
+}
+
+// Allocator hands out VIPs from pools and remembers who holds what.
+//
+// It is not safe for concurrent use: the controller serialises its calls.
+type Allocator struct {
+	unique bool
+	pools  []*pool // in the order given to New; the first of a family is its default
+	// outside holds static IPs that are in no pool, so that they still conflict.
+	outside  map[netip.Addr]*node
+	services map[string]*[2]*record // index 0 IPv4, 1 IPv6
+}
+
+func famIndex(f Family) int {
+	if f == IPv6 {
+		return 1
+	}
+	return 0
+}
+
+// New makes an allocator over IPv4 and IPv6 pools together. unique is --setUniqueIP:
+// one address per service. Otherwise services share an address when their ports do not
+// overlap, as kube-loxilb does by default.
+func New(pools []PoolSpec, unique bool) (*Allocator, error) {
+	if err := checkPools(pools); err != nil {
+		return nil, err
+	}
+	a := &Allocator{
+		unique:   unique,
+		outside:  map[netip.Addr]*node{},
+		services: map[string]*[2]*record{},
+	}
+	for _, s := range pools {
+		a.pools = append(a.pools, &pool{
+			spec:   s,
+			family: s.Family(),
+			first:  keyOf(s.First),
+			last:   keyOf(s.Last),
+			used:   tree{shared: !unique},
+		})
+	}
+	return a, nil
+}
+
+// Allocate gives r.Service an address of r.Family. It is idempotent per (service,
+// family): a service that already holds an address gets that allocation back whatever
+// the request says now; to move it, Release first.
+//
+// Unique mode hands out the lowest free address of the pool. Shared mode hands out the
+// lowest used address whose services' ports do not overlap r.Ports, else the lowest free
+// one. A static IP inside a pool is reserved there, outside every pool it is accepted;
+// one another service uses (in shared mode: with an overlapping port) is a conflict.
+func (a *Allocator) Allocate(r Request) (Allocation, error) {
+	if err := r.Validate(); err != nil {
+		return Allocation{}, err
+	}
+	if rec := a.services[r.Service][famIndex(r.Family)]; rec != nil {
+		return rec.allocation(r.Service), nil
+	}
+	ports := normalPorts(r.Ports)
+	var p *pool
+	if r.Pool != "" || !r.StaticIP.IsValid() {
+		var err error
+		if p, err = a.selectPool(r); err != nil {
+			return Allocation{}, err
+		}
+	}
+	if r.StaticIP.IsValid() {
+		in := a.poolOf(r.StaticIP)
+		if p != nil && in != p {
+			return Allocation{}, fmt.Errorf("%w: service %s: static IP %s is not in the selected pool %q", ErrInvalidRequest, r.Service, r.StaticIP, p.spec.Name)
+		}
+		if err := a.hold(in, r.StaticIP, r.Service, ports); err != nil {
+			return Allocation{}, err
+		}
+		return a.services[r.Service][famIndex(r.Family)].allocation(r.Service), nil
+	}
+
+	if !a.unique {
+		if n := lowestShareable(p.used.root, ports); n != nil {
+			n.addHolder(r.Service, ports)
+			p.used.refresh(n.key)
+			return a.record(r.Service, p, n.key.addr(p.family), ports), nil
+		}
+	}
+	k, ok := p.used.lowestFree(p.first, p.last)
+	if !ok {
+		what := "every address is in use"
+		if !a.unique {
+			what = "every address is in use by a service with one of the ports " + fmt.Sprint(ports)
+		}
+		return Allocation{}, fmt.Errorf("%w: pool %q (%s) for service %s: %s", ErrPoolExhausted, p.spec.Name, p.spec, r.Service, what)
+	}
+	n := newNode(k)
+	n.addHolder(r.Service, ports)
+	p.used.insert(n)
+	return a.record(r.Service, p, k.addr(p.family), ports), nil
+}
+
+func (a *Allocator) selectPool(r Request) (*pool, error) {
+	var other *pool
+	for _, p := range a.pools {
+		if p.family == r.Family && (r.Pool == "" || p.spec.Name == r.Pool) {
+			return p, nil
+		}
+		if p.spec.Name == r.Pool {
+			other = p
+		}
+	}
+	switch {
+	case r.Pool == "":
+		return nil, fmt.Errorf("%w: service %s asks for %v and no %v pool is configured", ErrNoPool, r.Service, r.Family, r.Family)
+	case other != nil:
+		return nil, fmt.Errorf("%w: service %s selects pool %q for %v, but %q is an %v pool", ErrUnknownPool, r.Service, r.Pool, r.Family, r.Pool, other.family)
+	}
+	return nil, fmt.Errorf("%w: service %s selects pool %q, which is not configured", ErrUnknownPool, r.Service, r.Pool)
+}
+
+// poolOf is the pool holding ip, nil when none does (pools never overlap).
+func (a *Allocator) poolOf(ip netip.Addr) *pool {
+	for _, p := range a.pools {
+		if p.family == familyOf(ip) && !ip.Less(p.spec.First) && !p.spec.Last.Less(ip) {
+			return p
+		}
+	}
+	return nil
+}
+
+// hold gives service ip (in pool p, or outside every pool when p is nil) unless another
+// service's use of ip conflicts.
+func (a *Allocator) hold(p *pool, ip netip.Addr, service string, ports []PortKey) error {
+	var n *node
+	if p != nil {
+		n = p.used.get(keyOf(ip))
+	} else {
+		n = a.outside[ip]
+	}
+	if n != nil {
+		if h, both, clash := n.conflict(ports, a.unique); clash {
+			return &ConflictError{IP: ip, Holder: h.service, Requester: service, Ports: both}
+		}
+		n.addHolder(service, ports)
+		if p != nil {
+			p.used.refresh(n.key)
+		}
+	} else {
+		n = newNode(keyOf(ip))
+		n.addHolder(service, ports)
+		if p != nil {
+			p.used.insert(n)
+		} else {
+			a.outside[ip] = n
+		}
+	}
+	a.record(service, p, ip, ports)
+	return nil
+}
+
+func (a *Allocator) record(service string, p *pool, ip netip.Addr, ports []PortKey) Allocation {
+	recs := a.services[service]
+	if recs == nil {
+		recs = new([2]*record)
+		a.services[service] = recs
+	}
+	rec := &record{pool: p, ip: ip, ports: ports}
+	recs[famIndex(familyOf(ip))] = rec
+	if p != nil {
+		p.services++
+	}
+	return rec.allocation(service)
+}
+
+func (r *record) allocation(service string) Allocation {
+	al := Allocation{Service: service, IP: r.ip, Ports: slices.Clone(r.ports)}
+	if r.pool != nil {
+		al.Pool = r.pool.spec.Name
+	}
+	return al
+}
+
+// Release frees every address service holds, in every family. An unknown service is a
+// no-op, so a repeated delete event does no harm.
+func (a *Allocator) Release(service string) {
+	recs := a.services[service]
+	if recs == nil {
+		return
+	}
+	for _, rec := range recs {
+		if rec == nil {
+			continue
+		}
+		if rec.pool == nil {
+			n := a.outside[rec.ip]
+			n.removeHolder(service)
+			if len(n.holders) == 0 {
+				delete(a.outside, rec.ip)
+			}
+			continue
+		}
+		k := keyOf(rec.ip)
+		t := &rec.pool.used
+		n := t.get(k)
+		n.removeHolder(service)
+		if len(n.holders) == 0 {
+			t.remove(k)
+		} else {
+			t.refresh(k)
+		}
+		rec.pool.services--
+	}
+	delete(a.services, service)
+}
+
+// Restore re-applies allocations that Services already record, so a restarted controller
+// hands out nothing that is taken. The address decides the pool (Allocation.Pool is not
+// trusted, pools may have changed since). Records apply in the order given, so the caller
+// passes the oldest service first and it keeps the address when two records conflict.
+//
+// Restore is idempotent: a record the allocator already holds is a no-op. Every record
+// that does not conflict is applied; the error joins one error per refused record, a
+// *ConflictError naming both services where two want the same address.
+func (a *Allocator) Restore(allocs []Allocation) error {
+	var errs []error
+	for _, al := range allocs {
+		if err := a.restore(al); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (a *Allocator) restore(al Allocation) error {
+	if al.Service == "" {
+		return fmt.Errorf("%w: restored record for %s has no service name", ErrInvalidRequest, al.IP)
+	}
+	if !al.IP.IsValid() {
+		return fmt.Errorf("%w: service %s: restored record has no IP", ErrInvalidRequest, al.Service)
+	}
+	if err := checkAddr(al.IP); err != nil {
+		return fmt.Errorf("%w: service %s: restored IP: %w", ErrInvalidRequest, al.Service, err)
+	}
+	if err := checkPorts(al.Service, al.Ports); err != nil {
+		return err
+	}
+	ports := normalPorts(al.Ports)
+	if rec := a.services[al.Service][famIndex(familyOf(al.IP))]; rec != nil {
+		if rec.ip == al.IP && slices.Equal(rec.ports, ports) {
+			return nil
+		}
+		return fmt.Errorf("%w: service %s records %s %v but already holds %s %v", ErrInvalidRequest,
+			al.Service, al.IP, ports, rec.ip, rec.ports)
+	}
+	return a.hold(a.poolOf(al.IP), al.IP, al.Service, ports)
+}
+
+// Lookup is what service holds: IPv4 first, then IPv6; nil when nothing.
+func (a *Allocator) Lookup(service string) []Allocation {
+	var out []Allocation
+	for _, rec := range a.services[service] {
+		if rec != nil {
+			out = append(out, rec.allocation(service))
+		}
+	}
+	return out
+}
+
+// Pools reports every pool in the order given to New.
+func (a *Allocator) Pools() []PoolStats {
+	out := make([]PoolStats, 0, len(a.pools))
+	for _, p := range a.pools {
+		out = append(out, PoolStats{
+			Name:     p.spec.Name,
+			Family:   p.family,
+			Size:     span(p.first, p.last),
+			Used:     p.used.len(),
+			Services: p.services,
+		})
+	}
+	return out
+}
