@@ -174,7 +174,7 @@ func (a *Allocator) Allocate(r Request) (Allocation, error) {
 	if err := r.Validate(); err != nil {
 		return Allocation{}, err
 	}
-	if rec := a.services[r.Service][famIndex(r.Family)]; rec != nil {
+	if rec := a.held(r.Service, r.Family); rec != nil {
 		return rec.allocation(r.Service), nil
 	}
 	ports := normalPorts(r.Ports)
@@ -193,7 +193,7 @@ func (a *Allocator) Allocate(r Request) (Allocation, error) {
 		if err := a.hold(in, r.StaticIP, r.Service, ports); err != nil {
 			return Allocation{}, err
 		}
-		return a.services[r.Service][famIndex(r.Family)].allocation(r.Service), nil
+		return a.held(r.Service, r.Family).allocation(r.Service), nil
 	}
 
 	if !a.unique {
@@ -273,6 +273,13 @@ func (a *Allocator) hold(p *pool, ip netip.Addr, service string, ports []PortKey
 		}
 	}
 	a.record(service, p, ip, ports)
+	return nil
+}
+
+func (a *Allocator) held(service string, f Family) *record {
+	if recs := a.services[service]; recs != nil {
+		return recs[famIndex(f)]
+	}
 	return nil
 }
 
@@ -363,7 +370,7 @@ func (a *Allocator) restore(al Allocation) error {
 		return err
 	}
 	ports := normalPorts(al.Ports)
-	if rec := a.services[al.Service][famIndex(familyOf(al.IP))]; rec != nil {
+	if rec := a.held(al.Service, familyOf(al.IP)); rec != nil {
 		if rec.ip == al.IP && slices.Equal(rec.ports, ports) {
 			return nil
 		}
@@ -375,8 +382,12 @@ func (a *Allocator) restore(al Allocation) error {
 
 // Lookup is what service holds: IPv4 first, then IPv6; nil when nothing.
 func (a *Allocator) Lookup(service string) []Allocation {
+	recs := a.services[service]
+	if recs == nil {
+		return nil
+	}
 	var out []Allocation
-	for _, rec := range a.services[service] {
+	for _, rec := range recs {
 		if rec != nil {
 			out = append(out, rec.allocation(service))
 		}
