@@ -1,0 +1,166 @@
+/* The load-balancing decision for one parsed flow: conntrack first, then the service and
+ * a new endpoint. The result is a struct ct_entry saying what to write into the packet. */
+#ifndef SHARDLB_BALANCE_H
+#define SHARDLB_BALANCE_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#include "consts.h"
+#include "jhash.h"
+#include "maps.h"
+#include "parse.h"
+#include "structs.h"
+
+/* Source ports for SNAT flows, set by the loader. The default range sits above Linux's
+ * ip_local_port_range (32768-60999) so replies to the node's own sockets are never taken
+ * for a load-balanced flow's. */
+volatile const __u16 snat_port_min = 61000;
+volatile const __u16 snat_port_count = 4536;
+
+static __always_inline __u32 flow_hash(const struct flow *f)
+{
+	/* saddr, daddr and the two ports are the first nine words of struct flow. */
+	return jhash_9words((const __u32 *)f, FLOW_HASH_SEED ^ f->proto);
+}
+
+/* new_flow picks an endpoint of svc for f, records both directions in conntrack and
+ * fills *t with the forward rewrite. */
+static __noinline int new_flow(const struct flow *f, const struct service *svc, struct ct_entry *t)
+{
+	__u32 size = svc->ring_size;
+	__u32 id = svc->id;
+	__u32 hash = flow_hash(f);
+	__u32 idx;
+
+	if (size == 0) {
+		count_drop(DROP_NO_ENDPOINT);
+		return TC_ACT_SHOT;
+	}
+	switch (svc->select) {
+	case SELECT_RR: {
+		struct svc_stats *st = bpf_map_lookup_elem(&service_stats, &id);
+		if (!st) {
+			count_drop(DROP_NO_ENDPOINT);
+			return TC_ACT_SHOT;
+		}
+		idx = st->rr_next++ % size;
+		break;
+	}
+	case SELECT_PERSIST:
+		idx = jhash_4words(f->saddr, FLOW_HASH_SEED) % size;
+		break;
+	default:
+		idx = hash % size;
+	}
+
+	__u32 slot = svc->ring_start + idx;
+	__u32 pair = slot >> 1;
+	struct ring_pair *rp = bpf_map_lookup_elem(&ring_slots, &pair);
+	if (!rp) {
+		count_drop(DROP_NO_ENDPOINT);
+		return TC_ACT_SHOT;
+	}
+	__u32 ep_id = rp->endpoint[slot & 1];
+	struct endpoint *ep = bpf_map_lookup_elem(&endpoints, &ep_id);
+	if (!ep || !ep->valid) {
+		count_drop(DROP_NO_ENDPOINT);
+		return TC_ACT_SHOT;
+	}
+
+	struct flow reply = {};
+	struct ct_entry rev = {};
+
+	__builtin_memcpy(reply.saddr, ep->addr, 16);
+	__builtin_memcpy(reply.daddr, f->saddr, 16);
+	reply.sport = ep->port;
+	reply.dport = f->sport;
+	reply.proto = f->proto;
+	reply.family = f->family;
+
+	__builtin_memcpy(rev.saddr, f->daddr, 16);
+	__builtin_memcpy(rev.daddr, f->saddr, 16);
+	rev.sport = f->dport;
+	rev.dport = f->sport;
+	rev.service_id = id;
+	rev.dir = CT_REPLY;
+
+	__builtin_memcpy(t->saddr, f->saddr, 16);
+	__builtin_memcpy(t->daddr, ep->addr, 16);
+	t->sport = f->sport;
+	t->dport = ep->port;
+	t->service_id = id;
+	t->endpoint_id = ep_id;
+	t->endpoint_gen = ep->gen;
+	t->dir = CT_FORWARD;
+
+	if (svc->mode == MODE_DEFAULT) {
+		if (bpf_map_update_elem(&conntrack, &reply, &rev, BPF_ANY)) {
+			count_drop(DROP_CONNTRACK_FULL);
+			return TC_ACT_SHOT;
+		}
+	} else {
+		/* The reply tuple (endpoint -> SNAT address:port) is inserted only if absent, so
+		 * two flows can never share one: the map is the arbiter, also between CPUs. The
+		 * first port tried follows from the flow hash, so it is reproducible. */
+		__u16 count = snat_port_count;
+		__u16 min = snat_port_min;
+		int i;
+
+		if (count == 0)
+			count = 1;
+		__builtin_memcpy(reply.daddr, svc->snat_addr, 16);
+		__builtin_memcpy(t->saddr, svc->snat_addr, 16);
+		for (i = 0; i < SNAT_TRIES; i++) {
+			reply.dport = bpf_htons(min + (hash + i) % count);
+			if (bpf_map_update_elem(&conntrack, &reply, &rev, BPF_NOEXIST) == 0)
+				break;
+		}
+		if (i == SNAT_TRIES) {
+			count_drop(DROP_SNAT_EXHAUSTED);
+			return TC_ACT_SHOT;
+		}
+		t->sport = reply.dport;
+	}
+	if (bpf_map_update_elem(&conntrack, f, t, BPF_ANY)) {
+		count_drop(DROP_CONNTRACK_FULL);
+		return TC_ACT_SHOT;
+	}
+	struct svc_stats *st = bpf_map_lookup_elem(&service_stats, &id);
+	if (st)
+		st->new_flows++;
+	return FURTHER_PROCESSING;
+}
+
+/* balance decides flow f: TC_ACT_OK when it is not load-balanced traffic, a drop, or
+ * FURTHER_PROCESSING with *t holding the rewrite. */
+static __always_inline int balance(const struct flow *f, struct ct_entry *t)
+{
+	struct ct_entry *ct = bpf_map_lookup_elem(&conntrack, f);
+	if (ct) {
+		if (ct->dir == CT_REPLY) {
+			*t = *ct;
+			return FURTHER_PROCESSING;
+		}
+		/* A forward flow keeps its endpoint while that endpoint is in the service; once
+		 * it is gone the flow is balanced again like a new one. */
+		struct endpoint *ep = bpf_map_lookup_elem(&endpoints, &ct->endpoint_id);
+		if (ep && ep->valid && ep->gen == ct->endpoint_gen) {
+			*t = *ct;
+			return FURTHER_PROCESSING;
+		}
+	}
+
+	struct service_key k = {};
+	__builtin_memcpy(k.vip, f->daddr, 16);
+	k.port = f->dport;
+	k.proto = f->proto;
+	k.family = f->family;
+	struct service *svc = bpf_map_lookup_elem(&services, &k);
+	if (!svc)
+		return TC_ACT_OK;
+	return new_flow(f, svc, t);
+}
+
+#endif

@@ -1,0 +1,79 @@
+/* Constants of the shardlb datapath. Sizes are defaults: the loader resizes maps from
+ * its Config before loading, so these only bound what a test or build without a Config
+ * gets. */
+#ifndef SHARDLB_CONSTS_H
+#define SHARDLB_CONSTS_H
+
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/in6.h>
+#include <stdbool.h>
+
+#define AF_INET 2
+#define AF_INET6 10
+
+#define IP_MF 0x2000
+#define IP_OFFSET 0x1FFF
+
+/* tc verdicts (linux/pkt_cls.h) */
+#define TC_ACT_OK 0
+#define TC_ACT_SHOT 2
+#define TC_ACT_REDIRECT 7
+
+/* Helpers return FURTHER_PROCESSING when the packet is not decided yet (Katran's
+ * convention), any other value is the final tc verdict. */
+#define FURTHER_PROCESSING -1
+
+#ifndef MAX_SERVICES
+#define MAX_SERVICES 16384
+#endif
+#ifndef MAX_ENDPOINTS
+#define MAX_ENDPOINTS 65536
+#endif
+#ifndef MAX_RING_PAIRS
+#define MAX_RING_PAIRS (1 << 20)
+#endif
+#ifndef MAX_CONNTRACK
+#define MAX_CONNTRACK 262144
+#endif
+
+/* Source-port attempts for a new SNAT flow before it is dropped: each attempt is an
+ * atomic insert of the reply tuple, so a port is never given to two flows. */
+#define SNAT_TRIES 16
+
+/* Seed of the flow hash. Part of the contract between nodes: all of them must pick the
+ * same endpoint for a flow, so it is a constant and never random. */
+#define FLOW_HASH_SEED 0x5a4d1b0bU
+
+/* Service modes and selections, the values of shard.Mode and shard.Select. */
+enum lb_mode {
+	MODE_DEFAULT = 0,
+	MODE_ONEARM = 1,
+	MODE_FULLNAT = 2,
+};
+
+enum lb_select {
+	SELECT_HASH = 0,
+	SELECT_RR = 1,
+	SELECT_PERSIST = 2,
+};
+
+/* Why a packet was dropped: one counter each in the drops map. The Go side names them in
+ * the same order (dropReasons), a test checks the count matches. */
+enum drop_reason {
+	DROP_NO_ENDPOINT = 0,   /* service exists but has no ready endpoint */
+	DROP_SNAT_EXHAUSTED,    /* every source port tried for a SNAT flow was taken */
+	DROP_CONNTRACK_FULL,    /* the conntrack insert failed */
+	DROP_FRAGMENT,          /* IP fragment to a VIP: no ports to pick an endpoint with */
+	DROP_TRUNCATED,         /* packet to a VIP shorter than its headers say */
+	DROP_IPV6_EXT_HEADER,   /* IPv6 extension header before TCP/UDP on a VIP */
+	DROP_REASONS,
+};
+
+/* Flow directions recorded in conntrack entries. */
+enum ct_dir {
+	CT_FORWARD = 0, /* client -> service, rewritten toward the endpoint */
+	CT_REPLY = 1,   /* endpoint -> client, rewritten back to the VIP */
+};
+
+#endif

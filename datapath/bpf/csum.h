@@ -1,0 +1,33 @@
+/* Incremental Internet checksums (RFC 1624) on 16-bit words as they sit in the packet:
+ * one's-complement sums do not depend on byte order, so no swapping is needed. */
+#ifndef SHARDLB_CSUM_H
+#define SHARDLB_CSUM_H
+
+#include <linux/types.h>
+
+static __always_inline __u16 csum_fold(__u64 sum)
+{
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (__u16)sum;
+}
+
+/* csum_word_diff adds the change of one 32-bit field to a running difference. */
+static __always_inline __u64 csum_diff32(__u64 acc, __u32 from, __u32 to)
+{
+	return acc + (__u16)~(from & 0xffff) + (__u16)~(from >> 16) + (to & 0xffff) + (to >> 16);
+}
+
+static __always_inline __u64 csum_diff16(__u64 acc, __u16 from, __u16 to)
+{
+	return acc + (__u16)~from + to;
+}
+
+/* csum_apply returns the checksum field after the fields behind diff changed. */
+static __always_inline __u16 csum_apply(__u16 check, __u64 diff)
+{
+	return ~csum_fold((__u64)(__u16)~check + diff);
+}
+
+#endif

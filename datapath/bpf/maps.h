@@ -1,0 +1,73 @@
+/* Maps of the shardlb datapath. Go owns every map except conntrack: it writes services,
+ * rings and endpoints declaratively and reads the counters. */
+#ifndef SHARDLB_MAPS_H
+#define SHARDLB_MAPS_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+
+#include "consts.h"
+#include "structs.h"
+
+/* (VIP, port, protocol) -> service. Replacing a value is atomic for readers, which is how
+ * a service switches to a new ring without a gap. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct service_key);
+	__type(value, struct service);
+	__uint(max_entries, MAX_SERVICES);
+} services SEC(".maps");
+
+/* Every VIP address, consulted only for packets that cannot be load-balanced (fragments,
+ * truncated, extension headers) to decide between passing them and dropping them. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct vip_key);
+	__type(value, __u32);
+	__uint(max_entries, MAX_SERVICES);
+} vips SEC(".maps");
+
+/* All services' rings back to back, two slots per value; a slot holds an endpoint id.
+ * Go allocates each ring a range and writes a new range before switching to it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct ring_pair);
+	__uint(max_entries, MAX_RING_PAIRS);
+} ring_slots SEC(".maps");
+
+/* Endpoint id -> address and port. Ids of an endpoint that stays are kept across updates,
+ * so established flows keep their endpoint. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct endpoint);
+	__uint(max_entries, MAX_ENDPOINTS);
+} endpoints SEC(".maps");
+
+/* Connection tracking, one entry per direction of a flow, least recently used evicted. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct flow);
+	__type(value, struct ct_entry);
+	__uint(max_entries, MAX_CONNTRACK);
+} conntrack SEC(".maps");
+
+/* Per-service counters (and round-robin position), per CPU so no packet waits on
+ * another CPU's cache line. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct svc_stats);
+	__uint(max_entries, MAX_SERVICES);
+} service_stats SEC(".maps");
+
+/* One counter per enum drop_reason. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, DROP_REASONS);
+} drops SEC(".maps");
+
+#endif

@@ -1,0 +1,102 @@
+/* Rewriting a packet's addresses and ports from a struct ct_entry, with incremental IP,
+ * TCP and UDP checksums. Only changed words enter the checksum difference. */
+#ifndef SHARDLB_NAT_H
+#define SHARDLB_NAT_H
+
+#include <linux/bpf.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <bpf/bpf_helpers.h>
+
+#include "consts.h"
+#include "csum.h"
+#include "structs.h"
+
+/* rewrite_l4 writes the ports and fixes the L4 checksum for a pseudo-header change of
+ * addr_diff. It returns the change of the one's-complement sum of the L4 bytes, which a
+ * CHECKSUM_COMPLETE skb must learn about, or -1 when the header is not in the packet. */
+static __always_inline __s64 rewrite_l4(void *l4, void *data_end, __u8 proto, const struct ct_entry *t,
+					__u64 addr_diff, bool v4)
+{
+	__be16 *ports = l4;
+	__u16 *check;
+
+	if (proto == IPPROTO_TCP) {
+		struct tcphdr *th = l4;
+		if ((void *)(th + 1) > data_end)
+			return -1;
+		check = &th->check;
+	} else {
+		struct udphdr *uh = l4;
+		if ((void *)(uh + 1) > data_end)
+			return -1;
+		check = &uh->check;
+	}
+	__u64 port_diff = csum_diff16(0, ports[0], t->sport);
+	port_diff = csum_diff16(port_diff, ports[1], t->dport);
+	ports[0] = t->sport;
+	ports[1] = t->dport;
+
+	/* IPv4 UDP may carry no checksum (0), and then must keep carrying none. */
+	if (proto == IPPROTO_UDP && v4 && *check == 0)
+		return csum_fold(port_diff);
+	__u16 sum = csum_apply(*check, addr_diff + port_diff);
+	if (proto == IPPROTO_UDP && sum == 0)
+		sum = 0xffff;
+	*check = sum;
+	/* Ports and checksum together moved the L4 sum by minus the address change. */
+	return (__u16)~csum_fold(addr_diff);
+}
+
+/* rewrite_ipv4 rewrites iph and its L4 header from t, decrementing the TTL when the
+ * packet is forwarded here rather than by the kernel. */
+static __always_inline int rewrite_ipv4(struct __sk_buff *skb, struct iphdr *iph, void *l4, void *data_end,
+					const struct ct_entry *t, bool dec_ttl)
+{
+	__u64 addr_diff = csum_diff32(0, iph->saddr, t->saddr[0]);
+	addr_diff = csum_diff32(addr_diff, iph->daddr, t->daddr[0]);
+	__u64 ip_diff = addr_diff;
+
+	__s64 l4_sum = rewrite_l4(l4, data_end, iph->protocol, t, addr_diff, true);
+	if (l4_sum < 0)
+		return TC_ACT_OK;
+	if (dec_ttl) {
+		__u16 *ttl_word = (__u16 *)&iph->ttl;
+		__u16 old = *ttl_word;
+		iph->ttl--;
+		ip_diff = csum_diff16(ip_diff, old, *ttl_word);
+	}
+	iph->saddr = t->saddr[0];
+	iph->daddr = t->daddr[0];
+	iph->check = csum_apply(iph->check, ip_diff);
+	/* The IP header's own sum is unchanged (its checksum compensates), the L4 part moved
+	 * by l4_sum: a CHECKSUM_COMPLETE skb must carry that; others ignore the call. */
+	bpf_csum_update(skb, (__u32)l4_sum);
+	return FURTHER_PROCESSING;
+}
+
+/* rewrite_ipv6: no IP checksum; the address change and the L4 checksum cancel out in the
+ * packet's sum, so a CHECKSUM_COMPLETE skb needs no update. */
+static __always_inline int rewrite_ipv6(struct ipv6hdr *ip6, void *l4, void *data_end, const struct ct_entry *t,
+					bool dec_ttl)
+{
+	__u64 addr_diff = 0;
+	int i;
+
+#pragma unroll
+	for (i = 0; i < 4; i++) {
+		addr_diff = csum_diff32(addr_diff, ip6->saddr.in6_u.u6_addr32[i], t->saddr[i]);
+		addr_diff = csum_diff32(addr_diff, ip6->daddr.in6_u.u6_addr32[i], t->daddr[i]);
+	}
+	if (rewrite_l4(l4, data_end, ip6->nexthdr, t, addr_diff, false) < 0)
+		return TC_ACT_OK;
+	__builtin_memcpy(&ip6->saddr, t->saddr, 16);
+	__builtin_memcpy(&ip6->daddr, t->daddr, 16);
+	if (dec_ttl)
+		ip6->hop_limit--;
+	return FURTHER_PROCESSING;
+}
+
+#endif

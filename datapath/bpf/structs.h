@@ -1,0 +1,78 @@
+/* Layouts shared with Go: bpf2go generates the Go types from these, so they are the only
+ * definition. Addresses are 16 bytes for both families (IPv4 in the first word, the rest
+ * zero), in network byte order, as are ports. */
+#ifndef SHARDLB_STRUCTS_H
+#define SHARDLB_STRUCTS_H
+
+#include <linux/types.h>
+
+/* A directional flow: the conntrack key and the input of the flow hash. */
+struct flow {
+	__u32 saddr[4];
+	__u32 daddr[4];
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 family;
+	__u8 pad[2];
+};
+
+struct service_key {
+	__u32 vip[4];
+	__be16 port;
+	__u8 proto;
+	__u8 family;
+};
+
+struct service {
+	__u32 id;         /* index into service_stats, stable while the service exists */
+	__u32 ring_start; /* first slot of the service's ring in ring_slots */
+	__u32 ring_size;  /* Maglev table size, or endpoint count for rr; 0 = no endpoint */
+	__u8 mode;        /* enum lb_mode */
+	__u8 select;      /* enum lb_select */
+	__u8 pad[2];
+	__u32 snat_addr[4]; /* onearm: the node address; fullnat: the VIP */
+};
+
+/* Two ring slots per map value: array values are rounded up to 8 bytes anyway. */
+struct ring_pair {
+	__u32 endpoint[2];
+};
+
+struct endpoint {
+	__u32 addr[4];
+	__be16 port;
+	__u8 family;
+	__u8 valid;
+	__u32 gen; /* bumped when the slot is freed, so flows never follow a reused slot */
+};
+
+/* What to write into a packet of a tracked flow. */
+struct ct_entry {
+	__u32 saddr[4];
+	__u32 daddr[4];
+	__be16 sport;
+	__be16 dport;
+	__u32 service_id;
+	__u32 endpoint_id; /* forward entries: the endpoint slot, checked on every packet */
+	__u32 endpoint_gen;
+	__u8 dir; /* enum ct_dir */
+	__u8 pad[3];
+};
+
+struct svc_stats {
+	__u64 fwd_packets;
+	__u64 fwd_bytes;
+	__u64 reply_packets;
+	__u64 reply_bytes;
+	__u64 new_flows;
+	__u64 rr_next; /* this CPU's round-robin position */
+};
+
+struct vip_key {
+	__u32 addr[4];
+	__u8 family;
+	__u8 pad[3];
+};
+
+#endif
