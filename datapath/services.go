@@ -1,0 +1,352 @@
+package datapath
+
+import (
+	"cmp"
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+
+	"github.com/cilium/ebpf"
+	"github.com/shardlb/shardlb/datapath/maglev"
+	"github.com/shardlb/shardlb/shard"
+)
+
+// frontendKey identifies a frontend the way the kernel does.
+type frontendKey struct {
+	vip   netip.Addr
+	port  uint16
+	proto shard.Protocol
+}
+
+func (k frontendKey) String() string {
+	return fmt.Sprintf("%s/%s", netip.AddrPortFrom(k.vip, k.port), k.proto)
+}
+
+// applied is what the maps hold for one frontend.
+type applied struct {
+	fe        shard.Frontend
+	id        uint32 // service id: the stats slot
+	ringStart uint32
+	ringLen   uint32 // slots allocated (the ring size rounded up to a pair)
+	endpoints map[netip.AddrPort]uint32
+}
+
+// SetServices makes the maps serve exactly the desired frontends. It is declarative:
+// unchanged frontends are not touched, and a changed one gets its new ring and new
+// endpoints written before its service entry switches to them, so no packet finds a
+// half-written service. Endpoints that stay keep their id, so their flows stay too.
+// A frontend that cannot be applied is left out (and removed if it was applied before);
+// the returned error names every such frontend, the others are applied regardless.
+func (d *Datapath) SetServices(desired []shard.Frontend) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+
+	var errs []error
+	want := make(map[frontendKey]shard.Frontend, len(desired))
+	for _, fe := range desired {
+		k := frontendKey{fe.VIP, fe.Port, fe.Protocol}
+		if _, dup := want[k]; dup {
+			errs = append(errs, fmt.Errorf("frontend %s of %s: given twice, first one kept", k, fe.Service))
+			continue
+		}
+		if err := d.validate(fe); err != nil {
+			errs = append(errs, fmt.Errorf("frontend %s of %s: %w", k, fe.Service, err))
+			continue
+		}
+		want[k] = normalize(fe)
+	}
+
+	// Old rings and endpoint ids are released only after every switch of this call, so
+	// a packet that read a service entry just before its switch still finds the ring and
+	// endpoints it points to.
+	var later []func()
+	for k, a := range d.applied {
+		if _, ok := want[k]; !ok {
+			if err := d.remove(k, a, &later); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	keys := make([]frontendKey, 0, len(want))
+	for k := range want {
+		keys = append(keys, k)
+	}
+	slices.SortFunc(keys, func(a, b frontendKey) int {
+		return cmp.Or(a.vip.Compare(b.vip), cmp.Compare(a.port, b.port), cmp.Compare(a.proto, b.proto))
+	})
+	for _, k := range keys {
+		fe := want[k]
+		if a, ok := d.applied[k]; ok && equalFrontend(a.fe, fe) {
+			continue
+		}
+		if err := d.apply(k, fe, &later); err != nil {
+			errs = append(errs, fmt.Errorf("frontend %s of %s: %w", k, fe.Service, err))
+		}
+	}
+	for _, f := range later {
+		f()
+	}
+	return errors.Join(errs...)
+}
+
+func (d *Datapath) validate(fe shard.Frontend) error {
+	if !fe.VIP.IsValid() {
+		return errors.New("invalid VIP")
+	}
+	if fe.Protocol != shard.TCP && fe.Protocol != shard.UDP {
+		return fmt.Errorf("protocol %s is not supported", fe.Protocol)
+	}
+	switch fe.Mode {
+	case shard.ModeDefault, shard.ModeFullNAT:
+	case shard.ModeOneArm:
+		if !d.nodeIP(fe.VIP).IsValid() {
+			return errors.New("mode onearm needs the node's address of the VIP's family (Config.NodeIPv4/NodeIPv6)")
+		}
+	default:
+		return fmt.Errorf("mode %s is not implemented by the datapath", fe.Mode)
+	}
+	if fe.Select > shard.SelectPersist {
+		return fmt.Errorf("endpoint selection %s is not supported", fe.Select)
+	}
+	for _, ep := range fe.Endpoints {
+		if ep.Addr.Unmap().Is4() != fe.VIP.Unmap().Is4() {
+			return fmt.Errorf("endpoint %s is not of the VIP's address family", netip.AddrPortFrom(ep.Addr, ep.Port))
+		}
+	}
+	return nil
+}
+
+func (d *Datapath) nodeIP(vip netip.Addr) netip.Addr {
+	if vip.Unmap().Is4() {
+		return d.cfg.NodeIPv4.Unmap()
+	}
+	return d.cfg.NodeIPv6
+}
+
+// normalize makes equal frontends compare equal: IPv4 in 4 bytes, endpoints sorted and
+// without duplicates (the order of an EndpointSlice means nothing).
+func normalize(fe shard.Frontend) shard.Frontend {
+	fe.VIP = fe.VIP.Unmap()
+	eps := make([]shard.Endpoint, 0, len(fe.Endpoints))
+	for _, ep := range fe.Endpoints {
+		eps = append(eps, shard.Endpoint{Addr: ep.Addr.Unmap(), Port: ep.Port})
+	}
+	slices.SortFunc(eps, func(a, b shard.Endpoint) int {
+		return netip.AddrPortFrom(a.Addr, a.Port).Compare(netip.AddrPortFrom(b.Addr, b.Port))
+	})
+	fe.Endpoints = slices.Compact(eps)
+	return fe
+}
+
+func equalFrontend(a, b shard.Frontend) bool {
+	return a.Service == b.Service && a.Mode == b.Mode && a.Select == b.Select && slices.Equal(a.Endpoints, b.Endpoints)
+}
+
+// apply writes one new or changed frontend: endpoints, then the ring, then the service
+// entry that makes both visible.
+func (d *Datapath) apply(k frontendKey, fe shard.Frontend, later *[]func()) error {
+	old := d.applied[k]
+	a := &applied{fe: fe, endpoints: make(map[netip.AddrPort]uint32, len(fe.Endpoints))}
+	if old != nil {
+		a.id = old.id
+	} else {
+		id, ok := d.svcIDs.alloc()
+		if !ok {
+			return fmt.Errorf("allocate service: all %d services in use (raise Config.MaxServices)", d.cfg.MaxServices)
+		}
+		a.id = id
+		if err := d.resetStats(id); err != nil {
+			d.svcIDs.release(id)
+			return err
+		}
+	}
+	undo := func() {
+		for ap, id := range a.endpoints {
+			if old == nil || old.endpoints[ap] != id {
+				d.releaseEndpoint(id)
+			}
+		}
+		if old == nil {
+			d.svcIDs.release(a.id)
+		}
+	}
+
+	// Endpoint ids: kept for endpoints that stay, new ones written before the ring.
+	ids := make([]uint32, len(fe.Endpoints))
+	names := make([]string, len(fe.Endpoints))
+	for i, ep := range fe.Endpoints {
+		ap := netip.AddrPortFrom(ep.Addr, ep.Port)
+		names[i] = ap.String()
+		if old != nil {
+			if id, ok := old.endpoints[ap]; ok {
+				ids[i], a.endpoints[ap] = id, id
+				continue
+			}
+		}
+		id, err := d.addEndpoint(ep)
+		if err != nil {
+			undo()
+			return err
+		}
+		ids[i], a.endpoints[ap] = id, id
+	}
+
+	ring := ringOf(fe.Select, names, ids)
+	a.ringLen = uint32(len(ring)+1) &^ 1
+	if len(ring) > 0 {
+		start, err := d.rings.alloc(a.ringLen)
+		if err != nil {
+			undo()
+			return err
+		}
+		a.ringStart = start
+		if err := d.writeRing(start, ring); err != nil {
+			d.rings.release(start, a.ringLen)
+			undo()
+			return err
+		}
+	}
+
+	svc := lbService{Id: a.id, RingStart: a.ringStart, RingSize: uint32(len(ring)), Mode: uint8(fe.Mode), Select: uint8(fe.Select)}
+	switch fe.Mode {
+	case shard.ModeOneArm:
+		svc.SnatAddr = addrWords(d.nodeIP(fe.VIP))
+	case shard.ModeFullNAT:
+		svc.SnatAddr = addrWords(fe.VIP)
+	}
+	key := serviceKey(fe.VIP, fe.Port, fe.Protocol)
+	if old == nil {
+		if err := d.refVIP(fe.VIP, 1); err != nil {
+			d.rings.release(a.ringStart, a.ringLen)
+			undo()
+			return err
+		}
+	}
+	if err := d.objs.Services.Put(&key, &svc); err != nil {
+		d.rings.release(a.ringStart, a.ringLen)
+		undo()
+		if old == nil {
+			_ = d.refVIP(fe.VIP, -1)
+		}
+		return fmt.Errorf("write service: %w", err)
+	}
+	d.applied[k] = a
+
+	if old != nil {
+		*later = append(*later, func() { d.rings.release(old.ringStart, old.ringLen) })
+		for ap, id := range old.endpoints {
+			if _, kept := a.endpoints[ap]; !kept {
+				*later = append(*later, func() { d.releaseEndpoint(id) })
+			}
+		}
+	}
+	return nil
+}
+
+// ringOf is the ring the kernel indexes: the Maglev table for hash (5-tuple) and persist
+// (source address), the endpoints in order for round robin.
+func ringOf(sel shard.Select, names []string, ids []uint32) []uint32 {
+	if len(ids) == 0 {
+		return nil
+	}
+	if sel == shard.SelectRoundRobin {
+		return slices.Clone(ids)
+	}
+	table := maglev.Table(names, maglev.TableSize(len(names)))
+	ring := make([]uint32, len(table))
+	for i, b := range table {
+		ring[i] = ids[b]
+	}
+	return ring
+}
+
+func (d *Datapath) writeRing(start uint32, ring []uint32) error {
+	n := (len(ring) + 1) / 2
+	keys := make([]uint32, n)
+	vals := make([]lbRingPair, n)
+	for i := range keys {
+		keys[i] = start/2 + uint32(i)
+		vals[i].Endpoint[0] = ring[2*i]
+		if 2*i+1 < len(ring) {
+			vals[i].Endpoint[1] = ring[2*i+1]
+		}
+	}
+	if _, err := d.objs.RingSlots.BatchUpdate(keys, vals, nil); err != nil {
+		if !errors.Is(err, ebpf.ErrNotSupported) {
+			return fmt.Errorf("write ring: %w", err)
+		}
+		for i := range keys {
+			if err := d.objs.RingSlots.Put(keys[i], vals[i]); err != nil {
+				return fmt.Errorf("write ring: %w", err)
+			}
+		}
+	}
+	return nil
+}
+
+func (d *Datapath) addEndpoint(ep shard.Endpoint) (uint32, error) {
+	id, ok := d.epIDs.alloc()
+	if !ok {
+		return 0, fmt.Errorf("allocate endpoint: all %d endpoints in use (raise Config.MaxEndpoints)", d.cfg.MaxEndpoints)
+	}
+	v := lbEndpoint{Addr: addrWords(ep.Addr), Port: htons(ep.Port), Family: family(ep.Addr), Valid: 1, Gen: d.epGen[id]}
+	if err := d.objs.Endpoints.Put(id, &v); err != nil {
+		d.epIDs.release(id)
+		return 0, fmt.Errorf("write endpoint %s: %w", netip.AddrPortFrom(ep.Addr, ep.Port), err)
+	}
+	return id, nil
+}
+
+// releaseEndpoint invalidates an endpoint id: flows that still point to it are balanced
+// again on their next packet, and the bumped generation keeps them from following the
+// id once it is reused.
+func (d *Datapath) releaseEndpoint(id uint32) {
+	d.epGen[id]++
+	v := lbEndpoint{Gen: d.epGen[id]}
+	if err := d.objs.Endpoints.Put(id, &v); err != nil {
+		// Leak the id rather than hand out one whose old flows may still match it.
+		d.log.Error("invalidate endpoint", "id", id, "err", err)
+		return
+	}
+	d.epIDs.release(id)
+}
+
+func (d *Datapath) remove(k frontendKey, a *applied, later *[]func()) error {
+	key := serviceKey(k.vip, k.port, k.proto)
+	if err := d.objs.Services.Delete(&key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("remove frontend %s: %w", k, err)
+	}
+	delete(d.applied, k)
+	if err := d.refVIP(k.vip, -1); err != nil {
+		d.log.Error("remove VIP", "vip", k.vip, "err", err)
+	}
+	*later = append(*later, func() {
+		d.rings.release(a.ringStart, a.ringLen)
+		for _, id := range a.endpoints {
+			d.releaseEndpoint(id)
+		}
+		d.svcIDs.release(a.id)
+	})
+	return nil
+}
+
+// refVIP counts the frontends of a VIP; the vips map holds the VIPs with at least one.
+func (d *Datapath) refVIP(vip netip.Addr, delta int) error {
+	n := d.vipRefs[vip] + delta
+	key := lbVipKey{Addr: addrWords(vip), Family: family(vip)}
+	switch {
+	case n > 0 && d.vipRefs[vip] == 0:
+		if err := d.objs.Vips.Put(&key, uint32(1)); err != nil {
+			return fmt.Errorf("write VIP %s: %w", vip, err)
+		}
+	case n <= 0:
+		delete(d.vipRefs, vip)
+		if err := d.objs.Vips.Delete(&key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("remove VIP %s: %w", vip, err)
+		}
+		return nil
+	}
+	d.vipRefs[vip] = n
+	return nil
+}

@@ -1,0 +1,98 @@
+package datapath
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+
+	"github.com/cilium/ebpf"
+	"github.com/shardlb/shardlb/shard"
+)
+
+// dropReasons names the kernel's enum drop_reason, in its order.
+var dropReasons = []string{
+	"no_endpoint",
+	"snat_ports_exhausted",
+	"conntrack_full",
+	"fragment",
+	"truncated",
+	"ipv6_extension_header",
+}
+
+// DropReasons lists the names Stats reports drops under.
+func DropReasons() []string { return slices.Clone(dropReasons) }
+
+// Stats are the datapath's counters since it was loaded, summed over CPUs.
+type Stats struct {
+	Services []ServiceStats
+	// Drops counts dropped packets by reason (see DropReasons).
+	Drops map[string]uint64
+}
+
+// ServiceStats are one frontend's counters; a frontend's counters start at zero when
+// it is added.
+type ServiceStats struct {
+	Service  string
+	VIP      netip.Addr
+	Port     uint16
+	Protocol shard.Protocol
+	// Packets and Bytes toward endpoints; ReplyPackets and ReplyBytes back to clients.
+	Packets, Bytes           uint64
+	ReplyPackets, ReplyBytes uint64
+	NewFlows                 uint64
+}
+
+// Stats reads the counters. A map that cannot be read is logged and reads as zero.
+func (d *Datapath) Stats() Stats {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	st := Stats{Drops: make(map[string]uint64, len(dropReasons))}
+	for i, name := range dropReasons {
+		var per []uint64
+		if err := d.objs.Drops.Lookup(uint32(i), &per); err != nil {
+			d.log.Error("read drop counter", "reason", name, "err", err)
+		}
+		var n uint64
+		for _, v := range per {
+			n += v
+		}
+		st.Drops[name] = n
+	}
+	for k, a := range d.applied {
+		s := ServiceStats{Service: a.fe.Service, VIP: k.vip, Port: k.port, Protocol: k.proto}
+		var per []lbSvcStats
+		if err := d.objs.ServiceStats.Lookup(a.id, &per); err != nil {
+			d.log.Error("read service counters", "frontend", k, "err", err)
+		}
+		for _, v := range per {
+			s.Packets += v.FwdPackets
+			s.Bytes += v.FwdBytes
+			s.ReplyPackets += v.ReplyPackets
+			s.ReplyBytes += v.ReplyBytes
+			s.NewFlows += v.NewFlows
+		}
+		st.Services = append(st.Services, s)
+	}
+	slices.SortFunc(st.Services, func(a, b ServiceStats) int {
+		if c := a.VIP.Compare(b.VIP); c != 0 {
+			return c
+		}
+		if a.Port != b.Port {
+			return int(a.Port) - int(b.Port)
+		}
+		return int(a.Protocol) - int(b.Protocol)
+	})
+	return st
+}
+
+// resetStats zeroes a service id's counters before a new frontend takes it over.
+func (d *Datapath) resetStats(id uint32) error {
+	n, err := ebpf.PossibleCPU()
+	if err != nil {
+		return fmt.Errorf("reset service counters: %w", err)
+	}
+	if err := d.objs.ServiceStats.Put(id, make([]lbSvcStats, n)); err != nil {
+		return fmt.Errorf("reset service counters: %w", err)
+	}
+	return nil
+}
