@@ -204,7 +204,10 @@ func clearConntrack(t testing.TB, d *Datapath) {
 	if err := it.Err(); err != nil {
 		t.Fatalf("iterate conntrack: %v", err)
 	}
-	for _, k := range keys {
-		_ = d.objs.Conntrack.Delete(&k)
+	if len(keys) == 0 {
+		return
+	}
+	if _, err := d.objs.Conntrack.BatchDelete(keys, nil); err != nil {
+		t.Fatalf("clear conntrack: %v", err)
 	}
 }

@@ -181,3 +181,24 @@ func flowHash(src, dst netip.AddrPort, proto shard.Protocol) uint32 {
 	c -= bits.RotateLeft32(b, 24)
 	return c
 }
+
+// lbMany runs packets in one visit to the namespace and returns each output's
+// destination (the endpoint a forward packet was sent to).
+func (h *harness) lbMany(ins [][]byte) []netip.AddrPort {
+	h.t.Helper()
+	dsts := make([]netip.AddrPort, len(ins))
+	h.inNS(func() {
+		out := make([]byte, 512)
+		for i, in := range ins {
+			ret, err := h.d.objs.LbIngress.Run(&ebpf.RunOptions{Data: in, DataOut: out})
+			if err != nil {
+				h.t.Fatalf("test run: %v", err)
+			}
+			if ret != actOK {
+				h.t.Fatalf("packet %d: action %d, want %d", i, ret, actOK)
+			}
+			dsts[i] = endpointOf(h.t, out[:len(in)])
+		}
+	})
+	return dsts
+}
