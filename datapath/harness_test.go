@@ -35,11 +35,7 @@ func newHarness(t testing.TB, cfg Config) *harness {
 	t.Helper()
 	testenv.RequireRoot(t)
 	nn := testenv.NewNetNS(t, "dptest")
-	ns, err := netns.GetFromName(nn.Name)
-	if err != nil {
-		t.Fatalf("open netns %s: %v", nn.Name, err)
-	}
-	t.Cleanup(func() { ns.Close() })
+	ns := openNS(t, nn)
 	if cfg.ConntrackSize == 0 {
 		cfg.ConntrackSize = 1 << 16
 	}
@@ -67,15 +63,21 @@ func newHarness(t testing.TB, cfg Config) *harness {
 // inNS runs fn on a thread inside the harness's namespace.
 func (h *harness) inNS(fn func()) {
 	h.t.Helper()
+	inNetNS(h.t, h.ns, fn)
+}
+
+// inNetNS runs fn on a thread inside ns; sockets fn creates stay in ns.
+func inNetNS(t testing.TB, ns netns.NsHandle, fn func()) {
+	t.Helper()
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 	orig, err := netns.Get()
 	if err != nil {
-		h.t.Fatalf("get netns: %v", err)
+		t.Fatalf("get netns: %v", err)
 	}
 	defer orig.Close()
-	if err := netns.Set(h.ns); err != nil {
-		h.t.Fatalf("enter netns: %v", err)
+	if err := netns.Set(ns); err != nil {
+		t.Fatalf("enter netns: %v", err)
 	}
 	defer func() {
 		if err := netns.Set(orig); err != nil {
@@ -83,6 +85,17 @@ func (h *harness) inNS(fn func()) {
 		}
 	}()
 	fn()
+}
+
+// openNS returns a handle of a test namespace, closed when the test ends.
+func openNS(t testing.TB, n testenv.NetNS) netns.NsHandle {
+	t.Helper()
+	ns, err := netns.GetFromName(n.Name)
+	if err != nil {
+		t.Fatalf("open netns %s: %v", n.Name, err)
+	}
+	t.Cleanup(func() { ns.Close() })
+	return ns
 }
 
 func (h *harness) run(prog *ebpf.Program, in []byte) (uint32, []byte) {
