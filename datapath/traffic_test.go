@@ -70,7 +70,7 @@ func serve(t *testing.T, ns netns.NsHandle, ep netip.AddrPort, name string) {
 		t.Fatalf("listen on %s: %v", ep, err)
 	}
 	srv := &http.Server{
-		Handler:           http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			host, _, _ := net.SplitHostPort(r.RemoteAddr)
 			_, _ = io.WriteString(w, name+" "+host)
 		}),
