@@ -128,7 +128,7 @@ type Allocator struct {
 	pools  []*pool // in the order given to New; the first of a family is its default
 	// outside holds static IPs that are in no pool, so that they still conflict.
 	outside  map[netip.Addr]*node
-	services map[string]*[2]*record // index 0 IPv4, 1 IPv6
+	services map[string]*[2]record // index 0 IPv4, 1 IPv6; a zero record is none
 }
 
 func famIndex(f Family) int {
@@ -148,7 +148,7 @@ func New(pools []PoolSpec, unique bool) (*Allocator, error) {
 	a := &Allocator{
 		unique:   unique,
 		outside:  map[netip.Addr]*node{},
-		services: map[string]*[2]*record{},
+		services: map[string]*[2]record{},
 	}
 	for _, s := range pools {
 		a.pools = append(a.pools, &pool{
@@ -197,7 +197,7 @@ func (a *Allocator) Allocate(r Request) (Allocation, error) {
 	}
 
 	if !a.unique {
-		if n := lowestShareable(p.used.root, ports); n != nil {
+		if n := p.used.lowestShareable(ports); n != nil {
 			n.addHolder(r.Service, ports)
 			p.used.refresh(n.key)
 			return a.record(r.Service, p, n.key.addr(p.family), ports), nil
@@ -277,8 +277,8 @@ func (a *Allocator) hold(p *pool, ip netip.Addr, service string, ports []PortKey
 }
 
 func (a *Allocator) held(service string, f Family) *record {
-	if recs := a.services[service]; recs != nil {
-		return recs[famIndex(f)]
+	if recs := a.services[service]; recs != nil && recs[famIndex(f)].ip.IsValid() {
+		return &recs[famIndex(f)]
 	}
 	return nil
 }
@@ -286,11 +286,11 @@ func (a *Allocator) held(service string, f Family) *record {
 func (a *Allocator) record(service string, p *pool, ip netip.Addr, ports []PortKey) Allocation {
 	recs := a.services[service]
 	if recs == nil {
-		recs = new([2]*record)
+		recs = new([2]record)
 		a.services[service] = recs
 	}
-	rec := &record{pool: p, ip: ip, ports: ports}
-	recs[famIndex(familyOf(ip))] = rec
+	rec := &recs[famIndex(familyOf(ip))]
+	*rec = record{pool: p, ip: ip, ports: ports}
 	if p != nil {
 		p.services++
 	}
@@ -312,8 +312,9 @@ func (a *Allocator) Release(service string) {
 	if recs == nil {
 		return
 	}
-	for _, rec := range recs {
-		if rec == nil {
+	for i := range recs {
+		rec := &recs[i]
+		if !rec.ip.IsValid() {
 			continue
 		}
 		if rec.pool == nil {
@@ -324,15 +325,7 @@ func (a *Allocator) Release(service string) {
 			}
 			continue
 		}
-		k := keyOf(rec.ip)
-		t := &rec.pool.used
-		n := t.get(k)
-		n.removeHolder(service)
-		if len(n.holders) == 0 {
-			t.remove(k)
-		} else {
-			t.refresh(k)
-		}
+		rec.pool.used.release(keyOf(rec.ip), service)
 		rec.pool.services--
 	}
 	delete(a.services, service)
@@ -387,8 +380,8 @@ func (a *Allocator) Lookup(service string) []Allocation {
 		return nil
 	}
 	var out []Allocation
-	for _, rec := range recs {
-		if rec != nil {
+	for i := range recs {
+		if rec := &recs[i]; rec.ip.IsValid() {
 			out = append(out, rec.allocation(service))
 		}
 	}

@@ -3,6 +3,7 @@ package ipam
 import (
 	"errors"
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"net/netip"
 	"slices"
@@ -380,6 +381,45 @@ func TestRandomSequencesOnALargerPool(t *testing.T) {
 					t.Fatalf("unique=%v seq %d op %d: Allocate(%+v) = %v, %v; model %v, %v", unique, seq, i, r, got, err, want, werr)
 				}
 			}
+		}
+	}
+}
+
+// Timings on a loaded machine cannot show the growth rate, so this counts the tree nodes
+// one Release plus one Allocate walks through: with n used addresses it must stay within
+// a constant times log2(n) (a balanced treap averages about 4 walks of 1.4 log2(n)).
+func TestWalksStayLogarithmic(t *testing.T) {
+	for _, unique := range []bool{true, false} {
+		for _, n := range []int{1_000, 10_000, 100_000} {
+			t.Run(fmt.Sprintf("unique=%v with %d addresses used", unique, n), func(t *testing.T) {
+				if testing.Short() && n > 10_000 {
+					t.Skip("-short")
+				}
+				a, err := New(mustPools(t, "p=10.0.0.0/14"), unique)
+				if err != nil {
+					t.Fatal(err)
+				}
+				for i := range n {
+					if _, err := a.Allocate(Request{Service: fmt.Sprint(i), Family: IPv4, Ports: []PortKey{{6, 80}}}); err != nil {
+						t.Fatal(err)
+					}
+				}
+				rng := rand.New(rand.NewPCG(7, 7))
+				const ops = 2000
+				before := a.pools[0].used.visits
+				for range ops {
+					s := fmt.Sprint(rng.IntN(n))
+					a.Release(s)
+					if _, err := a.Allocate(Request{Service: s, Family: IPv4, Ports: []PortKey{{6, 80}}}); err != nil {
+						t.Fatal(err)
+					}
+				}
+				perOp := float64(a.pools[0].used.visits-before) / ops
+				if limit := 8 * math.Log2(float64(n)); perOp > limit {
+					t.Errorf("%.1f nodes visited per release+allocate, more than 8 log2(n) = %.0f", perOp, limit)
+				}
+				t.Logf("%.1f nodes per release+allocate, log2(n) = %.1f", perOp, math.Log2(float64(n)))
+			})
 		}
 	}
 }

@@ -124,12 +124,17 @@ func (n *node) addHolder(service string, ports []PortKey) {
 		return 0
 	})
 	n.holders = slices.Insert(n.holders, i, holder{service, ports})
+	if len(n.ports) == 0 {
+		// Shared with the holder: union never writes into a clipped slice.
+		n.ports = slices.Clip(ports)
+		return
+	}
 	n.ports = union(n.ports, ports)
 }
 
 func (n *node) removeHolder(service string) {
 	n.holders = slices.DeleteFunc(n.holders, func(h holder) bool { return h.service == service })
-	n.ports = n.ports[:0]
+	n.ports = nil
 	for _, h := range n.holders {
 		n.ports = union(n.ports, h.ports)
 	}
@@ -140,11 +145,15 @@ type tree struct {
 	root *node
 	// shared keeps node.common up to date; unique mode never asks about ports.
 	shared bool
+	// visits counts nodes walked through, so benchmarks can show that the walks stay
+	// logarithmic whatever the machine's load does to the timings.
+	visits uint64
 }
 
 func (t *tree) get(k u128) *node {
 	n := t.root
 	for n != nil {
+		t.visits++
 		switch c := k.cmp(n.key); {
 		case c < 0:
 			n = n.left
@@ -171,6 +180,7 @@ func (t *tree) ins(r, n *node) *node {
 		t.update(n)
 		return n
 	}
+	t.visits++
 	if n.key.cmp(r.key) < 0 {
 		r.left = t.ins(r.left, n)
 		if r.left.prio > r.prio {
@@ -202,19 +212,25 @@ func (t *tree) rotateLeft(r *node) *node {
 	return l
 }
 
-func (t *tree) remove(k u128) { t.root = t.del(t.root, k) }
+// release drops service from the node at k, and the node too when nobody else holds
+// it, in one walk from the root.
+func (t *tree) release(k u128, service string) { t.root = t.rel(t.root, k, service) }
 
-func (t *tree) del(r *node, k u128) *node {
+func (t *tree) rel(r *node, k u128, service string) *node {
 	if r == nil {
 		return nil
 	}
+	t.visits++
 	switch c := k.cmp(r.key); {
 	case c < 0:
-		r.left = t.del(r.left, k)
+		r.left = t.rel(r.left, k, service)
 	case c > 0:
-		r.right = t.del(r.right, k)
+		r.right = t.rel(r.right, k, service)
 	default:
-		return t.merge(r.left, r.right)
+		r.removeHolder(service)
+		if len(r.holders) == 0 {
+			return t.merge(r.left, r.right)
+		}
 	}
 	t.update(r)
 	return r
@@ -227,6 +243,9 @@ func (t *tree) merge(a, b *node) *node {
 		return b
 	case b == nil:
 		return a
+	}
+	t.visits++
+	switch {
 	case a.prio > b.prio:
 		a.right = t.merge(a.right, b)
 		t.update(a)
@@ -245,6 +264,7 @@ func (t *tree) ref(r *node, k u128) {
 	if r == nil {
 		return
 	}
+	t.visits++
 	switch c := k.cmp(r.key); {
 	case c < 0:
 		t.ref(r.left, k)
@@ -293,6 +313,7 @@ func (t *tree) lowestFree(first, last u128) (u128, bool) {
 	// subtree that is contiguous is passed over whole, one that is not holds the gap.
 	var end u128
 	for {
+		t.visits++
 		if n.left != nil {
 			if !contiguous(n.left) {
 				n = n.left
@@ -320,17 +341,20 @@ func (t *tree) lowestFree(first, last u128) (u128, bool) {
 }
 
 // lowestShareable is the lowest used address none of whose ports is in ports.
-func lowestShareable(n *node, ports []PortKey) *node {
+func (t *tree) lowestShareable(ports []PortKey) *node { return t.shareable(t.root, ports) }
+
+func (t *tree) shareable(n *node, ports []PortKey) *node {
 	if n == nil || overlaps(n.common, ports) {
 		return nil
 	}
-	if m := lowestShareable(n.left, ports); m != nil {
+	t.visits++
+	if m := t.shareable(n.left, ports); m != nil {
 		return m
 	}
 	if !overlaps(n.ports, ports) {
 		return n
 	}
-	return lowestShareable(n.right, ports)
+	return t.shareable(n.right, ports)
 }
 
 // The port sets below are sorted and small (a service has a handful of ports).
