@@ -34,7 +34,7 @@ if [[ ! -x "$OUT/kube-apiserver" ]]; then
   minor=${K8S_VERSION#v1.}
   {
     echo "require k8s.io/kubernetes $K8S_VERSION"
-    grep -E '^\s+k8s.io/[a-z0-9-]+ v0\.0\.0' "$staging" | awk -v v="v0.$minor" '{print "replace " $1 " => " $1 " " v}'
+    grep -E '^\s+k8s.io/[a-z0-9-]+ v0\.0\.0$' "$staging" | awk -v v="v0.$minor" '{print "replace " $1 " => " $1 " " v}'
   } >>go.mod
   go mod tidy >/dev/null 2>&1 || true
   cat >main.go <<'GO'
@@ -44,7 +44,7 @@ import _ "k8s.io/kubernetes/cmd/kube-apiserver/app"
 
 func main() {}
 GO
-  go mod tidy >/dev/null 2>&1
+  go mod tidy
   rm main.go
   ldf="-X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=${minor%%.*}"
   go build -ldflags "$ldf" -o "$OUT/kube-apiserver.tmp" k8s.io/kubernetes/cmd/kube-apiserver

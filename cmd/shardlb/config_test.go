@@ -1,0 +1,151 @@
+package main
+
+import (
+	"errors"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/shardlb/shardlb/shard"
+)
+
+func noEnv(string) string { return "" }
+
+func TestTheGuidesFlagsParse(t *testing.T) {
+	cfg, err := parseConfig([]string{
+		"--cidrPools=defaultPool=192.168.80.250/24", "--setRoles=0.0.0.0", "--setUniqueIP",
+		"--numZoneInstances=3", "--setBGP=64512", "--extBGPPeers=10.0.0.1:64512,[2001:db8::1]:65001",
+		"--nodeName=master1", "--nodeIP=10.0.0.11",
+	}, noEnv, os.Stdout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !cfg.UniqueIP || !cfg.Roles || cfg.Instances.Count() != 3 || !cfg.BGPEnabled {
+		t.Fatalf("config %+v", cfg)
+	}
+	if cfg.Pools[0].First != netip.MustParseAddr("192.168.80.250") {
+		t.Errorf("pool starts at %v, want 192.168.80.250", cfg.Pools[0].First)
+	}
+	if cfg.BGP.LocalASN != 64512 || len(cfg.BGP.Peers) != 2 || cfg.BGP.RouterID != netip.MustParseAddr("10.0.0.11") {
+		t.Errorf("bgp config %+v", cfg.BGP)
+	}
+	if cfg.LoadBalancerClass != "loxilb.io/loxilb" || cfg.LBMode != shard.ModeDefault {
+		t.Errorf("defaults: class %q mode %v", cfg.LoadBalancerClass, cfg.LBMode)
+	}
+}
+
+func TestSetRolesWithoutValueTurnsRolesOn(t *testing.T) {
+	cfg, err := parseConfig([]string{"--setRoles"}, noEnv, os.Stdout)
+	if err != nil || !cfg.Roles {
+		t.Fatalf("roles %v, err %v", cfg.Roles, err)
+	}
+	cfg, _ = parseConfig(nil, noEnv, os.Stdout)
+	if cfg.Roles {
+		t.Fatal("roles on without --setRoles")
+	}
+}
+
+func TestDownwardAPIEnvironmentGivesDefaults(t *testing.T) {
+	env := map[string]string{"NODE_NAME": "worker1", "NODE_IP": "10.0.0.5", "POD_NAMESPACE": "lb"}
+	cfg, err := parseConfig(nil, func(k string) string { return env[k] }, os.Stdout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.NodeName != "worker1" || cfg.NodeIP != netip.MustParseAddr("10.0.0.5") || cfg.Namespace != "lb" {
+		t.Fatalf("config %+v", cfg)
+	}
+}
+
+func TestBadFlagsNameTheFlag(t *testing.T) {
+	dir := t.TempDir()
+	for _, tc := range []struct{ arg, flag string }{
+		{"--cidrPools=defaultPool", "cidrPools"},
+		{"--cidrPools=a=10.0.0.0/24,a=10.0.1.0/24", "cidrPools"},
+		{"--cidrPools=a=2001:db8::/64", "cidrPools"},
+		{"--cidr6Pools=a=10.0.0.0/24", "cidr6Pools"},
+		{"--numZoneInstances=0", "numZoneInstances"},
+		{"--zone=LLB", "zone"},
+		{"--setRoles=yes", "setRoles"},
+		{"--setLBMode=7", "setLBMode"},
+		{"--setBGP=0.0.0", "setBGP"},
+		{"--setBGP=4294967296", "setBGP"},
+		{"--extBGPPeers=10.0.0.1", "extBGPPeers"},
+		{"--extBGPPeers=10.0.0.1:0", "extBGPPeers"},
+		{"--listenBGPPort=70000", "listenBGPPort"},
+		{"--bgpHoldTime=1s", "bgpHoldTime"},
+		{"--bgpBFD=fast", "bgpBFD"},
+		{"--bgpPasswordFile=" + filepath.Join(dir, "missing"), "bgpPasswordFile"},
+		{"--nodeIP=node1", "nodeIP"},
+		{"--interfaces=eth0,a/b", "interfaces"},
+		{"--logLevel=loud", "logLevel"},
+		{"--leaseDuration=1s", "leaseDuration"},
+		{"--apiListen=localhost", "apiListen"},
+	} {
+		t.Run(tc.arg, func(t *testing.T) {
+			args := []string{tc.arg}
+			if tc.flag == "extBGPPeers" {
+				args = append(args, "--setBGP=65000")
+			}
+			_, err := parseConfig(args, noEnv, os.Stdout)
+			var fe *flagError
+			if !errors.As(err, &fe) || fe.flag != tc.flag {
+				t.Fatalf("error %v, want a flagError for --%s", err, tc.flag)
+			}
+			if msg := err.Error(); !strings.Contains(msg, "--"+tc.flag) || strings.Contains(msg, "\n") {
+				t.Fatalf("message %q must be one line naming --%s", msg, tc.flag)
+			}
+		})
+	}
+}
+
+func TestBadFlagExitsTwoWithOneLine(t *testing.T) {
+	var out, errOut strings.Builder
+	code := run([]string{"--numZoneInstances=-3"}, noEnv, &out, &errOut)
+	if code != 2 || strings.Count(errOut.String(), "\n") != 1 || !strings.Contains(errOut.String(), "--numZoneInstances") {
+		t.Fatalf("exit %d, stderr %q", code, errOut.String())
+	}
+	errOut.Reset()
+	if code := run([]string{"--noSuchFlag"}, noEnv, &out, &errOut); code != 2 {
+		t.Fatalf("unknown flag: exit %d", code)
+	}
+	if code := run([]string{"frobnicate"}, noEnv, &out, &errOut); code != 2 {
+		t.Fatalf("unknown command: exit %d", code)
+	}
+}
+
+func TestHelpGroupsFlagsAndVersionPrints(t *testing.T) {
+	var out, errOut strings.Builder
+	if code := run([]string{"--help"}, noEnv, &out, &errOut); code != 0 {
+		t.Fatalf("--help exit %d: %s", code, errOut.String())
+	}
+	for _, g := range []string{"Services and IPAM:", "Sharding and roles:", "BGP:", "Datapath:", "--numZoneInstances", "--extBGPPeers"} {
+		if !strings.Contains(out.String(), g) {
+			t.Errorf("help lacks %q", g)
+		}
+	}
+	out.Reset()
+	if code := run([]string{"version"}, noEnv, &out, &errOut); code != 0 || !strings.HasPrefix(out.String(), "shardlb ") {
+		t.Fatalf("version: exit %d, %q", code, out.String())
+	}
+}
+
+// FuzzFlags feeds arbitrary values to every value-taking flag: parsing either
+// succeeds or returns an error; it never panics.
+func FuzzFlags(f *testing.F) {
+	for _, s := range []string{"defaultPool=192.168.80.250/24", "10.0.0.1:65000", "300ms,3", "llb", "3", "1.10", "[::1]:1", "a=1.2.3.4-1.2.3.1"} {
+		f.Add(s)
+	}
+	flags := []string{"cidrPools", "cidr6Pools", "numZoneInstances", "zone", "setRoles", "excludeRoleList", "setBGP",
+		"extBGPPeers", "listenBGPPort", "bgpBFD", "bgpCommunities", "setLBMode", "interfaces", "nodeIP", "bgpHoldTime"}
+	f.Fuzz(func(t *testing.T, v string) {
+		for _, fl := range flags {
+			_, _ = parseConfig([]string{"--setBGP=65000", "--" + fl + "=" + v}, noEnv, nopWriter{})
+		}
+	})
+}
+
+type nopWriter struct{}
+
+func (nopWriter) Write(p []byte) (int, error) { return len(p), nil }
