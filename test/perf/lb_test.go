@@ -32,9 +32,6 @@ var (
 	nftables = variant{name: "baseline", install: installNftables, dst: vip}
 )
 
-// shardlbVariant is nil until the eBPF datapath can be programmed (shardlb_test.go).
-var shardlbVariant *variant
-
 // frontends are the services of every measurement: the flood's UDP port and HTTP.
 func frontends() []shard.Frontend {
 	fe := func(p shard.Protocol, port uint16) shard.Frontend {

@@ -82,6 +82,17 @@ func (c floodCost) lbCost(name string, per map[string][]float64) []float64 {
 	return out
 }
 
+// paired divides each round's value by the baseline's of the same round: load from
+// elsewhere on the machine drifts over minutes, and a ratio within one round cancels
+// most of it.
+func paired(xs, base []float64) []float64 {
+	out := make([]float64, len(xs))
+	for i := range xs {
+		out[i] = xs[i] / base[i]
+	}
+	return out
+}
+
 func median(xs []float64) float64 {
 	s := slices.Clone(xs)
 	slices.Sort(s)
@@ -98,7 +109,11 @@ func median(xs []float64) float64 {
 func formatRounds(xs []float64) string {
 	parts := make([]string, len(xs))
 	for i, x := range xs {
-		parts[i] = fmt.Sprintf("%.0f", x)
+		if x < 100 {
+			parts[i] = fmt.Sprintf("%.1f", x)
+		} else {
+			parts[i] = fmt.Sprintf("%.0f", x)
+		}
 	}
 	return strings.Join(parts, " ")
 }

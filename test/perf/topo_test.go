@@ -40,6 +40,7 @@ type topology struct {
 	lbFrontMAC          net.HardwareAddr // l0: where the client's frames to the VIP go
 	directMAC           net.HardwareAddr // b1: where the client's direct frames go
 	clientMAC, c1MAC    net.HardwareAddr
+	nginxPID            int // set by startNginx
 }
 
 func newTopology(t testing.TB) *topology {
