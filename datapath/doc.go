@@ -28,7 +28,9 @@
 //
 // Headers must be in the skb's linear part; IPv6 extension headers and fragments to a
 // VIP are dropped with a named counter; ICMP errors about translated flows are not
-// translated; conntrack entries age out by LRU only (no TCP state). The program keeps a
-// CHECKSUM_COMPLETE skb's csum right for IPv4 and IPv6 but assumes no CHECKSUM_PARTIAL
-// packets arrive (true for NIC ingress; veth peers must have tx checksum offload off).
+// translated; conntrack entries age out by LRU only (no TCP state), and entries of a
+// removed service linger until evicted. A CHECKSUM_COMPLETE skb's csum is updated
+// (bpf_csum_update) but no test covers it, since test runs build CHECKSUM_NONE skbs;
+// CHECKSUM_PARTIAL packets are not expected (true for NIC ingress; veth peers need tx
+// checksum offload off).
 package datapath
