@@ -1,0 +1,42 @@
+package bgp
+
+import (
+	"net/netip"
+
+	"github.com/shardlb/shardlb/shard"
+)
+
+// attrs are the path attributes of one announcement, before per-peer rewriting:
+// LOCAL_PREF only reaches iBGP peers, and the backup prepend toward eBGP peers is
+// applied by the export policy that matches the backup's LOCAL_PREF.
+type attrs struct {
+	LocalPref   uint32
+	MED         uint32
+	Communities []uint32
+	NextHop     netip.Addr
+}
+
+// route is one prefix to announce with its attributes.
+type route struct {
+	Prefix netip.Prefix
+	Attrs  attrs
+}
+
+// attrsFor maps a role to the attributes of DESIGN.md's table.
+func (c *Config) attrsFor(prefix netip.Prefix, role shard.Role, communities []uint32) attrs {
+	a := attrs{LocalPref: c.LocalPrefMaster, MED: c.MEDMaster, Communities: communities}
+	if role == shard.RoleBackup {
+		a.LocalPref, a.MED = c.LocalPrefBackup, c.MEDBackup
+	}
+	switch {
+	case prefix.Addr().Is4() && c.NextHop4.IsValid():
+		a.NextHop = c.NextHop4
+	case prefix.Addr().Is4():
+		a.NextHop = netip.IPv4Unspecified()
+	case c.NextHop6.IsValid():
+		a.NextHop = c.NextHop6
+	default:
+		a.NextHop = netip.IPv6Unspecified()
+	}
+	return a
+}

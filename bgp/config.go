@@ -1,0 +1,317 @@
+package bgp
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Peer is one upstream router the speaker keeps a session with.
+type Peer struct {
+	Addr netip.Addr
+	ASN  uint32
+	// Port is the peer's BGP port; 0 means 179.
+	Port uint16
+	// Password enables TCP MD5 (RFC 2385) on the session. Set it from
+	// Config.PasswordFile rather than from a flag, so it never shows in a process list.
+	Password string
+	// MultiHopTTL overrides Config.EBGPMultiHop for this peer when non-zero.
+	MultiHopTTL uint8
+}
+
+// BFDConfig turns on BFD for every peer.
+type BFDConfig struct {
+	Enabled bool
+	// Interval is both the desired transmit and the required receive interval.
+	Interval   time.Duration
+	Multiplier uint8
+}
+
+// Config is everything the speaker needs; DefaultConfig fills in the defaults.
+type Config struct {
+	LocalASN uint32
+	// RouterID is the BGP identifier, usually the node's IPv4 address.
+	RouterID netip.Addr
+	// LocalAddr is the source address of the sessions and, when ListenPort is set,
+	// the address listened on. Unset: the kernel picks the source, listening on all.
+	LocalAddr netip.Addr
+	// NextHop4 and NextHop6 are the next hops announced for the VIPs. Unset: the
+	// session's local address (next hop self). An IPv6 VIP over an IPv4 session
+	// needs NextHop6.
+	NextHop4, NextHop6 netip.Addr
+	// ListenPort is the TCP port for incoming sessions; 0 dials out only.
+	ListenPort int32
+	Peers      []Peer
+	// EBGPMultiHop allows eBGP peers that are not directly connected, with a TTL of
+	// EBGPMultiHopTTL.
+	EBGPMultiHop    bool
+	EBGPMultiHopTTL uint8
+	// HoldTime and KeepaliveInterval are proposed to peers in whole seconds (hold
+	// at least 3 s); the session uses the smaller hold time of the two sides.
+	HoldTime          time.Duration
+	KeepaliveInterval time.Duration
+	// ConnectRetry is how long to wait between attempts to reach a peer that is down.
+	ConnectRetry time.Duration
+	// IdleHoldAfterReset is how long a peer stays idle after BFD or the hold timer
+	// reset it, before reconnecting; GoBGP's own default of 30 s would keep a healed
+	// link down for half a minute.
+	IdleHoldAfterReset time.Duration
+	BFD                BFDConfig
+	// PasswordFile holds TCP MD5 passwords, typically a mounted Secret. Each line is
+	// either "PEER-IP PASSWORD" for one peer or a lone "PASSWORD" used for every peer
+	// not listed; blank lines and lines starting with # are ignored. Passwords
+	// cannot contain whitespace. Empty: no file.
+	PasswordFile string
+	// Communities are added to every announcement: "ASN:VALUE" (16 bits each) or
+	// one of no-export, no-advertise, no-export-subconfed, blackhole.
+	Communities []string
+	// Attributes by role (see DESIGN.md). RoleEqual announces the master's
+	// LOCAL_PREF and MED without prepending, so a router that also learns the VIP
+	// from elsewhere ranks the load balancers as it would a master.
+	LocalPrefMaster, LocalPrefBackup uint32
+	MEDMaster, MEDBackup             uint32
+	// BackupPrepend is how many extra times the local AS is prepended toward eBGP
+	// peers on backup announcements.
+	BackupPrepend uint8
+	// GRPCListen is where GoBGP's gRPC API (the gobgp CLI) listens; empty disables it.
+	GRPCListen string
+	// ShutdownFlush bounds how long Shutdown waits for the withdrawals to leave
+	// before closing the sessions.
+	ShutdownFlush time.Duration
+}
+
+// DefaultConfig returns the defaults of DESIGN.md; LocalASN, RouterID and Peers are
+// left for the caller.
+func DefaultConfig() Config {
+	return Config{
+		HoldTime:           9 * time.Second,
+		KeepaliveInterval:  3 * time.Second,
+		ConnectRetry:       5 * time.Second,
+		IdleHoldAfterReset: time.Second,
+		EBGPMultiHopTTL:    8,
+		BFD:                BFDConfig{Interval: 300 * time.Millisecond, Multiplier: 3},
+		LocalPrefMaster:    5000,
+		LocalPrefBackup:    100,
+		MEDMaster:          10,
+		MEDBackup:          20,
+		BackupPrepend:      3,
+		GRPCListen:         "127.0.0.1:50051",
+		ShutdownFlush:      time.Second,
+	}
+}
+
+// ParsePeers parses --extBGPPeers: "IP:ASN[,IP:ASN...]", IPv6 addresses in brackets
+// ("[2001:db8::1]:65000"). An empty string means no peers.
+func ParsePeers(s string) ([]Peer, error) {
+	s = strings.TrimSpace(s)
+	if s == "" {
+		return nil, nil
+	}
+	var peers []Peer
+	seen := make(map[netip.Addr]string)
+	for _, entry := range strings.Split(s, ",") {
+		entry = strings.TrimSpace(entry)
+		host, asn, err := net.SplitHostPort(entry)
+		if err != nil {
+			return nil, fmt.Errorf("peer %q: want IP:ASN or [IPv6]:ASN", entry)
+		}
+		addr, err := netip.ParseAddr(host)
+		if err != nil || addr.Zone() != "" {
+			return nil, fmt.Errorf("peer %q: %q is not an IP address", entry, host)
+		}
+		n, err := ParseASN(asn)
+		if err != nil {
+			return nil, fmt.Errorf("peer %q: %w", entry, err)
+		}
+		addr = addr.Unmap()
+		if prev, ok := seen[addr]; ok {
+			return nil, fmt.Errorf("peer %q: duplicate of %q", entry, prev)
+		}
+		seen[addr] = entry
+		peers = append(peers, Peer{Addr: addr, ASN: n})
+	}
+	return peers, nil
+}
+
+// ParseASN parses an AS number in asplain ("4200000000") or asdot ("1.10") notation.
+// 0, AS_TRANS (23456) and 4294967295 are reserved and refused.
+func ParseASN(s string) (uint32, error) {
+	var n uint64
+	if hi, lo, ok := strings.Cut(s, "."); ok {
+		h, err1 := strconv.ParseUint(hi, 10, 16)
+		l, err2 := strconv.ParseUint(lo, 10, 16)
+		if err1 != nil || err2 != nil {
+			return 0, fmt.Errorf("AS number %q: asdot needs two numbers of 0-65535", s)
+		}
+		n = h<<16 | l
+	} else {
+		v, err := strconv.ParseUint(s, 10, 32)
+		if err != nil {
+			return 0, fmt.Errorf("AS number %q: not a number of 1-4294967294", s)
+		}
+		n = v
+	}
+	switch n {
+	case 0:
+		return 0, fmt.Errorf("AS number %q: 0 is reserved", s)
+	case 23456:
+		return 0, fmt.Errorf("AS number %q: 23456 is AS_TRANS, reserved", s)
+	case 1<<32 - 1:
+		return 0, fmt.Errorf("AS number %q: 4294967295 is reserved", s)
+	}
+	return uint32(n), nil
+}
+
+// validate checks the configuration as a whole, so that a bad value is one error
+// before anything starts.
+func (c *Config) validate() error {
+	var errs []error
+	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
+	if c.LocalASN == 0 {
+		bad("local AS: not set (0 is reserved)")
+	}
+	if !c.RouterID.Is4() {
+		bad("router ID %v: must be an IPv4 address", c.RouterID)
+	}
+	if c.NextHop4.IsValid() && !c.NextHop4.Is4() {
+		bad("IPv4 next hop %v: not an IPv4 address", c.NextHop4)
+	}
+	if c.NextHop6.IsValid() && !c.NextHop6.Is6() {
+		bad("IPv6 next hop %v: not an IPv6 address", c.NextHop6)
+	}
+	if c.ListenPort < 0 || c.ListenPort > 65535 {
+		bad("listen port %d: want 0 (dial out only) to 65535", c.ListenPort)
+	}
+	if c.HoldTime < 3*time.Second {
+		bad("hold time %v: must be at least 3s (RFC 4271)", c.HoldTime)
+	}
+	if c.KeepaliveInterval <= 0 || c.KeepaliveInterval >= c.HoldTime {
+		bad("keepalive interval %v: must be positive and below the hold time %v", c.KeepaliveInterval, c.HoldTime)
+	}
+	if c.ConnectRetry < time.Second {
+		bad("connect retry %v: must be at least 1s", c.ConnectRetry)
+	}
+	if c.BFD.Enabled {
+		if c.BFD.Interval < 10*time.Millisecond || c.BFD.Interval > time.Minute {
+			bad("BFD interval %v: want 10ms to 1m", c.BFD.Interval)
+		}
+		if c.BFD.Multiplier == 0 {
+			bad("BFD multiplier: must be at least 1")
+		}
+	}
+	if c.EBGPMultiHop && c.EBGPMultiHopTTL < 2 {
+		bad("eBGP multihop TTL %d: must be at least 2", c.EBGPMultiHopTTL)
+	}
+	if c.LocalPrefBackup == 0 || c.LocalPrefBackup == c.LocalPrefMaster {
+		// The eBGP prepend is keyed on the backup's LOCAL_PREF (see exportPolicy).
+		bad("LOCAL_PREF backup %d: must be non-zero and differ from master %d", c.LocalPrefBackup, c.LocalPrefMaster)
+	}
+	if _, err := parseCommunities(c.Communities); err != nil {
+		errs = append(errs, err)
+	}
+	seen := make(map[netip.Addr]bool)
+	for _, p := range c.Peers {
+		switch {
+		case !p.Addr.IsValid():
+			bad("peer with no address")
+		case p.ASN == 0:
+			bad("peer %v: AS 0 is reserved", p.Addr)
+		case seen[p.Addr]:
+			bad("peer %v: listed twice", p.Addr)
+		case p.MultiHopTTL == 1:
+			bad("peer %v: multihop TTL 1 is single hop; use 0 for the default", p.Addr)
+		}
+		seen[p.Addr] = true
+	}
+	return errors.Join(errs...)
+}
+
+// applyPasswordFile fills in Peer.Password from c.PasswordFile (format on Config).
+func (c *Config) applyPasswordFile() error {
+	if c.PasswordFile == "" {
+		return nil
+	}
+	f, err := os.Open(c.PasswordFile)
+	if err != nil {
+		return fmt.Errorf("read BGP password file: %w", err)
+	}
+	defer f.Close()
+	perPeer := make(map[netip.Addr]string)
+	var all string
+	sc := bufio.NewScanner(f)
+	for line := 1; sc.Scan(); line++ {
+		fields := strings.Fields(sc.Text())
+		if len(fields) == 0 || strings.HasPrefix(fields[0], "#") {
+			continue
+		}
+		switch len(fields) {
+		case 1:
+			if all != "" {
+				return fmt.Errorf("BGP password file %s line %d: a second password for all peers", c.PasswordFile, line)
+			}
+			all = fields[0]
+		case 2:
+			addr, err := netip.ParseAddr(fields[0])
+			if err != nil {
+				return fmt.Errorf("BGP password file %s line %d: %q is not an IP address", c.PasswordFile, line, fields[0])
+			}
+			if !c.hasPeer(addr) {
+				return fmt.Errorf("BGP password file %s line %d: %v is not a configured peer", c.PasswordFile, line, addr)
+			}
+			perPeer[addr.Unmap()] = fields[1]
+		default:
+			return fmt.Errorf("BGP password file %s line %d: want \"PEER-IP PASSWORD\" or \"PASSWORD\"", c.PasswordFile, line)
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return fmt.Errorf("read BGP password file: %w", err)
+	}
+	for i := range c.Peers {
+		if pw, ok := perPeer[c.Peers[i].Addr]; ok {
+			c.Peers[i].Password = pw
+		} else if c.Peers[i].Password == "" {
+			c.Peers[i].Password = all
+		}
+	}
+	return nil
+}
+
+func (c *Config) hasPeer(a netip.Addr) bool {
+	for _, p := range c.Peers {
+		if p.Addr == a.Unmap() {
+			return true
+		}
+	}
+	return false
+}
+
+var wellKnownCommunities = map[string]uint32{
+	"no-export":           0xFFFFFF01,
+	"no-advertise":        0xFFFFFF02,
+	"no-export-subconfed": 0xFFFFFF03,
+	"blackhole":           0xFFFF029A,
+}
+
+func parseCommunities(ss []string) ([]uint32, error) {
+	out := make([]uint32, 0, len(ss))
+	for _, s := range ss {
+		if v, ok := wellKnownCommunities[strings.ToLower(s)]; ok {
+			out = append(out, v)
+			continue
+		}
+		hi, lo, ok := strings.Cut(s, ":")
+		h, err1 := strconv.ParseUint(hi, 10, 16)
+		l, err2 := strconv.ParseUint(lo, 10, 16)
+		if !ok || err1 != nil || err2 != nil {
+			return nil, fmt.Errorf("community %q: want ASN:VALUE (0-65535 each) or a well-known name", s)
+		}
+		out = append(out, uint32(h)<<16|uint32(l))
+	}
+	return out, nil
+}

@@ -1,0 +1,418 @@
+package bgp
+
+// This file is the only one that speaks GoBGP: it converts the package's own types
+// to GoBGP's API and back, so no GoBGP or protobuf type leaves it.
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"strings"
+	"time"
+
+	"github.com/osrg/gobgp/v4/api"
+	"github.com/osrg/gobgp/v4/pkg/apiutil"
+	"github.com/osrg/gobgp/v4/pkg/packet/bgp"
+	"github.com/osrg/gobgp/v4/pkg/server"
+)
+
+// router is what the Speaker needs from a BGP implementation.
+type router interface {
+	// announce adds the routes, replacing any announcement of the same prefix.
+	announce(routes []route) error
+	withdraw(routes []route) error
+	peers(ctx context.Context) ([]PeerStatus, error)
+	stop(ctx context.Context) error
+}
+
+const (
+	ebgpPeerSet         = "shardlb-ebgp-peers"
+	backupPrependPolicy = "shardlb-backup-prepend"
+	acceptLocalPolicy   = "shardlb-accept-own-vips"
+)
+
+type gobgpRouter struct {
+	srv *server.BgpServer
+	log *slog.Logger
+}
+
+// startGoBGP starts an embedded GoBGP with cfg's global settings, policies and peers.
+func startGoBGP(ctx context.Context, cfg *Config, log *slog.Logger) (*gobgpRouter, error) {
+	lvl := new(slog.LevelVar)
+	// GoBGP logs every path at debug and peer chatter at info; the speaker logs
+	// session changes itself.
+	lvl.Set(slog.LevelWarn)
+	opts := []server.ServerOption{server.LoggerOption(log.With("component", "gobgp"), lvl)}
+	if cfg.GRPCListen != "" {
+		opts = append(opts, server.GrpcListenAddress(cfg.GRPCListen))
+	}
+	srv := server.NewBgpServer(opts...)
+	go srv.Serve()
+	r := &gobgpRouter{srv: srv, log: log}
+
+	global := &api.Global{
+		Asn:        cfg.LocalASN,
+		RouterId:   cfg.RouterID.String(),
+		ListenPort: -1,
+	}
+	if cfg.ListenPort > 0 {
+		global.ListenPort = cfg.ListenPort
+		if cfg.LocalAddr.IsValid() {
+			global.ListenAddresses = []string{cfg.LocalAddr.String()}
+		}
+	}
+	if err := srv.StartBgp(ctx, &api.StartBgpRequest{Global: global}); err != nil {
+		srv.Stop()
+		return nil, fmt.Errorf("start GoBGP: %w", err)
+	}
+	if err := r.setPolicies(ctx, cfg); err != nil {
+		srv.Stop()
+		return nil, err
+	}
+	if err := srv.WatchEvent(ctx, server.WatchEventMessageCallbacks{OnPeerUpdate: r.logPeerEvent}, server.WatchPeer()); err != nil {
+		srv.Stop()
+		return nil, fmt.Errorf("watch GoBGP peer events: %w", err)
+	}
+	for _, p := range cfg.Peers {
+		if err := srv.AddPeer(ctx, &api.AddPeerRequest{Peer: apiPeer(cfg, p)}); err != nil {
+			srv.Stop()
+			return nil, fmt.Errorf("add BGP peer %v: %w", p.Addr, err)
+		}
+	}
+	return r, nil
+}
+
+// setPolicies rejects every imported route (peers must not inject routes into a load
+// balancer, and over eBGP a router reflects one speaker's VIPs to the others) and
+// prepends the local AS on backup announcements toward eBGP peers. The prepend is
+// keyed on the backup's LOCAL_PREF, which GoBGP strips toward eBGP peers only after
+// the export policy ran.
+func (r *gobgpRouter) setPolicies(ctx context.Context, cfg *Config) error {
+	// GoBGP's global import policy also filters the speaker's own paths on their
+	// way into the RIB: accept those, reject the rest.
+	err := r.srv.AddPolicy(ctx, &api.AddPolicyRequest{Policy: &api.Policy{
+		Name: acceptLocalPolicy,
+		Statements: []*api.Statement{{
+			Name:       acceptLocalPolicy,
+			Conditions: &api.Conditions{RouteType: api.Conditions_ROUTE_TYPE_LOCAL},
+			Actions:    &api.Actions{RouteAction: api.RouteAction_ROUTE_ACTION_ACCEPT},
+		}},
+	}})
+	if err == nil {
+		err = r.srv.SetPolicyAssignment(ctx, &api.SetPolicyAssignmentRequest{Assignment: &api.PolicyAssignment{
+			Name:          "global",
+			Direction:     api.PolicyDirection_POLICY_DIRECTION_IMPORT,
+			Policies:      []*api.Policy{{Name: acceptLocalPolicy}},
+			DefaultAction: api.RouteAction_ROUTE_ACTION_REJECT,
+		}})
+	}
+	if err != nil {
+		return fmt.Errorf("set reject-all import policy: %w", err)
+	}
+	var ebgp []string
+	for _, p := range cfg.Peers {
+		if p.ASN != cfg.LocalASN {
+			ebgp = append(ebgp, netip.PrefixFrom(p.Addr, p.Addr.BitLen()).String())
+		}
+	}
+	if len(ebgp) == 0 || cfg.BackupPrepend == 0 {
+		return nil
+	}
+	err = r.srv.AddDefinedSet(ctx, &api.AddDefinedSetRequest{DefinedSet: &api.DefinedSet{
+		DefinedType: api.DefinedType_DEFINED_TYPE_NEIGHBOR,
+		Name:        ebgpPeerSet,
+		List:        ebgp,
+	}})
+	if err != nil {
+		return fmt.Errorf("define eBGP peer set: %w", err)
+	}
+	err = r.srv.AddPolicy(ctx, &api.AddPolicyRequest{Policy: &api.Policy{
+		Name: backupPrependPolicy,
+		Statements: []*api.Statement{{
+			Name: backupPrependPolicy,
+			Conditions: &api.Conditions{
+				NeighborSet: &api.MatchSet{Type: api.MatchSet_TYPE_ANY, Name: ebgpPeerSet},
+				LocalPrefEq: &api.LocalPrefEq{Value: cfg.LocalPrefBackup},
+			},
+			Actions: &api.Actions{
+				RouteAction: api.RouteAction_ROUTE_ACTION_ACCEPT,
+				AsPrepend:   &api.AsPrependAction{Asn: cfg.LocalASN, Repeat: uint32(cfg.BackupPrepend)},
+			},
+		}},
+	}})
+	if err != nil {
+		return fmt.Errorf("add backup prepend policy: %w", err)
+	}
+	err = r.srv.SetPolicyAssignment(ctx, &api.SetPolicyAssignmentRequest{Assignment: &api.PolicyAssignment{
+		Name:          "global",
+		Direction:     api.PolicyDirection_POLICY_DIRECTION_EXPORT,
+		Policies:      []*api.Policy{{Name: backupPrependPolicy}},
+		DefaultAction: api.RouteAction_ROUTE_ACTION_ACCEPT,
+	}})
+	if err != nil {
+		return fmt.Errorf("set export policy: %w", err)
+	}
+	return nil
+}
+
+func seconds(d time.Duration) uint64 {
+	return uint64((d + time.Second - 1) / time.Second)
+}
+
+func apiPeer(cfg *Config, p Peer) *api.Peer {
+	families := []*api.AfiSafi{
+		{Config: &api.AfiSafiConfig{Enabled: true, Family: &api.Family{Afi: api.Family_AFI_IP, Safi: api.Family_SAFI_UNICAST}}},
+		{Config: &api.AfiSafiConfig{Enabled: true, Family: &api.Family{Afi: api.Family_AFI_IP6, Safi: api.Family_SAFI_UNICAST}}},
+	}
+	ap := &api.Peer{
+		Conf: &api.PeerConf{
+			NeighborAddress: p.Addr.String(),
+			PeerAsn:         p.ASN,
+			AuthPassword:    p.Password,
+		},
+		Timers: &api.Timers{Config: &api.TimersConfig{
+			HoldTime:               seconds(cfg.HoldTime),
+			KeepaliveInterval:      seconds(cfg.KeepaliveInterval),
+			ConnectRetry:           seconds(cfg.ConnectRetry),
+			IdleHoldTimeAfterReset: seconds(cfg.IdleHoldAfterReset),
+		}},
+		Transport: &api.Transport{PassiveMode: false},
+		AfiSafis:  families,
+	}
+	if p.Port != 0 {
+		ap.Transport.RemotePort = uint32(p.Port)
+	}
+	if cfg.LocalAddr.IsValid() && cfg.LocalAddr.Is4() == p.Addr.Is4() {
+		ap.Transport.LocalAddress = cfg.LocalAddr.String()
+	}
+	if p.ASN != cfg.LocalASN {
+		if ttl := p.MultiHopTTL; ttl != 0 {
+			ap.EbgpMultihop = &api.EbgpMultihop{Enabled: true, MultihopTtl: uint32(ttl)}
+		} else if cfg.EBGPMultiHop {
+			ap.EbgpMultihop = &api.EbgpMultihop{Enabled: true, MultihopTtl: uint32(cfg.EBGPMultiHopTTL)}
+		}
+	}
+	if cfg.BFD.Enabled {
+		us := uint32(cfg.BFD.Interval / time.Microsecond)
+		ap.Bfd = &api.BfdPeerConfig{
+			Enabled:                  true,
+			DesiredMinimumTxInterval: us,
+			RequiredMinimumReceive:   us,
+			DetectionMultiplier:      uint32(cfg.BFD.Multiplier),
+		}
+	}
+	return ap
+}
+
+func (r *gobgpRouter) logPeerEvent(ev *apiutil.WatchEventMessage_PeerEvent, _ time.Time) {
+	if ev.Type != apiutil.PEER_EVENT_STATE {
+		return
+	}
+	st := ev.Peer.State
+	args := []any{"peer", ev.Peer.Conf.NeighborAddress, "asn", st.PeerASN, "state", sessionState(st.SessionState)}
+	if st.SessionState == bgp.BGP_FSM_ESTABLISHED {
+		r.log.Info("BGP session established", args...)
+		return
+	}
+	if reason := disconnectReason(st.DisconnectReason, st.DisconnectMessage); reason != "" {
+		args = append(args, "reason", reason)
+	}
+	r.log.Info("BGP session state changed", args...)
+}
+
+func sessionState(s bgp.FSMState) string {
+	switch s {
+	case bgp.BGP_FSM_IDLE:
+		return "idle"
+	case bgp.BGP_FSM_CONNECT:
+		return "connect"
+	case bgp.BGP_FSM_ACTIVE:
+		return "active"
+	case bgp.BGP_FSM_OPENSENT:
+		return "opensent"
+	case bgp.BGP_FSM_OPENCONFIRM:
+		return "openconfirm"
+	case bgp.BGP_FSM_ESTABLISHED:
+		return "established"
+	}
+	return "unknown"
+}
+
+func apiSessionState(s api.PeerState_SessionState) string {
+	if s == api.PeerState_SESSION_STATE_UNSPECIFIED {
+		return "unknown"
+	}
+	return strings.ToLower(strings.TrimPrefix(s.String(), "SESSION_STATE_"))
+}
+
+func disconnectReason(r api.PeerState_DisconnectReason, msg string) string {
+	if r == api.PeerState_DISCONNECT_REASON_UNSPECIFIED {
+		return msg
+	}
+	s := strings.ToLower(strings.ReplaceAll(strings.TrimPrefix(r.String(), "DISCONNECT_REASON_"), "_", " "))
+	if msg != "" {
+		s += ": " + msg
+	}
+	return s
+}
+
+func bfdState(s api.BfdSessionState) string {
+	switch s {
+	case api.BfdSessionState_BFD_SESSION_STATE_UP:
+		return "up"
+	case api.BfdSessionState_BFD_SESSION_STATE_DOWN:
+		return "down"
+	case api.BfdSessionState_BFD_SESSION_STATE_INIT:
+		return "init"
+	case api.BfdSessionState_BFD_SESSION_STATE_ADMIN_DOWN:
+		return "admin-down"
+	}
+	return ""
+}
+
+// apiPath converts one route; withdraw paths carry the same attributes because
+// GoBGP wants a next hop on every path it is given.
+func apiPath(rt route, withdraw bool) (*apiutil.Path, error) {
+	nlri, err := bgp.NewIPAddrPrefix(rt.Prefix)
+	if err != nil {
+		return nil, fmt.Errorf("prefix %v: %w", rt.Prefix, err)
+	}
+	family := bgp.RF_IPv4_UC
+	var nh bgp.PathAttributeInterface
+	if rt.Prefix.Addr().Is4() && rt.Attrs.NextHop.Is4() {
+		nh, err = bgp.NewPathAttributeNextHop(rt.Attrs.NextHop)
+	} else {
+		if rt.Prefix.Addr().Is6() {
+			family = bgp.RF_IPv6_UC
+		}
+		nh, err = bgp.NewPathAttributeMpReachNLRI(family, []bgp.PathNLRI{{NLRI: nlri}}, rt.Attrs.NextHop)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("next hop %v for %v: %w", rt.Attrs.NextHop, rt.Prefix, err)
+	}
+	attrs := []bgp.PathAttributeInterface{
+		bgp.NewPathAttributeOrigin(bgp.BGP_ORIGIN_ATTR_TYPE_IGP),
+		nh,
+		bgp.NewPathAttributeLocalPref(rt.Attrs.LocalPref),
+		bgp.NewPathAttributeMultiExitDisc(rt.Attrs.MED),
+	}
+	if len(rt.Attrs.Communities) > 0 {
+		attrs = append(attrs, bgp.NewPathAttributeCommunities(rt.Attrs.Communities))
+	}
+	return &apiutil.Path{
+		Family:     family,
+		Nlri:       nlri,
+		Attrs:      attrs,
+		Age:        time.Now().Unix(),
+		Withdrawal: withdraw,
+	}, nil
+}
+
+func apiPaths(routes []route, withdraw bool) ([]*apiutil.Path, error) {
+	paths := make([]*apiutil.Path, 0, len(routes))
+	for _, rt := range routes {
+		p, err := apiPath(rt, withdraw)
+		if err != nil {
+			return nil, err
+		}
+		paths = append(paths, p)
+	}
+	return paths, nil
+}
+
+func (r *gobgpRouter) announce(routes []route) error {
+	if len(routes) == 0 {
+		return nil
+	}
+	paths, err := apiPaths(routes, false)
+	if err != nil {
+		return fmt.Errorf("announce: %w", err)
+	}
+	resps, err := r.srv.AddPath(apiutil.AddPathRequest{Paths: paths})
+	for i, resp := range resps {
+		if resp.Error != nil {
+			return fmt.Errorf("announce %v: %w", routes[i].Prefix, resp.Error)
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("announce %d routes: %w", len(routes), err)
+	}
+	return nil
+}
+
+func (r *gobgpRouter) withdraw(routes []route) error {
+	if len(routes) == 0 {
+		return nil
+	}
+	paths, err := apiPaths(routes, true)
+	if err != nil {
+		return fmt.Errorf("withdraw: %w", err)
+	}
+	if err := r.srv.DeletePath(apiutil.DeletePathRequest{Paths: paths}); err != nil {
+		return fmt.Errorf("withdraw %d routes: %w", len(routes), err)
+	}
+	return nil
+}
+
+func (r *gobgpRouter) peers(ctx context.Context) ([]PeerStatus, error) {
+	var out []PeerStatus
+	err := r.srv.ListPeer(ctx, &api.ListPeerRequest{EnableAdvertised: true}, func(p *api.Peer) {
+		out = append(out, peerStatus(p))
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list BGP peers: %w", err)
+	}
+	return out, nil
+}
+
+func peerStatus(p *api.Peer) PeerStatus {
+	var ps PeerStatus
+	if p.Conf != nil {
+		ps.Addr, _ = netip.ParseAddr(p.Conf.NeighborAddress)
+		ps.ASN = p.Conf.PeerAsn
+	}
+	if st := p.State; st != nil {
+		ps.State = apiSessionState(st.SessionState)
+		ps.Established = st.SessionState == api.PeerState_SESSION_STATE_ESTABLISHED
+		ps.LastError = disconnectReason(st.DisconnectReason, st.DisconnectMessage)
+		if st.BfdState != nil {
+			ps.BFD = bfdState(st.BfdState.SessionState)
+		}
+		if m := st.Messages; m != nil && m.Sent != nil {
+			ps.updatesSent = m.Sent.Update
+		}
+		ps.outQueue = st.OutQ
+	}
+	if t := p.Timers; t != nil && t.State != nil {
+		if ps.Established && t.State.Uptime != nil {
+			ps.Since = t.State.Uptime.AsTime()
+		}
+		if t.State.Downtime != nil && t.State.Downtime.AsTime().Unix() > 0 {
+			ps.LastDown = t.State.Downtime.AsTime()
+		}
+	}
+	for _, af := range p.AfiSafis {
+		if af.State != nil {
+			ps.PrefixesSent += int(af.State.Advertised)
+			ps.PrefixesReceived += int(af.State.Received)
+		}
+	}
+	return ps
+}
+
+func (r *gobgpRouter) stop(ctx context.Context) error {
+	done := make(chan struct{})
+	go func() {
+		// Stop sends a Cease NOTIFICATION to every peer, then closes the BFD and
+		// gRPC servers.
+		r.srv.Stop()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("stop GoBGP: %w", ctx.Err())
+	}
+}

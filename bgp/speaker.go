@@ -1,0 +1,271 @@
+// Package bgp announces the node's VIPs to the upstream routers with attributes by
+// shard role (master preferred, backups ready), so that failover is a route
+// withdrawal. It embeds GoBGP v4, which never shows outside this package.
+package bgp
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/shardlb/shardlb/shard"
+)
+
+// PeerStatus is the state of one BGP session, for the CLI and metrics.
+type PeerStatus struct {
+	Addr netip.Addr
+	ASN  uint32
+	// State is the BGP FSM state: idle, connect, active, opensent, openconfirm or
+	// established.
+	State       string
+	Established bool
+	// Since is when the session came up; zero unless established.
+	Since time.Time
+	// LastDown is when the session last went down; zero if it never did.
+	LastDown time.Time
+	// LastError says why the session last went down, if known.
+	LastError string
+	// PrefixesSent are the VIPs announced on the session; PrefixesReceived are the
+	// routes the peer sent, which the import policy keeps out of the RIB.
+	PrefixesSent, PrefixesReceived int
+	// BFD is the BFD session state (up, down, init, admin-down); empty without BFD.
+	BFD string
+
+	updatesSent uint64
+	outQueue    uint32
+}
+
+// Speaker is the node's BGP speaker. Its methods are safe for concurrent use.
+type Speaker struct {
+	cfg         Config
+	communities []uint32
+	log         *slog.Logger
+	r           router
+
+	mu      sync.Mutex
+	applied map[netip.Prefix]applied // what is announced now
+	stopped bool
+}
+
+type applied struct {
+	adv   shard.Advertisement
+	route route
+}
+
+// ErrStopped is returned by calls on a Speaker after Shutdown.
+var ErrStopped = errors.New("bgp speaker stopped")
+
+// New validates cfg, reads the password file, starts the embedded speaker with a
+// reject-all import policy and adds the peers. Sessions come up in the background;
+// an unreachable peer is retried every ConnectRetry and shows in Peers as down.
+func New(ctx context.Context, cfg Config, log *slog.Logger) (*Speaker, error) {
+	cfg.Peers = slices.Clone(cfg.Peers)
+	for i := range cfg.Peers {
+		cfg.Peers[i].Addr = cfg.Peers[i].Addr.Unmap()
+	}
+	if err := cfg.validate(); err != nil {
+		return nil, fmt.Errorf("bgp config: %w", err)
+	}
+	if err := cfg.applyPasswordFile(); err != nil {
+		return nil, err
+	}
+	communities, _ := parseCommunities(cfg.Communities) // validated above
+	if cfg.GRPCListen != "" {
+		// GoBGP only logs a gRPC listen failure and runs on without its API (older
+		// versions exit the process): fail here instead, with the reason.
+		l, err := net.Listen("tcp", cfg.GRPCListen)
+		if err != nil {
+			return nil, fmt.Errorf("bgp gRPC API address: %w", err)
+		}
+		_ = l.Close()
+	}
+	r, err := startGoBGP(ctx, &cfg, log)
+	if err != nil {
+		return nil, err
+	}
+	log.Info("BGP speaker started", "asn", cfg.LocalASN, "routerID", cfg.RouterID, "peers", len(cfg.Peers), "grpc", cfg.GRPCListen)
+	return &Speaker{
+		cfg:         cfg,
+		communities: communities,
+		log:         log,
+		r:           r,
+		applied:     make(map[netip.Prefix]applied),
+	}, nil
+}
+
+// SetAdvertisements makes the announced VIPs exactly desired. A prefix whose role
+// changed is re-announced with the new attributes, which replaces the old route at
+// the peers (no withdrawal in between); prefixes not in desired are withdrawn. An
+// invalid desired set is refused whole, changing nothing.
+func (s *Speaker) SetAdvertisements(ctx context.Context, desired []shard.Advertisement) error {
+	want := make(map[netip.Prefix]shard.Advertisement, len(desired))
+	for _, a := range desired {
+		if !a.Prefix.IsValid() || a.Prefix.Bits() != a.Prefix.Addr().BitLen() {
+			return fmt.Errorf("set advertisements: %v is not a host prefix (/32 or /128)", a.Prefix)
+		}
+		if prev, ok := want[a.Prefix]; ok {
+			return fmt.Errorf("set advertisements: %v listed twice (%v and %v)", a.Prefix, prev.Role, a.Role)
+		}
+		want[a.Prefix] = a
+	}
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("set advertisements: %w", err)
+	}
+
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.stopped {
+		return ErrStopped
+	}
+	var announce, withdraw []route
+	for p, a := range want {
+		rt := route{Prefix: p, Attrs: s.cfg.attrsFor(p, a.Role, s.communities)}
+		if cur, ok := s.applied[p]; ok && cur.adv.Role == a.Role {
+			s.applied[p] = applied{adv: a, route: cur.route}
+			continue
+		}
+		announce = append(announce, rt)
+	}
+	for p, cur := range s.applied {
+		if _, ok := want[p]; !ok {
+			withdraw = append(withdraw, cur.route)
+		}
+	}
+	slices.SortFunc(announce, func(a, b route) int { return a.Prefix.Addr().Compare(b.Prefix.Addr()) })
+	slices.SortFunc(withdraw, func(a, b route) int { return a.Prefix.Addr().Compare(b.Prefix.Addr()) })
+
+	// Record what reached GoBGP even on a partial failure, so the next call retries
+	// only the rest.
+	err := s.r.announce(announce)
+	if err == nil {
+		for _, rt := range announce {
+			s.applied[rt.Prefix] = applied{adv: want[rt.Prefix], route: rt}
+		}
+	}
+	if werr := s.r.withdraw(withdraw); werr == nil {
+		for _, rt := range withdraw {
+			delete(s.applied, rt.Prefix)
+		}
+	} else {
+		err = errors.Join(err, werr)
+	}
+	if err != nil {
+		return fmt.Errorf("set advertisements: %w", err)
+	}
+	if len(announce)+len(withdraw) > 0 {
+		s.log.Debug("advertisements changed", "announced", len(announce), "withdrawn", len(withdraw), "total", len(s.applied))
+	}
+	return nil
+}
+
+// Advertised returns what is announced now, sorted by prefix.
+func (s *Speaker) Advertised() []shard.Advertisement {
+	s.mu.Lock()
+	out := make([]shard.Advertisement, 0, len(s.applied))
+	for _, a := range s.applied {
+		out = append(out, a.adv)
+	}
+	s.mu.Unlock()
+	slices.SortFunc(out, func(a, b shard.Advertisement) int { return a.Prefix.Addr().Compare(b.Prefix.Addr()) })
+	return out
+}
+
+// Peers returns the state of every configured peer, sorted by address.
+func (s *Speaker) Peers() []PeerStatus {
+	s.mu.Lock()
+	stopped := s.stopped
+	s.mu.Unlock()
+	if stopped {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	ps, err := s.r.peers(ctx)
+	if err != nil {
+		s.log.Warn("cannot list BGP peers", "err", err)
+		return nil
+	}
+	slices.SortFunc(ps, func(a, b PeerStatus) int { return a.Addr.Compare(b.Addr) })
+	return ps
+}
+
+// Shutdown withdraws every VIP, waits (at most Config.ShutdownFlush, or until ctx
+// ends) for the withdrawals to leave on every established session, then closes the
+// sessions and stops the speaker. Routers then move traffic on the withdrawal
+// rather than on a hold timer.
+func (s *Speaker) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.stopped {
+		return nil
+	}
+	s.stopped = true
+	var errs []error
+	if len(s.applied) > 0 {
+		before, err := s.r.peers(ctx)
+		if err != nil {
+			errs = append(errs, err)
+		}
+		routes := make([]route, 0, len(s.applied))
+		for _, a := range s.applied {
+			routes = append(routes, a.route)
+		}
+		if err := s.r.withdraw(routes); err != nil {
+			errs = append(errs, err)
+		} else {
+			s.applied = make(map[netip.Prefix]applied)
+			s.waitFlushed(ctx, before)
+		}
+	}
+	if err := s.r.stop(ctx); err != nil {
+		errs = append(errs, err)
+	}
+	s.log.Info("BGP speaker stopped")
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("bgp shutdown: %w", err)
+	}
+	return nil
+}
+
+// waitFlushed waits until every session that was established has sent an UPDATE
+// since before and has an empty output queue.
+func (s *Speaker) waitFlushed(ctx context.Context, before []PeerStatus) {
+	sent := make(map[netip.Addr]uint64)
+	for _, p := range before {
+		if p.Established && p.PrefixesSent > 0 {
+			sent[p.Addr] = p.updatesSent
+		}
+	}
+	if len(sent) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.ShutdownFlush)
+	defer cancel()
+	for {
+		now, err := s.r.peers(ctx)
+		if err != nil {
+			return
+		}
+		pending := 0
+		for _, p := range now {
+			if n, ok := sent[p.Addr]; ok && p.Established && (p.updatesSent <= n || p.outQueue > 0) {
+				pending++
+			}
+		}
+		if pending == 0 {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			s.log.Warn("closing BGP sessions before the withdrawals left", "peers", pending)
+			return
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+}
