@@ -6,6 +6,7 @@ package ipam
 import (
 	"errors"
 	"fmt"
+	"math/bits"
 	"net/netip"
 	"slices"
 )
@@ -110,9 +111,136 @@ type pool struct {
 	spec        PoolSpec
 	family      Family
 	first, last u128
-	used        tree
-	services    int
+	size        uint64 // span, saturated
+	// maxDense is the largest the bitmap may grow: the pool's size rounded up to a power
+	// of two, and far more than memory allows in an IPv6 pool.
+	maxDense uint64
+	dense    dense // offsets below dense.limit
+	sparse   tree  // static addresses at or beyond dense.limit
+	services int
 }
+
+// minDense is how far the bitmap may grow for a static address even while the pool is
+// nearly empty: a few kilobytes. Beyond that it grows for a static address only to four
+// times the addresses in use, so memory stays linear in use, not in the address's value.
+const minDense = 1024
+
+func newPool(s PoolSpec, shared bool) *pool {
+	p := &pool{spec: s, family: s.Family(), first: keyOf(s.First), last: keyOf(s.Last)}
+	p.size = span(p.first, p.last)
+	p.maxDense = 1 << 62
+	if p.size <= p.maxDense {
+		p.maxDense = max(64, uint64(1)<<bits.Len64(p.size-1))
+	}
+	p.dense.shared, p.sparse.shared = shared, shared
+	return p
+}
+
+func (p *pool) used() int { return p.dense.n + p.sparse.len() }
+
+// denseOffset is k's offset from the pool's first address when the bitmap covers it.
+func (p *pool) denseOffset(k u128) (uint64, bool) {
+	off := k.sub(p.first)
+	return off.lo, off.hi == 0 && off.lo < p.dense.limit
+}
+
+// slotAt is the slot of address k, nil when k is free.
+func (p *pool) slotAt(k u128) *slot {
+	if o, ok := p.denseOffset(k); ok {
+		if p.dense.isUsed(o) {
+			return &p.dense.slots[o]
+		}
+		return nil
+	}
+	if n := p.sparse.get(k); n != nil {
+		return &n.slot
+	}
+	return nil
+}
+
+// add gives service address k, shared with its holders if any.
+func (p *pool) add(k u128, service string, ports []PortKey) {
+	p.reach(k)
+	if o, ok := p.denseOffset(k); ok {
+		p.dense.add(o, service, ports)
+		return
+	}
+	if n := p.sparse.get(k); n != nil {
+		n.addHolder(service, ports)
+		p.sparse.refresh(k)
+		return
+	}
+	n := newNode(k)
+	n.addHolder(service, ports)
+	p.sparse.insert(n)
+}
+
+func (p *pool) remove(k u128, service string) {
+	if o, ok := p.denseOffset(k); ok {
+		p.dense.remove(o, service)
+		return
+	}
+	p.sparse.release(k, service)
+}
+
+// reach grows the bitmap over static address k when that keeps its memory linear in
+// the addresses used.
+func (p *pool) reach(k u128) {
+	off := k.sub(p.first)
+	if off.hi != 0 || off.lo < p.dense.limit || off.lo >= p.maxDense {
+		return
+	}
+	want := max(64, uint64(1)<<bits.Len64(off.lo))
+	if want <= max(minDense, 4*uint64(p.used()+1)) {
+		p.grow(want)
+	}
+}
+
+// grow extends the bitmap to limit and moves the static addresses it now covers out of
+// the treap.
+func (p *pool) grow(limit uint64) {
+	d := &p.dense
+	d.extend(limit)
+	for m := p.sparse.min(); m != nil; m = p.sparse.min() {
+		o, ok := p.denseOffset(m.key)
+		if !ok {
+			break
+		}
+		p.sparse.popMin()
+		d.slots[o] = m.slot
+		d.used[o>>6] |= 1 << (o & 63)
+		d.n++
+	}
+	d.rebuild()
+}
+
+// lowestFree is the lowest free address of the pool.
+func (p *pool) lowestFree() (u128, bool) {
+	for {
+		if o, ok := p.dense.lowestFree(); ok {
+			// Beyond the pool's last address only when every address of the pool is used.
+			return u128{0, o}.add(p.first), o < p.size
+		}
+		if p.dense.limit >= p.maxDense {
+			return u128{}, false
+		}
+		// Every address below limit is used: the lowest free one is at or beyond it.
+		p.grow(max(64, 2*p.dense.limit))
+	}
+}
+
+// lowestShareable is the lowest used address none of whose holders has a port in ports.
+func (p *pool) lowestShareable(ports []PortKey) (u128, bool) {
+	if o, ok := p.dense.shareable(ports); ok {
+		return u128{0, o}.add(p.first), true
+	}
+	if n := p.sparse.lowestShareable(ports); n != nil {
+		return n.key, true
+	}
+	return u128{}, false
+}
+
+func (p *pool) visits() uint64 { return p.dense.visits + p.sparse.visits }
 
 type record struct {
 	pool  *pool // nil outside every pool
@@ -127,8 +255,8 @@ type Allocator struct {
 	unique bool
 	pools  []*pool // in the order given to New; the first of a family is its default
 	// outside holds static IPs that are in no pool, so that they still conflict.
-	outside  map[netip.Addr]*node
-	services map[string]*[2]record // index 0 IPv4, 1 IPv6; a zero record is none
+	outside  map[netip.Addr]*slot
+	services map[string][2]record // index 0 IPv4, 1 IPv6; a zero record is none
 }
 
 func famIndex(f Family) int {
@@ -147,17 +275,11 @@ func New(pools []PoolSpec, unique bool) (*Allocator, error) {
 	}
 	a := &Allocator{
 		unique:   unique,
-		outside:  map[netip.Addr]*node{},
-		services: map[string]*[2]record{},
+		outside:  map[netip.Addr]*slot{},
+		services: map[string][2]record{},
 	}
 	for _, s := range pools {
-		a.pools = append(a.pools, &pool{
-			spec:   s,
-			family: s.Family(),
-			first:  keyOf(s.First),
-			last:   keyOf(s.Last),
-			used:   tree{shared: !unique},
-		})
+		a.pools = append(a.pools, newPool(s, !unique))
 	}
 	return a, nil
 }
@@ -170,11 +292,15 @@ func New(pools []PoolSpec, unique bool) (*Allocator, error) {
 // lowest used address whose services' ports do not overlap r.Ports, else the lowest free
 // one. A static IP inside a pool is reserved there, outside every pool it is accepted;
 // one another service uses (in shared mode: with an overlapping port) is a conflict.
+//
+// Cost: O(log64 n) bitmap words for n addresses in use, plus a few map operations per
+// port of the request; in shared mode a request with several ports may have to pass
+// over addresses that each hold one of them (see dense.ports).
 func (a *Allocator) Allocate(r Request) (Allocation, error) {
 	if err := r.Validate(); err != nil {
 		return Allocation{}, err
 	}
-	if rec := a.held(r.Service, r.Family); rec != nil {
+	if rec, ok := a.held(r.Service, r.Family); ok {
 		return rec.allocation(r.Service), nil
 	}
 	ports := normalPorts(r.Ports)
@@ -190,20 +316,16 @@ func (a *Allocator) Allocate(r Request) (Allocation, error) {
 		if p != nil && in != p {
 			return Allocation{}, fmt.Errorf("%w: service %s: static IP %s is not in the selected pool %q", ErrInvalidRequest, r.Service, r.StaticIP, p.spec.Name)
 		}
-		if err := a.hold(in, r.StaticIP, r.Service, ports); err != nil {
-			return Allocation{}, err
-		}
-		return a.held(r.Service, r.Family).allocation(r.Service), nil
+		return a.hold(in, r.StaticIP, r.Service, ports)
 	}
 
 	if !a.unique {
-		if n := p.used.lowestShareable(ports); n != nil {
-			n.addHolder(r.Service, ports)
-			p.used.refresh(n.key)
-			return a.record(r.Service, p, n.key.addr(p.family), ports), nil
+		if k, ok := p.lowestShareable(ports); ok {
+			p.add(k, r.Service, ports)
+			return a.record(r.Service, p, k.addr(p.family), ports), nil
 		}
 	}
-	k, ok := p.used.lowestFree(p.first, p.last)
+	k, ok := p.lowestFree()
 	if !ok {
 		what := "every address is in use"
 		if !a.unique {
@@ -211,9 +333,7 @@ func (a *Allocator) Allocate(r Request) (Allocation, error) {
 		}
 		return Allocation{}, fmt.Errorf("%w: pool %q (%s) for service %s: %s", ErrPoolExhausted, p.spec.Name, p.spec, r.Service, what)
 	}
-	n := newNode(k)
-	n.addHolder(r.Service, ports)
-	p.used.insert(n)
+	p.add(k, r.Service, ports)
 	return a.record(r.Service, p, k.addr(p.family), ports), nil
 }
 
@@ -248,49 +368,42 @@ func (a *Allocator) poolOf(ip netip.Addr) *pool {
 
 // hold gives service ip (in pool p, or outside every pool when p is nil) unless another
 // service's use of ip conflicts.
-func (a *Allocator) hold(p *pool, ip netip.Addr, service string, ports []PortKey) error {
-	var n *node
+func (a *Allocator) hold(p *pool, ip netip.Addr, service string, ports []PortKey) (Allocation, error) {
+	k := keyOf(ip)
+	var s *slot
 	if p != nil {
-		n = p.used.get(keyOf(ip))
+		s = p.slotAt(k)
 	} else {
-		n = a.outside[ip]
+		s = a.outside[ip]
 	}
-	if n != nil {
-		if h, both, clash := n.conflict(ports, a.unique); clash {
-			return &ConflictError{IP: ip, Holder: h.service, Requester: service, Ports: both}
-		}
-		n.addHolder(service, ports)
-		if p != nil {
-			p.used.refresh(n.key)
-		}
-	} else {
-		n = newNode(keyOf(ip))
-		n.addHolder(service, ports)
-		if p != nil {
-			p.used.insert(n)
-		} else {
-			a.outside[ip] = n
+	if s != nil {
+		if h, both, clash := s.conflict(ports, a.unique); clash {
+			return Allocation{}, &ConflictError{IP: ip, Holder: h.service, Requester: service, Ports: both}
 		}
 	}
-	a.record(service, p, ip, ports)
-	return nil
+	switch {
+	case p != nil:
+		p.add(k, service, ports)
+	case s != nil:
+		s.addHolder(service, ports)
+	default:
+		s = new(slot)
+		s.addHolder(service, ports)
+		a.outside[ip] = s
+	}
+	return a.record(service, p, ip, ports), nil
 }
 
-func (a *Allocator) held(service string, f Family) *record {
-	if recs := a.services[service]; recs != nil && recs[famIndex(f)].ip.IsValid() {
-		return &recs[famIndex(f)]
-	}
-	return nil
+func (a *Allocator) held(service string, f Family) (record, bool) {
+	rec := a.services[service][famIndex(f)]
+	return rec, rec.ip.IsValid()
 }
 
 func (a *Allocator) record(service string, p *pool, ip netip.Addr, ports []PortKey) Allocation {
 	recs := a.services[service]
-	if recs == nil {
-		recs = new([2]record)
-		a.services[service] = recs
-	}
-	rec := &recs[famIndex(familyOf(ip))]
-	*rec = record{pool: p, ip: ip, ports: ports}
+	rec := record{pool: p, ip: ip, ports: ports}
+	recs[famIndex(familyOf(ip))] = rec
+	a.services[service] = recs
 	if p != nil {
 		p.services++
 	}
@@ -308,24 +421,23 @@ func (r *record) allocation(service string) Allocation {
 // Release frees every address service holds, in every family. An unknown service is a
 // no-op, so a repeated delete event does no harm.
 func (a *Allocator) Release(service string) {
-	recs := a.services[service]
-	if recs == nil {
+	recs, ok := a.services[service]
+	if !ok {
 		return
 	}
-	for i := range recs {
-		rec := &recs[i]
+	for _, rec := range recs {
 		if !rec.ip.IsValid() {
 			continue
 		}
 		if rec.pool == nil {
-			n := a.outside[rec.ip]
-			n.removeHolder(service)
-			if len(n.holders) == 0 {
+			s := a.outside[rec.ip]
+			s.removeHolder(service)
+			if !s.inUse() {
 				delete(a.outside, rec.ip)
 			}
 			continue
 		}
-		rec.pool.used.release(keyOf(rec.ip), service)
+		rec.pool.remove(keyOf(rec.ip), service)
 		rec.pool.services--
 	}
 	delete(a.services, service)
@@ -363,20 +475,21 @@ func (a *Allocator) restore(al Allocation) error {
 		return err
 	}
 	ports := normalPorts(al.Ports)
-	if rec := a.held(al.Service, familyOf(al.IP)); rec != nil {
+	if rec, ok := a.held(al.Service, familyOf(al.IP)); ok {
 		if rec.ip == al.IP && slices.Equal(rec.ports, ports) {
 			return nil
 		}
 		return fmt.Errorf("%w: service %s records %s %v but already holds %s %v", ErrInvalidRequest,
 			al.Service, al.IP, ports, rec.ip, rec.ports)
 	}
-	return a.hold(a.poolOf(al.IP), al.IP, al.Service, ports)
+	_, err := a.hold(a.poolOf(al.IP), al.IP, al.Service, ports)
+	return err
 }
 
 // Lookup is what service holds: IPv4 first, then IPv6; nil when nothing.
 func (a *Allocator) Lookup(service string) []Allocation {
-	recs := a.services[service]
-	if recs == nil {
+	recs, ok := a.services[service]
+	if !ok {
 		return nil
 	}
 	var out []Allocation
@@ -396,7 +509,7 @@ func (a *Allocator) Pools() []PoolStats {
 			Name:     p.spec.Name,
 			Family:   p.family,
 			Size:     span(p.first, p.last),
-			Used:     p.used.len(),
+			Used:     p.used(),
 			Services: p.services,
 		})
 	}

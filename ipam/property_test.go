@@ -406,7 +406,7 @@ func TestWalksStayLogarithmic(t *testing.T) {
 				}
 				rng := rand.New(rand.NewPCG(7, 7))
 				const ops = 2000
-				before := a.pools[0].used.visits
+				before := a.pools[0].visits()
 				for range ops {
 					s := fmt.Sprint(rng.IntN(n))
 					a.Release(s)
@@ -414,7 +414,7 @@ func TestWalksStayLogarithmic(t *testing.T) {
 						t.Fatal(err)
 					}
 				}
-				perOp := float64(a.pools[0].used.visits-before) / ops
+				perOp := float64(a.pools[0].visits()-before) / ops
 				if limit := 8 * math.Log2(float64(n)); perOp > limit {
 					t.Errorf("%.1f nodes visited per release+allocate, more than 8 log2(n) = %.0f", perOp, limit)
 				}

@@ -4,7 +4,6 @@ import (
 	"encoding/binary"
 	"math/bits"
 	"net/netip"
-	"slices"
 )
 
 // u128 is an address as a number, so that ranges of IPv6 pools larger than 2^64 can be
@@ -46,9 +45,10 @@ func (k u128) cmp(o u128) int {
 	return 0
 }
 
-func (k u128) next() u128 {
-	lo, carry := bits.Add64(k.lo, 1, 0)
-	return u128{k.hi + carry, lo}
+func (k u128) add(o u128) u128 {
+	lo, carry := bits.Add64(k.lo, o.lo, 0)
+	hi, _ := bits.Add64(k.hi, o.hi, carry)
+	return u128{hi, lo}
 }
 
 func (k u128) sub(o u128) u128 {
@@ -66,29 +66,21 @@ func span(first, last u128) uint64 {
 	return d.lo + 1
 }
 
-// node is one address in use and everything the allocator knows about it.
+// node is one used address of a pool's sparse part, the static addresses too far past
+// the pool's first address for the bitmap (see dense) to cover without wasting memory.
 //
-// The used addresses of a pool live in a treap (a binary search tree balanced by random
-// priorities) rather than a bitmap, because an IPv6 pool may have 2^64 addresses. Each
-// node also summarises its subtree so that both questions the allocator asks are answered
-// by one walk from the root: where the first gap is (lowest free address) and which is the
-// lowest address a service with given ports may share.
+// They live in a treap (a binary search tree balanced by random priorities) because an
+// IPv6 pool may have 2^64 addresses and static IPs may be anywhere in it. Each node
+// summarises the ports common to its subtree, so that the lowest address a service with
+// given ports may share is found without visiting subtrees that all hold one of them.
 type node struct {
+	slot
 	key         u128
 	prio        uint64
 	left, right *node
 
 	size   int       // nodes in the subtree
-	lo, hi u128      // smallest and largest key in the subtree
 	common []PortKey // ports held at every address of the subtree: a request for any of them can skip it
-
-	holders []holder  // sorted by service
-	ports   []PortKey // union of the holders' ports, sorted
-}
-
-type holder struct {
-	service string
-	ports   []PortKey
 }
 
 func newNode(k u128) *node {
@@ -100,52 +92,12 @@ func newNode(k u128) *node {
 	return &node{key: k, prio: z ^ z>>31}
 }
 
-// conflict is the first holder whose ports overlap ports, or in unique mode any holder.
-func (n *node) conflict(ports []PortKey, unique bool) (holder, []PortKey, bool) {
-	for _, h := range n.holders {
-		if unique {
-			return h, nil, true
-		}
-		if both := intersect(nil, h.ports, ports); len(both) > 0 {
-			return h, both, true
-		}
-	}
-	return holder{}, nil, false
-}
-
-func (n *node) addHolder(service string, ports []PortKey) {
-	i, _ := slices.BinarySearchFunc(n.holders, service, func(h holder, s string) int {
-		if h.service < s {
-			return -1
-		}
-		if h.service > s {
-			return 1
-		}
-		return 0
-	})
-	n.holders = slices.Insert(n.holders, i, holder{service, ports})
-	if len(n.ports) == 0 {
-		// Shared with the holder: union never writes into a clipped slice.
-		n.ports = slices.Clip(ports)
-		return
-	}
-	n.ports = union(n.ports, ports)
-}
-
-func (n *node) removeHolder(service string) {
-	n.holders = slices.DeleteFunc(n.holders, func(h holder) bool { return h.service == service })
-	n.ports = nil
-	for _, h := range n.holders {
-		n.ports = union(n.ports, h.ports)
-	}
-}
-
-// tree is the set of used addresses of one pool.
+// tree is the set of used addresses of a pool's sparse part.
 type tree struct {
 	root *node
 	// shared keeps node.common up to date; unique mode never asks about ports.
 	shared bool
-	// visits counts nodes walked through, so benchmarks can show that the walks stay
+	// visits counts nodes walked through, so tests can show that the walks stay
 	// logarithmic whatever the machine's load does to the timings.
 	visits uint64
 }
@@ -228,12 +180,44 @@ func (t *tree) rel(r *node, k u128, service string) *node {
 		r.right = t.rel(r.right, k, service)
 	default:
 		r.removeHolder(service)
-		if len(r.holders) == 0 {
+		if !r.inUse() {
 			return t.merge(r.left, r.right)
 		}
 	}
 	t.update(r)
 	return r
+}
+
+// popMin removes and returns the node with the lowest key, nil when the tree is empty.
+func (t *tree) popMin() *node {
+	var m *node
+	t.root, m = t.pop(t.root)
+	return m
+}
+
+func (t *tree) pop(r *node) (root, m *node) {
+	if r == nil {
+		return nil, nil
+	}
+	t.visits++
+	if r.left == nil {
+		right := r.right
+		r.left, r.right = nil, nil
+		return right, r
+	}
+	r.left, m = t.pop(r.left)
+	t.update(r)
+	return r, m
+}
+
+// min is the node with the lowest key, nil when the tree is empty.
+func (t *tree) min() *node {
+	n := t.root
+	for n != nil && n.left != nil {
+		t.visits++
+		n = n.left
+	}
+	return n
 }
 
 // merge joins two treaps where every key of a is below every key of b.
@@ -275,14 +259,12 @@ func (t *tree) ref(r *node, k u128) {
 }
 
 func (t *tree) update(n *node) {
-	n.size, n.lo, n.hi = 1, n.key, n.key
+	n.size = 1
 	if n.left != nil {
 		n.size += n.left.size
-		n.lo = n.left.lo
 	}
 	if n.right != nil {
 		n.size += n.right.size
-		n.hi = n.right.hi
 	}
 	if !t.shared {
 		return
@@ -294,50 +276,6 @@ func (t *tree) update(n *node) {
 	if n.right != nil {
 		n.common = intersect(n.common[:0], n.common, n.right.common)
 	}
-}
-
-// contiguous reports whether the subtree holds every address from its lo to its hi.
-func contiguous(n *node) bool {
-	d := n.hi.sub(n.lo)
-	return d.hi == 0 && d.lo == uint64(n.size-1)
-}
-
-// lowestFree is the lowest address in [first, last] not in the tree; every key is in
-// that range.
-func (t *tree) lowestFree(first, last u128) (u128, bool) {
-	n := t.root
-	if n == nil || n.lo != first {
-		return first, true
-	}
-	// Follow the run of used addresses that starts at first down to where it ends: a
-	// subtree that is contiguous is passed over whole, one that is not holds the gap.
-	var end u128
-	for {
-		t.visits++
-		if n.left != nil {
-			if !contiguous(n.left) {
-				n = n.left
-				continue
-			}
-			if n.left.hi.next() != n.key {
-				end = n.left.hi
-				break
-			}
-		}
-		if n.right == nil || n.right.lo != n.key.next() {
-			end = n.key
-			break
-		}
-		if contiguous(n.right) {
-			end = n.right.hi
-			break
-		}
-		n = n.right
-	}
-	if end == last {
-		return u128{}, false
-	}
-	return end.next(), true
 }
 
 // lowestShareable is the lowest used address none of whose ports is in ports.
@@ -355,47 +293,4 @@ func (t *tree) shareable(n *node, ports []PortKey) *node {
 		return n
 	}
 	return t.shareable(n.right, ports)
-}
-
-// The port sets below are sorted and small (a service has a handful of ports).
-
-func overlaps(a, b []PortKey) bool {
-	for len(a) > 0 && len(b) > 0 {
-		switch c := comparePorts(a[0], b[0]); {
-		case c < 0:
-			a = a[1:]
-		case c > 0:
-			b = b[1:]
-		default:
-			return true
-		}
-	}
-	return false
-}
-
-// intersect appends a∩b to dst; dst may be a[:0].
-func intersect(dst, a, b []PortKey) []PortKey {
-	for len(a) > 0 && len(b) > 0 {
-		switch c := comparePorts(a[0], b[0]); {
-		case c < 0:
-			a = a[1:]
-		case c > 0:
-			b = b[1:]
-		default:
-			dst = append(dst, a[0])
-			a, b = a[1:], b[1:]
-		}
-	}
-	return dst
-}
-
-// union returns a∪b, reusing a's storage when b adds nothing.
-func union(a, b []PortKey) []PortKey {
-	for _, p := range b {
-		i, found := slices.BinarySearchFunc(a, p, comparePorts)
-		if !found {
-			a = slices.Insert(a, i, p)
-		}
-	}
-	return a
 }
