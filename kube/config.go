@@ -1,0 +1,176 @@
+package kube
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"time"
+
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/shardlb/shardlb/ipam"
+	"github.com/shardlb/shardlb/shard"
+)
+
+// Config is everything the Kubernetes side of a shardlb pod needs. cmd/shardlb fills it
+// from flags; DefaultConfig gives the defaults the flags should show.
+type Config struct {
+	// NodeName is this pod's member name: the holder identity of its Leases and the
+	// node compared with instance masters. Required.
+	NodeName string
+	// Namespace holds the Leases (the pods' own namespace). Required.
+	Namespace string
+	// Kubeconfig is a kubeconfig file; "" means in-cluster configuration.
+	Kubeconfig string
+	// REST, when set, is used instead of Kubeconfig (tests, embedding).
+	REST *rest.Config
+	// QPS and Burst limit this pod's API client.
+	QPS   float32
+	Burst int
+
+	// LoadBalancerClass selects the Services shardlb serves (--loadBalancerClass).
+	LoadBalancerClass string
+	// Instances are the shards (--zone, --numZoneInstances).
+	Instances shard.Instances
+	// Roles turns on active-backup per instance (--setRoles); off, every pod announces
+	// with equal attributes.
+	Roles bool
+	// Excluded members never master an instance (--excludeRoleList).
+	Excluded []string
+	// Pools for IPv4 and IPv6 VIPs (--cidrPools, --cidr6Pools), in flag order.
+	Pools []ipam.PoolSpec
+	// UniqueIP gives every service its own VIP (--setUniqueIP).
+	UniqueIP bool
+	// DefaultMode is the NAT mode of services without loxilb.io/lbmode (--setLBMode).
+	DefaultMode shard.Mode
+
+	// Controller makes this pod campaign for the controller Lease; off, it only runs
+	// the elector and the node loop.
+	Controller bool
+	// ControllerLease times the controller election (client-go leaderelection).
+	ControllerLease LeaderTimings
+	// MemberLease times the member and instance mastership Leases.
+	MemberLease LeaseTimings
+	// ControllerWorkers write allocations to the API in parallel; decisions stay
+	// serial. Default 8.
+	ControllerWorkers int
+
+	// Debounce coalesces bursts of changes before the node recomputes its Plan.
+	Debounce time.Duration
+
+	// APIAddress is the local HTTP API for `shardlb get` (loopback). "" disables it.
+	APIAddress string
+	// MetricsAddress serves /metrics, /healthz and /readyz. "" serves them on the
+	// API address instead.
+	MetricsAddress string
+}
+
+// LeaderTimings are client-go leaderelection's three durations.
+type LeaderTimings struct {
+	LeaseDuration, RenewDeadline, RetryPeriod time.Duration
+}
+
+// LeaseTimings time the member and mastership Leases. Failover of traffic never waits
+// for them (routers already hold the backups' routes); they bound how long an
+// instance stays without a master after its master dies.
+type LeaseTimings struct {
+	// Duration after the last observed renewal when a Lease counts as expired.
+	Duration time.Duration
+	// Renew is how often a holder renews.
+	Renew time.Duration
+	// Grace is how long an expired Lease waits for its preferred member before any
+	// eligible member may take it.
+	Grace time.Duration
+}
+
+// Default addresses.
+const (
+	DefaultAPIAddress     = "127.0.0.1:11118"
+	DefaultMetricsAddress = ":9478"
+	DefaultClass          = "loxilb.io/loxilb"
+)
+
+// DefaultConfig is the configuration with every default filled in; NodeName,
+// Namespace, Instances and Pools remain to be set.
+func DefaultConfig() Config {
+	return Config{
+		QPS:               100,
+		Burst:             200,
+		LoadBalancerClass: DefaultClass,
+		Controller:        true,
+		ControllerLease:   LeaderTimings{LeaseDuration: 15 * time.Second, RenewDeadline: 10 * time.Second, RetryPeriod: 2 * time.Second},
+		MemberLease:       LeaseTimings{Duration: 4 * time.Second, Renew: time.Second, Grace: time.Second},
+		ControllerWorkers: 8,
+		Debounce:          20 * time.Millisecond,
+		APIAddress:        DefaultAPIAddress,
+		MetricsAddress:    DefaultMetricsAddress,
+	}
+}
+
+// ErrConfig wraps every configuration error.
+var ErrConfig = errors.New("invalid kube configuration")
+
+// Validate reports the first thing that makes the configuration unusable.
+func (c *Config) Validate() error {
+	bad := func(format string, a ...any) error {
+		return fmt.Errorf("%w: %s", ErrConfig, fmt.Sprintf(format, a...))
+	}
+	switch {
+	case c.NodeName == "":
+		return bad("node name is empty")
+	case c.Namespace == "":
+		return bad("namespace is empty")
+	case c.LoadBalancerClass == "":
+		return bad("loadBalancerClass is empty")
+	case c.Instances.Count() < 1:
+		return bad("no instances (numZoneInstances)")
+	case c.MemberLease.Renew <= 0 || c.MemberLease.Duration <= c.MemberLease.Renew:
+		return bad("member lease duration %v must exceed its renew interval %v", c.MemberLease.Duration, c.MemberLease.Renew)
+	case c.MemberLease.Grace < 0:
+		return bad("member lease grace %v is negative", c.MemberLease.Grace)
+	case c.Controller && (c.ControllerLease.LeaseDuration <= c.ControllerLease.RenewDeadline ||
+		c.ControllerLease.RenewDeadline <= c.ControllerLease.RetryPeriod || c.ControllerLease.RetryPeriod <= 0):
+		return bad("controller lease timings want duration > renew deadline > retry period > 0, got %v/%v/%v",
+			c.ControllerLease.LeaseDuration, c.ControllerLease.RenewDeadline, c.ControllerLease.RetryPeriod)
+	case c.Debounce < 0:
+		return bad("debounce %v is negative", c.Debounce)
+	}
+	if c.Controller {
+		if _, err := ipam.New(c.Pools, c.UniqueIP); err != nil {
+			return bad("pools: %v", err)
+		}
+	}
+	for _, a := range []string{c.APIAddress, c.MetricsAddress} {
+		if a == "" {
+			continue
+		}
+		if _, _, err := net.SplitHostPort(a); err != nil {
+			return bad("listen address %q: %v", a, err)
+		}
+	}
+	return nil
+}
+
+// restConfig is the client configuration: REST, else the kubeconfig file, else
+// in-cluster.
+func (c *Config) restConfig() (*rest.Config, error) {
+	var rc *rest.Config
+	var err error
+	switch {
+	case c.REST != nil:
+		rc = rest.CopyConfig(c.REST)
+	case c.Kubeconfig != "":
+		rc, err = clientcmd.BuildConfigFromFlags("", c.Kubeconfig)
+	default:
+		rc, err = rest.InClusterConfig()
+	}
+	if err != nil {
+		return nil, fmt.Errorf("kube client configuration: %w", err)
+	}
+	if c.QPS > 0 {
+		rc.QPS, rc.Burst = c.QPS, c.Burst
+	}
+	rc.UserAgent = "shardlb/" + c.NodeName
+	return rc, nil
+}

@@ -1,0 +1,534 @@
+package kube
+
+import (
+	"cmp"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/tools/record"
+	"k8s.io/client-go/util/workqueue"
+
+	"github.com/shardlb/shardlb/ipam"
+	"github.com/shardlb/shardlb/shard"
+)
+
+// Event reasons. Every refusal is a Warning on the service concerned and nothing else.
+const (
+	ReasonIPAllocated       = "IPAllocated"
+	ReasonShardAssigned     = "ShardAssigned"
+	ReasonIPReleased        = "IPReleased"
+	ReasonPoolExhausted     = "PoolExhausted"
+	ReasonUnknownInstance   = "UnknownInstance"
+	ReasonInvalidAnnotation = "InvalidAnnotation"
+	ReasonStaticIPConflict  = "StaticIPConflict"
+	ReasonAllocationFailed  = "AllocationFailed"
+)
+
+// controller allocates VIPs and instances while this pod holds the controller Lease.
+// Decisions are serial (the allocator is not goroutine-safe and the order decides who
+// gets an address); the API writes of different services run in parallel.
+type controller struct {
+	cfg      *Config
+	log      *slog.Logger
+	client   kubernetes.Interface
+	services cache.Store
+	recorder record.EventRecorder
+	metrics  *metrics
+
+	mu        sync.Mutex // guards everything below
+	queue     workqueue.TypedRateLimitingInterface[string]
+	alloc     *ipam.Allocator
+	instances map[string]string // service key -> instance decided
+	load      map[string]int    // instance -> services
+	pending   map[string]bool   // services waiting for an address to free
+	warned    map[string]string // service key -> last warning, so a retry does not repeat it
+	written   map[string]writeMark
+}
+
+// writeMark is what the controller last wrote for a service and the resourceVersion the
+// API returned, so that a stale informer copy does not cause a second identical write.
+type writeMark struct {
+	state desired
+	rv    uint64
+}
+
+// desired is what a service should carry.
+type desired struct {
+	instance string
+	ips      string // comma-joined, for comparison
+}
+
+func newController(cfg *Config, log *slog.Logger, client kubernetes.Interface, services cache.Store, rec record.EventRecorder, m *metrics) *controller {
+	return &controller{cfg: cfg, log: log, client: client, services: services, recorder: rec, metrics: m}
+}
+
+// enqueue is the informer handlers' entry: it only signals, the workers decide.
+func (c *controller) enqueue(key string) {
+	c.mu.Lock()
+	q := c.queue
+	c.mu.Unlock()
+	if q != nil {
+		q.Add(key)
+	}
+}
+
+// lead runs one leadership term: restore from what the services record, then
+// reconcile until ctx ends.
+func (c *controller) lead(ctx context.Context) {
+	alloc, err := ipam.New(c.cfg.Pools, c.cfg.UniqueIP)
+	if err != nil {
+		c.log.Error("controller: pools", "err", err) // Validate checked them already
+		return
+	}
+	q := workqueue.NewTypedRateLimitingQueueWithConfig(
+		workqueue.NewTypedItemExponentialFailureRateLimiter[string](50*time.Millisecond, 30*time.Second),
+		workqueue.TypedRateLimitingQueueConfig[string]{Name: "shardlb-controller"})
+	c.mu.Lock()
+	c.queue, c.alloc = q, alloc
+	c.instances, c.load = map[string]string{}, map[string]int{}
+	c.pending, c.warned, c.written = map[string]bool{}, map[string]string{}, map[string]writeMark{}
+	keys := c.restore()
+	c.mu.Unlock()
+	c.metrics.leader.Set(1)
+	c.log.Info("controller: leading", "services", len(keys))
+	for _, k := range keys {
+		q.Add(k)
+	}
+	var wg sync.WaitGroup
+	workers := max(c.cfg.ControllerWorkers, 1)
+	for range workers {
+		wg.Go(func() {
+			for c.processNext(ctx, q) {
+			}
+		})
+	}
+	<-ctx.Done()
+	q.ShutDown()
+	wg.Wait()
+	c.mu.Lock()
+	c.queue = nil
+	c.mu.Unlock()
+	c.metrics.leader.Set(0)
+}
+
+// restore re-applies every allocation the services record, oldest service first (it
+// keeps the address when two records conflict), and returns every service key.
+func (c *controller) restore() []string {
+	var svcs []*service
+	for _, o := range c.services.List() {
+		if s, ok := o.(*service); ok {
+			svcs = append(svcs, s)
+		}
+	}
+	slices.SortFunc(svcs, func(a, b *service) int {
+		return cmp.Or(a.CreationTimestamp.Compare(b.CreationTimestamp.Time), cmp.Compare(a.key(), b.key()))
+	})
+	keys := make([]string, 0, len(svcs))
+	var allocs []ipam.Allocation
+	for _, s := range svcs {
+		keys = append(keys, s.key())
+		if !s.ours(c.cfg.LoadBalancerClass) {
+			continue
+		}
+		if inst, err := c.cfg.Instances.Canonical(s.Annotations[AnnotationInstance]); err == nil {
+			c.instances[s.key()] = inst
+			c.load[inst]++
+		}
+		for _, ip := range s.Ingress {
+			allocs = append(allocs, ipam.Allocation{Service: s.key(), IP: ip, Ports: portKeys(s)})
+		}
+	}
+	if err := c.alloc.Restore(allocs); err != nil {
+		// Refused records (conflicts, addresses now outside every pool) are decided
+		// afresh by reconcile; the rest keep their VIPs.
+		c.log.Warn("controller: restore refused some recorded VIPs", "err", err)
+	}
+	return keys
+}
+
+func (c *controller) processNext(ctx context.Context, q workqueue.TypedRateLimitingInterface[string]) bool {
+	key, quit := q.Get()
+	if quit {
+		return false
+	}
+	defer q.Done(key)
+	start := time.Now()
+	err := c.reconcile(ctx, key)
+	c.metrics.reconcile.WithLabelValues("controller").Observe(time.Since(start).Seconds())
+	if err != nil {
+		if ctx.Err() == nil {
+			c.log.Warn("controller: reconcile failed, retrying", "service", key, "err", err)
+			q.AddRateLimited(key)
+		}
+		return true
+	}
+	q.Forget(key)
+	return true
+}
+
+// reconcile decides (under the lock) and then writes (outside it).
+func (c *controller) reconcile(ctx context.Context, key string) error {
+	obj, exists, err := c.services.GetByKey(key)
+	if err != nil {
+		return fmt.Errorf("service %s from cache: %w", key, err)
+	}
+	var s *service
+	if exists {
+		s, _ = obj.(*service)
+	}
+	if s == nil || !s.ours(c.cfg.LoadBalancerClass) {
+		return c.release(ctx, key, s)
+	}
+	want, ok := c.decide(s)
+	if !ok {
+		return nil
+	}
+	return c.write(ctx, s, want)
+}
+
+// release frees what a deleted service, or one that is no longer ours, holds, clears
+// what we wrote on it if it still exists, and retries the services waiting for an
+// address.
+func (c *controller) release(ctx context.Context, key string, s *service) error {
+	c.mu.Lock()
+	held := c.alloc.Lookup(key)
+	inst, hadInst := c.instances[key]
+	c.alloc.Release(key)
+	if hadInst {
+		c.load[inst]--
+		delete(c.instances, key)
+	}
+	delete(c.warned, key)
+	delete(c.written, key)
+	delete(c.pending, key)
+	var retry []string
+	if len(held) > 0 {
+		for k := range c.pending {
+			retry = append(retry, k)
+		}
+	}
+	q := c.queue
+	c.mu.Unlock()
+	for _, k := range retry {
+		q.Add(k)
+	}
+	if len(held) > 0 {
+		c.log.Info("controller: released", "service", key, "vips", allocIPs(held))
+	}
+	if s == nil {
+		return nil
+	}
+	// The service now belongs to nobody or to another implementation: take back our
+	// annotation and our VIPs, and only ours.
+	var patches []func() error
+	if _, ok := s.Annotations[AnnotationInstance]; ok {
+		patches = append(patches, func() error { return c.patchInstance(ctx, s, "") })
+	}
+	if len(held) > 0 && ingressHolds(s.Ingress, held) {
+		patches = append(patches, func() error { return c.patchStatus(ctx, s, nil) })
+		c.recorder.Eventf(ref(s), corev1.EventTypeNormal, ReasonIPReleased, "released %s: the service is no longer of class %s", allocIPs(held), c.cfg.LoadBalancerClass)
+	}
+	for _, p := range patches {
+		if err := p(); err != nil && !apierrors.IsNotFound(err) {
+			return err
+		}
+	}
+	return nil
+}
+
+// decide computes the instance and VIPs of s, emitting a Warning when it cannot. ok is
+// false when nothing is to be written.
+func (c *controller) decide(s *service) (desired, bool) {
+	key := s.key()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	warn := func(reason, format string, a ...any) (desired, bool) {
+		msg := fmt.Sprintf(format, a...)
+		c.metrics.allocFailures.WithLabelValues(reason).Inc()
+		if c.warned[key] != reason+msg {
+			c.warned[key] = reason + msg
+			c.recorder.Event(ref(s), corev1.EventTypeWarning, reason, msg)
+			c.log.Info("controller: refused", "service", key, "reason", reason, "msg", msg)
+		}
+		return desired{}, false
+	}
+
+	// Annotations first: a service with one we cannot read gets nothing new (one it
+	// already holds stays, so a typo never moves a VIP).
+	var errs []error
+	if _, err := shard.ParseMode(s.Annotations[AnnotationLBMode]); err != nil {
+		errs = append(errs, fmt.Errorf("%s: %w", AnnotationLBMode, err))
+	}
+	if _, err := shard.ParseSelect(s.Annotations[AnnotationEPSelect]); err != nil {
+		errs = append(errs, fmt.Errorf("%s: %w", AnnotationEPSelect, err))
+	}
+	static, err := ipam.ParseStaticIP(s.Annotations[AnnotationStaticIP])
+	if err != nil {
+		errs = append(errs, fmt.Errorf("%s: %w", AnnotationStaticIP, err))
+	}
+	if len(errs) > 0 && len(c.alloc.Lookup(key)) == 0 {
+		return warn(ReasonInvalidAnnotation, "%v", errors.Join(errs...))
+	}
+
+	inst, err := shard.Assign(c.cfg.Instances, s.Annotations[AnnotationZoneInstance], s.Annotations[AnnotationInstance], c.load)
+	if err != nil {
+		return warn(ReasonUnknownInstance, "%s %q: %v (instances: %v)", AnnotationZoneInstance, s.Annotations[AnnotationZoneInstance], err, c.cfg.Instances.Names())
+	}
+
+	ips, reason, err := c.allocate(s, static)
+	if err != nil {
+		if reason == ReasonPoolExhausted || reason == ReasonStaticIPConflict {
+			c.pending[key] = true
+		}
+		return warn(reason, "%v", err)
+	}
+	delete(c.pending, key)
+
+	if old, ok := c.instances[key]; !ok || old != inst {
+		if ok {
+			c.load[old]--
+		}
+		c.instances[key] = inst
+		c.load[inst]++
+	}
+	if len(errs) > 0 {
+		warn(ReasonInvalidAnnotation, "%v (the service keeps %s; the node uses defaults for what it cannot read)", errors.Join(errs...), allocIPs(ips))
+	} else {
+		delete(c.warned, key)
+	}
+	return desired{instance: inst, ips: allocIPs(ips)}, true
+}
+
+// allocate asks the allocator for every family of the service. An existing allocation
+// that no longer fits the request (static IP or pool changed) is released first.
+func (c *controller) allocate(s *service, static netip.Addr) ([]ipam.Allocation, string, error) {
+	key := s.key()
+	pool := s.Annotations[AnnotationPoolSelect]
+	fams := families(s)
+	for _, al := range c.alloc.Lookup(key) {
+		if (static.IsValid() && al.IP != static) || (pool != "" && al.Pool != pool) {
+			c.alloc.Release(key)
+			break
+		}
+	}
+	fresh := len(c.alloc.Lookup(key)) == 0
+	var out []ipam.Allocation
+	for i, f := range fams {
+		req := ipam.Request{Service: key, Family: f, Pool: pool, Ports: portKeys(s)}
+		if static.IsValid() {
+			switch {
+			case static.Is4() == (f == ipam.IPv4):
+				req.StaticIP = static
+			case i == 0:
+				req.StaticIP = static // the allocator refuses the family mismatch
+			}
+		}
+		al, err := c.alloc.Allocate(req)
+		if err != nil {
+			// A dual-stack service tolerates a missing secondary family.
+			if i > 0 && (errors.Is(err, ipam.ErrNoPool) || errors.Is(err, ipam.ErrUnknownPool)) {
+				continue
+			}
+			if fresh {
+				c.alloc.Release(key) // undo a partial dual-stack allocation
+			}
+			switch {
+			case errors.Is(err, ipam.ErrPoolExhausted):
+				return nil, ReasonPoolExhausted, fmt.Errorf("no %v address left: %w", f, err)
+			case errors.Is(err, ipam.ErrStaticIPConflict):
+				return nil, ReasonStaticIPConflict, err
+			case errors.Is(err, ipam.ErrUnknownPool), errors.Is(err, ipam.ErrInvalidRequest):
+				return nil, ReasonInvalidAnnotation, err
+			}
+			return nil, ReasonAllocationFailed, err
+		}
+		out = append(out, al)
+	}
+	return out, "", nil
+}
+
+// write brings the service's annotation and status to want: the instance first, so a
+// node that sees the VIP also sees its instance.
+func (c *controller) write(ctx context.Context, s *service, want desired) error {
+	key := s.key()
+	have := desired{instance: s.Annotations[AnnotationInstance], ips: joinAddrs(s.Ingress)}
+	if have == want {
+		c.mu.Lock()
+		delete(c.written, key)
+		c.mu.Unlock()
+		return nil
+	}
+	c.mu.Lock()
+	mark, marked := c.written[key]
+	c.mu.Unlock()
+	if marked && mark.state == want && rvOlder(s.ResourceVersion, mark.rv) {
+		return nil // our write is not in the cache yet; its event reconciles again
+	}
+	var rv string
+	if have.instance != want.instance {
+		obj, err := c.patchInstanceRV(ctx, s, want.instance)
+		if err != nil {
+			return err
+		}
+		rv = obj
+		verb := "assigned to"
+		if have.instance != "" {
+			verb = "moved from " + have.instance + " to"
+		}
+		c.recorder.Eventf(ref(s), corev1.EventTypeNormal, ReasonShardAssigned, "%s instance %s", verb, want.instance)
+	}
+	if have.ips != want.ips {
+		obj, err := c.patchStatusRV(ctx, s, splitAddrs(want.ips))
+		if err != nil {
+			return err
+		}
+		rv = obj
+		c.recorder.Eventf(ref(s), corev1.EventTypeNormal, ReasonIPAllocated, "VIP %s", want.ips)
+	}
+	if n, err := strconv.ParseUint(rv, 10, 64); err == nil {
+		c.mu.Lock()
+		c.written[key] = writeMark{state: want, rv: n}
+		c.mu.Unlock()
+	}
+	return nil
+}
+
+// rvOlder reports whether a cached resourceVersion predates the one our write returned.
+// resourceVersions are opaque to clients in general; with etcd3 they are revisions,
+// and a wrong guess only costs one redundant, idempotent write.
+func rvOlder(cached string, written uint64) bool {
+	n, err := strconv.ParseUint(cached, 10, 64)
+	return err == nil && n < written
+}
+
+func (c *controller) patchInstance(ctx context.Context, s *service, inst string) error {
+	_, err := c.patchInstanceRV(ctx, s, inst)
+	return err
+}
+
+func (c *controller) patchInstanceRV(ctx context.Context, s *service, inst string) (string, error) {
+	var v any
+	if inst != "" {
+		v = inst
+	}
+	patch, _ := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": map[string]any{AnnotationInstance: v}}})
+	out, err := c.client.CoreV1().Services(s.Namespace).Patch(ctx, s.Name, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: "shardlb"})
+	if err != nil {
+		return "", fmt.Errorf("annotate %s with instance %q: %w", s.key(), inst, err)
+	}
+	return out.ResourceVersion, nil
+}
+
+func (c *controller) patchStatus(ctx context.Context, s *service, ips []netip.Addr) error {
+	_, err := c.patchStatusRV(ctx, s, ips)
+	return err
+}
+
+func (c *controller) patchStatusRV(ctx context.Context, s *service, ips []netip.Addr) (string, error) {
+	ingress := []corev1.LoadBalancerIngress{}
+	vip := corev1.LoadBalancerIPModeVIP
+	for _, ip := range ips {
+		ingress = append(ingress, corev1.LoadBalancerIngress{IP: ip.String(), IPMode: &vip})
+	}
+	patch, _ := json.Marshal(map[string]any{"status": map[string]any{"loadBalancer": map[string]any{"ingress": ingress}}})
+	out, err := c.client.CoreV1().Services(s.Namespace).Patch(ctx, s.Name, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: "shardlb"}, "status")
+	if err != nil {
+		return "", fmt.Errorf("write VIPs %v of %s: %w", ips, s.key(), err)
+	}
+	return out.ResourceVersion, nil
+}
+
+// poolStats is the allocator's view for metrics, nil when not leading.
+func (c *controller) poolStats() []ipam.PoolStats {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.queue == nil || c.alloc == nil {
+		return nil
+	}
+	return c.alloc.Pools()
+}
+
+func families(s *service) []ipam.Family {
+	var out []ipam.Family
+	for i, f := range s.Families {
+		if i > 0 && !s.DualStack {
+			break
+		}
+		if f == corev1.IPv6Protocol {
+			out = append(out, ipam.IPv6)
+		} else {
+			out = append(out, ipam.IPv4)
+		}
+	}
+	if len(out) == 0 {
+		out = []ipam.Family{ipam.IPv4}
+	}
+	return out
+}
+
+func portKeys(s *service) []ipam.PortKey {
+	out := make([]ipam.PortKey, 0, len(s.Ports))
+	for _, p := range s.Ports {
+		if p.Port > 0 {
+			out = append(out, ipam.PortKey{Protocol: ipProtocol(p.Protocol), Port: p.Port})
+		}
+	}
+	return out
+}
+
+func ref(s *service) *corev1.ObjectReference {
+	return &corev1.ObjectReference{Kind: "Service", APIVersion: "v1", Namespace: s.Namespace, Name: s.Name, UID: s.UID, ResourceVersion: s.ResourceVersion}
+}
+
+func allocIPs(as []ipam.Allocation) string {
+	ips := make([]netip.Addr, 0, len(as))
+	for _, a := range as {
+		ips = append(ips, a.IP)
+	}
+	return joinAddrs(ips)
+}
+
+func joinAddrs(ips []netip.Addr) string {
+	var b []byte
+	for i, ip := range ips {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		b = ip.AppendTo(b)
+	}
+	return string(b)
+}
+
+func splitAddrs(s string) []netip.Addr {
+	var out []netip.Addr
+	for _, part := range strings.Split(s, ",") {
+		if a, err := netip.ParseAddr(part); err == nil {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
+func ingressHolds(ingress []netip.Addr, held []ipam.Allocation) bool {
+	for _, a := range held {
+		if slices.Contains(ingress, a.IP) {
+			return true
+		}
+	}
+	return false
+}

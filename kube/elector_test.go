@@ -1,0 +1,294 @@
+package kube
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"slices"
+	"sort"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	coordinationv1 "k8s.io/api/coordination/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/watch"
+)
+
+// nodeProc is a shardlb pod in a child process (the test binary running nodeMain).
+type nodeProc struct {
+	name    string
+	started int64 // unix ns: lines before this are a previous process's
+	cmd     *exec.Cmd
+	done    chan struct{}
+	stderr  bytes.Buffer
+}
+
+// cluster collects what every node process announces, in one timeline.
+type cluster struct {
+	t     *testing.T
+	e     *env
+	mu    sync.Mutex
+	lines []nodeLine
+	procs map[string]*nodeProc
+}
+
+const haInstances = 3
+
+var haInstanceNames = []string{"default", "llb-inst1", "llb-inst2"}
+
+func (c *cluster) start(name string) *nodeProc {
+	c.t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = c.e.nodeEnv(name, haInstances, "defaultPool=192.168.90.250/24", "", "")
+	p := &nodeProc{name: name, started: time.Now().UnixNano(), cmd: cmd, done: make(chan struct{})}
+	cmd.Stderr = &lockedWriter{w: &p.stderr}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	// Should the test binary die, the kernel kills its node processes too.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		c.t.Fatal(err)
+	}
+	go func() {
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			var l nodeLine
+			if json.Unmarshal(sc.Bytes(), &l) == nil {
+				c.mu.Lock()
+				c.lines = append(c.lines, l)
+				c.mu.Unlock()
+			}
+		}
+		_ = cmd.Wait()
+		close(p.done)
+	}()
+	c.mu.Lock()
+	c.procs[name] = p
+	c.mu.Unlock()
+	return p
+}
+
+// kill stops a node process by PID with SIGKILL and waits for it.
+func (c *cluster) kill(p *nodeProc) {
+	_ = p.cmd.Process.Signal(syscall.SIGKILL)
+	<-p.done
+	c.mu.Lock()
+	delete(c.procs, p.name)
+	c.mu.Unlock()
+}
+
+// masters is each live node's latest set of mastered instances.
+func (c *cluster) masters() map[string][]string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := map[string][]string{}
+	for name := range c.procs {
+		out[name] = nil
+	}
+	for _, l := range c.lines {
+		if p := c.procs[l.Node]; p != nil && l.T >= p.started {
+			out[l.Node] = l.Masters
+		}
+	}
+	return out
+}
+
+// balanced: every instance has exactly one master and every node exactly one instance.
+func balanced(m map[string][]string) bool {
+	seen := map[string]int{}
+	for _, insts := range m {
+		if len(insts) != 1 {
+			return false
+		}
+		seen[insts[0]]++
+	}
+	for _, inst := range haInstanceNames {
+		if seen[inst] != 1 {
+			return false
+		}
+	}
+	return true
+}
+
+func (c *cluster) dump() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, l := range c.lines {
+		c.t.Logf("%s %s masters=%v vips=%d", time.Unix(0, l.T).Format("15:04:05.000"), l.Node, l.Masters, l.VIPs)
+	}
+	for _, p := range c.procs {
+		c.t.Logf("stderr of %s:\n%s", p.name, p.stderr.String())
+	}
+}
+
+type lockedWriter struct {
+	mu sync.Mutex
+	w  *bytes.Buffer
+}
+
+func (l *lockedWriter) Write(b []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(b)
+}
+
+// leaseHistory records every version of the instance Leases, from a watch.
+type leaseHistory struct {
+	mu       sync.Mutex
+	versions []coordinationv1.Lease
+}
+
+func watchLeases(t *testing.T, e *env) *leaseHistory {
+	h := &leaseHistory{}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	w, err := e.client.CoordinationV1().Leases(e.ns).Watch(ctx, metav1.ListOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		for ev := range w.ResultChan() {
+			if l, ok := ev.Object.(*coordinationv1.Lease); ok && (ev.Type == watch.Added || ev.Type == watch.Modified) {
+				h.mu.Lock()
+				h.versions = append(h.versions, *l)
+				h.mu.Unlock()
+			}
+		}
+	}()
+	return h
+}
+
+// takeover finds, for the instance Lease name, the last renewal by from and the first
+// acquisition by someone else after it.
+func (h *leaseHistory) takeover(name, from string) (lastRenew, acquired time.Time, by string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, l := range h.versions {
+		if l.Name != name || l.Spec.HolderIdentity == nil {
+			continue
+		}
+		switch hl := *l.Spec.HolderIdentity; {
+		case hl == from && l.Spec.RenewTime != nil:
+			lastRenew, acquired, by = l.Spec.RenewTime.Time, time.Time{}, ""
+		case hl != from && hl != "" && !lastRenew.IsZero() && by == "" && l.Spec.AcquireTime != nil:
+			acquired, by = l.Spec.AcquireTime.Time, hl
+		}
+	}
+	return lastRenew, acquired, by
+}
+
+// Three pods against one apiserver: one master per instance, one instance per pod; a
+// SIGKILLed master's instances get new masters within the lease duration + 1 s; when
+// it returns the masters rebalance make-before-break, never leaving an instance
+// without a master.
+func TestThreeNodesFailoverAndRebalance(t *testing.T) {
+	e := newEnv(t, "ha")
+	leases := watchLeases(t, e)
+	for i, inst := range haInstanceNames {
+		name := "svc-" + inst
+		e.createSlice(t, name, "10.244.0."+string(rune('1'+i)))
+		e.create(t, e.lbService(name, annotate(AnnotationZoneInstance, inst)))
+	}
+	c := &cluster{t: t, e: e, procs: map[string]*nodeProc{}}
+	t.Cleanup(func() {
+		for _, p := range c.procs {
+			c.kill(p)
+		}
+	})
+	defer func() {
+		if t.Failed() {
+			c.dump()
+		}
+	}()
+	for _, n := range []string{"node-a", "node-b", "node-c"} {
+		c.start(n)
+	}
+	waitFor(t, 30*time.Second, "one master per instance and one instance per node", func() bool {
+		m := c.masters()
+		return len(m) == 3 && balanced(m)
+	})
+	initial := c.masters()
+	t.Logf("masters: %v", initial)
+
+	victim := c.procs["node-c"]
+	lost := initial["node-c"][0]
+	killedAt := time.Now()
+	c.kill(victim)
+	var newMaster string
+	waitFor(t, 15*time.Second, lost+" to get a new master", func() bool {
+		for n, insts := range c.masters() {
+			if slices.Contains(insts, lost) {
+				newMaster = n
+				return true
+			}
+		}
+		return false
+	})
+	t.Logf("%s: new master %s, %v after SIGKILL", lost, newMaster, time.Since(killedAt).Round(time.Millisecond))
+	d := DefaultConfig().MemberLease.Duration
+	lastRenew, acquired, by := leases.takeover(InstanceLeaseName(lost), "node-c")
+	if by != newMaster {
+		t.Errorf("lease history: %s taken by %q, want %s", lost, by, newMaster)
+	} else if gap := acquired.Sub(lastRenew); gap > d+time.Second {
+		// Lease timestamps are the protocol's own record of the takeover.
+		t.Errorf("%s: taken %v after node-c's last renewal, want at most %v", lost, gap, d+time.Second)
+	}
+
+	returnedAt := time.Now().UnixNano()
+	c.start("node-c")
+	waitFor(t, 30*time.Second, "masters to rebalance after node-c returns", func() bool {
+		m := c.masters()
+		return len(m) == 3 && balanced(m)
+	})
+	final := c.masters()
+	t.Logf("masters after return: %v", final)
+
+	// Replay the timeline from node-c's return: at every step every instance has a
+	// master somewhere.
+	c.mu.Lock()
+	lines := slices.Clone(c.lines)
+	c.mu.Unlock()
+	sort.SliceStable(lines, func(i, j int) bool { return lines[i].T < lines[j].T })
+	state := map[string][]string{}
+	for _, l := range lines {
+		if l.T < returnedAt && l.Node != "node-c" {
+			state[l.Node] = l.Masters
+		}
+	}
+	check := func(at int64) {
+		for _, inst := range haInstanceNames {
+			found := false
+			for _, insts := range state {
+				found = found || slices.Contains(insts, inst)
+			}
+			if !found {
+				t.Errorf("%s had no master at %s (state %v)", inst, time.Unix(0, at).Format("15:04:05.000"), state)
+			}
+		}
+	}
+	check(returnedAt)
+	for _, l := range lines {
+		if l.T >= returnedAt {
+			state[l.Node] = l.Masters
+			check(l.T)
+		}
+	}
+
+	// The Leases agree with what the nodes announce.
+	for node, insts := range final {
+		l, err := e.client.CoordinationV1().Leases(e.ns).Get(context.Background(), InstanceLeaseName(insts[0]), metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := *l.Spec.HolderIdentity; got != node {
+			t.Errorf("lease of %s held by %s, but %s announces it as master", insts[0], got, node)
+		}
+	}
+}

@@ -1,0 +1,238 @@
+// Package kube is shardlb's Kubernetes side: informers for LoadBalancer Services of our
+// class, their EndpointSlices and our Leases; the controller that allocates VIPs and
+// instances; the elector that holds mastership Leases; and the node loop that applies
+// each node's shard.Plan to a Router and a Datapath, with a local HTTP API and metrics.
+//
+// Run is the whole of `shardlb run` apart from flag parsing and the concrete speaker
+// and datapath, which cmd/shardlb passes in through Deps.
+package kube
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"sync"
+	"time"
+
+	coordinationv1 "k8s.io/api/coordination/v1"
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/kubernetes/scheme"
+	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/tools/leaderelection"
+	"k8s.io/client-go/tools/leaderelection/resourcelock"
+	"k8s.io/client-go/tools/record"
+	"k8s.io/utils/clock"
+
+	"github.com/shardlb/shardlb/ipam"
+	"github.com/shardlb/shardlb/shard"
+)
+
+// Deps are the parts Run drives but does not own.
+type Deps struct {
+	Router   Router   // required
+	Datapath Datapath // required
+	Logger   *slog.Logger
+	// BGPPeers, when set, feeds `shardlb get bgp` and the BGP session metric.
+	BGPPeers func() []BGPPeer
+	// Clock is for tests; nil is the real clock.
+	Clock clock.WithTicker
+}
+
+// Run serves until ctx ends, then shuts down in the order traffic needs: routes are
+// withdrawn first, then the Leases released (so new masters take over at once), and
+// Run returns; the caller then detaches the datapath.
+func Run(ctx context.Context, cfg Config, deps Deps) error {
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
+	if deps.Router == nil || deps.Datapath == nil {
+		return fmt.Errorf("%w: Router and Datapath are required", ErrConfig)
+	}
+	log := deps.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	clk := deps.Clock
+	if clk == nil {
+		clk = clock.RealClock{}
+	}
+	rc, err := cfg.restConfig()
+	if err != nil {
+		return err
+	}
+	client, err := kubernetes.NewForConfig(rc)
+	if err != nil {
+		return fmt.Errorf("kube client: %w", err)
+	}
+	m := newMetrics()
+
+	// Informers. Handlers only signal; the loops read the stores.
+	var ctl *controller
+	var el *elector
+	var nd *node
+	onService := func(key string) {
+		if ctl != nil {
+			ctl.enqueue(key)
+		}
+		nd.poke()
+	}
+	svcStore, svcInformer := cache.NewInformerWithOptions(cache.InformerOptions{
+		ListerWatcher: cache.NewListWatchFromClient(client.CoreV1().RESTClient(), "services", corev1.NamespaceAll, fields.Everything()),
+		ObjectType:    &corev1.Service{},
+		Transform:     toService,
+		Handler:       keyHandler(onService),
+	})
+	sliceStore, sliceInformer := cache.NewInformerWithOptions(cache.InformerOptions{
+		ListerWatcher: cache.NewListWatchFromClient(client.DiscoveryV1().RESTClient(), "endpointslices", corev1.NamespaceAll, fields.Everything()),
+		ObjectType:    &discoveryv1.EndpointSlice{},
+		Transform:     toEndpointSlice,
+		Indexers:      cache.Indexers{indexByService: sliceServiceIndex},
+		Handler:       cache.ResourceEventHandlerFuncs{AddFunc: func(any) { nd.poke() }, UpdateFunc: func(_, _ any) { nd.poke() }, DeleteFunc: func(any) { nd.poke() }},
+	})
+	leaseLW := cache.NewFilteredListWatchFromClient(client.CoordinationV1().RESTClient(), "leases", cfg.Namespace, func(o *metav1.ListOptions) {
+		o.LabelSelector = labels.SelectorFromSet(labels.Set{labelPartOf: "shardlb"}).String()
+	})
+	leaseStore, leaseInformer := cache.NewInformerWithOptions(cache.InformerOptions{
+		ListerWatcher: leaseLW,
+		ObjectType:    &coordinationv1.Lease{},
+		Transform:     toLease,
+		Handler:       cache.ResourceEventHandlerFuncs{AddFunc: func(any) { el.poke() }, UpdateFunc: func(_, _ any) { el.poke() }, DeleteFunc: func(any) { el.poke() }},
+	})
+	sliceIndexer := sliceStore.(cache.Indexer)
+
+	el = newElector(&cfg, log.With("part", "elector"), client.CoordinationV1().Leases(cfg.Namespace), leaseStore, clk)
+	nd = newNode(&cfg, log.With("part", "node"), deps.Router, deps.Datapath, svcStore, sliceIndexer, el.Masters, clk, m)
+	el.changed = nd.poke
+	el.applyNow = nd.apply
+
+	var broadcaster record.EventBroadcaster
+	if cfg.Controller {
+		broadcaster = record.NewBroadcaster(record.WithContext(ctx))
+		broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: client.CoreV1().Events("")})
+		rec := broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "shardlb", Host: cfg.NodeName})
+		ctl = newController(&cfg, log.With("part", "controller"), client, svcStore, rec, m)
+	}
+
+	st := &status{cfg: &cfg, node: nd, elector: el, services: svcStore, slices: sliceIndexer, peers: deps.BGPPeers}
+	pools := func() []ipam.PoolStats { return nil }
+	if ctl != nil {
+		pools = ctl.poolStats
+	}
+	m.reg.MustRegister(newStateCollector(st.ha, deps.BGPPeers, pools))
+	var first sync.Once
+	nd.onApply = func(shard.Plan) { first.Do(func() { st.ready.Store(true) }) }
+
+	// Listeners first, so a taken port fails Run before anything is announced.
+	var stops []func()
+	defer func() {
+		for i := len(stops) - 1; i >= 0; i-- {
+			stops[i]()
+		}
+	}()
+	probe := st.probeHandler(m)
+	if cfg.APIAddress != "" {
+		h := st.apiHandler()
+		if cfg.MetricsAddress == "" {
+			mux := http.NewServeMux()
+			mux.Handle("/v1/", h)
+			mux.Handle("/", probe)
+			h = mux
+		}
+		stop, err := serveHTTP(ctx, log, cfg.APIAddress, h)
+		if err != nil {
+			return err
+		}
+		stops = append(stops, stop)
+	}
+	if cfg.MetricsAddress != "" {
+		stop, err := serveHTTP(ctx, log, cfg.MetricsAddress, probe)
+		if err != nil {
+			return err
+		}
+		stops = append(stops, stop)
+	}
+
+	// Each stage gets its own context so that shutdown can stop them in order.
+	informCtx, stopInformers := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopInformers()
+	nodeCtx, stopNode := context.WithCancel(informCtx)
+	defer stopNode()
+	ctlCtx, stopController := context.WithCancel(informCtx)
+	defer stopController()
+	var informers, loops, controllers sync.WaitGroup
+	for _, inf := range []cache.Controller{svcInformer, sliceInformer, leaseInformer} {
+		informers.Go(func() { inf.Run(informCtx.Done()) })
+	}
+	synced := cache.WaitForCacheSync(ctx.Done(), svcInformer.HasSynced, sliceInformer.HasSynced, leaseInformer.HasSynced)
+	if synced {
+		log.Info("caches synced", "node", cfg.NodeName)
+		loops.Go(func() { el.run(nodeCtx) })
+		loops.Go(func() { nd.run(nodeCtx) })
+		nd.poke()
+		if ctl != nil {
+			controllers.Go(func() { campaign(ctlCtx, &cfg, client, log, ctl) })
+		}
+	}
+	<-ctx.Done()
+
+	// Shutdown: routes first, then the mastership Leases (new masters take over at
+	// once), then the controller Lease; the caller detaches the datapath after Run.
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	stopNode()
+	loops.Wait()
+	var errs []error
+	if err := nd.withdraw(sctx); err != nil {
+		errs = append(errs, fmt.Errorf("withdraw routes: %w", err))
+	}
+	if synced {
+		el.release(sctx)
+	}
+	stopController()
+	controllers.Wait()
+	if broadcaster != nil {
+		broadcaster.Shutdown()
+	}
+	stopInformers()
+	informers.Wait()
+	log.Info("stopped", "node", cfg.NodeName)
+	return errors.Join(errs...)
+}
+
+// campaign runs the controller whenever this pod holds the controller Lease. The
+// Lease is released when ctx (the process) ends so the next pod need not wait.
+func campaign(ctx context.Context, cfg *Config, client kubernetes.Interface, log *slog.Logger, ctl *controller) {
+	lock := &resourcelock.LeaseLock{
+		LeaseMeta:  metav1.ObjectMeta{Name: ControllerLeaseName, Namespace: cfg.Namespace},
+		Client:     client.CoordinationV1(),
+		LockConfig: resourcelock.ResourceLockConfig{Identity: cfg.NodeName},
+		Labels:     map[string]string{labelPartOf: "shardlb"},
+	}
+	for ctx.Err() == nil {
+		le, err := leaderelection.NewLeaderElector(leaderelection.LeaderElectionConfig{
+			Lock:            lock,
+			LeaseDuration:   cfg.ControllerLease.LeaseDuration,
+			RenewDeadline:   cfg.ControllerLease.RenewDeadline,
+			RetryPeriod:     cfg.ControllerLease.RetryPeriod,
+			ReleaseOnCancel: true,
+			Name:            ControllerLeaseName,
+			Callbacks: leaderelection.LeaderCallbacks{
+				OnStartedLeading: ctl.lead,
+				OnStoppedLeading: func() { log.Info("controller: not leading", "node", cfg.NodeName) },
+			},
+		})
+		if err != nil {
+			log.Error("controller election", "err", err) // only bad timings, which Validate refuses
+			return
+		}
+		le.Run(ctx)
+	}
+}

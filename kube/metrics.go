@@ -1,0 +1,105 @@
+package kube
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/shardlb/shardlb/ipam"
+	"github.com/shardlb/shardlb/shard"
+)
+
+// metrics are one pod's Prometheus series, registered on a registry of its own.
+type metrics struct {
+	reg           *prometheus.Registry
+	reconcile     *prometheus.HistogramVec
+	allocFailures *prometheus.CounterVec
+	leader        prometheus.Gauge
+	vips          *prometheus.GaugeVec
+	frontends     prometheus.Gauge
+}
+
+func newMetrics() *metrics {
+	m := &metrics{
+		reg: prometheus.NewRegistry(),
+		reconcile: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "shardlb_reconcile_duration_seconds",
+			Help:    "Time to reconcile one service (loop=controller) or to compute and apply this node's plan (loop=node).",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16),
+		}, []string{"loop"}),
+		allocFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "shardlb_allocation_failures_total",
+			Help: "Services the controller could not serve, by Event reason.",
+		}, []string{"reason"}),
+		leader: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "shardlb_controller_leader",
+			Help: "1 while this pod holds the controller Lease.",
+		}),
+		vips: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "shardlb_vips",
+			Help: "VIPs this node announces, by role.",
+		}, []string{"role"}),
+		frontends: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "shardlb_frontends",
+			Help: "Frontends (VIP, port, protocol) this node programs.",
+		}),
+	}
+	m.reg.MustRegister(m.reconcile, m.allocFailures, m.leader, m.vips, m.frontends)
+	for _, r := range []string{ReasonPoolExhausted, ReasonUnknownInstance, ReasonInvalidAnnotation, ReasonStaticIPConflict, ReasonAllocationFailed} {
+		m.allocFailures.WithLabelValues(r)
+	}
+	for _, r := range []shard.Role{shard.RoleMaster, shard.RoleBackup, shard.RoleEqual} {
+		m.vips.WithLabelValues(r.String())
+	}
+	return m
+}
+
+func (m *metrics) observePlan(p shard.Plan) {
+	counts := map[shard.Role]int{}
+	for _, a := range p.Advertisements {
+		counts[a.Role]++
+	}
+	for _, r := range []shard.Role{shard.RoleMaster, shard.RoleBackup, shard.RoleEqual} {
+		m.vips.WithLabelValues(r.String()).Set(float64(counts[r]))
+	}
+	m.frontends.Set(float64(len(p.Frontends)))
+}
+
+// stateCollector reads roles, BGP sessions and pools at scrape time, so the series
+// are never stale and nothing has to push them.
+type stateCollector struct {
+	roles    func() []HARow
+	peers    func() []BGPPeer // nil without a speaker
+	pools    func() []ipam.PoolStats
+	roleDesc *prometheus.Desc
+	peerDesc *prometheus.Desc
+	poolDesc *prometheus.Desc
+}
+
+func newStateCollector(roles func() []HARow, peers func() []BGPPeer, pools func() []ipam.PoolStats) *stateCollector {
+	return &stateCollector{
+		roles: roles, peers: peers, pools: pools,
+		roleDesc: prometheus.NewDesc("shardlb_instance_role", "1 for this node's role on each instance (MASTER, BACKUP or EQUAL).", []string{"instance", "role"}, nil),
+		peerDesc: prometheus.NewDesc("shardlb_bgp_session_state", "1 for each BGP peer's current session state.", []string{"peer", "state"}, nil),
+		poolDesc: prometheus.NewDesc("shardlb_pool_addresses", "Addresses per pool (state=size or used), reported by the controller pod.", []string{"pool", "state"}, nil),
+	}
+}
+
+func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.roleDesc
+	ch <- c.peerDesc
+	ch <- c.poolDesc
+}
+
+func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
+	for _, r := range c.roles() {
+		ch <- prometheus.MustNewConstMetric(c.roleDesc, prometheus.GaugeValue, 1, r.Instance, r.State)
+	}
+	if c.peers != nil {
+		for _, p := range c.peers() {
+			ch <- prometheus.MustNewConstMetric(c.peerDesc, prometheus.GaugeValue, 1, p.Peer, p.State)
+		}
+	}
+	for _, p := range c.pools() {
+		ch <- prometheus.MustNewConstMetric(c.poolDesc, prometheus.GaugeValue, float64(p.Size), p.Name, "size")
+		ch <- prometheus.MustNewConstMetric(c.poolDesc, prometheus.GaugeValue, float64(p.Used), p.Name, "used")
+	}
+}

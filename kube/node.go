@@ -1,0 +1,216 @@
+package kube
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"reflect"
+	"slices"
+	"sync"
+	"time"
+
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/utils/clock"
+
+	"github.com/shardlb/shardlb/shard"
+)
+
+// Router announces VIPs; bgp's speaker implements it. SetAdvertisements is declarative:
+// it makes the announced set equal to desired (nil withdraws everything).
+type Router interface {
+	SetAdvertisements(ctx context.Context, desired []shard.Advertisement) error
+}
+
+// Datapath serves frontends; datapath's loader implements it, declaratively too.
+type Datapath interface {
+	SetServices(desired []shard.Frontend) error
+}
+
+// node turns the cluster's state into this node's Plan and applies it.
+type node struct {
+	cfg      *Config
+	log      *slog.Logger
+	router   Router
+	datapath Datapath
+	services cache.Store
+	slices   cache.Indexer
+	masters  func() map[string]string
+	clock    clock.Clock
+	metrics  *metrics
+
+	trigger chan struct{}
+
+	mu       sync.Mutex // serialises apply; guards what it records
+	last     shard.Plan
+	applied  bool
+	lastErr  error
+	warnings map[string]string // service -> annotation problem already logged
+	onApply  func(shard.Plan)  // hook for the API's readiness
+}
+
+func newNode(cfg *Config, log *slog.Logger, r Router, d Datapath, services cache.Store, slices cache.Indexer, masters func() map[string]string, clk clock.Clock, m *metrics) *node {
+	return &node{
+		cfg: cfg, log: log, router: r, datapath: d, services: services, slices: slices,
+		masters: masters, clock: clk, metrics: m,
+		trigger: make(chan struct{}, 1), warnings: map[string]string{}, onApply: func(shard.Plan) {},
+	}
+}
+
+// poke asks for a recompute; bursts coalesce.
+func (n *node) poke() {
+	select {
+	case n.trigger <- struct{}{}:
+	default:
+	}
+}
+
+// run recomputes after each change, waiting Debounce so that a burst of events costs
+// one apply; a failed apply is retried with backoff.
+func (n *node) run(ctx context.Context) {
+	backoff := 100 * time.Millisecond
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-n.trigger:
+		}
+		if n.cfg.Debounce > 0 {
+			select {
+			case <-ctx.Done():
+				return
+			case <-n.clock.After(n.cfg.Debounce):
+			}
+		}
+		if err := n.apply(ctx); err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			n.log.Warn("node: apply failed, retrying", "err", err, "in", backoff)
+			select {
+			case <-ctx.Done():
+				return
+			case <-n.clock.After(backoff):
+			}
+			backoff = min(backoff*2, 5*time.Second)
+			n.poke()
+			continue
+		}
+		backoff = 100 * time.Millisecond
+	}
+}
+
+// apply computes the Plan and hands it to the Datapath, then the Router: a VIP is
+// announced only once this node can serve it.
+func (n *node) apply(ctx context.Context) error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	start := n.clock.Now()
+	plan := shard.BuildPlan(n.input())
+	var errs []error
+	if !n.applied || !reflect.DeepEqual(plan.Frontends, n.last.Frontends) {
+		if err := n.datapath.SetServices(plan.Frontends); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if !n.applied || !reflect.DeepEqual(plan.Advertisements, n.last.Advertisements) {
+		if err := n.router.SetAdvertisements(ctx, plan.Advertisements); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	n.metrics.reconcile.WithLabelValues("node").Observe(n.clock.Since(start).Seconds())
+	n.lastErr = errors.Join(errs...)
+	if n.lastErr != nil {
+		n.applied = false // retry both halves
+		return n.lastErr
+	}
+	n.last, n.applied = plan, true
+	n.metrics.observePlan(plan)
+	n.onApply(plan)
+	return nil
+}
+
+// withdraw removes every route at shutdown; the datapath stays until the caller
+// detaches it, so packets already on their way are still served.
+func (n *node) withdraw(ctx context.Context) error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.applied = false
+	n.last.Advertisements = nil
+	return n.router.SetAdvertisements(ctx, nil)
+}
+
+// plan is the last applied Plan.
+func (n *node) plan() (shard.Plan, bool) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.last, n.applied
+}
+
+// input gathers every served service with a VIP and a recorded instance.
+func (n *node) input() shard.Input {
+	in := shard.Input{Node: n.cfg.NodeName, Roles: n.cfg.Roles, Masters: n.masters()}
+	for _, o := range n.services.List() {
+		s, ok := o.(*service)
+		if !ok || !s.ours(n.cfg.LoadBalancerClass) || len(s.Ingress) == 0 {
+			continue
+		}
+		inst, err := n.cfg.Instances.Canonical(s.Annotations[AnnotationInstance])
+		if err != nil {
+			continue // the controller has not decided yet
+		}
+		mode, err := shard.ParseMode(s.Annotations[AnnotationLBMode])
+		if err != nil {
+			mode = n.cfg.DefaultMode
+			n.warnOnce(s.key(), err)
+		} else if s.Annotations[AnnotationLBMode] == "" {
+			mode = n.cfg.DefaultMode
+		}
+		sel, err := shard.ParseSelect(s.Annotations[AnnotationEPSelect])
+		if err != nil {
+			n.warnOnce(s.key(), err)
+		}
+		in.Services = append(in.Services, shard.Service{
+			Key: s.key(), Instance: inst, VIPs: slices.Clone(s.Ingress),
+			Ports: n.ports(s), Mode: mode, Select: sel,
+		})
+	}
+	return in
+}
+
+// ports joins a service's ports with the ready endpoints of its EndpointSlices,
+// matched by port name as the EndpointSlice API defines.
+func (n *node) ports(s *service) []shard.ServicePort {
+	objs, _ := n.slices.ByIndex(indexByService, s.key())
+	var out []shard.ServicePort
+	for _, p := range s.Ports {
+		proto, ok := protocol(p.Protocol)
+		if !ok {
+			continue
+		}
+		sp := shard.ServicePort{Protocol: proto, Port: p.Port}
+		for _, o := range objs {
+			es, ok := o.(*endpointSlice)
+			if !ok {
+				continue
+			}
+			for _, ep := range es.Ports {
+				if ep.Name != p.Name || ep.Protocol != p.Protocol && !(ep.Protocol == "" || p.Protocol == "") {
+					continue
+				}
+				for _, a := range es.Ready {
+					sp.Endpoints = append(sp.Endpoints, shard.Endpoint{Addr: a, Port: ep.Port})
+				}
+			}
+		}
+		out = append(out, sp)
+	}
+	return out
+}
+
+func (n *node) warnOnce(key string, err error) {
+	if n.warnings[key] == err.Error() {
+		return
+	}
+	n.warnings[key] = err.Error()
+	n.log.Warn("node: unreadable annotation, using the default", "service", key, "err", err)
+}
