@@ -52,8 +52,9 @@ type Config struct {
 	// Neighbors are added with "no bgp ebgp-requires-policy": FRR otherwise accepts
 	// no eBGP route without a policy.
 	Neighbors []Neighbor
-	// MaximumPaths above 1 installs that many equal paths as one ECMP route, iBGP or
-	// eBGP, also across different neighbor ASes (as-path multipath-relax).
+	// MaximumPaths is how many equal paths make one ECMP route, iBGP or eBGP; above 1
+	// also across different neighbor ASes (as-path multipath-relax). 0 keeps FRR's
+	// default, which in Debian's build is already 64.
 	MaximumPaths int
 	// KeepaliveTime and HoldTime are the BGP timers FRR proposes; zero keeps FRR's
 	// (60 s / 180 s; a session uses the smaller hold time of both sides).
@@ -244,7 +245,7 @@ func (r *Router) bgpdConf() string {
 			fmt.Fprintf(&b, " neighbor %s bfd\n neighbor %s bfd profile shardlb\n", n.Addr, n.Addr)
 		}
 	}
-	if c.MaximumPaths > 1 {
+	if c.MaximumPaths > 0 {
 		fmt.Fprintf(&b, " address-family ipv4 unicast\n  maximum-paths %d\n  maximum-paths ibgp %d\n exit-address-family\n", c.MaximumPaths, c.MaximumPaths)
 	}
 	b.WriteString("exit\n")
