@@ -44,11 +44,25 @@ type dense struct {
 	visits uint64
 }
 
-type portWord struct {
-	port  PortKey
-	level uint8
-	idx   uint64
+// portWord is the key of dense.ports packed in one integer, which Go's maps hash several
+// times faster than a struct: idx<<28 | level<<24 | protocol<<16 | port. maxDenseLimit
+// keeps idx within 36 bits.
+type portWord uint64
+
+func pw(p PortKey, level int, idx uint64) portWord {
+	return portWord(idx<<28 | uint64(level)<<24 | uint64(p.Protocol)<<16 | uint64(p.Port))
 }
+
+func (k portWord) port() PortKey {
+	return PortKey{Protocol: uint8(k >> 16), Port: uint16(k)}
+}
+
+func (k portWord) level() int  { return int(k>>24) & 0xf }
+func (k portWord) idx() uint64 { return uint64(k >> 28) }
+
+// maxDenseLimit bounds the bitmap far beyond what memory allows (2^40 addresses would
+// take 2^40 slots); addresses past it stay in the treap.
+const maxDenseLimit = 1 << 40
 
 func (d *dense) top() int { return len(d.any) }
 
@@ -111,7 +125,7 @@ func (d *dense) rebuild() {
 		for ; word != 0; word &= word - 1 {
 			b := bits.TrailingZeros64(word)
 			for _, p := range d.slots[w*64+b].ports {
-				d.ports[portWord{p, 0, uint64(w)}] |= 1 << b
+				d.ports[pw(p, 0, uint64(w))] |= 1 << b
 			}
 		}
 	}
@@ -120,11 +134,11 @@ func (d *dense) rebuild() {
 		// Entries added here are of level l+1: the loop may or may not see them, and skips
 		// them either way.
 		for k, v := range d.ports {
-			if int(k.level) != l {
+			if k.level() != l {
 				continue
 			}
-			if w := pres[k.idx]; w != 0 && w&^v == 0 {
-				d.ports[portWord{k.port, uint8(l + 1), k.idx >> 6}] |= 1 << (k.idx & 63)
+			if w := pres[k.idx()]; w != 0 && w&^v == 0 {
+				d.ports[pw(k.port(), l+1, k.idx()>>6)] |= 1 << (k.idx() & 63)
 			}
 		}
 	}
@@ -245,7 +259,7 @@ func (d *dense) near(o uint64) (uint64, bool) {
 
 func (d *dense) setPortBit(p PortKey, o uint64, on bool) {
 	d.visits++
-	k := portWord{p, 0, o >> 6}
+	k := pw(p, 0, o>>6)
 	v := d.ports[k]
 	if on {
 		v |= 1 << (o & 63)
@@ -267,11 +281,11 @@ func (d *dense) store(k portWord, v uint64) {
 // bit for p or the presence words of the lowest changed levels changed.
 func (d *dense) refresh(p PortKey, o uint64, changed int) {
 	idx := o >> 6
-	below := d.ports[portWord{p, 0, idx}]
+	below := d.ports[pw(p, 0, idx)]
 	for l := 0; l < d.top(); l++ {
 		d.visits++
 		pres := d.presence(l)[idx]
-		k := portWord{p, uint8(l + 1), idx >> 6}
+		k := pw(p, l+1, idx>>6)
 		old := d.ports[k]
 		v := old &^ (1 << (idx & 63))
 		if pres != 0 && pres&^below == 0 {
@@ -378,7 +392,7 @@ func (d *dense) search(l int, idx uint64, ports []PortKey) (uint64, bool) {
 			break
 		}
 		d.visits++
-		mask &^= d.ports[portWord{p, uint8(l), idx}]
+		mask &^= d.ports[pw(p, l, idx)]
 	}
 	for ; mask != 0; mask &= mask - 1 {
 		e := idx<<6 | uint64(bits.TrailingZeros64(mask))

@@ -46,7 +46,15 @@ func (s *slot) addHolder(service string, ports []PortKey) {
 	s.ports = union(s.ports, ports)
 }
 
+// removeHolder drops service, which must be a holder.
 func (s *slot) removeHolder(service string) {
+	if len(s.holders) == 1 {
+		// The common case needs no string comparison, which would read the name's bytes
+		// from wherever the caller keeps them.
+		s.holders[0] = holder{}
+		s.holders, s.ports = s.holders[:0], nil
+		return
+	}
 	// DeleteFunc zeroes the vacated element, so the kept array pins no service name.
 	s.holders = slices.DeleteFunc(s.holders, func(h holder) bool { return h.service == service })
 	switch len(s.holders) {
