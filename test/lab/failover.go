@@ -1,0 +1,157 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"maps"
+	"net/netip"
+	"slices"
+	"time"
+)
+
+// Failure is a way a shard's master goes away.
+type Failure string
+
+// The failures the issue measures.
+const (
+	CleanStop Failure = "clean stop" // SIGTERM: withdraw, then release the Leases
+	Kill      Failure = "SIGKILL"    // the process dies; the kernel closes its sessions
+	LinkCut   Failure = "link cut"   // the node's LAN link goes down; only BFD notices
+)
+
+// probeEvery is the issue's probing interval.
+const probeEvery = 10 * time.Millisecond
+
+// FailoverResult is what a client probing every VIP saw while a master went away
+// (Outage) and while it came back and took its shards back (Recovery).
+type FailoverResult struct {
+	Failure  Failure
+	Instance string
+	Master   string // the node taken out
+	Outage   map[netip.Addr]Outage
+	Recovery map[netip.Addr]Outage
+}
+
+// targets are the VIPs' service addresses.
+func targets(vips map[netip.Addr]string) []netip.AddrPort {
+	var ts []netip.AddrPort
+	for _, v := range sortedVIPs(vips) {
+		ts = append(ts, netip.AddrPortFrom(v, vipPort))
+	}
+	return ts
+}
+
+func byVIP(m map[netip.AddrPort]Outage) map[netip.Addr]Outage {
+	out := map[netip.Addr]Outage{}
+	for t, o := range m {
+		out[t.Addr()] = o
+	}
+	return out
+}
+
+// Failover takes the master of instance out with f while the client probes every VIP
+// every 10 ms. The outage phase lasts until the router has moved the instance's VIPs
+// away from the master and, when the master is gone for good (stop, kill), until
+// another node has taken the mastership, plus a second. Then the node comes back
+// (restart or link up) and the recovery phase lasts until the lab has settled again
+// with every node, plus a second.
+func (l *Lab) Failover(ctx context.Context, f Failure, instance string, vips map[netip.Addr]string) (FailoverResult, error) {
+	res := FailoverResult{Failure: f, Instance: instance}
+	masters, err := l.Masters()
+	if err != nil {
+		return res, err
+	}
+	victim := masters[instance]
+	if victim == nil {
+		return res, fmt.Errorf("instance %s has no master", instance)
+	}
+	res.Master = victim.name
+	var own []netip.Prefix
+	for v, in := range vips {
+		if in == instance {
+			own = append(own, netip.PrefixFrom(v, 32))
+		}
+	}
+
+	p := l.client.startProbes(targets(vips), probeEvery)
+	time.Sleep(300 * time.Millisecond) // a baseline of good probes first
+	switch f {
+	case CleanStop:
+		victim.up = false
+		go victim.proc.stop(15 * time.Second)
+	case Kill:
+		victim.kill()
+	case LinkCut:
+		if err := victim.setLink(false); err != nil {
+			p.stop()
+			return res, err
+		}
+	}
+	err = waitFor(ctx, 15*time.Second, "the router to move "+instance+" away from "+victim.name, func() error {
+		for _, pfx := range own {
+			hops, err := l.Router.KernelRoute(pfx)
+			if err != nil {
+				return err
+			}
+			if len(hops) == 0 || slices.Contains(hops, victim.ip) {
+				return fmt.Errorf("%s via %v", pfx, hops)
+			}
+		}
+		return nil
+	})
+	if err == nil && f != LinkCut {
+		err = waitFor(ctx, 30*time.Second, "a new master of "+instance, func() error {
+			if victim.proc.running() {
+				return fmt.Errorf("%s still stopping", victim.name)
+			}
+			return l.Settled(ctx, vips)
+		})
+	}
+	time.Sleep(time.Second)
+	res.Outage = byVIP(p.stop())
+	if err == nil && f == CleanStop {
+		err = victim.exitErr() // a clean stop exits 0
+	}
+	if err != nil {
+		return res, err
+	}
+
+	p = l.client.startProbes(targets(vips), probeEvery)
+	if f == LinkCut {
+		err = victim.setLink(true)
+	} else {
+		err = victim.start()
+	}
+	if err == nil {
+		err = l.WaitSettled(ctx, vips, 60*time.Second)
+	}
+	time.Sleep(time.Second)
+	res.Recovery = byVIP(p.stop())
+	return res, err
+}
+
+// RollingRestart restarts every node in turn with a clean stop, as a DaemonSet
+// rollout with maxUnavailable 1 does, waiting for the lab to settle after each,
+// while the client probes every VIP every 10 ms.
+func (l *Lab) RollingRestart(ctx context.Context, vips map[netip.Addr]string) (map[netip.Addr]Outage, error) {
+	p := l.client.startProbes(targets(vips), probeEvery)
+	var err error
+	for _, n := range l.nodes {
+		if err = n.stop(); err != nil {
+			break
+		}
+		if err = n.start(); err != nil {
+			break
+		}
+		if err = l.WaitSettled(ctx, vips, 60*time.Second); err != nil {
+			break
+		}
+	}
+	time.Sleep(time.Second)
+	return byVIP(p.stop()), err
+}
+
+// sortedVIPs returns the VIPs in address order.
+func sortedVIPs(vips map[netip.Addr]string) []netip.Addr {
+	return slices.SortedFunc(maps.Keys(vips), netip.Addr.Compare)
+}

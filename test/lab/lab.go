@@ -1,0 +1,300 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/shardlb/shardlb/test/frr"
+	"github.com/shardlb/shardlb/test/kubeapi"
+)
+
+// Names and addresses. Everything the lab creates starts with prefix, so that a lab
+// left over by a crashed run is found and removed. Only the management bridge and its
+// veth ends live in the root namespace (the apiserver listens there); the rest is in
+// the lab's own namespaces.
+const (
+	prefix    = "slblab-"
+	bridge    = prefix + "br"           // root namespace: apiserver side of the management network
+	lockPath  = "/run/shardlb-lab.lock" // held while a lab runs
+	asn       = 64512                   // one AS: the nodes are the router's iBGP neighbours
+	vipPort   = 57002                   // the guide's service port
+	namespace = "default"               // where the guide's Services and Pods go
+	lbSystem  = "kube-system"           // shardlb's namespace (Leases, ServiceAccount)
+)
+
+var (
+	mgmtGateway = netip.MustParseAddr("198.51.100.1") // apiserver; nodes are .11, .12, ...
+	routerLAN   = netip.MustParseAddr("10.80.0.1")    // nodes .11.., pods .101..
+	routerCli   = netip.MustParseAddr("203.0.113.1")
+	clientAddr  = netip.MustParseAddr("203.0.113.10")
+	// The guide's pool: its first address is the first VIP.
+	firstVIP = netip.MustParseAddr("192.168.80.250")
+)
+
+// Options configure a lab; zero values are the guide's setup.
+type Options struct {
+	// Nodes is the number of shardlb nodes (default 3).
+	Nodes int
+	// Shardlb is a built shardlb binary; "" builds ./cmd/shardlb into the lab dir.
+	Shardlb string
+	// Log receives progress lines; nil discards them.
+	Log io.Writer
+	// Keep leaves the lab directory (logs, configs) in place after Close.
+	Keep bool
+}
+
+// Lab is the whole system on one machine: an FRR router, a kube-apiserver with etcd,
+// shardlb nodes, nginx pods and a client, each in its own network namespace.
+//
+//	client 203.0.113.10 -- router (FRR) -- LAN 10.80.0.0/24 bridge -- node1..3 .11-.13 (shardlb)
+//	                                                          \---- pods .101..  (nginx)
+//	root namespace: kube-apiserver 198.51.100.1 -- bridge -- node1..3 mgmt .11-.13
+type Lab struct {
+	opts Options
+	Dir  string
+	log  io.Writer
+
+	lock   *os.File
+	Router *frr.Router
+	API    *kubeapi.Server
+	Kube   kubernetes.Interface
+	client *client
+	nodes  []*node
+
+	mu      sync.Mutex
+	pods    map[string]*backend // by Pod name
+	nextPod int
+
+	nodeKubeconfig string
+	shardlb        string
+	caps           []string // the DaemonSet's capabilities, for the nodes
+	nodeArgs       []string // the DaemonSet's args
+
+	closed bool
+}
+
+func (l *Lab) logf(format string, args ...any) {
+	if l.log != nil {
+		fmt.Fprintf(l.log, format+"\n", args...)
+	}
+}
+
+// ErrBusy: another lab holds the lock.
+var ErrBusy = errors.New("another lab is running on this machine")
+
+// Start builds the topology, starts FRR, the apiserver and the client side, and
+// prepares the nodes' credentials; StartNodes then starts shardlb. On error
+// everything started is removed again.
+func Start(ctx context.Context, o Options) (_ *Lab, err error) {
+	if o.Nodes == 0 {
+		o.Nodes = 3
+	}
+	if os.Geteuid() != 0 {
+		return nil, errors.New("the lab needs root (network namespaces, eBPF, FRR)")
+	}
+	l := &Lab{opts: o, log: o.Log, pods: map[string]*backend{}}
+	if err := l.acquire(); err != nil {
+		return nil, err
+	}
+	defer func() {
+		if err != nil {
+			l.Close()
+		}
+	}()
+	removeStale()
+	if l.Dir, err = os.MkdirTemp("", prefix); err != nil {
+		return nil, err
+	}
+	// FRR and nginx workers run as other users and must reach their files.
+	if err := os.Chmod(l.Dir, 0o755); err != nil {
+		return nil, err
+	}
+	l.logf("lab directory %s", l.Dir)
+	if err := l.topology(); err != nil {
+		return nil, fmt.Errorf("topology: %w", err)
+	}
+	var neighbors []frr.Neighbor
+	for i := range o.Nodes {
+		neighbors = append(neighbors, frr.Neighbor{Addr: nodeLAN(i), ASN: asn, BFD: true})
+	}
+	l.logf("starting FRR (zebra, bgpd, bfdd) in %s", routerNS)
+	l.Router, err = frr.Start(ctx, routerNS, frr.Config{
+		ASN: asn, RouterID: routerLAN, Neighbors: neighbors,
+		BFD: frr.BFDTimers{Interval: 100 * time.Millisecond, Multiplier: 3},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("FRR: %w", err)
+	}
+	l.logf("starting etcd and kube-apiserver on %s", mgmtGateway)
+	l.API, err = kubeapi.Start(ctx, kubeapi.Options{BindAddress: mgmtGateway, Dir: filepath.Join(l.Dir, "kube")})
+	if err != nil {
+		return nil, err
+	}
+	if l.Kube, err = l.API.Client(); err != nil {
+		return nil, err
+	}
+	if l.client, err = newClient(clientNS); err != nil {
+		return nil, err
+	}
+	if err := l.installShardlbIdentity(ctx); err != nil {
+		return nil, fmt.Errorf("shardlb's ServiceAccount and RBAC: %w", err)
+	}
+	return l, nil
+}
+
+// Namespace names.
+const (
+	routerNS = prefix + "router"
+	clientNS = prefix + "client"
+)
+
+func nodeNS(i int) string                { return fmt.Sprintf("%snode%d", prefix, i+1) }
+func nodeName(i int) string              { return fmt.Sprintf("node%d", i+1) }
+func nodeLAN(i int) netip.Addr           { return netip.AddrFrom4([4]byte{10, 80, 0, byte(11 + i)}) }
+func nodeMgmt(i int) netip.Addr          { return netip.AddrFrom4([4]byte{198, 51, 100, byte(11 + i)}) }
+func podAddr(i int) netip.Addr           { return netip.AddrFrom4([4]byte{10, 80, 0, byte(101 + i)}) }
+func podNS(i int) string                 { return fmt.Sprintf("%spod%d", prefix, i+1) }
+func cidr(a netip.Addr, bits int) string { return netip.PrefixFrom(a, bits).String() }
+
+// topology creates the namespaces, the LAN bridge in the router, the client link and
+// the management bridge in the root namespace.
+func (l *Lab) topology() error {
+	for _, ns := range []string{routerNS, clientNS} {
+		if err := addNetNS(ns, ns == routerNS); err != nil {
+			return err
+		}
+	}
+	var s script
+	s.run("ip", "-n", routerNS, "link", "add", "lan", "type", "bridge")
+	s.run("ip", "-n", routerNS, "addr", "add", cidr(routerLAN, 24), "dev", "lan")
+	s.run("ip", "-n", routerNS, "link", "set", "lan", "up")
+	if s.err != nil {
+		return s.err
+	}
+	if err := veth(routerNS, "cli", clientNS, "eth0"); err != nil {
+		return err
+	}
+	s.run("ip", "-n", routerNS, "addr", "add", cidr(routerCli, 24), "dev", "cli")
+	s.run("ip", "-n", clientNS, "addr", "add", cidr(clientAddr, 24), "dev", "eth0")
+	s.run("ip", "-n", clientNS, "route", "add", "default", "via", routerCli.String())
+
+	s.run("ip", "link", "add", bridge, "type", "bridge")
+	s.run("ip", "addr", "add", cidr(mgmtGateway, 24), "dev", bridge)
+	s.run("ip", "link", "set", bridge, "up")
+	if s.err != nil {
+		return s.err
+	}
+	for i := range l.opts.Nodes {
+		ns := nodeNS(i)
+		if err := addNetNS(ns, true); err != nil {
+			return err
+		}
+		port := fmt.Sprintf("node%d", i+1)
+		if err := veth(routerNS, port, ns, "eth0"); err != nil {
+			return err
+		}
+		s.run("ip", "-n", routerNS, "link", "set", port, "master", "lan")
+		s.run("ip", "-n", ns, "addr", "add", cidr(nodeLAN(i), 24), "dev", "eth0")
+		s.run("ip", "-n", ns, "route", "add", "default", "via", routerLAN.String())
+		mgmt := fmt.Sprintf("%sm%d", prefix, i+1)
+		if s.err != nil {
+			return s.err
+		}
+		if err := veth("", mgmt, ns, "mgmt"); err != nil {
+			return err
+		}
+		s.run("ip", "link", "set", mgmt, "master", bridge)
+		s.run("ip", "-n", ns, "addr", "add", cidr(nodeMgmt(i), 24), "dev", "mgmt")
+	}
+	return s.err
+}
+
+// acquire takes the machine-wide lab lock; the kernel drops it when the process dies,
+// so whatever carries the prefix while we hold it is left over from a dead run.
+func (l *Lab) acquire() error {
+	f, err := os.OpenFile(lockPath, os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		return err
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		pid, _ := os.ReadFile(lockPath)
+		f.Close()
+		return fmt.Errorf("%w (pid %s; lock %s)", ErrBusy, strings.TrimSpace(string(pid)), lockPath)
+	}
+	_ = f.Truncate(0)
+	_, _ = f.WriteAt([]byte(fmt.Sprintf("%d\n", os.Getpid())), 0)
+	l.lock = f
+	return nil
+}
+
+// removeStale deletes namespaces and root-namespace links a crashed lab left behind,
+// killing what still runs in those namespaces.
+func removeStale() {
+	for _, ns := range listNetNS(prefix) {
+		_ = deleteNetNS(ns)
+	}
+	out, _ := sh("ip", "-o", "link", "show")
+	for _, line := range strings.Split(out, "\n") {
+		f := strings.Fields(line)
+		if len(f) < 2 {
+			continue
+		}
+		name, _, _ := strings.Cut(strings.TrimSuffix(f[1], ":"), "@")
+		if strings.HasPrefix(name, prefix) {
+			_, _ = sh("ip", "link", "del", name)
+		}
+	}
+}
+
+// Close stops everything the lab started, by PID, in the reverse order of start, and
+// removes its namespaces, links and (unless Keep) its directory. Safe to call twice.
+func (l *Lab) Close() {
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		return
+	}
+	l.closed = true
+	l.mu.Unlock()
+	for _, n := range l.nodes {
+		if n.proc != nil {
+			n.proc.stop(10 * time.Second)
+		}
+	}
+	for _, b := range l.pods {
+		if b.proc != nil {
+			b.proc.stop(3 * time.Second)
+		}
+	}
+	if l.client != nil {
+		l.client.close()
+	}
+	if l.API != nil {
+		_ = l.API.Stop()
+	}
+	if l.Router != nil {
+		l.Router.Stop()
+	}
+	for _, ns := range listNetNS(prefix) {
+		_ = deleteNetNS(ns)
+	}
+	_, _ = sh("ip", "link", "del", bridge)
+	removeStale()
+	if l.Dir != "" && !l.opts.Keep {
+		_ = os.RemoveAll(l.Dir)
+	}
+	if l.lock != nil {
+		_ = l.lock.Close()
+	}
+}

@@ -1,0 +1,267 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// node is one shardlb "pod": the real binary in the node's network namespace, with
+// the DaemonSet's arguments and capabilities.
+type node struct {
+	i    int
+	name string
+	ns   string
+	ip   netip.Addr
+	argv []string
+	log  string
+	proc *proc
+	// up says the lab means the node to run: a node that exits on its own is an error.
+	up bool
+}
+
+// moduleRoot is the directory of shardlb's go.mod.
+func moduleRoot() (string, error) {
+	out, err := exec.Command("go", "env", "GOMOD").Output()
+	gomod := strings.TrimSpace(string(out))
+	if err != nil || gomod == "" || gomod == os.DevNull {
+		return "", fmt.Errorf("find the shardlb module (run from inside the repository): %v", err)
+	}
+	return filepath.Dir(gomod), nil
+}
+
+// buildShardlb builds ./cmd/shardlb into dir.
+func buildShardlb(dir string) (string, error) {
+	root, err := moduleRoot()
+	if err != nil {
+		return "", err
+	}
+	bin := filepath.Join(dir, "shardlb")
+	cmd := exec.Command("go", "build", "-o", bin, "./cmd/shardlb")
+	cmd.Dir = root
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("go build ./cmd/shardlb: %w\n%s", err, out)
+	}
+	return bin, nil
+}
+
+// StartNodes builds shardlb (unless Options.Shardlb names a binary) and starts it on
+// every node.
+func (l *Lab) StartNodes(ctx context.Context) error {
+	l.shardlb = l.opts.Shardlb
+	if l.shardlb == "" {
+		l.logf("building shardlb")
+		var err error
+		if l.shardlb, err = buildShardlb(l.Dir); err != nil {
+			return err
+		}
+	}
+	for i := range l.opts.Nodes {
+		n := &node{i: i, name: nodeName(i), ns: nodeNS(i), ip: nodeLAN(i), log: filepath.Join(l.Dir, nodeName(i)+".log")}
+		// The DaemonSet's capabilities, nothing more: the bounding set caps what root
+		// gets on exec, and no_new_privs is allowPrivilegeEscalation: false.
+		bounding := "-all"
+		for _, c := range l.caps {
+			bounding += ",+" + c
+		}
+		n.argv = append([]string{"ip", "netns", "exec", n.ns,
+			"setpriv", "--bounding-set", bounding, "--no-new-privs", "--",
+			l.shardlb}, l.nodeArgs...)
+		n.argv = append(n.argv,
+			"--nodeName="+n.name, "--nodeIP="+n.ip.String(), "--namespace="+lbSystem,
+			"--kubeconfig="+l.nodeKubeconfig, "--logLevel=debug")
+		l.nodes = append(l.nodes, n)
+		if err := n.start(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (n *node) start() error {
+	if n.proc != nil && n.proc.running() {
+		return fmt.Errorf("%s is already running", n.name)
+	}
+	p, err := startProc(n.name, n.log, n.argv...)
+	if err != nil {
+		return err
+	}
+	n.proc, n.up = p, true
+	return nil
+}
+
+// stop is a clean stop: SIGTERM, as the kubelet sends.
+func (n *node) stop() error {
+	n.up = false
+	n.proc.stop(15 * time.Second)
+	return n.exitErr()
+}
+
+// kill is a crash: SIGKILL, no chance to withdraw anything.
+func (n *node) kill() {
+	n.up = false
+	n.proc.signal(syscall.SIGKILL)
+	<-n.proc.done
+}
+
+func (n *node) exitErr() error {
+	if err := n.proc.exitErr(); err != nil {
+		return fmt.Errorf("%s exited: %w (log %s)", n.name, err, n.log)
+	}
+	return nil
+}
+
+// setLink takes the node's LAN interface down or up: a cut cable, as far as the
+// router can tell (the bridge port stays up on its side; only BFD notices).
+func (n *node) setLink(up bool) error {
+	state := "down"
+	if up {
+		state = "up"
+	}
+	_, err := sh("ip", "-n", n.ns, "link", "set", "eth0", state)
+	return err
+}
+
+// cli runs `shardlb ARGS` in the node's namespace, where its local API listens.
+func (l *Lab) cli(n *node, args ...string) (string, error) {
+	return nsRun(n.ns, l.shardlb, args...)
+}
+
+// haRow is one line of `shardlb get ha -o json`.
+type haRow struct {
+	Instance string `json:"instance"`
+	State    string `json:"hastate"`
+	Master   string `json:"master"`
+}
+
+// HA returns the node's `get ha` view.
+func (l *Lab) HA(n *node) ([]haRow, error) {
+	out, err := l.cli(n, "get", "ha", "-o", "json")
+	if err != nil {
+		return nil, err
+	}
+	var rows []haRow
+	if err := json.Unmarshal([]byte(out), &rows); err != nil {
+		return nil, fmt.Errorf("%s: get ha: %w: %s", n.name, err, out)
+	}
+	return rows, nil
+}
+
+// Masters returns, per instance, the one node that says it is MASTER; it fails
+// unless every instance has exactly one, among the running nodes.
+func (l *Lab) Masters() (map[string]*node, error) {
+	masters := map[string]*node{}
+	var instances []string
+	for _, n := range l.nodes {
+		if !n.proc.running() {
+			continue
+		}
+		rows, err := l.HA(n)
+		if err != nil {
+			return nil, err
+		}
+		for _, r := range rows {
+			if !slices.Contains(instances, r.Instance) {
+				instances = append(instances, r.Instance)
+			}
+			if r.State != "MASTER" {
+				continue
+			}
+			if m, ok := masters[r.Instance]; ok {
+				return nil, fmt.Errorf("instance %s has two masters: %s and %s", r.Instance, m.name, n.name)
+			}
+			masters[r.Instance] = n
+		}
+	}
+	if len(instances) == 0 {
+		return nil, fmt.Errorf("no node reports any instance")
+	}
+	for _, in := range instances {
+		if masters[in] == nil {
+			return nil, fmt.Errorf("instance %s has no master", in)
+		}
+	}
+	return masters, nil
+}
+
+func (l *Lab) nodeByIP(a netip.Addr) *node {
+	for _, n := range l.nodes {
+		if n.ip == a {
+			return n
+		}
+	}
+	return nil
+}
+
+// Settled checks the steady state the guide shows: every running node's session
+// up at the router, one master per instance, and for every VIP given (VIP ->
+// instance) the router's best path via that instance's master, with one path per
+// running node.
+func (l *Lab) Settled(ctx context.Context, vips map[netip.Addr]string) error {
+	running := 0
+	sum, err := l.Router.Summary(ctx)
+	if err != nil {
+		return err
+	}
+	for _, n := range l.nodes {
+		if n.proc == nil || !n.proc.running() {
+			continue
+		}
+		running++
+		if s := sum[n.ip]; s.State != "Established" {
+			return fmt.Errorf("router's session to %s is %q", n.name, s.State)
+		}
+	}
+	masters, err := l.Masters()
+	if err != nil {
+		return err
+	}
+	for vip, inst := range vips {
+		m := masters[inst]
+		if m == nil {
+			return fmt.Errorf("instance %s of %s has no master", inst, vip)
+		}
+		paths, err := l.Router.Paths(ctx, netip.PrefixFrom(vip, 32))
+		if err != nil {
+			return err
+		}
+		if len(paths) != running {
+			return fmt.Errorf("router holds %d paths for %s, want one per running node (%d)", len(paths), vip, running)
+		}
+		best, ok, err := l.Router.BestPath(ctx, netip.PrefixFrom(vip, 32))
+		if err != nil {
+			return err
+		}
+		if !ok || best.NextHop != m.ip {
+			return fmt.Errorf("router's best path for %s is via %v, want %s's master %s (%s)", vip, best.NextHop, inst, m.name, m.ip)
+		}
+		hops, err := l.Router.KernelRoute(netip.PrefixFrom(vip, 32))
+		if err != nil {
+			return err
+		}
+		if !slices.Equal(hops, []netip.Addr{m.ip}) {
+			return fmt.Errorf("router's kernel route for %s is via %v, want %s", vip, hops, m.ip)
+		}
+	}
+	return nil
+}
+
+// WaitSettled waits for Settled.
+func (l *Lab) WaitSettled(ctx context.Context, vips map[netip.Addr]string, d time.Duration) error {
+	return waitFor(ctx, d, "the lab to settle", func() error {
+		for _, n := range l.nodes {
+			if n.up && !n.proc.running() {
+				return fmt.Errorf("%s exited: %v (log %s)", n.name, n.proc.exitErr(), n.log)
+			}
+		}
+		return l.Settled(ctx, vips)
+	})
+}
