@@ -40,6 +40,11 @@ test-unit:
 bench: deps k8s-bins
 	SHARDLB_K8S_BINS=$(CACHE)/k8s-v1.37.2 $(GO) test -run '^$$' -bench . -benchmem -benchtime=$(or $(BENCHTIME),1s) -timeout 60m $(PKGS) | $(GO) run ./test/benchtab
 
+## demo: the guide end to end in a local lab (root): FRR, kube-apiserver, three shardlb
+## nodes, nginx pods, a client; then a master is killed and the gap measured.
+demo: deps k8s-bins
+	SHARDLB_CACHE=$(CACHE) SHARDLB_K8S_BINS=$(CACHE)/k8s-v1.37.2 $(GO) run ./test/lab
+
 ## generate: rebuild the eBPF objects and bindings (committed).
 generate: deps
 	$(GO) generate ./datapath/...
