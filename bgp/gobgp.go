@@ -33,8 +33,9 @@ const (
 )
 
 type gobgpRouter struct {
-	srv *server.BgpServer
-	log *slog.Logger
+	srv       *server.BgpServer
+	log       *slog.Logger
+	stopWatch context.CancelFunc
 }
 
 // startGoBGP starts an embedded GoBGP with cfg's global settings, policies and peers.
@@ -70,12 +71,17 @@ func startGoBGP(ctx context.Context, cfg *Config, log *slog.Logger) (*gobgpRoute
 		srv.Stop()
 		return nil, err
 	}
-	if err := srv.WatchEvent(ctx, server.WatchEventMessageCallbacks{OnPeerUpdate: r.logPeerEvent}, server.WatchPeer()); err != nil {
+	// The watch lives as long as the speaker, not as long as the startup ctx.
+	watchCtx, stopWatch := context.WithCancel(context.Background())
+	r.stopWatch = stopWatch
+	if err := srv.WatchEvent(watchCtx, server.WatchEventMessageCallbacks{OnPeerUpdate: r.logPeerEvent}, server.WatchPeer()); err != nil {
+		stopWatch()
 		srv.Stop()
 		return nil, fmt.Errorf("watch GoBGP peer events: %w", err)
 	}
 	for _, p := range cfg.Peers {
 		if err := srv.AddPeer(ctx, &api.AddPeerRequest{Peer: apiPeer(cfg, p)}); err != nil {
+			stopWatch()
 			srv.Stop()
 			return nil, fmt.Errorf("add BGP peer %v: %w", p.Addr, err)
 		}
@@ -402,6 +408,7 @@ func peerStatus(p *api.Peer) PeerStatus {
 }
 
 func (r *gobgpRouter) stop(ctx context.Context) error {
+	r.stopWatch()
 	done := make(chan struct{})
 	go func() {
 		// Stop sends a Cease NOTIFICATION to every peer, then closes the BFD and

@@ -64,6 +64,7 @@ var ErrStopped = errors.New("bgp speaker stopped")
 // New validates cfg, reads the password file, starts the embedded speaker with a
 // reject-all import policy and adds the peers. Sessions come up in the background;
 // an unreachable peer is retried every ConnectRetry and shows in Peers as down.
+// ctx bounds the startup only.
 func New(ctx context.Context, cfg Config, log *slog.Logger) (*Speaker, error) {
 	cfg.Peers = slices.Clone(cfg.Peers)
 	for i := range cfg.Peers {
