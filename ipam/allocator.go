@@ -215,6 +215,42 @@ func (p *pool) grow(limit uint64) {
 	d.rebuild()
 }
 
+func (p *pool) contains(ip netip.Addr) bool {
+	return ip.IsValid() && familyOf(ip) == p.family && !ip.Less(p.spec.First) && !p.spec.Last.Less(ip)
+}
+
+// presize grows the bitmap once over the addresses allocs restore into the pool, as far
+// as reach will allow when all of them are in, instead of step by step (and through the
+// treap) as records arrive in no particular order.
+func (p *pool) presize(allocs []Allocation) {
+	n := p.used()
+	for _, al := range allocs {
+		if p.contains(al.IP) {
+			n++
+		}
+	}
+	if n == p.used() {
+		return
+	}
+	allowed := max(minDense, 4*uint64(n+1))
+	var want uint64
+	for _, al := range allocs {
+		if !p.contains(al.IP) {
+			continue
+		}
+		off := keyOf(al.IP).sub(p.first)
+		if off.hi != 0 || off.lo >= p.maxDense {
+			continue
+		}
+		if w := max(64, uint64(1)<<bits.Len64(off.lo)); w <= allowed {
+			want = max(want, w)
+		}
+	}
+	if want > p.dense.limit {
+		p.grow(want)
+	}
+}
+
 // lowestFree is the lowest free address of the pool.
 func (p *pool) lowestFree() (u128, bool) {
 	for {
@@ -320,13 +356,17 @@ func (a *Allocator) Allocate(r Request) (Allocation, error) {
 		if p != nil && in != p {
 			return Allocation{}, fmt.Errorf("%w: service %s: static IP %s is not in the selected pool %q", ErrInvalidRequest, r.Service, r.StaticIP, p.spec.Name)
 		}
-		return a.hold(recs, in, r.StaticIP, r.Service, ports)
+		rec, err := a.hold(recs, in, r.StaticIP, r.Service, ports)
+		if err != nil {
+			return Allocation{}, err
+		}
+		return rec.allocation(r.Service), nil
 	}
 
 	if !a.unique {
 		if k, ok := p.lowestShareable(ports); ok {
 			p.add(k, r.Service, ports)
-			return a.record(recs, r.Service, p, k.addr(p.family), ports), nil
+			return a.record(recs, r.Service, p, k.addr(p.family), ports).allocation(r.Service), nil
 		}
 	}
 	k, ok := p.lowestFree()
@@ -338,7 +378,7 @@ func (a *Allocator) Allocate(r Request) (Allocation, error) {
 		return Allocation{}, fmt.Errorf("%w: pool %q (%s) for service %s: %s", ErrPoolExhausted, p.spec.Name, p.spec, r.Service, what)
 	}
 	p.add(k, r.Service, ports)
-	return a.record(recs, r.Service, p, k.addr(p.family), ports), nil
+	return a.record(recs, r.Service, p, k.addr(p.family), ports).allocation(r.Service), nil
 }
 
 func (a *Allocator) selectPool(r Request) (*pool, error) {
@@ -363,7 +403,7 @@ func (a *Allocator) selectPool(r Request) (*pool, error) {
 // poolOf is the pool holding ip, nil when none does (pools never overlap).
 func (a *Allocator) poolOf(ip netip.Addr) *pool {
 	for _, p := range a.pools {
-		if p.family == familyOf(ip) && !ip.Less(p.spec.First) && !p.spec.Last.Less(ip) {
+		if p.contains(ip) {
 			return p
 		}
 	}
@@ -372,7 +412,7 @@ func (a *Allocator) poolOf(ip netip.Addr) *pool {
 
 // hold gives service ip (in pool p, or outside every pool when p is nil) unless another
 // service's use of ip conflicts.
-func (a *Allocator) hold(recs [2]record, p *pool, ip netip.Addr, service string, ports []PortKey) (Allocation, error) {
+func (a *Allocator) hold(recs [2]record, p *pool, ip netip.Addr, service string, ports []PortKey) (record, error) {
 	k := keyOf(ip)
 	var s *slot
 	if p != nil {
@@ -382,7 +422,7 @@ func (a *Allocator) hold(recs [2]record, p *pool, ip netip.Addr, service string,
 	}
 	if s != nil {
 		if h, both, clash := s.conflict(ports, a.unique); clash {
-			return Allocation{}, &ConflictError{IP: ip, Holder: h.service, Requester: service, Ports: both}
+			return record{}, &ConflictError{IP: ip, Holder: h.service, Requester: service, Ports: both}
 		}
 	}
 	switch {
@@ -399,17 +439,17 @@ func (a *Allocator) hold(recs [2]record, p *pool, ip netip.Addr, service string,
 }
 
 // record stores that service holds ip, next to recs, what it held before.
-func (a *Allocator) record(recs [2]record, service string, p *pool, ip netip.Addr, ports []PortKey) Allocation {
+func (a *Allocator) record(recs [2]record, service string, p *pool, ip netip.Addr, ports []PortKey) record {
 	rec := record{pool: p, ip: ip, ports: ports}
 	recs[famIndex(familyOf(ip))] = rec
 	a.services[service] = recs
 	if p != nil {
 		p.services++
 	}
-	return rec.allocation(service)
+	return rec
 }
 
-func (r *record) allocation(service string) Allocation {
+func (r record) allocation(service string) Allocation {
 	al := Allocation{Service: service, IP: r.ip, Ports: slices.Clone(r.ports)}
 	if r.pool != nil {
 		al.Pool = r.pool.spec.Name
@@ -451,6 +491,13 @@ func (a *Allocator) Release(service string) {
 // that does not conflict is applied; the error joins one error per refused record, a
 // *ConflictError naming both services where two want the same address.
 func (a *Allocator) Restore(allocs []Allocation) error {
+	if len(a.services) == 0 {
+		// Sized once instead of through every doubling on the way to len(allocs).
+		a.services = make(map[string][2]record, len(allocs))
+	}
+	for _, p := range a.pools {
+		p.presize(allocs)
+	}
 	var errs []error
 	for _, al := range allocs {
 		if err := a.restore(al); err != nil {

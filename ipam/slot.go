@@ -8,8 +8,12 @@ import (
 // slot is everything the allocator knows about one used address: who holds it and the
 // union of their ports.
 type slot struct {
-	holders []holder  // sorted by service
-	ports   []PortKey // union of the holders' ports, sorted
+	// first is the holder whose service sorts first, and more the others in order. The
+	// first is kept in the slot because most addresses have one holder: reaching it then
+	// costs no second cache miss.
+	first holder
+	more  []holder
+	ports []PortKey // union of the holders' ports, sorted
 }
 
 type holder struct {
@@ -17,13 +21,17 @@ type holder struct {
 	ports   []PortKey
 }
 
-func (s *slot) inUse() bool { return len(s.holders) > 0 }
+func (s *slot) inUse() bool { return s.first.service != "" }
 
 // conflict is the first holder whose ports overlap ports, or in unique mode any holder.
 func (s *slot) conflict(ports []PortKey, unique bool) (holder, []PortKey, bool) {
-	for _, h := range s.holders {
-		if unique {
-			return h, nil, true
+	if unique {
+		return s.first, nil, s.inUse()
+	}
+	for i := -1; i < len(s.more); i++ {
+		h := s.first
+		if i >= 0 {
+			h = s.more[i]
 		}
 		if both := intersect(nil, h.ports, ports); len(both) > 0 {
 			return h, both, true
@@ -32,42 +40,48 @@ func (s *slot) conflict(ports []PortKey, unique bool) (holder, []PortKey, bool) 
 	return holder{}, nil, false
 }
 
+// addHolder adds service, which must not be a holder yet.
 func (s *slot) addHolder(service string, ports []PortKey) {
-	i, _ := slices.BinarySearchFunc(s.holders, service, func(h holder, svc string) int {
-		return strings.Compare(h.service, svc)
-	})
-	// A freed slot keeps its holders array, so churn on an address allocates nothing.
-	s.holders = slices.Insert(s.holders, i, holder{service, ports})
-	if len(s.holders) == 1 {
+	h := holder{service, ports}
+	if !s.inUse() {
+		s.first = h
 		// Shared with the holder: union never writes into a clipped slice.
 		s.ports = slices.Clip(ports)
 		return
 	}
+	if service < s.first.service {
+		s.first, h = h, s.first
+	}
+	i, _ := slices.BinarySearchFunc(s.more, h.service, func(h holder, svc string) int {
+		return strings.Compare(h.service, svc)
+	})
+	s.more = slices.Insert(s.more, i, h)
 	s.ports = union(s.ports, ports)
 }
 
 // removeHolder drops service, which must be a holder.
 func (s *slot) removeHolder(service string) {
-	if len(s.holders) == 1 {
+	if len(s.more) == 0 {
 		// The common case needs no string comparison, which would read the name's bytes
 		// from wherever the caller keeps them.
-		s.holders[0] = holder{}
-		s.holders, s.ports = s.holders[:0], nil
+		s.first, s.ports = holder{}, nil
 		return
 	}
-	// DeleteFunc zeroes the vacated element, so the kept array pins no service name.
-	s.holders = slices.DeleteFunc(s.holders, func(h holder) bool { return h.service == service })
-	switch len(s.holders) {
-	case 0:
-		s.ports = nil
-	case 1:
-		s.ports = slices.Clip(s.holders[0].ports)
-	default:
-		// A fresh slice: the old union may be a holder's own ports.
-		s.ports = nil
-		for _, h := range s.holders {
-			s.ports = union(s.ports, h.ports)
-		}
+	if s.first.service == service {
+		s.first = s.more[0]
+		// Delete zeroes the vacated element, so the array pins no service name.
+		s.more = slices.Delete(s.more, 0, 1)
+	} else {
+		s.more = slices.DeleteFunc(s.more, func(h holder) bool { return h.service == service })
+	}
+	if len(s.more) == 0 {
+		s.ports = slices.Clip(s.first.ports)
+		return
+	}
+	// A fresh slice: the old union may be a holder's own ports.
+	s.ports = union(nil, s.first.ports)
+	for _, h := range s.more {
+		s.ports = union(s.ports, h.ports)
 	}
 }
 
