@@ -15,6 +15,7 @@ import (
 
 	"github.com/shardlb/shardlb/bgp"
 	"github.com/shardlb/shardlb/ipam"
+	"github.com/shardlb/shardlb/kube"
 	"github.com/shardlb/shardlb/shard"
 )
 
@@ -45,6 +46,8 @@ type config struct {
 	APIListen     string
 	MetricsListen string
 	LogLevel      slog.Level
+	// Drain is how long the datapath keeps serving after the routes are withdrawn.
+	Drain time.Duration
 }
 
 // flagError is a bad flag value: one line naming the flag, the value and what is expected.
@@ -88,6 +91,7 @@ type raw struct {
 	interfaces                                             string
 	conntrack                                              int
 	apiListen, metricsListen, logLevel                     string
+	drain                                                  time.Duration
 }
 
 func newFlags(r *raw, env func(string) string) (*pflag.FlagSet, []group) {
@@ -139,9 +143,11 @@ func newFlags(r *raw, env func(string) string) (*pflag.FlagSet, []group) {
 	f.StringVar(&r.interfaces, "interfaces", "", "interfaces the eBPF datapath attaches to, comma separated; empty: no datapath")
 	f.IntVar(&r.conntrack, "conntrackSize", 262144, "connection tracking entries")
 
+	f.DurationVar(&r.drain, "shutdownDrain", time.Second, "on shutdown, how long the datapath keeps serving after the routes are withdrawn")
+
 	f = ops.fs
-	f.StringVar(&r.apiListen, "apiListen", "127.0.0.1:11111", "local API used by 'shardlb get'")
-	f.StringVar(&r.metricsListen, "metricsListen", ":11112", "Prometheus /metrics, /healthz and /readyz; empty disables")
+	f.StringVar(&r.apiListen, "apiListen", kube.DefaultAPIAddress, "local API used by 'shardlb get'")
+	f.StringVar(&r.metricsListen, "metricsListen", kube.DefaultMetricsAddress, "Prometheus /metrics, /healthz and /readyz; empty: on --apiListen")
 	f.StringVar(&r.logLevel, "logLevel", "info", "debug, info, warn or error")
 
 	groups := []group{node, pools, shards, bgpG, dp, ops}
@@ -193,6 +199,7 @@ func (r *raw) validate(changed func(string) bool) (config, error) {
 		UniqueIP: r.uniqueIP, LoadBalancerClass: r.lbClass,
 		LeaseDuration: r.leaseDuration, RenewInterval: r.renewInterval,
 		ConntrackSize: r.conntrack, APIListen: r.apiListen, MetricsListen: r.metricsListen,
+		Drain: r.drain,
 	}
 	var err error
 	if r.nodeIP != "" {
@@ -264,6 +271,9 @@ func (r *raw) validate(changed func(string) bool) (config, error) {
 	}
 	if err := c.LogLevel.UnmarshalText([]byte(r.logLevel)); err != nil {
 		return c, &flagError{"logLevel", r.logLevel, "debug, info, warn or error", nil}
+	}
+	if r.drain < 0 || r.drain > time.Minute {
+		return c, &flagError{"shutdownDrain", r.drain.String(), "a duration from 0 to 1m", nil}
 	}
 	if r.apiListen != "" {
 		if _, err := netip.ParseAddrPort(r.apiListen); err != nil {

@@ -1,19 +1,149 @@
 package main
 
 import (
+	"context"
+	"errors"
+	"flag"
 	"fmt"
 	"io"
+	"log/slog"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/shardlb/shardlb/bgp"
+	"github.com/shardlb/shardlb/datapath"
+	"github.com/shardlb/shardlb/kube"
+	"github.com/shardlb/shardlb/shard"
 )
 
-// serve runs the load balancer until SIGTERM.
+// serve runs the load balancer until SIGTERM or SIGINT, then stops in the order
+// traffic needs: routes withdrawn and Leases released (kube.Run), BGP sessions closed,
+// a drain so packets already on their way are still served, then the datapath detached.
 func serve(cfg config, stderr io.Writer) int {
-	fmt.Fprintln(stderr, "shardlb: run is wired once the kube package lands")
-	_ = cfg
-	return 1
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: cfg.LogLevel}))
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	if err := runServe(ctx, cfg, log); err != nil {
+		log.Error("shardlb stopped", "err", err)
+		return 1
+	}
+	return 0
 }
 
+func runServe(ctx context.Context, cfg config, log *slog.Logger) error {
+	if cfg.NodeName == "" {
+		return errors.New("no node name: set --nodeName or $NODE_NAME")
+	}
+	deps := kube.Deps{Logger: log, Router: noRouter{}, Datapath: noDatapath{}}
+
+	if len(cfg.Interfaces) > 0 {
+		dcfg := datapath.Config{Interfaces: cfg.Interfaces, ConntrackSize: cfg.ConntrackSize}
+		if cfg.NodeIP.Is4() {
+			dcfg.NodeIPv4 = cfg.NodeIP
+		} else {
+			dcfg.NodeIPv6 = cfg.NodeIP
+		}
+		dp, err := datapath.New(dcfg, log.With("part", "datapath"))
+		if err != nil {
+			return err
+		}
+		defer func() {
+			// Routers have moved traffic away by now; what is still in flight is
+			// served before the program goes.
+			time.Sleep(cfg.Drain)
+			if err := dp.Close(); err != nil {
+				log.Error("detach datapath", "err", err)
+			}
+		}()
+		deps.Datapath = dp
+	}
+
+	if cfg.BGPEnabled {
+		if !cfg.BGP.RouterID.IsValid() {
+			return errors.New("BGP needs an IPv4 router ID: set --nodeIP or $NODE_IP")
+		}
+		sp, err := bgp.New(ctx, cfg.BGP, log.With("part", "bgp"))
+		if err != nil {
+			return err
+		}
+		defer func() {
+			sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			if err := sp.Shutdown(sctx); err != nil {
+				log.Error("stop BGP", "err", err)
+			}
+		}()
+		deps.Router = sp
+		deps.BGPPeers = func() []kube.BGPPeer { return peerRows(sp.Peers()) }
+	}
+
+	kcfg := kube.DefaultConfig()
+	kcfg.NodeName, kcfg.Namespace, kcfg.Kubeconfig = cfg.NodeName, cfg.Namespace, cfg.Kubeconfig
+	kcfg.LoadBalancerClass = cfg.LoadBalancerClass
+	kcfg.Instances, kcfg.Roles, kcfg.Excluded = cfg.Instances, cfg.Roles, cfg.Exclude
+	kcfg.Pools, kcfg.UniqueIP, kcfg.DefaultMode = cfg.Pools, cfg.UniqueIP, cfg.LBMode
+	kcfg.MemberLease.Duration, kcfg.MemberLease.Renew = cfg.LeaseDuration, cfg.RenewInterval
+	kcfg.APIAddress, kcfg.MetricsAddress = cfg.APIListen, cfg.MetricsListen
+	return kube.Run(ctx, kcfg, deps)
+}
+
+// peerRows adapts the speaker's session states to the CLI's rows.
+func peerRows(ps []bgp.PeerStatus) []kube.BGPPeer {
+	rows := make([]kube.BGPPeer, 0, len(ps))
+	for _, p := range ps {
+		up := ""
+		if p.Established && !p.Since.IsZero() {
+			up = time.Since(p.Since).Truncate(time.Second).String()
+		}
+		rows = append(rows, kube.BGPPeer{Peer: p.Addr.String(), AS: p.ASN, State: p.State, Uptime: up})
+	}
+	return rows
+}
+
+// noRouter stands in when BGP is off (--setBGP unset): nothing is announced.
+type noRouter struct{}
+
+func (noRouter) SetAdvertisements(context.Context, []shard.Advertisement) error { return nil }
+
+// noDatapath stands in when no --interfaces are given: nothing is programmed.
+type noDatapath struct{}
+
+func (noDatapath) SetServices([]shard.Frontend) error { return nil }
+
+// get runs `shardlb get ha|ip|lb|bgp|services [-o table|json|wide] [--api ADDR]`.
 func get(args []string, stdout, stderr io.Writer) int {
-	fmt.Fprintln(stderr, "shardlb: get is wired once the kube package lands")
-	_, _ = args, stdout
-	return 1
+	fs := flag.NewFlagSet("get", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	out := fs.String("o", "table", "output: table, wide or json")
+	api := fs.String("api", kube.DefaultAPIAddress, "the local shardlb API")
+	what := ""
+	if len(args) > 0 && len(args[0]) > 0 && args[0][0] != '-' {
+		what, args = args[0], args[1:]
+	}
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	if what == "" && fs.NArg() > 0 {
+		what = fs.Arg(0)
+	}
+	switch what {
+	case "ha", "ip", "lb", "bgp", "services", "svc":
+	default:
+		fmt.Fprintf(stderr, "shardlb get: want one of ha, ip, lb, bgp, services (got %q)\n", what)
+		return 2
+	}
+	if what == "svc" {
+		what = "services"
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := kube.Get(ctx, *api, what, *out, stdout); err != nil {
+		fmt.Fprintln(stderr, "shardlb get:", err)
+		if errors.Is(err, flag.ErrHelp) {
+			return 2
+		}
+		return 1
+	}
+	return 0
 }
