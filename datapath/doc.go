@@ -15,6 +15,12 @@
 // redirected here skip netfilter and the kernel's conntrack; the LB namespace must
 // still have forwarding enabled (bpf_fib_lookup refuses otherwise).
 //
+// The route lookup was also the costliest step of an established flow's packet (about
+// half of it), so each conntrack entry caches its direction's answer (egress device and
+// MACs) and packets reuse it while it is younger than 64 jiffies (256 ms at HZ=250),
+// arrive on the device it was looked up for, and are no longer than the packet whose
+// MTU the lookup checked; anything else looks the route up again.
+//
 // # Maps and updates
 //
 // SetServices is declarative. Endpoint ids are kept while an endpoint stays, so
@@ -29,7 +35,10 @@
 // Headers must be in the skb's linear part; IPv6 extension headers and fragments to a
 // VIP are dropped with a named counter; ICMP errors about translated flows are not
 // translated; conntrack entries age out by LRU only (no TCP state), and entries of a
-// removed service linger until evicted. A CHECKSUM_COMPLETE skb's csum is updated
+// removed service linger until evicted. A route or neighbour change reaches established
+// flows only when their cached next hop expires (up to 64 jiffies later); the cache is
+// written without a lock, so a packet racing a refresh on another CPU may leave with
+// the old and new answer mixed, which only happens when the answer changed. A CHECKSUM_COMPLETE skb's csum is updated
 // (bpf_csum_update) but no test covers it, since test runs build CHECKSUM_NONE skbs;
 // CHECKSUM_PARTIAL packets are not expected (true for NIC ingress; veth peers need tx
 // checksum offload off).

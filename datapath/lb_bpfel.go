@@ -24,6 +24,13 @@ type lbCtEntry struct {
 	EndpointGen uint32
 	Dir         uint8
 	Pad         [3]uint8
+	NhIfindex   uint32
+	NhIif       uint32
+	NhLen       uint16
+	NhDmac      [6]uint8
+	NhSmac      [6]uint8
+	Pad2        [6]uint8
+	NhTime      uint64
 }
 
 type lbEndpoint struct {

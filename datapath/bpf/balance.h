@@ -25,8 +25,9 @@ static __always_inline __u32 flow_hash(const struct flow *f)
 	return jhash_9words((const __u32 *)f, FLOW_HASH_SEED ^ f->proto);
 }
 
-/* new_flow picks an endpoint of svc for f, records both directions in conntrack and
- * fills *t with the forward rewrite. */
+/* new_flow picks an endpoint of svc for f, records the reply direction in conntrack
+ * and fills *t with the forward rewrite, which translate records once it knows the
+ * flow's next hop, so that the flow's second packet needs no route lookup. */
 static __noinline int new_flow(const struct flow *f, const struct service *svc, struct ct_entry *t)
 {
 	__u32 size = svc->ring_size;
@@ -70,7 +71,6 @@ static __noinline int new_flow(const struct flow *f, const struct service *svc, 
 	}
 
 	struct flow reply = {};
-	struct ct_entry rev = {};
 
 	__builtin_memcpy(reply.saddr, ep->addr, 16);
 	__builtin_memcpy(reply.daddr, f->saddr, 16);
@@ -79,27 +79,21 @@ static __noinline int new_flow(const struct flow *f, const struct service *svc, 
 	reply.proto = f->proto;
 	reply.family = f->family;
 
-	__builtin_memcpy(rev.saddr, f->daddr, 16);
-	__builtin_memcpy(rev.daddr, f->saddr, 16);
-	rev.sport = f->dport;
-	rev.dport = f->sport;
-	rev.service_id = id;
-	rev.dir = CT_REPLY;
-
-	__builtin_memcpy(t->saddr, f->saddr, 16);
-	__builtin_memcpy(t->daddr, ep->addr, 16);
-	t->sport = f->sport;
-	t->dport = ep->port;
+	/* *t (zeroed by the caller) holds the reply entry until it is inserted, then becomes
+	 * the forward one: a second ct_entry on this frame would not fit BPF's 512-byte stack. */
+	__builtin_memcpy(t->saddr, f->daddr, 16);
+	__builtin_memcpy(t->daddr, f->saddr, 16);
+	t->sport = f->dport;
+	t->dport = f->sport;
 	t->service_id = id;
-	t->endpoint_id = ep_id;
-	t->endpoint_gen = ep->gen;
-	t->dir = CT_FORWARD;
+	t->dir = CT_REPLY;
 
 	if (svc->mode == MODE_DEFAULT) {
-		if (bpf_map_update_elem(&conntrack, &reply, &rev, BPF_ANY)) {
+		if (bpf_map_update_elem(&conntrack, &reply, t, BPF_ANY)) {
 			count_drop(DROP_CONNTRACK_FULL);
 			return TC_ACT_SHOT;
 		}
+		__builtin_memcpy(t->saddr, f->saddr, 16);
 	} else {
 		/* The reply tuple (endpoint -> SNAT address:port) is inserted only if absent, so
 		 * two flows can never share one: the map is the arbiter, also between CPUs. The
@@ -111,43 +105,46 @@ static __noinline int new_flow(const struct flow *f, const struct service *svc, 
 		if (count == 0)
 			count = 1;
 		__builtin_memcpy(reply.daddr, svc->snat_addr, 16);
-		__builtin_memcpy(t->saddr, svc->snat_addr, 16);
 		for (i = 0; i < SNAT_TRIES; i++) {
 			reply.dport = bpf_htons(min + (hash + i) % count);
-			if (bpf_map_update_elem(&conntrack, &reply, &rev, BPF_NOEXIST) == 0)
+			if (bpf_map_update_elem(&conntrack, &reply, t, BPF_NOEXIST) == 0)
 				break;
 		}
 		if (i == SNAT_TRIES) {
 			count_drop(DROP_SNAT_EXHAUSTED);
 			return TC_ACT_SHOT;
 		}
-		t->sport = reply.dport;
+		__builtin_memcpy(t->saddr, svc->snat_addr, 16);
 	}
-	if (bpf_map_update_elem(&conntrack, f, t, BPF_ANY)) {
-		count_drop(DROP_CONNTRACK_FULL);
-		return TC_ACT_SHOT;
-	}
+	__builtin_memcpy(t->daddr, ep->addr, 16);
+	t->sport = reply.dport;
+	t->dport = ep->port;
+	t->endpoint_id = ep_id;
+	t->endpoint_gen = ep->gen;
+	t->dir = CT_FORWARD;
 	struct svc_stats *st = bpf_map_lookup_elem(&service_stats, &id);
 	if (st)
 		st->new_flows++;
-	return FURTHER_PROCESSING;
+	return NEW_FLOW;
 }
 
-/* balance decides flow f: TC_ACT_OK when it is not load-balanced traffic, a drop, or
- * FURTHER_PROCESSING with *t holding the rewrite. */
-static __always_inline int balance(const struct flow *f, struct ct_entry *t)
+/* balance decides flow f: TC_ACT_OK when it is not load-balanced traffic, a drop,
+ * FURTHER_PROCESSING with *tracked pointing at the flow's conntrack entry, used in place
+ * (not copied) so that translate can cache the next hop in it, or NEW_FLOW with *t
+ * holding the rewrite of a flow not recorded yet. */
+static __always_inline int balance(const struct flow *f, struct ct_entry *t, struct ct_entry **tracked)
 {
 	struct ct_entry *ct = bpf_map_lookup_elem(&conntrack, f);
 	if (ct) {
 		if (ct->dir == CT_REPLY) {
-			*t = *ct;
+			*tracked = ct;
 			return FURTHER_PROCESSING;
 		}
 		/* A forward flow keeps its endpoint while that endpoint is in the service; once
 		 * it is gone the flow is balanced again like a new one. */
 		struct endpoint *ep = bpf_map_lookup_elem(&endpoints, &ct->endpoint_id);
 		if (ep && ep->valid && ep->gen == ct->endpoint_gen) {
-			*t = *ct;
+			*tracked = ct;
 			return FURTHER_PROCESSING;
 		}
 	}

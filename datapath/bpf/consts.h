@@ -23,6 +23,8 @@
 /* Helpers return FURTHER_PROCESSING when the packet is not decided yet (Katran's
  * convention), any other value is the final tc verdict. */
 #define FURTHER_PROCESSING -1
+/* balance's answer for the first packet of a flow: translate it, then record the flow. */
+#define NEW_FLOW -2
 
 #ifndef MAX_SERVICES
 #define MAX_SERVICES 16384
@@ -40,6 +42,15 @@
 /* Source-port attempts for a new SNAT flow before it is dropped: each attempt is an
  * atomic insert of the reply tuple, so a port is never given to two flows. */
 #define SNAT_TRIES 16
+
+/* How long a flow's cached next hop is used before it is looked up again, which bounds
+ * how late a route or neighbour change reaches established flows: 64 jiffies are 256 ms
+ * at Debian's HZ=250 (64 ms at HZ=1000, 640 ms at HZ=100). Jiffies, not nanoseconds,
+ * because the verifier inlines bpf_jiffies64 into one load while the ktime helpers stay
+ * calls. */
+#ifndef NH_MAX_AGE_JIFFIES
+#define NH_MAX_AGE_JIFFIES 64
+#endif
 
 /* Seed of the flow hash. Part of the contract between nodes: all of them must pick the
  * same endpoint for a flow, so it is a constant and never random. */

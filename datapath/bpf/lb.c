@@ -34,14 +34,15 @@ static __always_inline void count_service(const struct ct_entry *t, __u32 len)
 /* route looks up the rewritten packet's next hop. Forwarding here skips the kernel's
  * forwarding path, which costs more than the whole translation (see the package doc). */
 static __always_inline int route(struct __sk_buff *skb, const struct flow *f, const struct ct_entry *t,
-				 __u16 tot_len, struct bpf_fib_lookup *fib)
+				 __u16 tot_len, __u32 iif, struct bpf_fib_lookup *fib)
 {
+	__builtin_memset(fib, 0, sizeof(*fib));
 	fib->family = f->family;
 	fib->l4_protocol = f->proto;
 	fib->sport = t->sport;
 	fib->dport = t->dport;
 	fib->tot_len = tot_len;
-	fib->ifindex = skb->ingress_ifindex ? skb->ingress_ifindex : skb->ifindex;
+	fib->ifindex = iif;
 	if (f->family == AF_INET) {
 		fib->ipv4_src = t->saddr[0];
 		fib->ipv4_dst = t->daddr[0];
@@ -52,16 +53,31 @@ static __always_inline int route(struct __sk_buff *skb, const struct flow *f, co
 	return bpf_fib_lookup(skb, fib, sizeof(*fib), 0);
 }
 
-/* transmit sends a rewritten packet to its next hop: straight out of the egress device
- * when the neighbour is known, through the neighbour subsystem when not. */
-static __always_inline int transmit(struct ethhdr *eth, int rc, struct bpf_fib_lookup *fib)
+/* next_hop tells whether t's cached next hop answers the lookup route would make now:
+ * the same ingress device (an input of policy routing), a packet no longer than one the
+ * lookup's MTU check passed, and not older than NH_MAX_AGE_JIFFIES. */
+static __always_inline bool next_hop_cached(const struct ct_entry *t, __u32 iif, __u16 len, __u64 now)
 {
-	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
-		__builtin_memcpy(eth->h_dest, fib->dmac, ETH_ALEN);
-		__builtin_memcpy(eth->h_source, fib->smac, ETH_ALEN);
-		return bpf_redirect(fib->ifindex, 0);
-	}
+	return t->nh_ifindex && t->nh_iif == iif && len <= t->nh_len && now - t->nh_time < NH_MAX_AGE_JIFFIES;
+}
+
+static __always_inline void cache_next_hop(struct ct_entry *t, const struct bpf_fib_lookup *fib, __u32 iif,
+					   __u16 len, __u64 now)
+{
+	t->nh_ifindex = fib->ifindex;
+	t->nh_iif = iif;
+	t->nh_len = len;
+	__builtin_memcpy(t->nh_dmac, fib->dmac, ETH_ALEN);
+	__builtin_memcpy(t->nh_smac, fib->smac, ETH_ALEN);
+	t->nh_time = now;
+}
+
+/* redirect_neigh sends a packet whose next hop has no resolved neighbour yet through the
+ * kernel's neighbour subsystem, which resolves it and queues the packet meanwhile. */
+static __always_inline int redirect_neigh(const struct bpf_fib_lookup *fib)
+{
 	struct bpf_redir_neigh nh = {};
+
 	nh.nh_family = fib->family;
 	if (fib->family == AF_INET)
 		nh.ipv4_nh = fib->ipv4_dst;
@@ -70,38 +86,60 @@ static __always_inline int transmit(struct ethhdr *eth, int rc, struct bpf_fib_l
 	return bpf_redirect_neigh(fib->ifindex, &nh, sizeof(nh), 0);
 }
 
-static __always_inline bool routable(int rc)
-{
-	return rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH;
-}
-
-/* translate rewrites the packet of a balanced flow and sends it on. Not inlined: its
- * stack frame and new_flow's are never live at once, and together with the caller's they
- * must fit the 512 bytes BPF allows. */
-static __noinline int translate(struct __sk_buff *skb, const struct flow *f, const struct ct_entry *t, void *l4)
+/* translate rewrites the packet of a balanced flow and sends it on. t is the flow's
+ * conntrack entry, or for a new flow (record) the entry to insert once its next hop is
+ * known. Not inlined: its stack frame and new_flow's are never live at once, and
+ * together with the caller's they must fit the 512 bytes BPF allows. */
+static __noinline int translate(struct __sk_buff *skb, const struct flow *f, struct ct_entry *t, void *l4,
+				bool record)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
-	struct bpf_fib_lookup fib = {};
-	int rc, ret;
+	struct bpf_fib_lookup fib;
+	__u32 iif = skb->ingress_ifindex ? skb->ingress_ifindex : skb->ifindex;
+	__u64 now = bpf_jiffies64();
+	int rc = BPF_FIB_LKUP_RET_SUCCESS;
+	__u16 len;
+	__u8 ttl;
+	int ret;
 	bool fwd;
 
-	if ((void *)(eth + 1) > data_end)
-		return TC_ACT_OK;
+	struct iphdr *iph = (void *)(eth + 1);
+	struct ipv6hdr *ip6 = (void *)(eth + 1);
 	if (f->family == AF_INET) {
-		struct iphdr *iph = (void *)(eth + 1);
 		if ((void *)(iph + 1) > data_end)
 			return TC_ACT_OK;
-		rc = route(skb, f, t, bpf_ntohs(iph->tot_len), &fib);
-		fwd = routable(rc) && iph->ttl > 1;
-		ret = rewrite_ipv4(skb, iph, l4, data_end, t, fwd);
+		len = bpf_ntohs(iph->tot_len);
+		ttl = iph->ttl;
 	} else {
-		struct ipv6hdr *ip6 = (void *)(eth + 1);
 		if ((void *)(ip6 + 1) > data_end)
 			return TC_ACT_OK;
-		rc = route(skb, f, t, bpf_ntohs(ip6->payload_len) + sizeof(*ip6), &fib);
-		fwd = routable(rc) && ip6->hop_limit > 1;
+		len = bpf_ntohs(ip6->payload_len) + sizeof(*ip6);
+		ttl = ip6->hop_limit;
+	}
+	if (!next_hop_cached(t, iif, len, now)) {
+		rc = route(skb, f, t, len, iif, &fib);
+		/* Only a complete answer is kept: an unresolved neighbour is looked up again on
+		 * the next packet, a failed lookup leaves the packet to the kernel. */
+		if (rc == BPF_FIB_LKUP_RET_SUCCESS)
+			cache_next_hop(t, &fib, iif, len, now);
+	}
+	if (record && bpf_map_update_elem(&conntrack, f, t, BPF_ANY)) {
+		count_drop(DROP_CONNTRACK_FULL);
+		return TC_ACT_SHOT;
+	}
+	fwd = (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH) && ttl > 1;
+
+	/* Checked again: the helper calls above make the compiler reload f->family, and the
+	 * verifier must see each family's bound on the path that writes its header. */
+	if (f->family == AF_INET) {
+		if ((void *)(iph + 1) > data_end)
+			return TC_ACT_OK;
+		ret = rewrite_ipv4(skb, iph, l4, data_end, t, fwd);
+	} else {
+		if ((void *)(ip6 + 1) > data_end)
+			return TC_ACT_OK;
 		ret = rewrite_ipv6(ip6, l4, data_end, t, fwd);
 	}
 	if (ret != FURTHER_PROCESSING)
@@ -109,7 +147,11 @@ static __noinline int translate(struct __sk_buff *skb, const struct flow *f, con
 	count_service(t, skb->len);
 	if (!fwd)
 		return TC_ACT_OK;
-	return transmit(eth, rc, &fib);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS)
+		return redirect_neigh(&fib);
+	__builtin_memcpy(eth->h_dest, t->nh_dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, t->nh_smac, ETH_ALEN);
+	return bpf_redirect(t->nh_ifindex, 0);
 }
 
 /* One path for both families (Katran's habit): only parsing and the header rewrite
@@ -121,7 +163,8 @@ int lb_ingress(struct __sk_buff *skb)
 	void *data_end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
 	struct flow f = {};
-	struct ct_entry t = {};
+	struct ct_entry fresh = {};
+	struct ct_entry *tracked = 0;
 	void *l4 = 0;
 	int ret;
 
@@ -135,11 +178,12 @@ int lb_ingress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	if (ret != FURTHER_PROCESSING)
 		return ret;
-	ret = balance(&f, &t);
+	ret = balance(&f, &fresh, &tracked);
+	if (ret == NEW_FLOW)
+		return translate(skb, &f, &fresh, l4, true);
 	if (ret != FURTHER_PROCESSING)
 		return ret;
-
-	return translate(skb, &f, &t, l4);
+	return translate(skb, &f, tracked, l4, false);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

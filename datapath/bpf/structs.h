@@ -47,7 +47,7 @@ struct endpoint {
 	__u32 gen; /* bumped when the slot is freed, so flows never follow a reused slot */
 };
 
-/* What to write into a packet of a tracked flow. */
+/* What to write into a packet of a tracked flow, and where to send it. */
 struct ct_entry {
 	__u32 saddr[4];
 	__u32 daddr[4];
@@ -58,6 +58,17 @@ struct ct_entry {
 	__u32 endpoint_gen;
 	__u8 dir; /* enum ct_dir */
 	__u8 pad[3];
+	/* The direction's next hop as bpf_fib_lookup last gave it, so that most packets skip
+	 * the route lookup (the costliest step of an established flow). It is valid for
+	 * packets arriving on nh_iif no longer than nh_len (the MTU check the lookup made)
+	 * until NH_MAX_AGE_JIFFIES after nh_time; nh_ifindex 0 means none. */
+	__u32 nh_ifindex;
+	__u32 nh_iif;
+	__u16 nh_len;
+	__u8 nh_dmac[6];
+	__u8 nh_smac[6];
+	__u8 pad2[6];
+	__u64 nh_time; /* jiffies */
 };
 
 struct svc_stats {
