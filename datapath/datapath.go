@@ -37,7 +37,8 @@ type Config struct {
 	NetNS string
 	// NodeIPv4 and NodeIPv6 are the source addresses of onearm flows toward endpoints.
 	NodeIPv4, NodeIPv6 netip.Addr
-	// ConntrackSize is the number of conntrack entries; a flow takes two.
+	// ConntrackSize is the number of conntrack entries of each IP family; a flow takes
+	// two.
 	ConntrackSize int
 	// MaxServices bounds the number of frontends (VIP, port, protocol).
 	MaxServices int
@@ -101,7 +102,8 @@ func New(cfg Config, log *slog.Logger) (*Datapath, error) {
 		return nil, fmt.Errorf("load datapath spec: %w", err)
 	}
 	sizes := map[string]int{
-		lbMapConntrack:    cfg.ConntrackSize,
+		lbMapConntrack4:   cfg.ConntrackSize,
+		lbMapConntrack6:   cfg.ConntrackSize,
 		lbMapServices:     cfg.MaxServices,
 		lbMapVips:         cfg.MaxServices,
 		lbMapServiceStats: cfg.MaxServices,
@@ -211,7 +213,7 @@ func (d *Datapath) Close() error {
 // MapMemory is the memory the kernel accounts to the datapath's maps, in bytes.
 func (d *Datapath) MapMemory() (uint64, error) {
 	var total uint64
-	for _, m := range []*ebpf.Map{d.objs.Conntrack, d.objs.Drops, d.objs.Endpoints, d.objs.RingSlots,
+	for _, m := range []*ebpf.Map{d.objs.Conntrack4, d.objs.Conntrack6, d.objs.Drops, d.objs.Endpoints, d.objs.RingSlots,
 		d.objs.ServiceStats, d.objs.Services, d.objs.Vips} {
 		info, err := m.Info()
 		if err != nil {

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"testing"
 
+	"github.com/cilium/ebpf"
 	"github.com/shardlb/shardlb/shard"
 )
 
@@ -194,10 +195,17 @@ func runFixture(t *testing.T, h *harness, fx fixture) {
 
 func clearConntrack(t testing.TB, d *Datapath) {
 	t.Helper()
-	var k lbFlow
-	var keys []lbFlow
-	it := d.objs.Conntrack.Iterate()
+	clearMap[lbFlow4](t, d.objs.Conntrack4)
+	clearMap[lbFlow](t, d.objs.Conntrack6)
+}
+
+// clearMap deletes every entry of a conntrack map whose keys are K.
+func clearMap[K any](t testing.TB, m *ebpf.Map) {
+	t.Helper()
+	var k K
+	var keys []K
 	var v lbCtEntry
+	it := m.Iterate()
 	for it.Next(&k, &v) {
 		keys = append(keys, k)
 	}
@@ -207,7 +215,7 @@ func clearConntrack(t testing.TB, d *Datapath) {
 	if len(keys) == 0 {
 		return
 	}
-	if _, err := d.objs.Conntrack.BatchDelete(keys, nil); err != nil {
+	if _, err := m.BatchDelete(keys, nil); err != nil {
 		t.Fatalf("clear conntrack: %v", err)
 	}
 }

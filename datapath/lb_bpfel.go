@@ -53,6 +53,16 @@ type lbFlow struct {
 	Pad    [2]uint8
 }
 
+type lbFlow4 struct {
+	_     structs.HostLayout
+	Saddr uint32
+	Daddr uint32
+	Sport uint16
+	Dport uint16
+	Proto uint8
+	Pad   [3]uint8
+}
+
 type lbRingPair struct {
 	_        structs.HostLayout
 	Endpoint [2]uint32
@@ -98,7 +108,8 @@ type lbVipKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	lbMapConntrack     = "conntrack"
+	lbMapConntrack4    = "conntrack4"
+	lbMapConntrack6    = "conntrack6"
 	lbMapDrops         = "drops"
 	lbMapEndpoints     = "endpoints"
 	lbMapRingSlots     = "ring_slots"
@@ -159,7 +170,8 @@ type lbProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type lbMapSpecs struct {
-	Conntrack    *ebpf.MapSpec `ebpf:"conntrack"`
+	Conntrack4   *ebpf.MapSpec `ebpf:"conntrack4"`
+	Conntrack6   *ebpf.MapSpec `ebpf:"conntrack6"`
 	Drops        *ebpf.MapSpec `ebpf:"drops"`
 	Endpoints    *ebpf.MapSpec `ebpf:"endpoints"`
 	RingSlots    *ebpf.MapSpec `ebpf:"ring_slots"`
@@ -196,7 +208,8 @@ func (o *lbObjects) Close() error {
 //
 // It can be passed to loadLbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type lbMaps struct {
-	Conntrack    *ebpf.Map `ebpf:"conntrack"`
+	Conntrack4   *ebpf.Map `ebpf:"conntrack4"`
+	Conntrack6   *ebpf.Map `ebpf:"conntrack6"`
 	Drops        *ebpf.Map `ebpf:"drops"`
 	Endpoints    *ebpf.Map `ebpf:"endpoints"`
 	RingSlots    *ebpf.Map `ebpf:"ring_slots"`
@@ -207,7 +220,8 @@ type lbMaps struct {
 
 func (m *lbMaps) Close() error {
 	return _LbClose(
-		m.Conntrack,
+		m.Conntrack4,
+		m.Conntrack6,
 		m.Drops,
 		m.Endpoints,
 		m.RingSlots,

@@ -38,8 +38,8 @@ func TestNextHopCache(t *testing.T) {
 	in := func(payload []byte) []byte {
 		return pkt{src: client, dst: vip, proto: shard.TCP, tcpFlags: 0x10, payload: payload}.bytes()
 	}
-	key := lbFlow{Saddr: addrWords(client.Addr()), Daddr: addrWords(vip.Addr()), Sport: htons(client.Port()),
-		Dport: htons(vip.Port()), Proto: uint8(shard.TCP), Family: afInet}
+	key := lbFlow4{Saddr: addrWords(client.Addr())[0], Daddr: addrWords(vip.Addr())[0], Sport: htons(client.Port()),
+		Dport: htons(vip.Port()), Proto: uint8(shard.TCP)}
 
 	t.Run("a new flow is recorded with the next hop its first packet was sent to", func(t *testing.T) {
 		ret, out := h.lb(in(nil))
@@ -53,7 +53,7 @@ func TestNextHopCache(t *testing.T) {
 			t.Fatalf("MACs % x -> % x, want % x -> % x", out[6:12], out[0:6], d0.HardwareAddr, macA)
 		}
 		var ct lbCtEntry
-		if err := h.d.objs.Conntrack.Lookup(&key, &ct); err != nil {
+		if err := h.d.objs.Conntrack4.Lookup(&key, &ct); err != nil {
 			t.Fatalf("conntrack entry: %v", err)
 		}
 		if ct.NhIfindex != uint32(d0.Index) || ct.NhDmac != macA || !bytes.Equal(ct.NhSmac[:], d0.HardwareAddr) {

@@ -89,7 +89,7 @@ static __noinline int new_flow(const struct flow *f, const struct service *svc, 
 	t->dir = CT_REPLY;
 
 	if (svc->mode == MODE_DEFAULT) {
-		if (bpf_map_update_elem(&conntrack, &reply, t, BPF_ANY)) {
+		if (ct_insert(&reply, t, BPF_ANY)) {
 			count_drop(DROP_CONNTRACK_FULL);
 			return TC_ACT_SHOT;
 		}
@@ -107,7 +107,7 @@ static __noinline int new_flow(const struct flow *f, const struct service *svc, 
 		__builtin_memcpy(reply.daddr, svc->snat_addr, 16);
 		for (i = 0; i < SNAT_TRIES; i++) {
 			reply.dport = bpf_htons(min + (hash + i) % count);
-			if (bpf_map_update_elem(&conntrack, &reply, t, BPF_NOEXIST) == 0)
+			if (ct_insert(&reply, t, BPF_NOEXIST) == 0)
 				break;
 		}
 		if (i == SNAT_TRIES) {
@@ -134,7 +134,7 @@ static __noinline int new_flow(const struct flow *f, const struct service *svc, 
  * holding the rewrite of a flow not recorded yet. */
 static __always_inline int balance(const struct flow *f, struct ct_entry *t, struct ct_entry **tracked)
 {
-	struct ct_entry *ct = bpf_map_lookup_elem(&conntrack, f);
+	struct ct_entry *ct = ct_lookup(f);
 	if (ct) {
 		if (ct->dir == CT_REPLY) {
 			*tracked = ct;

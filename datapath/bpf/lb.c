@@ -125,7 +125,7 @@ static __noinline int translate(struct __sk_buff *skb, const struct flow *f, str
 		if (rc == BPF_FIB_LKUP_RET_SUCCESS)
 			cache_next_hop(t, &fib, iif, len, now);
 	}
-	if (record && bpf_map_update_elem(&conntrack, f, t, BPF_ANY)) {
+	if (record && ct_insert(f, t, BPF_ANY)) {
 		count_drop(DROP_CONNTRACK_FULL);
 		return TC_ACT_SHOT;
 	}

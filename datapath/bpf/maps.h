@@ -1,4 +1,4 @@
-/* Maps of the shardlb datapath. Go owns every map except conntrack: it writes services,
+/* Maps of the shardlb datapath. Go owns every map except conntrack4/6: it writes services,
  * rings and endpoints declaratively and reads the counters. */
 #ifndef SHARDLB_MAPS_H
 #define SHARDLB_MAPS_H
@@ -45,13 +45,52 @@ struct {
 	__uint(max_entries, MAX_ENDPOINTS);
 } endpoints SEC(".maps");
 
-/* Connection tracking, one entry per direction of a flow, least recently used evicted. */
+/* Connection tracking, one entry per direction of a flow, least recently used evicted;
+ * one map per family so that IPv4 keys are 16 bytes, not 40 (see struct flow4). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct flow4);
+	__type(value, struct ct_entry);
+	__uint(max_entries, MAX_CONNTRACK);
+} conntrack4 SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__type(key, struct flow);
 	__type(value, struct ct_entry);
 	__uint(max_entries, MAX_CONNTRACK);
-} conntrack SEC(".maps");
+} conntrack6 SEC(".maps");
+
+/* ct_lookup and ct_insert pick the family's conntrack map for a flow. */
+static __always_inline struct ct_entry *ct_lookup(const struct flow *f)
+{
+	if (f->family == AF_INET) {
+		struct flow4 k = {
+			.saddr = f->saddr[0],
+			.daddr = f->daddr[0],
+			.sport = f->sport,
+			.dport = f->dport,
+			.proto = f->proto,
+		};
+		return bpf_map_lookup_elem(&conntrack4, &k);
+	}
+	return bpf_map_lookup_elem(&conntrack6, f);
+}
+
+static __always_inline long ct_insert(const struct flow *f, const struct ct_entry *v, __u64 flags)
+{
+	if (f->family == AF_INET) {
+		struct flow4 k = {
+			.saddr = f->saddr[0],
+			.daddr = f->daddr[0],
+			.sport = f->sport,
+			.dport = f->dport,
+			.proto = f->proto,
+		};
+		return bpf_map_update_elem(&conntrack4, &k, v, flags);
+	}
+	return bpf_map_update_elem(&conntrack6, f, v, flags);
+}
 
 /* Per-service counters (and round-robin position), per CPU so no packet waits on
  * another CPU's cache line. */

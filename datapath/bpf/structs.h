@@ -6,7 +6,7 @@
 
 #include <linux/types.h>
 
-/* A directional flow: the conntrack key and the input of the flow hash. */
+/* A directional flow: the IPv6 conntrack key and the input of the flow hash. */
 struct flow {
 	__u32 saddr[4];
 	__u32 daddr[4];
@@ -15,6 +15,17 @@ struct flow {
 	__u8 proto;
 	__u8 family;
 	__u8 pad[2];
+};
+
+/* The IPv4 conntrack key: struct flow without the 24 bytes of zeros, because the kernel
+ * hashes and compares a hash map's whole key on every lookup and insert. */
+struct flow4 {
+	__u32 saddr;
+	__u32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 pad[3];
 };
 
 struct service_key {
