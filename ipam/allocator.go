@@ -80,14 +80,75 @@ func checkPorts(service string, ports []PortKey) error {
 	return nil
 }
 
-// normalPorts is ports sorted and without repeats, in storage the caller does not own.
-func normalPorts(ports []PortKey) []PortKey {
+// maxInterned is the most ports a set may have to be interned (see portSets); larger
+// sets are rare and each gets its own copy.
+const maxInterned = 8
+
+// normalize is ports sorted and without repeats, in buf when they fit: the caller keeps
+// only what portSets.intern gives back, so buf stays on its stack.
+func normalize(buf *[maxInterned]PortKey, ports []PortKey) []PortKey {
 	if len(ports) == 0 {
 		return nil
 	}
-	out := slices.Clone(ports)
+	out := buf[:0]
+	if len(ports) > maxInterned {
+		out = nil
+	}
+	out = append(out, ports...)
 	slices.SortFunc(out, comparePorts)
 	return slices.Compact(out)
+}
+
+// portSets interns the normalised port sets of the records, counting the records using
+// each. Most services use one of a few sets (80/tcp, 443/tcp), and sharing one array per
+// set keeps it in the cache when shared mode reads the ports of an address, and spares
+// an allocation per Allocate.
+type portSets map[string]*portSet
+
+type portSet struct {
+	ports []PortKey
+	refs  int
+}
+
+func portsKey(buf *[3 * maxInterned]byte, ports []PortKey) []byte {
+	k := buf[:0]
+	for _, p := range ports {
+		k = append(k, p.Protocol, byte(p.Port>>8), byte(p.Port))
+	}
+	return k
+}
+
+// intern is the shared copy of normalised ports, counting one more user.
+func (m portSets) intern(ports []PortKey) []PortKey {
+	if len(ports) == 0 {
+		return nil
+	}
+	if len(ports) > maxInterned {
+		return slices.Clone(ports)
+	}
+	var buf [3 * maxInterned]byte
+	k := portsKey(&buf, ports)
+	if s, ok := m[string(k)]; ok {
+		s.refs++
+		return s.ports
+	}
+	s := &portSet{ports: slices.Clip(slices.Clone(ports)), refs: 1}
+	m[string(k)] = s
+	return s.ports
+}
+
+// release counts one user of interned ports less, and forgets a set nobody uses.
+func (m portSets) release(ports []PortKey) {
+	if len(ports) == 0 || len(ports) > maxInterned {
+		return
+	}
+	var buf [3 * maxInterned]byte
+	k := portsKey(&buf, ports)
+	if s := m[string(k)]; s != nil {
+		if s.refs--; s.refs == 0 {
+			delete(m, string(k))
+		}
+	}
 }
 
 // Allocation is the address a service holds in one family.
@@ -294,6 +355,7 @@ type Allocator struct {
 	// outside holds static IPs that are in no pool, so that they still conflict.
 	outside  map[netip.Addr]*slot
 	services map[string][2]record // index 0 IPv4, 1 IPv6; a zero record is none
+	sets     portSets             // the ports of every record
 }
 
 func famIndex(f Family) int {
@@ -314,6 +376,7 @@ func New(pools []PoolSpec, unique bool) (*Allocator, error) {
 		unique:   unique,
 		outside:  map[netip.Addr]*slot{},
 		services: map[string][2]record{},
+		sets:     portSets{},
 	}
 	for _, s := range pools {
 		a.pools = append(a.pools, newPool(s, !unique))
@@ -343,7 +406,8 @@ func (a *Allocator) Allocate(r Request) (Allocation, error) {
 	if rec := &recs[famIndex(r.Family)]; rec.ip.IsValid() {
 		return rec.allocation(r.Service), nil
 	}
-	ports := normalPorts(r.Ports)
+	var buf [maxInterned]PortKey
+	ports := normalize(&buf, r.Ports)
 	var p *pool
 	if r.Pool != "" || !r.StaticIP.IsValid() {
 		var err error
@@ -365,20 +429,26 @@ func (a *Allocator) Allocate(r Request) (Allocation, error) {
 
 	if !a.unique {
 		if k, ok := p.lowestShareable(ports); ok {
-			p.add(k, r.Service, ports)
-			return a.record(recs, r.Service, p, k.addr(p.family), ports).allocation(r.Service), nil
+			return a.take(recs, r.Service, p, k, ports), nil
 		}
 	}
 	k, ok := p.lowestFree()
 	if !ok {
 		what := "every address is in use"
 		if !a.unique {
-			what = "every address is in use by a service with one of the ports " + fmt.Sprint(ports)
+			// A copy, so that buf stays on the stack on the way that does not fail.
+			what = "every address is in use by a service with one of the ports " + fmt.Sprint(slices.Clone(ports))
 		}
 		return Allocation{}, fmt.Errorf("%w: pool %q (%s) for service %s: %s", ErrPoolExhausted, p.spec.Name, p.spec, r.Service, what)
 	}
-	p.add(k, r.Service, ports)
-	return a.record(recs, r.Service, p, k.addr(p.family), ports).allocation(r.Service), nil
+	return a.take(recs, r.Service, p, k, ports), nil
+}
+
+// take gives service address k of pool p.
+func (a *Allocator) take(recs [2]record, service string, p *pool, k u128, ports []PortKey) Allocation {
+	kept := a.sets.intern(ports)
+	p.add(k, service, kept)
+	return a.record(recs, service, p, k.addr(p.family), kept).allocation(service)
 }
 
 func (a *Allocator) selectPool(r Request) (*pool, error) {
@@ -425,17 +495,18 @@ func (a *Allocator) hold(recs [2]record, p *pool, ip netip.Addr, service string,
 			return record{}, &ConflictError{IP: ip, Holder: h.service, Requester: service, Ports: both}
 		}
 	}
+	kept := a.sets.intern(ports)
 	switch {
 	case p != nil:
-		p.add(k, service, ports)
+		p.add(k, service, kept)
 	case s != nil:
-		s.addHolder(service, ports)
+		s.addHolder(service, kept)
 	default:
 		s = new(slot)
-		s.addHolder(service, ports)
+		s.addHolder(service, kept)
 		a.outside[ip] = s
 	}
-	return a.record(recs, service, p, ip, ports), nil
+	return a.record(recs, service, p, ip, kept), nil
 }
 
 // record stores that service holds ip, next to recs, what it held before.
@@ -468,6 +539,7 @@ func (a *Allocator) Release(service string) {
 		if !rec.ip.IsValid() {
 			continue
 		}
+		a.sets.release(rec.ports)
 		if rec.pool == nil {
 			s := a.outside[rec.ip]
 			s.removeHolder(service)
@@ -520,14 +592,15 @@ func (a *Allocator) restore(al Allocation) error {
 	if err := checkPorts(al.Service, al.Ports); err != nil {
 		return err
 	}
-	ports := normalPorts(al.Ports)
+	var buf [maxInterned]PortKey
+	ports := normalize(&buf, al.Ports)
 	recs := a.services[al.Service]
 	if rec := recs[famIndex(familyOf(al.IP))]; rec.ip.IsValid() {
 		if rec.ip == al.IP && slices.Equal(rec.ports, ports) {
 			return nil
 		}
 		return fmt.Errorf("%w: service %s records %s %v but already holds %s %v", ErrInvalidRequest,
-			al.Service, al.IP, ports, rec.ip, rec.ports)
+			al.Service, al.IP, slices.Clone(ports), rec.ip, rec.ports)
 	}
 	_, err := a.hold(recs, a.poolOf(al.IP), al.IP, al.Service, ports)
 	return err

@@ -247,6 +247,10 @@ func (d *dense) near(o uint64) (uint64, bool) {
 		if w == 0 {
 			continue
 		}
+		if l == 0 {
+			// The used address closest to o: its slot is likely in the cache line next to o's.
+			return idx<<6 | closestBit(w, uint(o&63)), true
+		}
 		e := idx<<6 | uint64(bits.TrailingZeros64(w))
 		for l--; l >= 0; l-- {
 			d.visits++
@@ -257,7 +261,24 @@ func (d *dense) near(o uint64) (uint64, bool) {
 	return 0, false
 }
 
-func (d *dense) setPortBit(p PortKey, o uint64, on bool) {
+// closestBit is the index of the set bit of w (not zero) closest to i.
+func closestBit(w uint64, i uint) uint64 {
+	up, down := w>>i, w&(1<<i-1)
+	switch {
+	case down == 0:
+		return uint64(i) + uint64(bits.TrailingZeros64(up))
+	case up == 0:
+		return uint64(63 - bits.LeadingZeros64(down))
+	}
+	if u, dn := uint(bits.TrailingZeros64(up)), i-uint(63-bits.LeadingZeros64(down)); u <= dn {
+		return uint64(i + u)
+	} else {
+		return uint64(i - dn)
+	}
+}
+
+// setPortBit records whether address o holds p and returns o's level-0 word for p.
+func (d *dense) setPortBit(p PortKey, o uint64, on bool) uint64 {
 	d.visits++
 	k := pw(p, 0, o>>6)
 	v := d.ports[k]
@@ -267,6 +288,13 @@ func (d *dense) setPortBit(p PortKey, o uint64, on bool) {
 		v &^= 1 << (o & 63)
 	}
 	d.store(k, v)
+	return v
+}
+
+// portBits is o's level-0 word for p.
+func (d *dense) portBits(p PortKey, o uint64) uint64 {
+	d.visits++
+	return d.ports[pw(p, 0, o>>6)]
 }
 
 func (d *dense) store(k portWord, v uint64) {
@@ -278,10 +306,9 @@ func (d *dense) store(k portWord, v uint64) {
 }
 
 // refresh recomputes whether the words on o's path are blocked for p, after o's level-0
-// bit for p or the presence words of the lowest changed levels changed.
-func (d *dense) refresh(p PortKey, o uint64, changed int) {
+// word for p (below) or the presence words of the lowest changed levels changed.
+func (d *dense) refresh(p PortKey, o, below uint64, changed int) {
 	idx := o >> 6
-	below := d.ports[pw(p, 0, idx)]
 	for l := 0; l < d.top(); l++ {
 		d.visits++
 		pres := d.presence(l)[idx]
@@ -311,8 +338,7 @@ func (d *dense) add(o uint64, service string, ports []PortKey) {
 		gained := minus(d.scratch[:0], ports, s.ports)
 		s.addHolder(service, ports)
 		for _, p := range gained {
-			d.setPortBit(p, o, true)
-			d.refresh(p, o, 0)
+			d.refresh(p, o, d.setPortBit(p, o, true), 0)
 		}
 		d.scratch = gained[:0]
 		return
@@ -331,12 +357,11 @@ func (d *dense) add(o uint64, service string, ports []PortKey) {
 		return
 	}
 	for _, p := range ports {
-		d.setPortBit(p, o, true)
-		d.refresh(p, o, changed)
+		d.refresh(p, o, d.setPortBit(p, o, true), changed)
 	}
 	d.scratch = minus(d.scratch[:0], others, ports)
 	for _, p := range d.scratch {
-		d.refresh(p, o, changed)
+		d.refresh(p, o, d.portBits(p, o), changed)
 	}
 }
 
@@ -352,8 +377,7 @@ func (d *dense) remove(o uint64, service string) {
 		}
 		lost := minus(d.scratch[:0], before, s.ports)
 		for _, p := range lost {
-			d.setPortBit(p, o, false)
-			d.refresh(p, o, 0)
+			d.refresh(p, o, d.setPortBit(p, o, false), 0)
 		}
 		d.scratch = lost[:0]
 		return
@@ -363,15 +387,14 @@ func (d *dense) remove(o uint64, service string) {
 		return
 	}
 	for _, p := range before {
-		d.setPortBit(p, o, false)
-		d.refresh(p, o, changed)
+		d.refresh(p, o, d.setPortBit(p, o, false), changed)
 	}
 	// o was the address without them, so ports of any address in the lowest non-empty
 	// word around o may now be blocked there.
 	if b, ok := d.near(o); ok {
 		d.scratch = minus(d.scratch[:0], d.slots[b].ports, before)
 		for _, p := range d.scratch {
-			d.refresh(p, o, changed)
+			d.refresh(p, o, d.portBits(p, o), changed)
 		}
 	}
 }
