@@ -223,23 +223,39 @@ func TestSetAdvertisementsDiffs(t *testing.T) {
 
 func TestImportRejectsEveryRoute(t *testing.T) {
 	r := newTestRouter(t, "127.0.0.1", 65001, map[string]uint32{"127.0.0.2": 65000})
-	s := startSpeaker(t, testConfig("127.0.0.2", 65000, r))
-	waitEstablished(t, s, r.addr)
+	other := newTestRouter(t, "127.0.0.6", 65002, map[string]uint32{"127.0.0.2": 65000})
+	s := startSpeaker(t, testConfig("127.0.0.2", 65000, r, other))
+	waitEstablished(t, s, r.addr, other.addr)
 	set(t, s, adv("10.96.0.1/32", shard.RoleMaster))
+	since := status(t, s, other.addr).Since
 	r.announce("192.0.2.0/24")
 	r.announce("0.0.0.0/0")
 
 	eventually(t, 5*time.Second, "routes received by the speaker", func() bool {
-		ps := s.Peers()
-		return len(ps) == 1 && ps[0].PrefixesReceived == 2
+		return status(t, s, r.addr).PrefixesReceived == 2
+	})
+	t.Run("the other peer gets only the VIP and its session stays up", func(t *testing.T) {
+		// A later VIP is a marker: a wrongly imported route would have been passed on
+		// before it.
+		set(t, s, adv("10.96.0.1/32", shard.RoleMaster), adv("10.96.0.9/32", shard.RoleMaster))
+		eventually(t, 5*time.Second, "marker VIP at the other peer", func() bool { return len(other.rib("10.96.0.9/32")) == 1 })
+		if len(other.rib("192.0.2.0/24")) != 0 || len(other.rib("0.0.0.0/0")) != 0 {
+			t.Fatal("the speaker passed a peer's route on to another peer")
+		}
+		if len(other.rib("10.96.0.1/32")) != 1 {
+			t.Fatal("the other peer lost the VIP")
+		}
+		if p := status(t, s, other.addr); !p.Established || !p.Since.Equal(since) {
+			t.Fatalf("other session = %+v, want established since %v", p, since)
+		}
 	})
 	t.Run("the speaker's RIB holds only its own VIPs", func(t *testing.T) {
 		var got []string
 		for _, p := range s.rib() {
 			got = append(got, p.String())
 		}
-		if !slices.Equal(got, []string{"10.96.0.1/32"}) {
-			t.Fatalf("speaker RIB = %v, want only its VIP", got)
+		if !slices.Equal(got, []string{"10.96.0.1/32", "10.96.0.9/32"}) {
+			t.Fatalf("speaker RIB = %v, want only its VIPs", got)
 		}
 	})
 }
