@@ -385,40 +385,69 @@ func TestRandomSequencesOnALargerPool(t *testing.T) {
 	}
 }
 
-// Timings on a loaded machine cannot show the growth rate, so this counts the tree nodes
-// one Release plus one Allocate walks through: with n used addresses it must stay within
-// a constant times log2(n) (a balanced treap averages about 4 walks of 1.4 log2(n)).
+// Timings on a loaded machine cannot show the growth rate, so this counts the bitmap
+// words, port index words and treap nodes one Release plus one Allocate reads or writes:
+// with n used addresses it must stay within a constant per bitmap level, log64(n). The
+// shared-packing case holds 80/tcp on n addresses and 443/tcp on the lowest half, so a
+// 443/tcp request must find the address past them: a scan would read n/64 words.
 func TestWalksStayLogarithmic(t *testing.T) {
-	for _, unique := range []bool{true, false} {
+	web, tls := []PortKey{{6, 80}}, []PortKey{{6, 443}}
+	cases := []struct {
+		name   string
+		unique bool
+		tls    bool // half the addresses also carry 443/tcp, and the churning service wants it
+	}{
+		{"unique mode", true, false},
+		{"shared mode", false, false},
+		{"shared mode packing past a blocked half", false, true},
+	}
+	for _, tc := range cases {
 		for _, n := range []int{1_000, 10_000, 100_000} {
-			t.Run(fmt.Sprintf("unique=%v with %d addresses used", unique, n), func(t *testing.T) {
+			t.Run(fmt.Sprintf("%s with %d addresses used", tc.name, n), func(t *testing.T) {
 				if testing.Short() && n > 10_000 {
 					t.Skip("-short")
 				}
-				a, err := New(mustPools(t, "p=10.0.0.0/14"), unique)
+				a, err := New(mustPools(t, "p=10.0.0.0/14"), tc.unique)
 				if err != nil {
 					t.Fatal(err)
 				}
 				for i := range n {
-					if _, err := a.Allocate(Request{Service: fmt.Sprint(i), Family: IPv4, Ports: []PortKey{{6, 80}}}); err != nil {
+					if _, err := a.Allocate(Request{Service: fmt.Sprint(i), Family: IPv4, Ports: web}); err != nil {
 						t.Fatal(err)
+					}
+				}
+				churn := web
+				if tc.tls {
+					churn = tls
+					for i := range n / 2 {
+						if _, err := a.Allocate(Request{Service: fmt.Sprint("tls", i), Family: IPv4, Ports: tls}); err != nil {
+							t.Fatal(err)
+						}
 					}
 				}
 				rng := rand.New(rand.NewPCG(7, 7))
 				const ops = 2000
-				before := a.pools[0].visits()
+				p := a.pools[0]
+				before := p.visits()
 				for range ops {
 					s := fmt.Sprint(rng.IntN(n))
+					if tc.tls {
+						s = "tls-churn"
+					}
 					a.Release(s)
-					if _, err := a.Allocate(Request{Service: s, Family: IPv4, Ports: []PortKey{{6, 80}}}); err != nil {
+					if _, err := a.Allocate(Request{Service: s, Family: IPv4, Ports: churn}); err != nil {
 						t.Fatal(err)
 					}
 				}
-				perOp := float64(a.pools[0].visits()-before) / ops
-				if limit := 8 * math.Log2(float64(n)); perOp > limit {
-					t.Errorf("%.1f nodes visited per release+allocate, more than 8 log2(n) = %.0f", perOp, limit)
+				perOp := float64(p.visits()-before) / ops
+				levels := p.dense.top() + 1
+				if want := math.Ceil(math.Log(float64(n)) / math.Log(64)); float64(levels) > want+1 {
+					t.Errorf("the bitmap has %d levels for %d addresses, more than log64(n)+1 = %.0f", levels, n, want+1)
 				}
-				t.Logf("%.1f nodes per release+allocate, log2(n) = %.1f", perOp, math.Log2(float64(n)))
+				if limit := 10 * float64(levels); perOp > limit {
+					t.Errorf("%.1f words read per release+allocate, more than 10 per bitmap level (%d levels)", perOp, levels)
+				}
+				t.Logf("%.1f words per release+allocate, %d bitmap levels", perOp, levels)
 			})
 		}
 	}
