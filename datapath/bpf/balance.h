@@ -131,7 +131,7 @@ static __noinline int new_flow(const struct flow *f, const struct service *svc, 
 /* balance decides flow f: TC_ACT_OK when it is not load-balanced traffic, a drop,
  * FURTHER_PROCESSING with *tracked pointing at the flow's conntrack entry, used in place
  * (not copied) so that translate can cache the next hop in it, or NEW_FLOW with *t
- * holding the rewrite of a flow not recorded yet. */
+ * (zeroed first) holding the rewrite of a flow not recorded yet. */
 static __always_inline int balance(const struct flow *f, struct ct_entry *t, struct ct_entry **tracked)
 {
 	struct ct_entry *ct = ct_lookup(f);
@@ -157,6 +157,8 @@ static __always_inline int balance(const struct flow *f, struct ct_entry *t, str
 	struct service *svc = bpf_map_lookup_elem(&services, &k);
 	if (!svc)
 		return TC_ACT_OK;
+	/* Zeroed here, not where it is declared: tracked flows never touch it. */
+	__builtin_memset(t, 0, sizeof(*t));
 	return new_flow(f, svc, t);
 }
 

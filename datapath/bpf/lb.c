@@ -163,7 +163,7 @@ int lb_ingress(struct __sk_buff *skb)
 	void *data_end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
 	struct flow f = {};
-	struct ct_entry fresh = {};
+	struct ct_entry fresh; /* zeroed by balance when a new flow needs it */
 	struct ct_entry *tracked = 0;
 	void *l4 = 0;
 	int ret;
