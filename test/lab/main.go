@@ -69,7 +69,7 @@ func demo(ctx context.Context, w io.Writer, keep, verbose bool) int {
 	}
 	say("shardlb nodes: %s", strings.Join(names, ", "))
 
-	say("\n$ kubectl apply -f manifest/examples/")
+	say("\n$ kubectl apply -f manifest/examples/   # the lab applies them through the API")
 	if err := l.ApplyExamples(ctx); err != nil {
 		return fail("apply the guide's manifests", err)
 	}
@@ -90,26 +90,26 @@ func demo(ctx context.Context, w io.Writer, keep, verbose bool) int {
 	if err := l.WaitSettled(ctx, vips, 60*time.Second); err != nil {
 		return fail("routes and masters", err)
 	}
-	say("\n$ kubectl get svc")
+	say("\n$ kubectl get svc   # as read from the apiserver")
 	if err := l.PrintServices(ctx, w); err != nil {
 		return fail("get svc", err)
 	}
 	for _, n := range l.nodes {
-		say("\n$ kubectl exec -n kube-system shardlb-%s -- shardlb get ha", n.name)
+		say("\n%s$ shardlb get ha", n.name)
 		out, err := l.cli(n, "get", "ha")
 		if err != nil {
 			return fail("get ha on "+n.name, err)
 		}
 		fmt.Fprint(w, out)
 	}
-	say("\n$ kubectl exec -n kube-system shardlb-%s -- shardlb get services   # VIP, instance and master in one view", l.nodes[0].name)
+	say("\n%s$ shardlb get services   # VIP, instance and master in one view", l.nodes[0].name)
 	out, err := l.cli(l.nodes[0], "get", "services")
 	if err != nil {
 		return fail("get services", err)
 	}
 	fmt.Fprint(w, out)
 
-	say("\n$ vtysh -c 'show bgp ipv4 unicast'   # on the router: the master's path wins on LOCAL_PREF")
+	say("\nrouter$ vtysh -c 'show bgp ipv4 unicast'   # the master's path wins on LOCAL_PREF")
 	rib, err := l.Router.Vtysh(ctx, "show bgp ipv4 unicast")
 	if err != nil {
 		return fail("FRR routes", err)
@@ -120,7 +120,7 @@ func demo(ctx context.Context, w io.Writer, keep, verbose bool) int {
 	if err != nil {
 		return fail("build the gobgp CLI", err)
 	}
-	say("\n$ kubectl exec -n kube-system shardlb-%s -- gobgp global rib", l.nodes[0].name)
+	say("\n%s$ gobgp global rib", l.nodes[0].name)
 	out, err = nsRun(l.nodes[0].ns, gobgp, "global", "rib")
 	if err != nil {
 		return fail("gobgp global rib", err)
@@ -129,7 +129,7 @@ func demo(ctx context.Context, w io.Writer, keep, verbose bool) int {
 
 	for i, vip := range sortedVIPs(vips) {
 		t := netip.AddrPortFrom(vip, vipPort)
-		say("\n$ curl http://%s   # from the client, behind the router", t)
+		say("\nclient$ curl http://%s", t)
 		pg, err := l.client.get(ctx, t, 5*time.Second)
 		if err != nil {
 			return fail("fetch through "+vip.String(), err)
@@ -171,8 +171,8 @@ func demo(ctx context.Context, w io.Writer, keep, verbose bool) int {
 func trimFRR(s string) string {
 	var out []string
 	for _, line := range strings.Split(s, "\n") {
-		if strings.HasPrefix(line, "Status codes:") || strings.HasPrefix(line, "               ") ||
-			strings.HasPrefix(line, "Origin codes:") || strings.HasPrefix(line, "RPKI validation codes:") {
+		// The legend: "... codes:" lines and the continuation of the status codes.
+		if strings.Contains(line, "codes:") || strings.Contains(line, "i internal, r RIB-failure") {
 			continue
 		}
 		out = append(out, line)
