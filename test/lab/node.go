@@ -119,14 +119,15 @@ func (n *node) exitErr() error {
 	return nil
 }
 
-// setLink takes the node's LAN interface down or up: a cut cable, as far as the
-// router can tell (the bridge port stays up on its side; only BFD notices).
+// setLink takes the node's cable out or puts it back: the router's bridge port toward
+// the node goes down, so the node's eth0 loses its carrier but keeps its addresses
+// and routes, and the router's LAN stays up. Only BFD (or the hold timer) notices.
 func (n *node) setLink(up bool) error {
 	state := "down"
 	if up {
 		state = "up"
 	}
-	_, err := sh("ip", "-n", n.ns, "link", "set", "eth0", state)
+	_, err := sh("ip", "-n", routerNS, "link", "set", fmt.Sprintf("node%d", n.i+1), state)
 	return err
 }
 
