@@ -230,8 +230,8 @@ func (c *controller) release(ctx context.Context, key string, s *service) error 
 	if len(held) > 0 {
 		c.log.Info("controller: released", "service", key, "vips", allocIPs(held))
 	}
-	if s == nil {
-		return nil
+	if s == nil || (len(held) == 0 && !hadInst) {
+		return nil // never ours, or already cleaned up
 	}
 	// The service now belongs to nobody or to another implementation: take back our
 	// annotation and our VIPs, and only ours.

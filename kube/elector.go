@@ -192,6 +192,9 @@ func holder(l *coordinationv1.Lease) string {
 func (e *elector) evaluate(ctx context.Context) time.Time {
 	now := e.clock.Now()
 	renew, grace := e.cfg.MemberLease.Renew, e.cfg.MemberLease.Grace
+	if ctx.Err() != nil {
+		return now.Add(renew) // shutting down: release does the last writes
+	}
 	next := now.Add(renew)
 	soon := func(t time.Time) {
 		if t.Before(next) {

@@ -253,6 +253,7 @@ type pod struct {
 	rec    *recorder
 	cancel context.CancelFunc
 	done   chan error
+	once   sync.Once
 }
 
 func startPod(tb testing.TB, cfg Config) *pod {
@@ -271,16 +272,17 @@ func startPod(tb testing.TB, cfg Config) *pod {
 // stop cancels the pod and waits for Run to return; a second call is a no-op.
 func (p *pod) stop(tb testing.TB) {
 	tb.Helper()
-	p.cancel()
-	select {
-	case err, ok := <-p.done:
-		if ok && err != nil {
-			tb.Errorf("Run: %v", err)
+	p.once.Do(func() {
+		p.cancel()
+		select {
+		case err := <-p.done:
+			if err != nil {
+				tb.Errorf("Run: %v", err)
+			}
+		case <-time.After(20 * time.Second):
+			tb.Errorf("Run did not return 20 s after cancel")
 		}
-		close(p.done)
-	case <-time.After(20 * time.Second):
-		tb.Errorf("Run did not return 20 s after cancel")
-	}
+	})
 }
 
 func freeAddr(tb testing.TB) string {
