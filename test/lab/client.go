@@ -151,6 +151,8 @@ type Outage struct {
 	Gap time.Duration
 	// FirstError is the error of the first failed probe.
 	FirstError string
+	// Errors counts failed probes by kind of error.
+	Errors map[string]int
 }
 
 func (o Outage) String() string {
@@ -172,6 +174,10 @@ func analyze(ps []probe) Outage {
 			if o.FirstError == "" {
 				o.FirstError = p.err.Error()
 			}
+			if o.Errors == nil {
+				o.Errors = map[string]int{}
+			}
+			o.Errors[errorKind(p.err)]++
 			if !inRun {
 				runStart, inRun = p.start, true
 			}
@@ -186,4 +192,13 @@ func analyze(ps []probe) Outage {
 		}
 	}
 	return o
+}
+
+// errorKind names a probe error without its addresses and ports.
+func errorKind(err error) string {
+	s := err.Error()
+	if i := strings.LastIndex(s, ": "); i >= 0 {
+		return s[i+2:]
+	}
+	return s
 }

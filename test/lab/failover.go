@@ -57,6 +57,11 @@ func byVIP(m map[netip.AddrPort]Outage) map[netip.Addr]Outage {
 // with every node, plus a second.
 func (l *Lab) Failover(ctx context.Context, f Failure, instance string, vips map[netip.Addr]string) (FailoverResult, error) {
 	res := FailoverResult{Failure: f, Instance: instance}
+	// Mastership may still be moving (a handover after a start): begin from the
+	// steady state.
+	if err := l.WaitSettled(ctx, vips, 60*time.Second); err != nil {
+		return res, err
+	}
 	masters, err := l.Masters()
 	if err != nil {
 		return res, err
