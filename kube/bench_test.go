@@ -78,7 +78,10 @@ func measureLatency(b *testing.B, stage string, n int) {
 	if stage != "baseline" {
 		cfg := e.config(b, "bench", "defaultPool=10.20.0.0/16", 3)
 		cfg.REST.WrapTransport = countWrites(counts)
-		cfg.Controller = true
+		if q := os.Getenv("BENCH_QPS"); q != "" {
+			f, _ := strconv.ParseFloat(q, 32)
+			cfg.QPS, cfg.Burst = float32(f), int(2*f)
+		}
 		p = startPod(b, cfg)
 		p.rec.mu.Lock()
 		p.rec.onSet = func(advs []shard.Advertisement) {

@@ -285,7 +285,12 @@ func (c *controller) decide(s *service) (desired, bool) {
 		return warn(ReasonInvalidAnnotation, "%v", errors.Join(errs...))
 	}
 
-	inst, err := shard.Assign(c.cfg.Instances, s.Annotations[AnnotationZoneInstance], s.Annotations[AnnotationInstance], c.load)
+	// What this term decided wins over the annotation, which the cache may not show yet.
+	recorded := s.Annotations[AnnotationInstance]
+	if mine, ok := c.instances[key]; ok {
+		recorded = mine
+	}
+	inst, err := shard.Assign(c.cfg.Instances, s.Annotations[AnnotationZoneInstance], recorded, c.load)
 	if err != nil {
 		return warn(ReasonUnknownInstance, "%s %q: %v (instances: %v)", AnnotationZoneInstance, s.Annotations[AnnotationZoneInstance], err, c.cfg.Instances.Names())
 	}
@@ -362,8 +367,7 @@ func (c *controller) allocate(s *service, static netip.Addr) ([]ipam.Allocation,
 	return out, "", nil
 }
 
-// write brings the service's annotation and status to want: the instance first, so a
-// node that sees the VIP also sees its instance.
+// write brings the service's annotation and status to want.
 func (c *controller) write(ctx context.Context, s *service, want desired) error {
 	key := s.key()
 	have := desired{instance: s.Annotations[AnnotationInstance], ips: joinAddrs(s.Ingress)}
@@ -379,30 +383,41 @@ func (c *controller) write(ctx context.Context, s *service, want desired) error 
 	if marked && mark.state == want && rvOlder(s.ResourceVersion, mark.rv) {
 		return nil // our write is not in the cache yet; its event reconciles again
 	}
-	var rv string
+	// The two writes go out together: a node uses a service only once it carries both
+	// the instance and the VIP, so their order does not matter, and a new service
+	// waits one round trip instead of two.
+	var wg sync.WaitGroup
+	var instRV, ipRV string
+	var instErr, ipErr error
 	if have.instance != want.instance {
-		obj, err := c.patchInstanceRV(ctx, s, want.instance)
-		if err != nil {
-			return err
-		}
-		rv = obj
+		wg.Go(func() { instRV, instErr = c.patchInstanceRV(ctx, s, want.instance) })
+	}
+	if have.ips != want.ips {
+		wg.Go(func() { ipRV, ipErr = c.patchStatusRV(ctx, s, splitAddrs(want.ips)) })
+	}
+	wg.Wait()
+	if have.instance != want.instance && instErr == nil {
 		verb := "assigned to"
 		if have.instance != "" {
 			verb = "moved from " + have.instance + " to"
 		}
 		c.recorder.Eventf(ref(s), corev1.EventTypeNormal, ReasonShardAssigned, "%s instance %s", verb, want.instance)
 	}
-	if have.ips != want.ips {
-		obj, err := c.patchStatusRV(ctx, s, splitAddrs(want.ips))
-		if err != nil {
-			return err
-		}
-		rv = obj
+	if have.ips != want.ips && ipErr == nil {
 		c.recorder.Eventf(ref(s), corev1.EventTypeNormal, ReasonIPAllocated, "VIP %s", want.ips)
 	}
-	if n, err := strconv.ParseUint(rv, 10, 64); err == nil {
+	if err := errors.Join(instErr, ipErr); err != nil {
+		return err
+	}
+	var rv uint64
+	for _, r := range []string{instRV, ipRV} {
+		if n, err := strconv.ParseUint(r, 10, 64); err == nil {
+			rv = max(rv, n)
+		}
+	}
+	if rv > 0 {
 		c.mu.Lock()
-		c.written[key] = writeMark{state: want, rv: n}
+		c.written[key] = writeMark{state: want, rv: rv}
 		c.mu.Unlock()
 	}
 	return nil

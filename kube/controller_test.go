@@ -29,10 +29,11 @@ func TestGuideServicesGetVIPsAndInstances(t *testing.T) {
 	p := startPod(t, cfg)
 
 	e.createSlice(t, "tcp-lb", "10.244.1.10")
-	e.create(t, e.lbService("tcp-lb", annotate(AnnotationLBMode, "onearm")))
+	local := func(s *corev1.Service) { s.Spec.ExternalTrafficPolicy = corev1.ServiceExternalTrafficPolicyLocal }
+	e.create(t, e.lbService("tcp-lb", annotate(AnnotationLBMode, "onearm"), local))
 	waitFor(t, 10*time.Second, "tcp-lb's VIP", func() bool { return len(ingressIPs(e.get(t, "tcp-lb"))) > 0 })
 	e.createSlice(t, "tcp-lb2", "10.244.2.10")
-	e.create(t, e.lbService("tcp-lb2", annotate(AnnotationLBMode, "onearm"), annotate(AnnotationZoneInstance, "llb-inst2")))
+	e.create(t, e.lbService("tcp-lb2", annotate(AnnotationLBMode, "onearm"), annotate(AnnotationZoneInstance, "llb-inst2"), local))
 	waitFor(t, 10*time.Second, "tcp-lb2's VIP", func() bool { return len(ingressIPs(e.get(t, "tcp-lb2"))) > 0 })
 
 	for _, want := range []struct{ name, vip, instance string }{
@@ -226,6 +227,8 @@ func TestRestartedControllerChangesNothing(t *testing.T) {
 	const n = 200
 	e := newEnv(t, "restart")
 	cfg := e.config(t, "node-a", "defaultPool=10.12.0.0/24", 3)
+	firstWrites := &writeCounts{}
+	cfg.REST.WrapTransport = countWrites(firstWrites)
 	first := startPod(t, cfg)
 
 	// Created in parallel so that the order of allocation is not the order of names.
@@ -259,6 +262,10 @@ func TestRestartedControllerChangesNothing(t *testing.T) {
 	var before map[string]string
 	waitFor(t, 60*time.Second, "every service allocated", func() bool { before = snapshot(); return len(before) == n })
 	first.stop(t)
+	// One annotation and one status write per service: no decision was taken twice.
+	if w := firstWrites.services.Load(); w != 2*n {
+		t.Errorf("the first controller wrote %d times to services, want %d", w, 2*n)
+	}
 
 	counter := &writeCounts{}
 	cfg2 := e.config(t, "node-b", "defaultPool=10.12.0.0/24", 3)

@@ -116,7 +116,13 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	var broadcaster record.EventBroadcaster
 	if cfg.Controller {
 		broadcaster = record.NewBroadcaster(record.WithContext(ctx))
-		broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: client.CoreV1().Events("")})
+		// Events get a client of their own: behind the same rate limiter they would
+		// delay the status writes users wait for.
+		eventClient, err := kubernetes.NewForConfig(rc)
+		if err != nil {
+			return fmt.Errorf("kube events client: %w", err)
+		}
+		broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: eventClient.CoreV1().Events("")})
 		rec := broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "shardlb", Host: cfg.NodeName})
 		ctl = newController(&cfg, log.With("part", "controller"), client, svcStore, rec, m)
 	}

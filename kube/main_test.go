@@ -132,7 +132,6 @@ func (e *env) lbService(name string, opts ...svcOpt) *corev1.Service {
 			Type:                          corev1.ServiceTypeLoadBalancer,
 			LoadBalancerClass:             ptr.To(e.class),
 			AllocateLoadBalancerNodePorts: ptr.To(false),
-			ExternalTrafficPolicy:         corev1.ServiceExternalTrafficPolicyLocal,
 			Selector:                      map[string]string{"what": name},
 			Ports:                         []corev1.ServicePort{{Name: "http", Port: 57002, Protocol: corev1.ProtocolTCP}},
 		},
