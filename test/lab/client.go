@@ -153,6 +153,14 @@ type Outage struct {
 	FirstError string
 	// Errors counts failed probes by kind of error.
 	Errors map[string]int
+	// Runs are the runs of consecutive failed probes, in order.
+	Runs []Run
+}
+
+// Run is a run of consecutive failed probes.
+type Run struct {
+	Start, End time.Time // first failed probe's start; next good probe's start
+	Failed     int
 }
 
 func (o Outage) String() string {
@@ -166,30 +174,32 @@ func analyze(ps []probe) Outage {
 	ps = slices.Clone(ps)
 	slices.SortFunc(ps, func(a, b probe) int { return a.start.Compare(b.start) })
 	o := Outage{Probes: len(ps)}
-	var runStart time.Time
-	inRun := false
-	for i, p := range ps {
-		if p.err != nil {
-			o.Failed++
-			if o.FirstError == "" {
-				o.FirstError = p.err.Error()
-			}
-			if o.Errors == nil {
-				o.Errors = map[string]int{}
-			}
-			o.Errors[errorKind(p.err)]++
-			if !inRun {
-				runStart, inRun = p.start, true
-			}
-			if i == len(ps)-1 {
-				o.Gap = max(o.Gap, p.start.Sub(runStart))
+	var run *Run
+	for _, p := range ps {
+		if p.err == nil {
+			if run != nil {
+				run.End = p.start
+				run = nil
 			}
 			continue
 		}
-		if inRun {
-			o.Gap = max(o.Gap, p.start.Sub(runStart))
-			inRun = false
+		o.Failed++
+		if o.FirstError == "" {
+			o.FirstError = p.err.Error()
 		}
+		if o.Errors == nil {
+			o.Errors = map[string]int{}
+		}
+		o.Errors[errorKind(p.err)]++
+		if run == nil {
+			o.Runs = append(o.Runs, Run{Start: p.start})
+			run = &o.Runs[len(o.Runs)-1]
+		}
+		run.Failed++
+		run.End = p.start // until a good probe says otherwise
+	}
+	for _, r := range o.Runs {
+		o.Gap = max(o.Gap, r.End.Sub(r.Start))
 	}
 	return o
 }

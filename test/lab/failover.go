@@ -30,6 +30,9 @@ type FailoverResult struct {
 	Master   string // the node taken out
 	Outage   map[netip.Addr]Outage
 	Recovery map[netip.Addr]Outage
+	// Timeline lists, relative to the failure, the router's kernel route changes for
+	// the instance's VIPs and the runs of failed probes, for a person to read.
+	Timeline []string
 }
 
 // targets are the VIPs' service addresses.
@@ -79,7 +82,9 @@ func (l *Lab) Failover(ctx context.Context, f Failure, instance string, vips map
 	}
 
 	p := l.client.startProbes(targets(vips), probeEvery)
+	watch := l.watchRoutes(own)
 	time.Sleep(300 * time.Millisecond) // a baseline of good probes first
+	t0 := time.Now()
 	switch f {
 	case CleanStop:
 		victim.up = false
@@ -89,6 +94,7 @@ func (l *Lab) Failover(ctx context.Context, f Failure, instance string, vips map
 	case LinkCut:
 		if err := victim.setLink(false); err != nil {
 			p.stop()
+			watch()
 			return res, err
 		}
 	}
@@ -114,6 +120,7 @@ func (l *Lab) Failover(ctx context.Context, f Failure, instance string, vips map
 	}
 	time.Sleep(time.Second)
 	res.Outage = byVIP(p.stop())
+	res.Timeline = timeline(t0, watch(), res.Outage)
 	if err == nil && f == CleanStop {
 		err = victim.exitErr() // a clean stop exits 0
 	}
@@ -159,4 +166,63 @@ func (l *Lab) RollingRestart(ctx context.Context, vips map[netip.Addr]string) (m
 // sortedVIPs returns the VIPs in address order.
 func sortedVIPs(vips map[netip.Addr]string) []netip.Addr {
 	return slices.SortedFunc(maps.Keys(vips), netip.Addr.Compare)
+}
+
+// routeChange is the router's kernel route for a prefix from At on.
+type routeChange struct {
+	At     time.Time
+	Prefix netip.Prefix
+	Hops   []netip.Addr
+}
+
+// watchRoutes polls the router's kernel routes for prefixes every millisecond until
+// the returned function is called, which returns every change seen.
+func (l *Lab) watchRoutes(prefixes []netip.Prefix) func() []routeChange {
+	done := make(chan struct{})
+	out := make(chan []routeChange)
+	go func() {
+		var changes []routeChange
+		last := map[netip.Prefix][]netip.Addr{}
+		for {
+			for _, p := range prefixes {
+				hops, err := l.Router.KernelRoute(p)
+				if err == nil && (changes == nil || !slices.Equal(hops, last[p])) {
+					last[p] = hops
+					changes = append(changes, routeChange{At: time.Now(), Prefix: p, Hops: hops})
+				}
+			}
+			select {
+			case <-done:
+				out <- changes
+				return
+			case <-time.After(time.Millisecond):
+			}
+		}
+	}()
+	return func() []routeChange {
+		close(done)
+		return <-out
+	}
+}
+
+func timeline(t0 time.Time, routes []routeChange, outages map[netip.Addr]Outage) []string {
+	type event struct {
+		at   time.Time
+		text string
+	}
+	var evs []event
+	for _, r := range routes {
+		evs = append(evs, event{r.At, fmt.Sprintf("router: %s via %v", r.Prefix, r.Hops)})
+	}
+	for vip, o := range outages {
+		for _, r := range o.Runs {
+			evs = append(evs, event{r.Start, fmt.Sprintf("client: %s: %d probes failed until %+dms", vip, r.Failed, r.End.Sub(t0).Milliseconds())})
+		}
+	}
+	slices.SortStableFunc(evs, func(a, b event) int { return a.at.Compare(b.at) })
+	var lines []string
+	for _, e := range evs {
+		lines = append(lines, fmt.Sprintf("%+6dms %s", e.at.Sub(t0).Milliseconds(), e.text))
+	}
+	return lines
 }

@@ -38,8 +38,6 @@ var (
 	routerLAN   = netip.MustParseAddr("10.80.0.1")    // nodes .11.., pods .101..
 	routerCli   = netip.MustParseAddr("203.0.113.1")
 	clientAddr  = netip.MustParseAddr("203.0.113.10")
-	// The guide's pool: its first address is the first VIP.
-	firstVIP = netip.MustParseAddr("192.168.80.250")
 )
 
 // Options configure a lab; zero values are the guide's setup.
@@ -205,6 +203,11 @@ func (l *Lab) topology() error {
 			return err
 		}
 		s.run("ip", "-n", routerNS, "link", "set", port, "master", "lan")
+		// A NIC drops frames for other MACs; a veth hands them to the tc hook, where
+		// the node's eBPF program would see traffic the bridge floods when another
+		// node's port goes down. No unknown-unicast flooding toward nodes keeps a
+		// link cut what it is on real hardware.
+		s.in(routerNS, "bridge", "link", "set", "dev", port, "flood", "off")
 		s.run("ip", "-n", ns, "addr", "add", cidr(nodeLAN(i), 24), "dev", "eth0")
 		s.run("ip", "-n", ns, "route", "add", "default", "via", routerLAN.String())
 		mgmt := fmt.Sprintf("%sm%d", prefix, i+1)

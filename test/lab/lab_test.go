@@ -179,6 +179,9 @@ func TestGuideEndToEnd(t *testing.T) {
 					t.Errorf("%s is on another instance (%s) yet lost probes: %s", vip, vips[vip], o)
 				}
 			}
+			if t.Failed() || testing.Verbose() {
+				t.Logf("timeline:\n%s", strings.Join(res.Timeline, "\n"))
+			}
 			if err != nil {
 				t.Fatal(err)
 			}

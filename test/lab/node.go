@@ -193,15 +193,6 @@ func (l *Lab) Masters() (map[string]*node, error) {
 	return masters, nil
 }
 
-func (l *Lab) nodeByIP(a netip.Addr) *node {
-	for _, n := range l.nodes {
-		if n.ip == a {
-			return n
-		}
-	}
-	return nil
-}
-
 // Settled checks the steady state the guide shows: every running node's session
 // up at the router, one master per instance, and for every VIP given (VIP ->
 // instance) the router's best path via that instance's master, with one path per

@@ -43,9 +43,6 @@ func startProc(name, logPath string, argv ...string) (*proc, error) {
 	return p, nil
 }
 
-// pid is the process's PID.
-func (p *proc) pid() int { return p.cmd.Process.Pid }
-
 // running reports whether the process has not exited yet.
 func (p *proc) running() bool {
 	select {
