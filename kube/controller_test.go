@@ -16,6 +16,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/utils/ptr"
 
 	"github.com/shardlb/shardlb/shard"
 )
@@ -25,8 +26,29 @@ import (
 func TestGuideServicesGetVIPsAndInstances(t *testing.T) {
 	e := newEnv(t, "guide")
 	cfg := e.config(t, "master1", "defaultPool=192.168.80.250/24", 3)
-	cfg.APIAddress = freeAddr(t)
-	p := startPod(t, cfg)
+	cfg.APIAddress, cfg.MetricsAddress = freeAddr(t), freeAddr(t)
+	peers := func() []BGPPeer {
+		return []BGPPeer{{Peer: "192.168.80.1", AS: 64512, State: "ESTABLISHED", Uptime: "00:01:02"}}
+	}
+	// The shutdown order is checked where it happens: when the routes are withdrawn,
+	// this pod's member Lease must still exist.
+	var withdrawnWithLease atomic.Int32 // 0 not yet, 1 lease present, 2 lease gone
+	announced := false // guarded by the recorder's lock, like onSet
+	rec := &recorder{onSet: func(advs []shard.Advertisement) {
+		if len(advs) > 0 {
+			announced = true
+		}
+		if !announced || len(advs) > 0 || withdrawnWithLease.Load() != 0 {
+			return
+		}
+		_, err := e.client.CoordinationV1().Leases(e.ns).Get(context.Background(), MemberLeaseName("master1"), metav1.GetOptions{})
+		if err == nil {
+			withdrawnWithLease.Store(1)
+		} else {
+			withdrawnWithLease.Store(2)
+		}
+	}}
+	p := startPodWith(t, cfg, rec, peers)
 
 	e.createSlice(t, "tcp-lb", "10.244.1.10")
 	local := func(s *corev1.Service) { s.Spec.ExternalTrafficPolicy = corev1.ServiceExternalTrafficPolicyLocal }
@@ -91,6 +113,56 @@ func TestGuideServicesGetVIPsAndInstances(t *testing.T) {
 	}
 	if !strings.Contains(out.String(), `"mode": "onearm"`) || !strings.Contains(out.String(), `"10.244.2.10:80"`) {
 		t.Errorf("get lb -o json lacks the onearm mode or the endpoint:\n%s", out.String())
+	}
+	out.Reset()
+	if err := Get(context.Background(), cfg.APIAddress, "bgp", "table", &out); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(out.String(), "| 192.168.80.1 | 64512 | 00:01:02 | ESTABLISHED |") {
+		t.Errorf("get bgp:\n%s", out.String())
+	}
+
+	for _, series := range []string{
+		`shardlb_instance_role{instance="llb-inst2",role="MASTER"}`,
+		`shardlb_bgp_session_state{peer="192.168.80.1",state="ESTABLISHED"}`,
+		`shardlb_vips{role="MASTER"}`,
+		`shardlb_pool_addresses{pool="defaultPool",state="used"}`,
+	} {
+		want := 1.0
+		if strings.HasPrefix(series, "shardlb_vips") || strings.HasPrefix(series, "shardlb_pool") {
+			want = 2
+		}
+		if got := metricValue(t, cfg.MetricsAddress, series); got != want {
+			t.Errorf("%s = %v, want %v", series, got, want)
+		}
+	}
+	for _, path := range []string{"/healthz", "/readyz"} {
+		resp, err := http.Get("http://" + cfg.MetricsAddress + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			t.Errorf("%s: %s", path, resp.Status)
+		}
+	}
+
+	// Shutdown: routes withdrawn while the Leases still exist, then the Leases let go.
+	p.stop(t)
+	if got := withdrawnWithLease.Load(); got != 1 {
+		t.Errorf("routes withdrawn with member lease state %d, want 1 (still held)", got)
+	}
+	if _, err := e.client.CoordinationV1().Leases(e.ns).Get(context.Background(), MemberLeaseName("master1"), metav1.GetOptions{}); err == nil {
+		t.Errorf("member lease still exists after shutdown")
+	}
+	for _, inst := range []string{"default", "llb-inst1", "llb-inst2"} {
+		l, err := e.client.CoordinationV1().Leases(e.ns).Get(context.Background(), InstanceLeaseName(inst), metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if h := ptr.Deref(l.Spec.HolderIdentity, ""); h != "" {
+			t.Errorf("lease of %s still held by %q after shutdown", inst, h)
+		}
 	}
 }
 

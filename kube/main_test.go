@@ -257,13 +257,19 @@ type pod struct {
 
 func startPod(tb testing.TB, cfg Config) *pod {
 	tb.Helper()
+	return startPodWith(tb, cfg, &recorder{}, nil)
+}
+
+// startPodWith runs a pod with a given recorder and BGP status provider.
+func startPodWith(tb testing.TB, cfg Config, rec *recorder, peers func() []BGPPeer) *pod {
+	tb.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	p := &pod{rec: &recorder{}, cancel: cancel, done: make(chan error, 1)}
+	p := &pod{rec: rec, cancel: cancel, done: make(chan error, 1)}
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	if testing.Verbose() {
 		log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo})).With("pod", cfg.NodeName)
 	}
-	go func() { p.done <- Run(ctx, cfg, Deps{Router: p.rec, Datapath: p.rec, Logger: log}) }()
+	go func() { p.done <- Run(ctx, cfg, Deps{Router: p.rec, Datapath: p.rec, Logger: log, BGPPeers: peers}) }()
 	tb.Cleanup(func() { p.stop(tb) })
 	return p
 }
