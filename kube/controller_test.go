@@ -33,7 +33,7 @@ func TestGuideServicesGetVIPsAndInstances(t *testing.T) {
 	// The shutdown order is checked where it happens: when the routes are withdrawn,
 	// this pod's member Lease must still exist.
 	var withdrawnWithLease atomic.Int32 // 0 not yet, 1 lease present, 2 lease gone
-	announced := false // guarded by the recorder's lock, like onSet
+	announced := false                  // guarded by the recorder's lock, like onSet
 	rec := &recorder{onSet: func(advs []shard.Advertisement) {
 		if len(advs) > 0 {
 			announced = true
