@@ -65,23 +65,29 @@ func (n *node) poke() {
 }
 
 // run recomputes after each change, waiting Debounce so that a burst of events costs
-// one apply; a failed apply is retried with backoff.
+// one apply; a failed apply is retried with backoff. The wait is at least as long as
+// the last apply took: a recompute costs O(services) (about 40 ms at 10,000), and
+// under constant churn this keeps the loop below half a core.
 func (n *node) run(ctx context.Context) {
 	backoff := 100 * time.Millisecond
+	var took time.Duration
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-n.trigger:
 		}
-		if n.cfg.Debounce > 0 {
+		if wait := max(n.cfg.Debounce, took); wait > 0 {
 			select {
 			case <-ctx.Done():
 				return
-			case <-n.clock.After(n.cfg.Debounce):
+			case <-n.clock.After(wait):
 			}
 		}
-		if err := n.apply(ctx); err != nil {
+		start := n.clock.Now()
+		err := n.apply(ctx)
+		took = n.clock.Since(start)
+		if err != nil {
 			if ctx.Err() != nil {
 				return
 			}
