@@ -163,14 +163,14 @@ func measureLatency(b *testing.B, stage string, n int) {
 	})
 	b.StopTimer()
 	p50, p99, _ := lat.percentiles()
-	b.ReportMetric(float64(p99.Microseconds())/1000, "p99-ms")
-	b.ReportMetric(float64(p50.Microseconds())/1000, "p50-ms")
-	b.ReportMetric(rate, "created/s")
+	b.ReportMetric(float64(p99.Microseconds())/1000, "ms-p99")
+	b.ReportMetric(float64(p50.Microseconds())/1000, "ms-p50")
+	b.ReportMetric(rate, "svc/s-created")
 	if p != nil {
 		// Let the Events drain before counting what the pod wrote.
 		time.Sleep(2 * time.Second)
-		b.ReportMetric(float64(counts.services.Load())/float64(n), "svc-writes/svc")
-		b.ReportMetric(float64(counts.events.Load())/float64(n), "event-writes/svc")
+		b.ReportMetric(float64(counts.services.Load())/float64(n), "writes/svc-service")
+		b.ReportMetric(float64(counts.events.Load())/float64(n), "writes/svc-event")
 		p.stop(b)
 	}
 }
@@ -238,7 +238,7 @@ func measureRSS(b *testing.B, n int) {
 	b.StopTimer()
 	rss, hwm := procMemory(b, cmd.Process.Pid)
 	b.ReportMetric(rss, "MiB-rss")
-	b.ReportMetric(hwm, "MiB-peak")
+	b.ReportMetric(hwm, "peak-MiB")
 }
 
 // procMemory reads VmRSS and VmHWM of a process, in MiB.
