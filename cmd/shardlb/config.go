@@ -119,7 +119,7 @@ func newFlags(r *raw, env func(string) string) (*pflag.FlagSet, []group) {
 	f.StringVar(&r.setRoles, "setRoles", "", "turn on active-backup roles per shard (kube-loxilb takes an address here, e.g. 0.0.0.0); unset: every node announces equally (ECMP)")
 	f.Lookup("setRoles").NoOptDefVal = "0.0.0.0"
 	f.StringVar(&r.excludeRoles, "excludeRoleList", "", "comma separated node names or addresses that never become master")
-	f.DurationVar(&r.leaseDuration, "leaseDuration", 5*time.Second, "how long a member or mastership Lease lasts without renewal")
+	f.DurationVar(&r.leaseDuration, "leaseDuration", 4*time.Second, "how long a member or mastership Lease lasts without renewal")
 	f.DurationVar(&r.renewInterval, "leaseRenewInterval", time.Second, "how often Leases are renewed")
 
 	f = bgpG.fs
