@@ -42,6 +42,8 @@ type Deps struct {
 	Logger   *slog.Logger
 	// BGPPeers, when set, feeds `shardlb get bgp` and the BGP session metric.
 	BGPPeers func() []BGPPeer
+	// DatapathCounters, when set, feeds the per-frontend and per-drop-reason metrics.
+	DatapathCounters func() DatapathCounters
 	// Clock is for tests; nil is the real clock.
 	Clock clock.WithTicker
 }
@@ -133,6 +135,9 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 		pools = ctl.poolStats
 	}
 	m.reg.MustRegister(newStateCollector(st.ha, deps.BGPPeers, pools))
+	if deps.DatapathCounters != nil {
+		m.reg.MustRegister(newDatapathCollector(deps.DatapathCounters))
+	}
 	var first sync.Once
 	nd.onApply = func(shard.Plan) { first.Do(func() { st.ready.Store(true) }) }
 

@@ -103,3 +103,53 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(c.poolDesc, prometheus.GaugeValue, float64(p.Used), p.Name, "used")
 	}
 }
+
+// DatapathCounters are the datapath's counters as the metrics see them.
+type DatapathCounters struct {
+	Frontends []FrontendCounters
+	// Drops counts dropped packets by reason.
+	Drops map[string]uint64
+}
+
+// FrontendCounters are one frontend's packet counters since it was programmed.
+type FrontendCounters struct {
+	Service, Frontend                   string // namespace/name; "VIP:port/proto"
+	Packets, Bytes, ReplyPackets, Flows uint64
+}
+
+// datapathCollector reads the datapath's counters at scrape time.
+type datapathCollector struct {
+	read                                  func() DatapathCounters
+	dropDesc, pktDesc, byteDesc, flowDesc *prometheus.Desc
+}
+
+func newDatapathCollector(read func() DatapathCounters) *datapathCollector {
+	fe := []string{"service", "frontend"}
+	return &datapathCollector{
+		read:     read,
+		dropDesc: prometheus.NewDesc("shardlb_datapath_drops_total", "Packets the datapath dropped, by reason.", []string{"reason"}, nil),
+		pktDesc:  prometheus.NewDesc("shardlb_frontend_packets_total", "Packets through a frontend, by direction (to endpoints or replies).", append(fe, "direction"), nil),
+		byteDesc: prometheus.NewDesc("shardlb_frontend_bytes_total", "Bytes toward a frontend's endpoints.", fe, nil),
+		flowDesc: prometheus.NewDesc("shardlb_frontend_flows_total", "New flows a frontend balanced.", fe, nil),
+	}
+}
+
+func (c *datapathCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.dropDesc
+	ch <- c.pktDesc
+	ch <- c.byteDesc
+	ch <- c.flowDesc
+}
+
+func (c *datapathCollector) Collect(ch chan<- prometheus.Metric) {
+	d := c.read()
+	for reason, n := range d.Drops {
+		ch <- prometheus.MustNewConstMetric(c.dropDesc, prometheus.CounterValue, float64(n), reason)
+	}
+	for _, f := range d.Frontends {
+		ch <- prometheus.MustNewConstMetric(c.pktDesc, prometheus.CounterValue, float64(f.Packets), f.Service, f.Frontend, "forward")
+		ch <- prometheus.MustNewConstMetric(c.pktDesc, prometheus.CounterValue, float64(f.ReplyPackets), f.Service, f.Frontend, "reply")
+		ch <- prometheus.MustNewConstMetric(c.byteDesc, prometheus.CounterValue, float64(f.Bytes), f.Service, f.Frontend)
+		ch <- prometheus.MustNewConstMetric(c.flowDesc, prometheus.CounterValue, float64(f.Flows), f.Service, f.Frontend)
+	}
+}

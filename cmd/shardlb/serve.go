@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/netip"
 	"os/signal"
 	"syscall"
 	"time"
@@ -57,6 +58,7 @@ func runServe(ctx context.Context, cfg config, log *slog.Logger) error {
 			}
 		}()
 		deps.Datapath = dp
+		deps.DatapathCounters = func() kube.DatapathCounters { return counters(dp.Stats()) }
 	}
 
 	if cfg.BGPEnabled {
@@ -99,6 +101,19 @@ func peerRows(ps []bgp.PeerStatus) []kube.BGPPeer {
 		rows = append(rows, kube.BGPPeer{Peer: p.Addr.String(), AS: p.ASN, State: p.State, Uptime: up})
 	}
 	return rows
+}
+
+// counters adapts the datapath's counters to the metrics' shape.
+func counters(st datapath.Stats) kube.DatapathCounters {
+	c := kube.DatapathCounters{Drops: st.Drops, Frontends: make([]kube.FrontendCounters, 0, len(st.Services))}
+	for _, s := range st.Services {
+		c.Frontends = append(c.Frontends, kube.FrontendCounters{
+			Service:  s.Service,
+			Frontend: fmt.Sprintf("%s/%s", netip.AddrPortFrom(s.VIP, s.Port), s.Protocol),
+			Packets:  s.Packets, Bytes: s.Bytes, ReplyPackets: s.ReplyPackets, Flows: s.NewFlows,
+		})
+	}
+	return c
 }
 
 // noRouter stands in when BGP is off (--setBGP unset): nothing is announced.
