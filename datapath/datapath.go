@@ -51,6 +51,10 @@ type Config struct {
 	// SNATPortMin and SNATPortMax bound the source ports of onearm and fullnat flows.
 	// Keep them outside the node's ip_local_port_range.
 	SNATPortMin, SNATPortMax uint16
+
+	// closingTimeout, in jiffies, replaces the program's CT_CLOSING_TIMEOUT when not
+	// zero: tests shorten it so closed flows expire without waiting seconds.
+	closingTimeout uint64
 }
 
 func (c *Config) setDefaults() {
@@ -121,6 +125,11 @@ func New(cfg Config, log *slog.Logger) (*Datapath, error) {
 	}
 	if err := spec.Variables["snat_port_count"].Set(uint16(int(cfg.SNATPortMax) - int(cfg.SNATPortMin) + 1)); err != nil {
 		return nil, fmt.Errorf("set snat_port_count: %w", err)
+	}
+	if cfg.closingTimeout != 0 {
+		if err := spec.Variables["ct_closing_timeout"].Set(cfg.closingTimeout); err != nil {
+			return nil, fmt.Errorf("set ct_closing_timeout: %w", err)
+		}
 	}
 
 	d := &Datapath{

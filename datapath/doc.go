@@ -34,8 +34,22 @@
 //
 // Headers must be in the skb's linear part; IPv6 extension headers and fragments to a
 // VIP are dropped with a named counter; ICMP errors about translated flows are not
-// translated; conntrack entries age out by LRU only (no TCP state), and entries of a
-// removed service linger until evicted. A route or neighbour change reaches established
+// translated; entries of a removed service linger until evicted. Frames the device
+// did not classify PACKET_HOST (a bridge flooding unknown unicast to every node) pass
+// untouched and uncounted: VIP traffic is sent to the node's MAC, replies to the node.
+//
+// # Conntrack expiry
+//
+// Entries are deleted by the LRU when the map is full, never on a timer. Each records
+// when its direction last carried a packet (jiffies, stored only when the jiffy changed)
+// and, for TCP, a closing mark set on a FIN or RST in either direction. A flow is expired
+// when it is closing and idle for CT_CLOSING_TIMEOUT (10 s), or idle for CT_TCP_TIMEOUT
+// (300 s) or CT_UDP_TIMEOUT (30 s), idle meaning since the later of its two directions'
+// last packets. The values are in bpf/consts.h, in jiffies at HZ=250 (shorter at a higher
+// HZ), overridable with -D. A new onearm or fullnat flow whose SNAT port is held by an
+// expired flow deletes that flow's entries and takes the port, so the port range bounds
+// live flows per endpoint, not flows ever seen. A SYN (without ACK) on a closing flow's
+// tuple is balanced as a new flow with a new SNAT port. A route or neighbour change reaches established
 // flows only when their cached next hop expires (up to 64 jiffies later); the cache is
 // written without a lock, so a packet racing a refresh on another CPU may leave with
 // the old and new answer mixed, which only happens when the answer changed. A CHECKSUM_COMPLETE skb's csum is updated

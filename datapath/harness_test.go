@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"log/slog"
 	"math/bits"
+	"net"
 	"net/netip"
 	"runtime"
 	"testing"
@@ -36,6 +37,10 @@ func newHarness(t testing.TB, cfg Config) *harness {
 	testenv.RequireRoot(t)
 	nn := testenv.NewNetNS(t, "dptest")
 	ns := openNS(t, nn)
+	// Test runs hand packets in on the namespace's loopback, which classifies them by
+	// destination MAC like any Ethernet device: given lbMAC they are for this host
+	// (PACKET_HOST), any other unicast MAC makes them PACKET_OTHERHOST.
+	nn.Run(t, "ip", "link", "set", "lo", "address", net.HardwareAddr(lbMAC[:]).String())
 	if cfg.ConntrackSize == 0 {
 		cfg.ConntrackSize = 1 << 16
 	}

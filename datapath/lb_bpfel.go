@@ -23,7 +23,8 @@ type lbCtEntry struct {
 	EndpointId  uint32
 	EndpointGen uint32
 	Dir         uint8
-	Pad         [3]uint8
+	Closing     uint8
+	Pad         [2]uint8
 	NhIfindex   uint32
 	NhIif       uint32
 	NhLen       uint16
@@ -31,6 +32,7 @@ type lbCtEntry struct {
 	NhSmac      [6]uint8
 	Pad2        [6]uint8
 	NhTime      uint64
+	Seen        uint64
 }
 
 type lbEndpoint struct {
@@ -108,17 +110,18 @@ type lbVipKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	lbMapConntrack4    = "conntrack4"
-	lbMapConntrack6    = "conntrack6"
-	lbMapDrops         = "drops"
-	lbMapEndpoints     = "endpoints"
-	lbMapRingSlots     = "ring_slots"
-	lbMapServiceStats  = "service_stats"
-	lbMapServices      = "services"
-	lbMapVips          = "vips"
-	lbProgLbIngress    = "lb_ingress"
-	lbVarSnatPortCount = "snat_port_count"
-	lbVarSnatPortMin   = "snat_port_min"
+	lbMapConntrack4       = "conntrack4"
+	lbMapConntrack6       = "conntrack6"
+	lbMapDrops            = "drops"
+	lbMapEndpoints        = "endpoints"
+	lbMapRingSlots        = "ring_slots"
+	lbMapServiceStats     = "service_stats"
+	lbMapServices         = "services"
+	lbMapVips             = "vips"
+	lbProgLbIngress       = "lb_ingress"
+	lbVarCtClosingTimeout = "ct_closing_timeout"
+	lbVarSnatPortCount    = "snat_port_count"
+	lbVarSnatPortMin      = "snat_port_min"
 )
 
 // loadLb returns the embedded CollectionSpec for lb.
@@ -184,8 +187,9 @@ type lbMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type lbVariableSpecs struct {
-	SnatPortCount *ebpf.VariableSpec `ebpf:"snat_port_count"`
-	SnatPortMin   *ebpf.VariableSpec `ebpf:"snat_port_min"`
+	CtClosingTimeout *ebpf.VariableSpec `ebpf:"ct_closing_timeout"`
+	SnatPortCount    *ebpf.VariableSpec `ebpf:"snat_port_count"`
+	SnatPortMin      *ebpf.VariableSpec `ebpf:"snat_port_min"`
 }
 
 // lbObjects contains all objects after they have been loaded into the kernel.
@@ -235,8 +239,9 @@ func (m *lbMaps) Close() error {
 //
 // It can be passed to loadLbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type lbVariables struct {
-	SnatPortCount *ebpf.Variable `ebpf:"snat_port_count"`
-	SnatPortMin   *ebpf.Variable `ebpf:"snat_port_min"`
+	CtClosingTimeout *ebpf.Variable `ebpf:"ct_closing_timeout"`
+	SnatPortCount    *ebpf.Variable `ebpf:"snat_port_count"`
+	SnatPortMin      *ebpf.Variable `ebpf:"snat_port_min"`
 }
 
 // lbPrograms contains all programs after they have been loaded into the kernel.

@@ -18,11 +18,53 @@
  * for a load-balanced flow's. */
 volatile const __u16 snat_port_min = 61000;
 volatile const __u16 snat_port_count = 4536;
+/* How long a closing flow's SNAT port stays taken after its last packet, in jiffies. */
+volatile const __u64 ct_closing_timeout = CT_CLOSING_TIMEOUT;
 
 static __always_inline __u32 flow_hash(const struct flow *f)
 {
 	/* saddr, daddr and the two ports are the first nine words of struct flow. */
 	return jhash_9words((const __u32 *)f, FLOW_HASH_SEED ^ f->proto);
+}
+
+/* snat_reclaim is called when the SNAT reply tuple r is taken. If the flow holding it is
+ * expired (see CT_CLOSING_TIMEOUT), both of its entries are deleted and it returns true:
+ * the caller then inserts r again only if absent, so that of two CPUs reclaiming the same
+ * port one wins. The flow's last packet is the later of its two directions', so a flow
+ * sending one way only keeps its port. */
+static __noinline bool snat_reclaim(const struct flow *r, __u64 now)
+{
+	struct ct_entry *e = ct_lookup(r);
+	struct flow o = {};
+	__u64 seen, limit;
+	bool closing, own = false;
+
+	if (!e)
+		return true; /* evicted meanwhile */
+	if (e->dir != CT_REPLY)
+		return false;
+	seen = e->seen;
+	closing = e->closing;
+	ct_reverse(&o, e, r->proto, r->family);
+	struct ct_entry *fw = ct_lookup(&o);
+	/* The client's tuple may already carry a newer flow on another port. */
+	if (fw && fw->dir == CT_FORWARD && fw->sport == r->dport && fw->saddr[0] == r->daddr[0] &&
+	    fw->saddr[1] == r->daddr[1] && fw->saddr[2] == r->daddr[2] && fw->saddr[3] == r->daddr[3]) {
+		own = true;
+		if ((__s64)(fw->seen - seen) > 0)
+			seen = fw->seen;
+		closing |= fw->closing;
+	}
+	if (closing)
+		limit = ct_closing_timeout;
+	else
+		limit = r->proto == IPPROTO_TCP ? CT_TCP_TIMEOUT : CT_UDP_TIMEOUT;
+	if (now - seen <= limit)
+		return false;
+	if (own)
+		ct_delete(&o);
+	ct_delete(r);
+	return true;
 }
 
 /* new_flow picks an endpoint of svc for f, records the reply direction in conntrack
@@ -89,6 +131,7 @@ static __noinline int new_flow(const struct flow *f, const struct service *svc, 
 	t->dir = CT_REPLY;
 
 	if (svc->mode == MODE_DEFAULT) {
+		t->seen = bpf_jiffies64();
 		if (ct_insert(&reply, t, BPF_ANY)) {
 			count_drop(DROP_CONNTRACK_FULL);
 			return TC_ACT_SHOT;
@@ -97,9 +140,11 @@ static __noinline int new_flow(const struct flow *f, const struct service *svc, 
 	} else {
 		/* The reply tuple (endpoint -> SNAT address:port) is inserted only if absent, so
 		 * two flows can never share one: the map is the arbiter, also between CPUs. The
-		 * first port tried follows from the flow hash, so it is reproducible. */
+		 * first port tried follows from the flow hash, so it is reproducible. A port
+		 * held by an expired flow is taken over. */
 		__u16 count = snat_port_count;
 		__u16 min = snat_port_min;
+		__u64 now = bpf_jiffies64();
 		int i;
 
 		if (count == 0)
@@ -107,7 +152,10 @@ static __noinline int new_flow(const struct flow *f, const struct service *svc, 
 		__builtin_memcpy(reply.daddr, svc->snat_addr, 16);
 		for (i = 0; i < SNAT_TRIES; i++) {
 			reply.dport = bpf_htons(min + (hash + i) % count);
+			t->seen = now;
 			if (ct_insert(&reply, t, BPF_NOEXIST) == 0)
+				break;
+			if (snat_reclaim(&reply, now) && ct_insert(&reply, t, BPF_NOEXIST) == 0)
 				break;
 		}
 		if (i == SNAT_TRIES) {
@@ -132,9 +180,17 @@ static __noinline int new_flow(const struct flow *f, const struct service *svc, 
  * FURTHER_PROCESSING with *tracked pointing at the flow's conntrack entry, used in place
  * (not copied) so that translate can cache the next hop in it, or NEW_FLOW with *t
  * (zeroed first) holding the rewrite of a flow not recorded yet. */
-static __always_inline int balance(const struct flow *f, struct ct_entry *t, struct ct_entry **tracked)
+static __always_inline int balance(const struct flow *f, struct ct_entry *t, struct ct_entry **tracked, void *l4,
+				   void *data_end)
 {
 	struct ct_entry *ct = ct_lookup(f);
+	/* A SYN on a closed flow's tuple is a new connection: it is balanced again and gets
+	 * a fresh SNAT port rather than reuse a port the endpoint may still hold in TIME_WAIT. */
+	if (ct && ct->closing && f->proto == IPPROTO_TCP) {
+		struct tcphdr *th = l4;
+		if ((void *)(th + 1) <= data_end && th->syn && !th->ack)
+			ct = 0;
+	}
 	if (ct) {
 		if (ct->dir == CT_REPLY) {
 			*tracked = ct;

@@ -52,6 +52,23 @@
 #define NH_MAX_AGE_JIFFIES 64
 #endif
 
+/* Conntrack timeouts in jiffies (the values assume HZ=250, Debian's: seconds times 250;
+ * a HZ=1000 kernel makes them four times shorter, HZ=100 2.5 times longer). Entries are
+ * never deleted on a timer: the LRU evicts them when the map is full, and a SNAT port
+ * whose flow is expired is taken over by a new flow (see new_flow). A flow is expired
+ * when it is closing (a TCP FIN or RST was seen in either direction) and idle longer
+ * than CT_CLOSING_TIMEOUT, or idle longer than CT_TCP_TIMEOUT (TCP) or CT_UDP_TIMEOUT
+ * (UDP). The closing timeout is the default of the loader-set ct_closing_timeout. */
+#ifndef CT_CLOSING_TIMEOUT
+#define CT_CLOSING_TIMEOUT (10 * 250)
+#endif
+#ifndef CT_TCP_TIMEOUT
+#define CT_TCP_TIMEOUT (300 * 250)
+#endif
+#ifndef CT_UDP_TIMEOUT
+#define CT_UDP_TIMEOUT (30 * 250)
+#endif
+
 /* Seed of the flow hash. Part of the contract between nodes: all of them must pick the
  * same endpoint for a flow, so it is a constant and never random. */
 #define FLOW_HASH_SEED 0x5a4d1b0bU

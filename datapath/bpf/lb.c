@@ -5,6 +5,7 @@
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
+#include <linux/if_packet.h>
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 
@@ -86,6 +87,19 @@ static __always_inline int redirect_neigh(const struct bpf_fib_lookup *fib)
 	return bpf_redirect_neigh(fib->ifindex, &nh, sizeof(nh), 0);
 }
 
+/* mark_closing marks the other direction of t's flow closing too: a port is reclaimed
+ * from its reply entry, and either side may close first. Only FIN and RST packets come
+ * here. */
+static __noinline void mark_closing(const struct flow *f, const struct ct_entry *t)
+{
+	struct flow o = {};
+
+	ct_reverse(&o, t, f->proto, f->family);
+	struct ct_entry *other = ct_lookup(&o);
+	if (other && !other->closing)
+		other->closing = 1;
+}
+
 /* translate rewrites the packet of a balanced flow and sends it on. t is the flow's
  * conntrack entry, or for a new flow (record) the entry to insert once its next hop is
  * known. Not inlined: its stack frame and new_flow's are never live at once, and
@@ -124,6 +138,17 @@ static __noinline int translate(struct __sk_buff *skb, const struct flow *f, str
 		 * the next packet, a failed lookup leaves the packet to the kernel. */
 		if (rc == BPF_FIB_LKUP_RET_SUCCESS)
 			cache_next_hop(t, &fib, iif, len, now);
+	}
+	/* Last seen, stored only when the jiffy changed: most packets of a busy flow store
+	 * nothing. */
+	if (t->seen != now)
+		t->seen = now;
+	if (f->proto == IPPROTO_TCP && !t->closing) {
+		struct tcphdr *th = l4;
+		if ((void *)(th + 1) <= data_end && (th->fin || th->rst)) {
+			t->closing = 1;
+			mark_closing(f, t);
+		}
 	}
 	if (record && ct_insert(f, t, BPF_ANY)) {
 		count_drop(DROP_CONNTRACK_FULL);
@@ -168,6 +193,11 @@ int lb_ingress(struct __sk_buff *skb)
 	void *l4 = 0;
 	int ret;
 
+	/* Frames for other hosts (a bridge flooding unknown unicast to every node) are none
+	 * of ours: translating them would give the endpoint one copy per node. VIP traffic
+	 * is sent to this node's MAC as next hop, and replies are addressed to the node. */
+	if (skb->pkt_type != PACKET_HOST)
+		return TC_ACT_OK;
 	if ((void *)(eth + 1) > data_end)
 		return TC_ACT_OK;
 	if (eth->h_proto == bpf_htons(ETH_P_IP))
@@ -178,7 +208,7 @@ int lb_ingress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	if (ret != FURTHER_PROCESSING)
 		return ret;
-	ret = balance(&f, &fresh, &tracked);
+	ret = balance(&f, &fresh, &tracked, l4, data_end);
 	if (ret == NEW_FLOW)
 		return translate(skb, &f, &fresh, l4, true);
 	if (ret != FURTHER_PROCESSING)

@@ -92,6 +92,34 @@ static __always_inline long ct_insert(const struct flow *f, const struct ct_entr
 	return bpf_map_update_elem(&conntrack6, f, v, flags);
 }
 
+static __always_inline long ct_delete(const struct flow *f)
+{
+	if (f->family == AF_INET) {
+		struct flow4 k = {
+			.saddr = f->saddr[0],
+			.daddr = f->daddr[0],
+			.sport = f->sport,
+			.dport = f->dport,
+			.proto = f->proto,
+		};
+		return bpf_map_delete_elem(&conntrack4, &k);
+	}
+	return bpf_map_delete_elem(&conntrack6, f);
+}
+
+/* ct_reverse fills *o (zeroed by the caller) with the key of the other direction of the
+ * flow whose entry, in either direction, is t: that direction's packets come from where
+ * t sends this direction's and go to where t makes them come from. */
+static __always_inline void ct_reverse(struct flow *o, const struct ct_entry *t, __u8 proto, __u8 family)
+{
+	__builtin_memcpy(o->saddr, t->daddr, 16);
+	__builtin_memcpy(o->daddr, t->saddr, 16);
+	o->sport = t->dport;
+	o->dport = t->sport;
+	o->proto = proto;
+	o->family = family;
+}
+
 /* Per-service counters (and round-robin position), per CPU so no packet waits on
  * another CPU's cache line. */
 struct {

@@ -67,8 +67,9 @@ struct ct_entry {
 	__u32 service_id;
 	__u32 endpoint_id; /* forward entries: the endpoint slot, checked on every packet */
 	__u32 endpoint_gen;
-	__u8 dir; /* enum ct_dir */
-	__u8 pad[3];
+	__u8 dir;     /* enum ct_dir */
+	__u8 closing; /* TCP: a FIN or RST was seen in either direction */
+	__u8 pad[2];
 	/* The direction's next hop as bpf_fib_lookup last gave it, so that most packets skip
 	 * the route lookup (the costliest step of an established flow). It is valid for
 	 * packets arriving on nh_iif no longer than nh_len (the MTU check the lookup made)
@@ -80,6 +81,10 @@ struct ct_entry {
 	__u8 nh_smac[6];
 	__u8 pad2[6];
 	__u64 nh_time; /* jiffies */
+	/* When this direction last carried a packet (jiffies), written only when it changed
+	 * so that an established flow stores at most once a jiffy. A SNAT port whose reply
+	 * entry and forward entry are both older than their timeout is free again. */
+	__u64 seen;
 };
 
 struct svc_stats {

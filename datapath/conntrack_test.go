@@ -1,0 +1,163 @@
+package datapath
+
+import (
+	"bytes"
+	"encoding/binary"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/shardlb/shardlb/shard"
+)
+
+// sourceOf returns the source of an IPv4 packet (without options).
+func sourceOf(t testing.TB, b []byte) netip.AddrPort {
+	t.Helper()
+	if binary.BigEndian.Uint16(b[12:]) != 0x0800 {
+		t.Fatalf("not an IPv4 packet: % x", b)
+	}
+	return netip.AddrPortFrom(netip.AddrFrom4([4]byte(b[26:30])), binary.BigEndian.Uint16(b[34:]))
+}
+
+// TestSNATPortReuse fills a four-port SNAT range, closes two of its flows (one FIN from
+// the client, one from the endpoint) and checks that new flows get exactly those two
+// ports once the closing timeout passed, while the two open flows keep theirs.
+func TestSNATPortReuse(t *testing.T) {
+	f := families[0]
+	const portMin, portMax = 61000, 61003
+	// One jiffy: closed flows expire within a few milliseconds.
+	h := newHarness(t, Config{NodeIPv4: f.node, SNATPortMin: portMin, SNATPortMax: portMax, closingTimeout: 1})
+	vip := netip.AddrPortFrom(f.vip, vipPort)
+	ep := netip.AddrPortFrom(f.ep, epPort)
+	h.set(shard.Frontend{
+		Service: "ns/snat", VIP: f.vip, Port: vipPort, Protocol: shard.TCP, Mode: shard.ModeOneArm,
+		Endpoints: []shard.Endpoint{{Addr: f.ep, Port: epPort}},
+	})
+	client := func(i int) netip.AddrPort { return netip.AddrPortFrom(f.client, uint16(cliPort+i)) }
+	drops := func() uint64 { return h.d.Stats().Drops["snat_ports_exhausted"] }
+
+	// open sends a SYN of client i and returns the SNAT source it was given.
+	open := func(i int) netip.AddrPort {
+		t.Helper()
+		ret, out := h.lb(pkt{src: client(i), dst: vip, proto: shard.TCP}.bytes())
+		if ret != actOK {
+			t.Fatalf("client %d: action %d, want %d", i, ret, actOK)
+		}
+		if got := endpointOf(t, out); got != ep {
+			t.Fatalf("client %d: sent to %s, want %s", i, got, ep)
+		}
+		return sourceOf(t, out)
+	}
+	exhausted := func(i int) {
+		t.Helper()
+		before := drops()
+		if ret, _ := h.lb(pkt{src: client(i), dst: vip, proto: shard.TCP}.bytes()); ret != actShot {
+			t.Fatalf("client %d: action %d, want a drop (every SNAT port taken)", i, ret)
+		}
+		if after := drops(); after != before+1 {
+			t.Fatalf("snat_ports_exhausted went from %d to %d, want +1", before, after)
+		}
+	}
+
+	used := map[uint16]int{}
+	var snat [4]netip.AddrPort
+	for i := range snat {
+		snat[i] = open(i)
+		if snat[i].Addr() != f.node || snat[i].Port() < portMin || snat[i].Port() > portMax {
+			t.Fatalf("client %d: SNAT source %s, want %s:%d-%d", i, snat[i], f.node, portMin, portMax)
+		}
+		if j, ok := used[snat[i].Port()]; ok {
+			t.Fatalf("clients %d and %d share SNAT port %d", j, i, snat[i].Port())
+		}
+		used[snat[i].Port()] = i
+	}
+	exhausted(4)
+
+	// Client 0 closes; client 1's endpoint closes (the reply direction).
+	if ret, _ := h.lb(pkt{src: client(0), dst: vip, proto: shard.TCP, tcpFlags: 0x11}.bytes()); ret != actOK {
+		t.Fatalf("FIN of client 0: action %d", ret)
+	}
+	ret, out := h.lb(pkt{src: ep, dst: snat[1], proto: shard.TCP, tcpFlags: 0x11}.bytes())
+	if ret != actOK || endpointOf(t, out) != client(1) {
+		t.Fatalf("endpoint's FIN to client 1: action %d, sent to %s", ret, endpointOf(t, out))
+	}
+	// Closed but not idle long enough yet would be the same as open; after the
+	// closing timeout the two ports are free.
+	time.Sleep(100 * time.Millisecond)
+	// The open flows were just used: their ports must not be given away.
+	for _, i := range []int{2, 3} {
+		ret, out := h.lb(pkt{src: client(i), dst: vip, proto: shard.TCP, tcpFlags: 0x10}.bytes())
+		if ret != actOK || sourceOf(t, out) != snat[i] {
+			t.Fatalf("open client %d: action %d, SNAT source %s, want %s", i, ret, sourceOf(t, out), snat[i])
+		}
+	}
+
+	freed := map[uint16]bool{snat[0].Port(): true, snat[1].Port(): true}
+	for _, i := range []int{5, 6} {
+		got := open(i)
+		if !freed[got.Port()] {
+			t.Fatalf("client %d got SNAT port %d, want one of the closed flows' %d, %d", i, got.Port(), snat[0].Port(), snat[1].Port())
+		}
+		delete(freed, got.Port())
+	}
+	exhausted(7)
+
+	// The open flows still translate both ways on their own ports.
+	for _, i := range []int{2, 3} {
+		ret, out := h.lb(pkt{src: ep, dst: snat[i], proto: shard.TCP, tcpFlags: 0x10}.bytes())
+		if ret != actOK || endpointOf(t, out) != client(i) {
+			t.Fatalf("reply to open client %d: action %d, sent to %s", i, ret, endpointOf(t, out))
+		}
+	}
+}
+
+// TestSNATOpenFlowsKeepPorts checks that without FIN or RST no port is taken over, however
+// short the closing timeout: fresh open flows are never expired.
+func TestSNATOpenFlowsKeepPorts(t *testing.T) {
+	f := families[0]
+	h := newHarness(t, Config{NodeIPv4: f.node, SNATPortMin: 61000, SNATPortMax: 61001, closingTimeout: 1})
+	vip := netip.AddrPortFrom(f.vip, vipPort)
+	for _, proto := range protos {
+		h.set(shard.Frontend{
+			Service: "ns/snat", VIP: f.vip, Port: vipPort, Protocol: proto, Mode: shard.ModeOneArm,
+			Endpoints: []shard.Endpoint{{Addr: f.ep, Port: epPort}},
+		})
+		for i := range 2 {
+			if ret, _ := h.lb(pkt{src: netip.AddrPortFrom(f.client, uint16(cliPort+i)), dst: vip, proto: proto}.bytes()); ret != actOK {
+				t.Fatalf("%s client %d: action %d", proto, i, ret)
+			}
+		}
+		time.Sleep(100 * time.Millisecond)
+		if ret, _ := h.lb(pkt{src: netip.AddrPortFrom(f.client, cliPort+2), dst: vip, proto: proto}.bytes()); ret != actShot {
+			t.Fatalf("%s: a third flow got a port of one of two open flows (action %d)", proto, ret)
+		}
+	}
+}
+
+// TestOtherHostFrames checks that a frame the device classified PACKET_OTHERHOST (not
+// for this node's MAC, as a bridge floods unknown unicast) passes untranslated. The
+// test-run context cannot set pkt_type (the kernel rejects a non-zero one), but it
+// classifies the frame by destination MAC like a real device, so the MAC sets it.
+func TestOtherHostFrames(t *testing.T) {
+	f := families[0]
+	h := newHarness(t, Config{NodeIPv4: f.node})
+	vip := netip.AddrPortFrom(f.vip, vipPort)
+	ep := netip.AddrPortFrom(f.ep, epPort)
+	h.set(shard.Frontend{
+		Service: "ns/host", VIP: f.vip, Port: vipPort, Protocol: shard.TCP,
+		Endpoints: []shard.Endpoint{{Addr: f.ep, Port: epPort}},
+	})
+	other := pkt{src: netip.AddrPortFrom(f.client, cliPort), dst: vip, proto: shard.TCP, dstMAC: [6]byte{0x02, 0, 0, 0, 0, 0x99}}.bytes()
+	ret, out := h.lb(other)
+	if ret != actOK || !bytes.Equal(out, other) {
+		t.Fatalf("frame for another host: action %d, changed %v, want passed untouched", ret, !bytes.Equal(out, other))
+	}
+	if st := h.d.Stats().Services; len(st) != 1 || st[0].NewFlows != 0 {
+		t.Fatalf("frame for another host: service counters %+v, want no new flow", st)
+	}
+	// The same packet to this node's MAC is translated.
+	ret, out = h.lb(pkt{src: netip.AddrPortFrom(f.client, cliPort), dst: vip, proto: shard.TCP}.bytes())
+	if ret != actOK || endpointOf(t, out) != ep {
+		t.Fatalf("frame for this host: action %d, sent to %s, want %s", ret, endpointOf(t, out), ep)
+	}
+}
