@@ -48,8 +48,9 @@
 // last packets. The values are in bpf/consts.h, in jiffies at HZ=250 (shorter at a higher
 // HZ), overridable with -D. A new onearm or fullnat flow whose SNAT port is held by an
 // expired flow deletes that flow's entries and takes the port, so the port range bounds
-// live flows per endpoint, not flows ever seen. A SYN (without ACK) on a closing flow's
-// tuple is balanced as a new flow with a new SNAT port. A route or neighbour change reaches established
+// live flows per endpoint, not flows ever seen. A SYN on a closing flow's tuple reuses
+// that flow's translation (balancing it anew lost connections in the lab's rolling
+// restarts, not yet understood). A route or neighbour change reaches established
 // flows only when their cached next hop expires (up to 64 jiffies later); the cache is
 // written without a lock, so a packet racing a refresh on another CPU may leave with
 // the old and new answer mixed, which only happens when the answer changed. A CHECKSUM_COMPLETE skb's csum is updated

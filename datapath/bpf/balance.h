@@ -180,17 +180,9 @@ static __noinline int new_flow(const struct flow *f, const struct service *svc, 
  * FURTHER_PROCESSING with *tracked pointing at the flow's conntrack entry, used in place
  * (not copied) so that translate can cache the next hop in it, or NEW_FLOW with *t
  * (zeroed first) holding the rewrite of a flow not recorded yet. */
-static __always_inline int balance(const struct flow *f, struct ct_entry *t, struct ct_entry **tracked, void *l4,
-				   void *data_end)
+static __always_inline int balance(const struct flow *f, struct ct_entry *t, struct ct_entry **tracked)
 {
 	struct ct_entry *ct = ct_lookup(f);
-	/* A SYN on a closed flow's tuple is a new connection: it is balanced again and gets
-	 * a fresh SNAT port rather than reuse a port the endpoint may still hold in TIME_WAIT. */
-	if (ct && ct->closing && f->proto == IPPROTO_TCP) {
-		struct tcphdr *th = l4;
-		if ((void *)(th + 1) <= data_end && th->syn && !th->ack)
-			ct = 0;
-	}
 	if (ct) {
 		if (ct->dir == CT_REPLY) {
 			*tracked = ct;

@@ -208,7 +208,7 @@ int lb_ingress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	if (ret != FURTHER_PROCESSING)
 		return ret;
-	ret = balance(&f, &fresh, &tracked, l4, data_end);
+	ret = balance(&f, &fresh, &tracked);
 	if (ret == NEW_FLOW)
 		return translate(skb, &f, &fresh, l4, true);
 	if (ret != FURTHER_PROCESSING)

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/netip"
 	"os"
 	"strings"
@@ -100,7 +101,28 @@ func TestGuideEndToEnd(t *testing.T) {
 	}
 
 	t.Run("every instance has one master and every node masters one", func(t *testing.T) {
-		masters, err := l.Masters()
+		// Nodes start a moment apart, so the first to come up masters more than its
+		// share until the others join and take theirs over (make-before-break, during
+		// which `get ha` can briefly show the instance on neither node): wait for the
+		// balanced state rather than sample the handover.
+		var masters map[string]*node
+		err := waitFor(ctx, 20*time.Second, "one master per instance, one instance per node", func() error {
+			m, err := l.Masters()
+			if err != nil {
+				return err
+			}
+			per := map[string]int{}
+			for _, n := range m {
+				per[n.name]++
+			}
+			for name, c := range per {
+				if c != 1 {
+					return fmt.Errorf("%s masters %d instances", name, c)
+				}
+			}
+			masters = m
+			return nil
+		})
 		if err != nil {
 			t.Fatal(err)
 		}
