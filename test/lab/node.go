@@ -216,6 +216,24 @@ func (l *Lab) Settled(ctx context.Context, vips map[netip.Addr]string) error {
 	if err != nil {
 		return err
 	}
+	// The first node up masters every instance until the others join and take their
+	// share over: settled means balanced to within one among the running nodes.
+	load := map[string]int{}
+	for _, n := range l.nodes {
+		if n.proc != nil && n.proc.running() {
+			load[n.name] = 0
+		}
+	}
+	for _, m := range masters {
+		load[m.name]++
+	}
+	lo, hi := len(masters), 0
+	for _, c := range load {
+		lo, hi = min(lo, c), max(hi, c)
+	}
+	if hi-lo > 1 {
+		return fmt.Errorf("masterships not balanced yet: %v", load)
+	}
 	for vip, inst := range vips {
 		m := masters[inst]
 		if m == nil {
