@@ -3,6 +3,8 @@ package manifest_test
 import (
 	"context"
 	"io/fs"
+	"k8s.io/apimachinery/pkg/api/meta"
+	"k8s.io/client-go/kubernetes"
 	"slices"
 	"strings"
 	"testing"
@@ -169,21 +171,8 @@ func TestExamplesAreTheGuidesServices(t *testing.T) {
 // against a real kube-apiserver: schema, defaulting and admission all run, nothing
 // is stored.
 func TestManifestsPassTheAPIServer(t *testing.T) {
-	srv := kubeapi.ForTest(t, kubeapi.Options{})
+	c := newCluster(t)
 	ctx := context.Background()
-	client, err := srv.Client()
-	if err != nil {
-		t.Fatal(err)
-	}
-	groups, err := restmapper.GetAPIGroupResources(client.Discovery())
-	if err != nil {
-		t.Fatal(err)
-	}
-	mapper := restmapper.NewDiscoveryRESTMapper(groups)
-	dyn, err := dynamic.NewForConfig(srv.RESTConfig())
-	if err != nil {
-		t.Fatal(err)
-	}
 	var objs []*unstructured.Unstructured
 	for _, f := range kustomizeResources(t) {
 		o, err := manifest.File(f)
@@ -200,19 +189,7 @@ func TestManifestsPassTheAPIServer(t *testing.T) {
 	for _, o := range objs {
 		name := o.GetKind() + "/" + o.GetName()
 		t.Run(name, func(t *testing.T) {
-			gvk := o.GroupVersionKind()
-			m, err := mapper.RESTMapping(gvk.GroupKind(), gvk.Version)
-			if err != nil {
-				t.Fatalf("%s: the apiserver does not serve it: %v", gvk, err)
-			}
-			var ri dynamic.ResourceInterface = dyn.Resource(m.Resource)
-			if m.Scope.Name() == "namespace" {
-				ns := o.GetNamespace()
-				if ns == "" {
-					ns = "default"
-				}
-				ri = dyn.Resource(m.Resource).Namespace(ns)
-			}
+			ri := c.resource(t, o)
 			if _, err := ri.Create(ctx, o, metav1.CreateOptions{DryRun: []string{metav1.DryRunAll}, FieldValidation: "Strict"}); err != nil {
 				t.Errorf("dry-run create %s: %v", name, err)
 			}
@@ -223,37 +200,16 @@ func TestManifestsPassTheAPIServer(t *testing.T) {
 // TestRBACGrantsWhatShardlbCallsAndNothingElse asks the apiserver's own authorizer
 // (SubjectAccessReview) what the service account may do once the RBAC objects exist.
 func TestRBACGrantsWhatShardlbCallsAndNothingElse(t *testing.T) {
-	srv := kubeapi.ForTest(t, kubeapi.Options{})
+	c := newCluster(t)
 	ctx := context.Background()
-	client, err := srv.Client()
-	if err != nil {
-		t.Fatal(err)
-	}
-	dyn, err := dynamic.NewForConfig(srv.RESTConfig())
-	if err != nil {
-		t.Fatal(err)
-	}
-	groups, err := restmapper.GetAPIGroupResources(client.Discovery())
-	if err != nil {
-		t.Fatal(err)
-	}
-	mapper := restmapper.NewDiscoveryRESTMapper(groups)
+	client := c.client
 	for _, f := range []string{"serviceaccount.yaml", "rbac.yaml"} {
 		objs, err := manifest.File(f)
 		if err != nil {
 			t.Fatal(err)
 		}
 		for _, o := range objs {
-			gvk := o.GroupVersionKind()
-			m, err := mapper.RESTMapping(gvk.GroupKind(), gvk.Version)
-			if err != nil {
-				t.Fatal(err)
-			}
-			var ri dynamic.ResourceInterface = dyn.Resource(m.Resource)
-			if ns := o.GetNamespace(); ns != "" {
-				ri = dyn.Resource(m.Resource).Namespace(ns)
-			}
-			if _, err := ri.Create(ctx, o, metav1.CreateOptions{}); err != nil {
+			if _, err := c.resource(t, o).Create(ctx, o, metav1.CreateOptions{}); err != nil {
 				t.Fatalf("create %s %s: %v", o.GetKind(), o.GetName(), err)
 			}
 		}
@@ -315,4 +271,48 @@ func TestRBACGrantsWhatShardlbCallsAndNothingElse(t *testing.T) {
 			}
 		})
 	}
+}
+
+// cluster is a real apiserver with the clients the tests create objects through.
+type cluster struct {
+	client kubernetes.Interface
+	dyn    dynamic.Interface
+	mapper meta.RESTMapper
+}
+
+func newCluster(t *testing.T) *cluster {
+	t.Helper()
+	srv := kubeapi.ForTest(t, kubeapi.Options{})
+	client, err := srv.Client()
+	if err != nil {
+		t.Fatal(err)
+	}
+	groups, err := restmapper.GetAPIGroupResources(client.Discovery())
+	if err != nil {
+		t.Fatal(err)
+	}
+	dyn, err := dynamic.NewForConfig(srv.RESTConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &cluster{client: client, dyn: dyn, mapper: restmapper.NewDiscoveryRESTMapper(groups)}
+}
+
+// resource is where o is created: its kind's resource, in its namespace ("default"
+// when a namespaced object names none).
+func (c *cluster) resource(t *testing.T, o *unstructured.Unstructured) dynamic.ResourceInterface {
+	t.Helper()
+	gvk := o.GroupVersionKind()
+	m, err := c.mapper.RESTMapping(gvk.GroupKind(), gvk.Version)
+	if err != nil {
+		t.Fatalf("%s: the apiserver does not serve it: %v", gvk, err)
+	}
+	if m.Scope.Name() != meta.RESTScopeNameNamespace {
+		return c.dyn.Resource(m.Resource)
+	}
+	ns := o.GetNamespace()
+	if ns == "" {
+		ns = "default"
+	}
+	return c.dyn.Resource(m.Resource).Namespace(ns)
 }
