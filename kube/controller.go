@@ -56,8 +56,11 @@ type controller struct {
 	instances map[string]string // service key -> instance decided
 	load      map[string]int    // instance -> services
 	pending   map[string]bool   // services waiting for an address to free
-	warned    map[string]string // service key -> last warning, so a retry does not repeat it
-	written   map[string]writeMark
+	// claims are the static IPs pending services wait for: released, such an address
+	// goes to its claimant at once, before any dynamic allocation can take it.
+	claims  map[netip.Addr]ipam.Request
+	warned  map[string]string // service key -> last warning, so a retry does not repeat it
+	written map[string]writeMark
 }
 
 // writeMark is what the controller last wrote for a service and the resourceVersion the
@@ -102,6 +105,7 @@ func (c *controller) lead(ctx context.Context) {
 	c.queue, c.alloc = q, alloc
 	c.instances, c.load = map[string]string{}, map[string]int{}
 	c.pending, c.warned, c.written = map[string]bool{}, map[string]string{}, map[string]writeMark{}
+	c.claims = map[netip.Addr]ipam.Request{}
 	keys := c.restore()
 	c.mu.Unlock()
 	c.metrics.leader.Set(1)
@@ -217,6 +221,16 @@ func (c *controller) release(ctx context.Context, key string, s *service) error 
 	delete(c.written, key)
 	delete(c.pending, key)
 	var retry []string
+	for _, al := range held {
+		if req, ok := c.claims[al.IP]; ok {
+			delete(c.claims, al.IP)
+			if c.pending[req.Service] {
+				// Reserved here, under the lock that also serialises decide; the
+				// claimant's retry below finds it allocated and writes it.
+				_, _ = c.alloc.Allocate(req)
+			}
+		}
+	}
 	if len(held) > 0 {
 		for k := range c.pending {
 			retry = append(retry, k)
@@ -299,6 +313,13 @@ func (c *controller) decide(s *service) (desired, bool) {
 	if err != nil {
 		if reason == ReasonPoolExhausted || reason == ReasonStaticIPConflict {
 			c.pending[key] = true
+		}
+		if reason == ReasonStaticIPConflict {
+			fam := ipam.IPv4
+			if !static.Is4() {
+				fam = ipam.IPv6
+			}
+			c.claims[static] = ipam.Request{Service: key, Family: fam, Pool: s.Annotations[AnnotationPoolSelect], StaticIP: static, Ports: portKeys(s)}
 		}
 		return warn(reason, "%v", err)
 	}
