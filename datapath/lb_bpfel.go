@@ -79,6 +79,7 @@ type lbService struct {
 	Select    uint8
 	Pad       [2]uint8
 	SnatAddr  [4]uint32
+	Handoff   [4]uint32
 }
 
 type lbServiceKey struct {
@@ -90,13 +91,14 @@ type lbServiceKey struct {
 }
 
 type lbSvcStats struct {
-	_            structs.HostLayout
-	FwdPackets   uint64
-	FwdBytes     uint64
-	ReplyPackets uint64
-	ReplyBytes   uint64
-	NewFlows     uint64
-	RrNext       uint64
+	_              structs.HostLayout
+	FwdPackets     uint64
+	FwdBytes       uint64
+	ReplyPackets   uint64
+	ReplyBytes     uint64
+	NewFlows       uint64
+	RrNext         uint64
+	HandoffPackets uint64
 }
 
 type lbVipKey struct {

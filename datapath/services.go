@@ -29,6 +29,7 @@ type applied struct {
 	id        uint32 // service id: the stats slot
 	ringStart uint32
 	ringLen   uint32 // slots allocated (the ring size rounded up to a pair)
+	ringSize  uint32 // slots in use: the ring size the kernel indexes
 	endpoints map[netip.AddrPort]uint32
 }
 
@@ -78,6 +79,11 @@ func (d *Datapath) SetServices(desired []shard.Frontend) error {
 	for _, k := range keys {
 		fe := want[k]
 		if a, ok := d.applied[k]; ok && equalFrontend(a.fe, fe) {
+			continue
+		} else if ok && a.fe.Handoff != fe.Handoff && equalFrontend(withHandoff(a.fe, fe.Handoff), fe) {
+			if err := d.writeService(k, a, fe); err != nil {
+				errs = append(errs, fmt.Errorf("frontend %s of %s: %w", k, fe.Service, err))
+			}
 			continue
 		}
 		if err := d.apply(k, fe, &later); err != nil {
@@ -136,11 +142,50 @@ func normalize(fe shard.Frontend) shard.Frontend {
 		return netip.AddrPortFrom(a.Addr, a.Port).Compare(netip.AddrPortFrom(b.Addr, b.Port))
 	})
 	fe.Endpoints = slices.Compact(eps)
+	// Only the SNAT modes need the previous master: in default mode the endpoint sees the
+	// client's own address, so a connection continues through any node that picks the
+	// same endpoint. A handoff address of the other family cannot be reached.
+	fe.Handoff = fe.Handoff.Unmap()
+	if fe.Mode == shard.ModeDefault || fe.Handoff.Is4() != fe.VIP.Is4() {
+		fe.Handoff = netip.Addr{}
+	}
 	return fe
 }
 
 func equalFrontend(a, b shard.Frontend) bool {
-	return a.Service == b.Service && a.Mode == b.Mode && a.Select == b.Select && slices.Equal(a.Endpoints, b.Endpoints)
+	return a.Service == b.Service && a.Mode == b.Mode && a.Select == b.Select && a.Handoff == b.Handoff &&
+		slices.Equal(a.Endpoints, b.Endpoints)
+}
+
+func withHandoff(fe shard.Frontend, h netip.Addr) shard.Frontend {
+	fe.Handoff = h
+	return fe
+}
+
+// writeService rewrites only the service entry of an applied frontend (a new handoff
+// address), keeping its ring and endpoints.
+func (d *Datapath) writeService(k frontendKey, a *applied, fe shard.Frontend) error {
+	key := serviceKey(fe.VIP, fe.Port, fe.Protocol)
+	svc := d.serviceValue(a.id, a.ringStart, a.ringSize, fe)
+	if err := d.objs.Services.Put(&key, &svc); err != nil {
+		return fmt.Errorf("write service: %w", err)
+	}
+	a.fe = fe
+	return nil
+}
+
+func (d *Datapath) serviceValue(id, ringStart, ringSize uint32, fe shard.Frontend) lbService {
+	svc := lbService{Id: id, RingStart: ringStart, RingSize: ringSize, Mode: uint8(fe.Mode), Select: uint8(fe.Select)}
+	switch fe.Mode {
+	case shard.ModeOneArm:
+		svc.SnatAddr = addrWords(d.nodeIP(fe.VIP))
+	case shard.ModeFullNAT:
+		svc.SnatAddr = addrWords(fe.VIP)
+	}
+	if fe.Handoff.IsValid() {
+		svc.Handoff = addrWords(fe.Handoff)
+	}
+	return svc
 }
 
 // apply writes one new or changed frontend: endpoints, then the ring, then the service
@@ -208,13 +253,8 @@ func (d *Datapath) apply(k frontendKey, fe shard.Frontend, later *[]func()) erro
 		}
 	}
 
-	svc := lbService{Id: a.id, RingStart: a.ringStart, RingSize: uint32(len(ring)), Mode: uint8(fe.Mode), Select: uint8(fe.Select)}
-	switch fe.Mode {
-	case shard.ModeOneArm:
-		svc.SnatAddr = addrWords(d.nodeIP(fe.VIP))
-	case shard.ModeFullNAT:
-		svc.SnatAddr = addrWords(fe.VIP)
-	}
+	a.ringSize = uint32(len(ring))
+	svc := d.serviceValue(a.id, a.ringStart, a.ringSize, fe)
 	key := serviceKey(fe.VIP, fe.Port, fe.Protocol)
 	if old == nil {
 		if err := d.refVIP(fe.VIP, 1); err != nil {

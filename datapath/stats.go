@@ -40,6 +40,8 @@ type ServiceStats struct {
 	Packets, Bytes           uint64
 	ReplyPackets, ReplyBytes uint64
 	NewFlows                 uint64
+	// HandoffPackets went on to the previous master (see shard.Frontend.Handoff).
+	HandoffPackets uint64
 }
 
 // Stats reads the counters. A map that cannot be read is logged and reads as zero.
@@ -70,6 +72,7 @@ func (d *Datapath) Stats() Stats {
 			s.ReplyPackets += v.ReplyPackets
 			s.ReplyBytes += v.ReplyBytes
 			s.NewFlows += v.NewFlows
+			s.HandoffPackets += v.HandoffPackets
 		}
 		st.Services = append(st.Services, s)
 	}

@@ -147,6 +147,10 @@ type Frontend struct {
 	Mode      Mode
 	Select    Select
 	Endpoints []Endpoint
+	// Handoff, set on the master for a while after a planned switch of the VIP to it, is
+	// the previous master's node address: segments of TCP connections this node has no
+	// state for are sent there (modes with SNAT only; see datapath). Zero = none.
+	Handoff netip.Addr
 }
 
 // Plan is what one node must announce and program. Both slices are sorted, so equal

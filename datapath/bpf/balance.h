@@ -8,6 +8,7 @@
 #include <bpf/bpf_helpers.h>
 
 #include "consts.h"
+#include "handoff.h"
 #include "jhash.h"
 #include "maps.h"
 #include "parse.h"
@@ -178,9 +179,11 @@ static __noinline int new_flow(const struct flow *f, const struct service *svc, 
 
 /* balance decides flow f: TC_ACT_OK when it is not load-balanced traffic, a drop,
  * FURTHER_PROCESSING with *tracked pointing at the flow's conntrack entry, used in place
- * (not copied) so that translate can cache the next hop in it, or NEW_FLOW with *t
- * (zeroed first) holding the rewrite of a flow not recorded yet. */
-static __always_inline int balance(const struct flow *f, struct ct_entry *t, struct ct_entry **tracked)
+ * (not copied) so that translate can cache the next hop in it, NEW_FLOW with *t (zeroed
+ * first) holding the rewrite of a flow not recorded yet, or, when may_handoff, HANDOFF
+ * with t->daddr the previous master to send the packet to and t->service_id set. */
+static __always_inline int balance(const struct flow *f, void *l4, void *data_end, bool may_handoff,
+				   struct ct_entry *t, struct ct_entry **tracked)
 {
 	struct ct_entry *ct = ct_lookup(f);
 	if (ct) {
@@ -207,6 +210,11 @@ static __always_inline int balance(const struct flow *f, struct ct_entry *t, str
 		return TC_ACT_OK;
 	/* Zeroed here, not where it is declared: tracked flows never touch it. */
 	__builtin_memset(t, 0, sizeof(*t));
+	if (may_handoff && wants_handoff(f, svc, l4, data_end)) {
+		__builtin_memcpy(t->daddr, svc->handoff, 16);
+		t->service_id = svc->id;
+		return HANDOFF;
+	}
 	return new_flow(f, svc, t);
 }
 

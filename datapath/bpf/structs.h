@@ -43,6 +43,9 @@ struct service {
 	__u8 select;      /* enum lb_select */
 	__u8 pad[2];
 	__u32 snat_addr[4]; /* onearm: the node address; fullnat: the VIP */
+	/* onearm and fullnat after a planned switch: the previous master's address, where
+	 * TCP segments of connections unknown here go (handoff.h); zero = none. */
+	__u32 handoff[4];
 };
 
 /* Two ring slots per map value: array values are rounded up to 8 bytes anyway. */
@@ -94,6 +97,7 @@ struct svc_stats {
 	__u64 reply_bytes;
 	__u64 new_flows;
 	__u64 rr_next; /* this CPU's round-robin position */
+	__u64 handoff_packets; /* sent on to the previous master (handoff.h) */
 };
 
 struct vip_key {
