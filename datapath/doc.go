@@ -30,6 +30,22 @@
 // ring range written first; only then its service entry, atomically replaced, points at
 // them, and old ranges are released at the end of the call.
 //
+// # Flow handoff
+//
+// A service in onearm or fullnat mode may name its previous master
+// (shard.Frontend.Handoff) after a planned switch. A TCP segment that is not a SYN and
+// has no conntrack entry is then sent to that address instead of being balanced: a
+// route lookup must find it on a directly connected network (bpf_fib_lookup gives back
+// the address itself, not a gateway), the TTL is decremented (the IPv4 checksum
+// adjusted as routers do), the MACs rewritten and the packet redirected; a missing
+// neighbour goes through bpf_redirect_neigh. The previous master, which still has the
+// flow, translates it as usual and its endpoint answers it, so nothing in flight is
+// reset. When the peer is behind a router, unreachable, or the TTL is spent, the
+// segment is balanced here as without handoff. SYNs and UDP are always balanced here,
+// default mode never hands off (the endpoint sees the client, and Maglev picks the
+// same endpoint on every node). A changed handoff rewrites only the service entry.
+// Handed-off segments are counted per service (ServiceStats.HandoffPackets).
+//
 // # Limits
 //
 // Headers must be in the skb's linear part; IPv6 extension headers and fragments to a

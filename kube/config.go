@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"time"
 
 	"k8s.io/client-go/rest"
@@ -59,6 +60,17 @@ type Config struct {
 	// Debounce coalesces bursts of changes before the node recomputes its Plan.
 	Debounce time.Duration
 
+	// NodeAddresses are this node's addresses (--nodeIP), published on its member Lease:
+	// a node that takes over one of this node's instances in a planned switch sends
+	// the segments of connections it does not know to them (shard.Frontend.Handoff).
+	NodeAddresses []netip.Addr
+	// Handover bounds how long a stopping pod waits for the members it hands its
+	// instances to; instances not acknowledged by then are released.
+	Handover time.Duration
+	// Drain is how long a stopping pod keeps its member Lease, and so the handoff to
+	// it, after its routes are withdrawn; the caller detaches the datapath after Run.
+	Drain time.Duration
+
 	// APIAddress is the local HTTP API for `shardlb get` (loopback). "" disables it.
 	APIAddress string
 	// MetricsAddress serves /metrics, /healthz and /readyz. "" serves them on the
@@ -103,6 +115,8 @@ func DefaultConfig() Config {
 		MemberLease:       LeaseTimings{Duration: 4 * time.Second, Renew: time.Second, Grace: time.Second},
 		ControllerWorkers: 8,
 		Debounce:          20 * time.Millisecond,
+		Handover:          3 * time.Second,
+		Drain:             time.Second,
 		APIAddress:        DefaultAPIAddress,
 		MetricsAddress:    DefaultMetricsAddress,
 	}
@@ -135,6 +149,8 @@ func (c *Config) Validate() error {
 			c.ControllerLease.LeaseDuration, c.ControllerLease.RenewDeadline, c.ControllerLease.RetryPeriod)
 	case c.Debounce < 0:
 		return bad("debounce %v is negative", c.Debounce)
+	case c.Handover < 0 || c.Drain < 0:
+		return bad("handover %v and drain %v must not be negative", c.Handover, c.Drain)
 	}
 	if c.Controller {
 		if _, err := ipam.New(c.Pools, c.UniqueIP); err != nil {

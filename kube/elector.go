@@ -2,12 +2,17 @@ package kube
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"fmt"
 	"log/slog"
 	"maps"
+	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	coordinationv1 "k8s.io/api/coordination/v1"
@@ -30,7 +35,15 @@ const (
 	// one. The new holder announces master routes, then clears it: that clearing is
 	// the old holder's signal to demote (make-before-break).
 	annotationHandoverFrom = "shardlb.io/handover-from"
-	labelPartOf            = "app.kubernetes.io/part-of"
+	// Member Lease annotations. addresses are the node's (Config.NodeAddresses), where
+	// a node that took over one of its instances in a planned switch hands off segments
+	// of connections it does not know; incarnation names the process, so a handoff never
+	// outlives the process that has the connections; leaving marks a pod that is
+	// stopping: nobody hands it an instance.
+	annotationAddresses   = "shardlb.io/addresses"
+	annotationIncarnation = "shardlb.io/incarnation"
+	annotationLeaving     = "shardlb.io/leaving"
+	labelPartOf           = "app.kubernetes.io/part-of"
 )
 
 // MemberLeaseName is the Lease through which a member shows it is alive.
@@ -62,10 +75,14 @@ type elector struct {
 	// changed asks the node loop to recompute (debounced).
 	changed func()
 	wake    chan struct{}
+	// incarnation is this process's, on its member Lease; leaving is set at shutdown.
+	incarnation string
+	leaving     atomic.Bool
 
-	mu      sync.Mutex // guards master and holders, read by the node loop and the API
-	master  map[string]bool
-	holders map[string]string // instance -> holder of its fresh Lease
+	mu       sync.Mutex // guards master, holders and handoffs, read by the node loop and the API
+	master   map[string]bool
+	holders  map[string]string       // instance -> holder of its fresh Lease
+	handoffs map[string][]netip.Addr // instance -> addresses of its previous master
 
 	// Owned by the loop goroutine.
 	seen          map[string]seenLease
@@ -73,7 +90,12 @@ type elector struct {
 	handover      map[string]string                // instance -> member handed to, until it acks
 	missingSince  map[string]time.Time
 	memberRenewed time.Time
+	leaveWritten  bool
+	previous      map[string]previousMaster // instance -> who handed it to this pod
 }
+
+// previousMaster is the process that handed an instance to this pod.
+type previousMaster struct{ member, incarnation string }
 
 type seenLease struct {
 	rv string
@@ -92,7 +114,45 @@ func newElector(cfg *Config, log *slog.Logger, api coordclient.LeaseInterface, l
 		master: map[string]bool{}, holders: map[string]string{},
 		seen: map[string]seenLease{}, own: map[string]*coordinationv1.Lease{},
 		handover: map[string]string{}, missingSince: map[string]time.Time{},
+		previous: map[string]previousMaster{}, handoffs: map[string][]netip.Addr{},
+		incarnation: newIncarnation(),
 	}
+}
+
+func newIncarnation() string {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// leave starts a planned stop: this pod marks its member Lease leaving and hands every
+// instance it masters to the member Rebalance prefers among the others, each
+// make-before-break. Holding reports when that is done.
+func (e *elector) leave() {
+	e.leaving.Store(true)
+	e.poke()
+}
+
+// Holding is how many instances this pod announces as master.
+func (e *elector) Holding() int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	n := 0
+	for _, m := range e.master {
+		if m {
+			n++
+		}
+	}
+	return n
+}
+
+// Handoffs is instance -> the node addresses of the pod that handed it to this one in
+// a planned switch, for the instances this pod masters while that pod's process lives
+// (shard.Input.Handoffs).
+func (e *elector) Handoffs() map[string][]netip.Addr {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return maps.Clone(e.handoffs)
 }
 
 // poke wakes the loop; informer handlers call it.
@@ -202,15 +262,17 @@ func (e *elector) evaluate(ctx context.Context) time.Time {
 		}
 	}
 
-	if now.Sub(e.memberRenewed) >= renew {
-		if err := e.renewMember(ctx, now); err != nil {
+	leaving := e.leaving.Load()
+	if now.Sub(e.memberRenewed) >= renew || leaving && !e.leaveWritten {
+		if err := e.renewMember(ctx, now, leaving); err != nil {
 			e.log.Warn("elector: member lease", "err", err)
 		} else {
 			e.memberRenewed = now
+			e.leaveWritten = leaving
 		}
 	}
 	meLive := now.Sub(e.memberRenewed) < e.cfg.MemberLease.Duration
-	eligible := meLive && !e.excluded[e.me]
+	eligible := meLive && !e.excluded[e.me] && !leaving
 
 	// Who is alive, and who masters what.
 	names := e.cfg.Instances.Names()
@@ -239,7 +301,7 @@ func (e *elector) evaluate(ctx context.Context) time.Time {
 		}
 		l = e.view(l.Name, now)
 		h := holder(l)
-		if h == "" || h == e.me || stale[h] {
+		if h == "" || h == e.me || stale[h] || l.Annotations[annotationLeaving] != "" {
 			continue
 		}
 		if exp := e.expiry(l); now.Before(exp) {
@@ -247,7 +309,7 @@ func (e *elector) evaluate(ctx context.Context) time.Time {
 			soon(exp.Add(10 * time.Millisecond))
 		}
 	}
-	if meLive {
+	if meLive && !leaving {
 		live[e.me] = true
 	}
 	members := make([]string, 0, len(live))
@@ -264,9 +326,14 @@ func (e *elector) evaluate(ctx context.Context) time.Time {
 		h := holder(l)
 		switch {
 		case h == e.me && l.Annotations[annotationHandoverFrom] != "":
-			// Handed to us: announce as master first, acknowledge after.
+			// Handed to us: announce as master first, acknowledge after. Segments of
+			// connections the previous master still serves are handed back to it.
 			master[inst] = true
 			ack = append(ack, inst)
+			from := l.Annotations[annotationHandoverFrom]
+			if ml := e.view(MemberLeaseName(from), now); ml != nil && ml.Annotations[annotationIncarnation] != "" {
+				e.previous[inst] = previousMaster{member: from, incarnation: ml.Annotations[annotationIncarnation]}
+			}
 			continue
 		case h == e.me:
 			master[inst] = true
@@ -360,9 +427,10 @@ func (e *elector) evaluate(ctx context.Context) time.Time {
 			holders[inst] = holder(l)
 		}
 	}
+	handoffs := e.handoffTargets(master, now, soon)
 	e.mu.Lock()
-	changed := !maps.Equal(e.master, master)
-	e.master, e.holders = master, holders
+	changed := !maps.Equal(e.master, master) || !maps.EqualFunc(e.handoffs, handoffs, slices.Equal)
+	e.master, e.holders, e.handoffs = master, holders, handoffs
 	e.mu.Unlock()
 
 	if len(ack) > 0 {
@@ -383,6 +451,33 @@ func (e *elector) evaluate(ctx context.Context) time.Time {
 		e.changed()
 	}
 	return next
+}
+
+// handoffTargets keeps the previous master of each instance this pod masters while
+// that process lives (its member Lease, same incarnation, not expired), and not while
+// this pod hands the instance on itself: then two pods could send a segment neither
+// knows back and forth.
+func (e *elector) handoffTargets(master map[string]bool, now time.Time, soon func(time.Time)) map[string][]netip.Addr {
+	out := map[string][]netip.Addr{}
+	for inst, p := range e.previous {
+		ml := e.view(MemberLeaseName(p.member), now)
+		if !master[inst] || e.handover[inst] != "" || ml == nil ||
+			ml.Annotations[annotationIncarnation] != p.incarnation || !now.Before(e.expiry(ml)) {
+			delete(e.previous, inst)
+			continue
+		}
+		soon(e.expiry(ml).Add(10 * time.Millisecond))
+		var addrs []netip.Addr
+		for _, f := range strings.Split(ml.Annotations[annotationAddresses], ",") {
+			if a, err := netip.ParseAddr(strings.TrimSpace(f)); err == nil {
+				addrs = append(addrs, a)
+			}
+		}
+		if len(addrs) > 0 {
+			out[inst] = addrs
+		}
+	}
+	return out
 }
 
 // stamp makes l held and renewed by this pod; take counts a new acquisition.
@@ -419,9 +514,25 @@ func (e *elector) releaseInstance(ctx context.Context, l *coordinationv1.Lease) 
 	})
 }
 
-func (e *elector) renewMember(ctx context.Context, now time.Time) error {
+func (e *elector) renewMember(ctx context.Context, now time.Time, leaving bool) error {
 	name := MemberLeaseName(e.me)
-	return e.put(ctx, name, e.view(name, now), func(l *coordinationv1.Lease) { e.stamp(l, now, false) })
+	return e.put(ctx, name, e.view(name, now), func(l *coordinationv1.Lease) {
+		e.stamp(l, now, false)
+		if l.Annotations == nil {
+			l.Annotations = map[string]string{}
+		}
+		addrs := make([]string, 0, len(e.cfg.NodeAddresses))
+		for _, a := range e.cfg.NodeAddresses {
+			addrs = append(addrs, a.String())
+		}
+		l.Annotations[annotationAddresses] = strings.Join(addrs, ",")
+		l.Annotations[annotationIncarnation] = e.incarnation
+		if leaving {
+			l.Annotations[annotationLeaving] = "true"
+		} else {
+			delete(l.Annotations, annotationLeaving)
+		}
+	})
 }
 
 // put creates the Lease (base nil) or updates base, conditioned on its
@@ -454,14 +565,12 @@ func (e *elector) put(ctx context.Context, name string, base *coordinationv1.Lea
 	return nil
 }
 
-// release gives up everything at shutdown, after the routes are withdrawn: the member
-// Lease goes first so no one picks this pod again, then each held instance Lease is
-// released so its new master need not wait for expiry.
+// release gives up, at shutdown after the routes are withdrawn, each instance Lease
+// still held (not handed over in time), so its new master need not wait for expiry.
+// The member Lease stays, marked leaving, until forget: nodes that took over from this
+// pod hand off to it meanwhile.
 func (e *elector) release(ctx context.Context) {
 	now := e.clock.Now()
-	if err := e.api.Delete(ctx, MemberLeaseName(e.me), metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
-		e.log.Warn("elector: delete member lease", "err", err)
-	}
 	for _, inst := range e.cfg.Instances.Names() {
 		l := e.view(InstanceLeaseName(inst), now)
 		if holder(l) != e.me {
@@ -474,6 +583,13 @@ func (e *elector) release(ctx context.Context) {
 	e.mu.Lock()
 	e.master = map[string]bool{}
 	e.mu.Unlock()
+}
+
+// forget deletes the member Lease: the last write of a stopping pod.
+func (e *elector) forget(ctx context.Context) {
+	if err := e.api.Delete(ctx, MemberLeaseName(e.me), metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
+		e.log.Warn("elector: delete member lease", "err", err)
+	}
 }
 
 func leaseSeconds(d time.Duration) int32 {

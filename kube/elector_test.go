@@ -93,11 +93,33 @@ func (c *cluster) masters() map[string][]string {
 		out[name] = nil
 	}
 	for _, l := range c.lines {
-		if p := c.procs[l.Node]; p != nil && l.T >= p.started {
+		if p := c.procs[l.Node]; p != nil && l.T >= p.started && !l.Frontends {
 			out[l.Node] = l.Masters
 		}
 	}
 	return out
+}
+
+// handoffs is each live node's latest service -> handoff address.
+func (c *cluster) handoffs() map[string]map[string]string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := map[string]map[string]string{}
+	for _, l := range c.lines {
+		if p := c.procs[l.Node]; p != nil && l.T >= p.started && l.Frontends {
+			out[l.Node] = l.Handoffs
+		}
+	}
+	return out
+}
+
+// stop stops a node process by PID with SIGTERM (a planned stop) and waits for it.
+func (c *cluster) stop(p *nodeProc) {
+	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	<-p.done
+	c.mu.Lock()
+	delete(c.procs, p.name)
+	c.mu.Unlock()
 }
 
 // balanced: every instance has exactly one master and every node exactly one instance.
@@ -121,6 +143,10 @@ func (c *cluster) dump() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for _, l := range c.lines {
+		if l.Frontends {
+			c.t.Logf("%s %s handoffs=%v", time.Unix(0, l.T).Format("15:04:05.000"), l.Node, l.Handoffs)
+			continue
+		}
 		c.t.Logf("%s %s masters=%v vips=%d", time.Unix(0, l.T).Format("15:04:05.000"), l.Node, l.Masters, l.VIPs)
 	}
 	for _, p := range c.procs {
@@ -187,7 +213,8 @@ func (h *leaseHistory) takeover(name, from string) (lastRenew, acquired time.Tim
 // Three pods against one apiserver: one master per instance, one instance per pod; a
 // SIGKILLed master's instances get new masters within the lease duration + 1 s; when
 // it returns the masters rebalance make-before-break, never leaving an instance
-// without a master.
+// without a master, and the new master hands off to the old; a planned stop hands
+// over make-before-break too.
 func TestThreeNodesFailoverAndRebalance(t *testing.T) {
 	e := newEnv(t, "ha")
 	leases := watchLeases(t, e)
@@ -258,7 +285,7 @@ func TestThreeNodesFailoverAndRebalance(t *testing.T) {
 	sort.SliceStable(lines, func(i, j int) bool { return lines[i].T < lines[j].T })
 	state := map[string][]string{}
 	for _, l := range lines {
-		if l.T < returnedAt && l.Node != "node-c" {
+		if l.T < returnedAt && l.Node != "node-c" && !l.Frontends {
 			state[l.Node] = l.Masters
 		}
 	}
@@ -275,7 +302,7 @@ func TestThreeNodesFailoverAndRebalance(t *testing.T) {
 	}
 	check(returnedAt)
 	for _, l := range lines {
-		if l.T >= returnedAt {
+		if l.T >= returnedAt && !l.Frontends {
 			state[l.Node] = l.Masters
 			check(l.T)
 		}
@@ -291,4 +318,58 @@ func TestThreeNodesFailoverAndRebalance(t *testing.T) {
 			t.Errorf("lease of %s held by %s, but %s announces it as master", insts[0], got, node)
 		}
 	}
+
+	// node-c took its instance from the node that held two: while that process lives,
+	// node-c hands segments it does not know to it.
+	svcOf := func(inst string) string { return e.ns + "/svc-" + inst }
+	taken := final["node-c"][0]
+	waitFor(t, 5*time.Second, "node-c to hand off "+taken+" to "+newMaster, func() bool {
+		return c.handoffs()["node-c"][svcOf(taken)] == nodeAddr(newMaster)
+	})
+
+	// A planned stop (SIGTERM) of node-c hands its instance over make-before-break:
+	// the instance never lacks a master, its new master hands off to node-c while
+	// node-c drains, and no longer once node-c is gone.
+	stoppedAt := time.Now().UnixNano()
+	c.stop(c.procs["node-c"])
+	took := time.Since(time.Unix(0, stoppedAt))
+	c.mu.Lock()
+	lines = slices.Clone(c.lines)
+	c.mu.Unlock()
+	sort.SliceStable(lines, func(i, j int) bool { return lines[i].T < lines[j].T })
+	state = map[string][]string{}
+	var successor string
+	sawHandoff := false
+	for _, l := range lines {
+		if l.Frontends {
+			if l.T >= stoppedAt && l.Handoffs[svcOf(taken)] == nodeAddr("node-c") {
+				sawHandoff = true
+			}
+			continue
+		}
+		state[l.Node] = l.Masters
+		if l.T < stoppedAt {
+			continue
+		}
+		check(l.T)
+		if l.Node != "node-c" && slices.Contains(l.Masters, taken) && successor == "" {
+			successor = l.Node
+		}
+	}
+	if successor == "" {
+		t.Fatalf("%s got no new master when node-c stopped", taken)
+	}
+	if !sawHandoff {
+		t.Errorf("%s's new master %s never handed off to node-c (%s)", taken, successor, nodeAddr("node-c"))
+	}
+	if limit := DefaultConfig().Handover + DefaultConfig().Drain + 5*time.Second; took > limit {
+		t.Errorf("planned stop took %v, want under %v", took, limit)
+	}
+	waitFor(t, 5*time.Second, successor+" to stop handing off to the stopped node-c", func() bool {
+		return c.handoffs()[successor][svcOf(taken)] == ""
+	})
+	if _, err := e.client.CoordinationV1().Leases(e.ns).Get(context.Background(), MemberLeaseName("node-c"), metav1.GetOptions{}); err == nil {
+		t.Error("node-c's member lease is still there after it stopped")
+	}
+	t.Logf("planned stop of node-c: %s to %s, stop took %v", taken, successor, took.Round(time.Millisecond))
 }

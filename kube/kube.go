@@ -48,9 +48,9 @@ type Deps struct {
 	Clock clock.WithTicker
 }
 
-// Run serves until ctx ends, then shuts down in the order traffic needs: routes are
-// withdrawn first, then the Leases released (so new masters take over at once), and
-// Run returns; the caller then detaches the datapath.
+// Run serves until ctx ends, then shuts down in the order traffic needs: mastership
+// handed over make-before-break, routes withdrawn, Leases released, Config.Drain
+// waited, and Run returns; the caller then detaches the datapath.
 func Run(ctx context.Context, cfg Config, deps Deps) error {
 	if err := cfg.Validate(); err != nil {
 		return err
@@ -112,6 +112,7 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 
 	el = newElector(&cfg, log.With("part", "elector"), client.CoordinationV1().Leases(cfg.Namespace), leaseStore, clk)
 	nd = newNode(&cfg, log.With("part", "node"), deps.Router, deps.Datapath, svcStore, sliceIndexer, el.Masters, clk, m)
+	nd.handoffs = el.Handoffs
 	el.changed = nd.poke
 	el.applyNow = nd.apply
 
@@ -194,9 +195,22 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	}
 	<-ctx.Done()
 
-	// Shutdown: routes first, then the mastership Leases (new masters take over at
-	// once), then the controller Lease; the caller detaches the datapath after Run.
-	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	// Shutdown, a planned switch: every instance this pod masters is handed to its next
+	// master make-before-break (bounded by Handover), which hands segments of the
+	// connections in flight back here; then the routes are withdrawn and the Leases
+	// not handed over released; the member Lease stays for the drain, so the handoff
+	// lasts until the caller detaches the datapath.
+	if synced {
+		el.leave()
+		deadline := clk.Now().Add(cfg.Handover)
+		for el.Holding() > 0 && clk.Now().Before(deadline) {
+			<-clk.After(10 * time.Millisecond)
+		}
+		if n := el.Holding(); n > 0 {
+			log.Warn("instances not handed over in time, released", "instances", n, "after", cfg.Handover)
+		}
+	}
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second+cfg.Drain)
 	defer cancel()
 	stopNode()
 	loops.Wait()
@@ -206,6 +220,8 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	}
 	if synced {
 		el.release(sctx)
+		<-clk.After(cfg.Drain)
+		el.forget(sctx)
 	}
 	stopController()
 	controllers.Wait()

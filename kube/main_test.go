@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"os/signal"
 	"slices"
@@ -221,6 +222,7 @@ type recorder struct {
 	frontends []shard.Frontend
 	calls     int
 	onSet     func([]shard.Advertisement)
+	onFronts  func([]shard.Frontend)
 }
 
 func (r *recorder) SetAdvertisements(_ context.Context, desired []shard.Advertisement) error {
@@ -238,6 +240,9 @@ func (r *recorder) SetServices(desired []shard.Frontend) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.frontends = slices.Clone(desired)
+	if r.onFronts != nil {
+		r.onFronts(r.frontends)
+	}
 	return nil
 }
 
@@ -306,6 +311,10 @@ type nodeLine struct {
 	Node    string   `json:"node"`
 	Masters []string `json:"masters"` // instances announced with the master role
 	VIPs    int      `json:"vips"`
+	// Lines from the Datapath instead: Frontends is set, Handoffs maps each frontend's
+	// service to its handoff address.
+	Frontends bool              `json:"frontends,omitempty"`
+	Handoffs  map[string]string `json:"handoffs,omitempty"`
 }
 
 // nodeMain is one shardlb pod in its own process: kube.Run against the apiserver in
@@ -350,6 +359,20 @@ func nodeMain() int {
 		_ = enc.Encode(line)
 		mu.Unlock()
 	}}
+	rec.onFronts = func(fes []shard.Frontend) {
+		line := nodeLine{T: time.Now().UnixNano(), Node: cfg.NodeName, Frontends: true, Handoffs: map[string]string{}}
+		for _, fe := range fes {
+			if fe.Handoff.IsValid() {
+				line.Handoffs[fe.Service] = fe.Handoff.String()
+			}
+		}
+		mu.Lock()
+		_ = enc.Encode(line)
+		mu.Unlock()
+	}
+	if a, err := netip.ParseAddr(os.Getenv("NODE_ADDR")); err == nil {
+		cfg.NodeAddresses = []netip.Addr{a}
+	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo})).With("pod", cfg.NodeName)
 	if err := Run(ctx, cfg, Deps{Router: rec, Datapath: rec, Logger: log}); err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -363,5 +386,10 @@ func (e *env) nodeEnv(node string, instances int, pools, lease, api string) []st
 	return append(os.Environ(),
 		envNode+"="+node, "NODE_NAMESPACE="+e.ns, "NODE_CLASS="+e.class,
 		"KUBECONFIG="+e.srv.Kubeconfig(), "NODE_INSTANCES="+strconv.Itoa(instances),
-		"NODE_POOLS="+pools, "NODE_LEASE="+lease, "NODE_API="+api)
+		"NODE_POOLS="+pools, "NODE_LEASE="+lease, "NODE_API="+api, "NODE_ADDR="+nodeAddr(node))
+}
+
+// nodeAddr is the address a node process publishes on its member Lease.
+func nodeAddr(node string) string {
+	return "10.255.0." + strconv.Itoa(1+int(node[len(node)-1]-'a'))
 }

@@ -115,12 +115,14 @@ type DatapathCounters struct {
 type FrontendCounters struct {
 	Service, Frontend                   string // namespace/name; "VIP:port/proto"
 	Packets, Bytes, ReplyPackets, Flows uint64
+	// Handoffs are segments sent on to the previous master after a planned switch.
+	Handoffs uint64
 }
 
 // datapathCollector reads the datapath's counters at scrape time.
 type datapathCollector struct {
-	read                                  func() DatapathCounters
-	dropDesc, pktDesc, byteDesc, flowDesc *prometheus.Desc
+	read                                               func() DatapathCounters
+	dropDesc, pktDesc, byteDesc, flowDesc, handoffDesc *prometheus.Desc
 }
 
 func newDatapathCollector(read func() DatapathCounters) *datapathCollector {
@@ -131,6 +133,8 @@ func newDatapathCollector(read func() DatapathCounters) *datapathCollector {
 		pktDesc:  prometheus.NewDesc("shardlb_frontend_packets_total", "Packets through a frontend, by direction (to endpoints or replies).", append(fe, "direction"), nil),
 		byteDesc: prometheus.NewDesc("shardlb_frontend_bytes_total", "Bytes toward a frontend's endpoints.", fe, nil),
 		flowDesc: prometheus.NewDesc("shardlb_frontend_flows_total", "New flows a frontend balanced.", fe, nil),
+		handoffDesc: prometheus.NewDesc("shardlb_frontend_handoff_packets_total",
+			"TCP segments of connections unknown here sent on to the frontend's previous master after a planned switch.", fe, nil),
 	}
 }
 
@@ -139,6 +143,7 @@ func (c *datapathCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.pktDesc
 	ch <- c.byteDesc
 	ch <- c.flowDesc
+	ch <- c.handoffDesc
 }
 
 func (c *datapathCollector) Collect(ch chan<- prometheus.Metric) {
@@ -151,5 +156,6 @@ func (c *datapathCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(c.pktDesc, prometheus.CounterValue, float64(f.ReplyPackets), f.Service, f.Frontend, "reply")
 		ch <- prometheus.MustNewConstMetric(c.byteDesc, prometheus.CounterValue, float64(f.Bytes), f.Service, f.Frontend)
 		ch <- prometheus.MustNewConstMetric(c.flowDesc, prometheus.CounterValue, float64(f.Flows), f.Service, f.Frontend)
+		ch <- prometheus.MustNewConstMetric(c.handoffDesc, prometheus.CounterValue, float64(f.Handoffs), f.Service, f.Frontend)
 	}
 }

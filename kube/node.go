@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"net/netip"
 	"reflect"
 	"slices"
 	"sync"
@@ -35,6 +36,7 @@ type node struct {
 	services cache.Store
 	slices   cache.Indexer
 	masters  func() map[string]string
+	handoffs func() map[string][]netip.Addr // nil: none
 	clock    clock.Clock
 	metrics  *metrics
 
@@ -155,6 +157,9 @@ func (n *node) plan() (shard.Plan, bool) {
 // input gathers every served service with a VIP and a recorded instance.
 func (n *node) input() shard.Input {
 	in := shard.Input{Node: n.cfg.NodeName, Roles: n.cfg.Roles, Masters: n.masters()}
+	if n.handoffs != nil {
+		in.Handoffs = n.handoffs()
+	}
 	for _, o := range n.services.List() {
 		s, ok := o.(*service)
 		if !ok || !s.ours(n.cfg.LoadBalancerClass) || len(s.Ingress) == 0 {

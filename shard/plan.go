@@ -12,6 +12,9 @@ type Input struct {
 	Node     string            // this node's member name
 	Roles    bool              // --setRoles: active-backup per instance; off = equal (ECMP)
 	Masters  map[string]string // instance -> member holding its mastership Lease
+	// Handoffs are, for instances this node masters after a planned switch, the
+	// previous master's node addresses (Frontend.Handoff).
+	Handoffs map[string][]netip.Addr
 	Services []Service         // with ready endpoints only
 }
 
@@ -21,7 +24,8 @@ type Input struct {
 // routers move traffic to it. A VIP is announced only while one of its services has a
 // ready endpoint. A VIP shared by services of different instances (shared IP mode)
 // follows the instance of the service with the smallest key, so that every node
-// derives the same single master for it.
+// derives the same single master for it. The master's frontends of an instance with a
+// handoff carry the previous master's address of the VIP's family.
 func BuildPlan(in Input) Plan {
 	type vipState struct {
 		instance string
@@ -58,6 +62,21 @@ func BuildPlan(in Input) Plan {
 					Service: s.Key, VIP: vip, Port: p.Port, Protocol: p.Protocol,
 					Mode: s.Mode, Select: s.Select, Endpoints: eps,
 				})
+			}
+		}
+	}
+	if in.Roles && len(in.Handoffs) > 0 {
+		for i := range plan.Frontends {
+			fe := &plan.Frontends[i]
+			inst := vips[fe.VIP].instance
+			if in.Masters[inst] != in.Node {
+				continue
+			}
+			for _, a := range in.Handoffs[inst] {
+				if a.Unmap().Is4() == fe.VIP.Is4() {
+					fe.Handoff = a.Unmap()
+					break
+				}
 			}
 		}
 	}

@@ -193,3 +193,33 @@ func BenchmarkPlan(b *testing.B) {
 		}
 	})
 }
+
+// TestPlanHandoff checks that only the master's frontends of the handed-over instance
+// carry the previous master's address, of the VIP's family.
+func TestPlanHandoff(t *testing.T) {
+	in, _ := NewInstances("llb", 3)
+	masters := PreferredMasters(in, guideNodes, nil)
+	m2 := masters["llb-inst2"]
+	prev := []netip.Addr{netip.MustParseAddr("fd00::9"), netip.MustParseAddr("10.0.0.9")}
+	for _, node := range guideNodes {
+		p := BuildPlan(Input{Node: node, Roles: true, Masters: masters, Services: guideServices(),
+			Handoffs: map[string][]netip.Addr{"llb-inst2": prev}})
+		for _, fe := range p.Frontends {
+			want := netip.Addr{}
+			if node == m2 && fe.Service == "default/tcp-lb2" {
+				want = prev[1]
+			}
+			if fe.Handoff != want {
+				t.Errorf("%s: %s hands off to %v, want %v", node, fe.Service, fe.Handoff, want)
+			}
+		}
+	}
+	// Without roles every node is equal: nobody hands off.
+	p := BuildPlan(Input{Node: m2, Masters: masters, Services: guideServices(),
+		Handoffs: map[string][]netip.Addr{"llb-inst2": prev}})
+	for _, fe := range p.Frontends {
+		if fe.Handoff.IsValid() {
+			t.Errorf("without roles %s hands off to %v", fe.Service, fe.Handoff)
+		}
+	}
+}

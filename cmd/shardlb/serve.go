@@ -19,8 +19,9 @@ import (
 )
 
 // serve runs the load balancer until SIGTERM or SIGINT, then stops in the order
-// traffic needs: routes withdrawn and Leases released (kube.Run), BGP sessions closed,
-// a drain so packets already on their way are still served, then the datapath detached.
+// traffic needs: mastership handed over, routes withdrawn, Leases released and a drain
+// so packets already on their way are still served (kube.Run), BGP sessions closed,
+// then the datapath detached.
 func serve(cfg config, stderr io.Writer) int {
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: cfg.LogLevel}))
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
@@ -50,9 +51,8 @@ func runServe(ctx context.Context, cfg config, log *slog.Logger) error {
 			return err
 		}
 		defer func() {
-			// Routers have moved traffic away by now; what is still in flight is
-			// served before the program goes.
-			time.Sleep(cfg.Drain)
+			// kube.Run has drained: routers moved traffic away, and what was still in
+			// flight or handed off to this node was served.
 			if err := dp.Close(); err != nil {
 				log.Error("detach datapath", "err", err)
 			}
@@ -87,6 +87,10 @@ func runServe(ctx context.Context, cfg config, log *slog.Logger) error {
 	kcfg.Pools, kcfg.UniqueIP, kcfg.DefaultMode = cfg.Pools, cfg.UniqueIP, cfg.LBMode
 	kcfg.MemberLease.Duration, kcfg.MemberLease.Renew = cfg.LeaseDuration, cfg.RenewInterval
 	kcfg.APIAddress, kcfg.MetricsAddress = cfg.APIListen, cfg.MetricsListen
+	kcfg.Drain = cfg.Drain
+	if cfg.NodeIP.IsValid() {
+		kcfg.NodeAddresses = []netip.Addr{cfg.NodeIP}
+	}
 	return kube.Run(ctx, kcfg, deps)
 }
 
