@@ -98,10 +98,8 @@ const failoverRounds = 5
 // median number of failed probes of that VIP. Every case runs its five rounds once,
 // whatever b.N: a round takes seconds, and the median of five is the measurement.
 //
-// Each case starts with a rolling restart, outside the measurement: the datapath's
-// conntrack entries never expire (LRU only), so a node that has served some
-// thousands of flows to one endpoint runs out of SNAT ports and drops new flows,
-// which would show here as failover loss.
+// Each case starts with a rolling restart, outside the measurement, so that every
+// case begins from freshly started nodes.
 func BenchmarkFailover(b *testing.B) {
 	l, vips := sharedLab(b)
 	for _, c := range []struct {

@@ -210,6 +210,23 @@ func TestGuideEndToEnd(t *testing.T) {
 		})
 	}
 	failover(CleanStop, "default", true)
+
+	t.Run("a keep-alive connection keeps working while its master stops cleanly", func(t *testing.T) {
+		res, err := l.KeepAliveAcrossStop(ctx, "default", vips)
+		t.Logf("%s: %s", res.VIP, res)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// The old master serves the connection through the new master's handoff for
+		// its drain (1 s): about 50 requests at one per 20 ms.
+		if res.AfterSwitch < 25 {
+			t.Errorf("%d requests answered after the switch, want the connection to keep working through the drain", res.AfterSwitch)
+		}
+		if res.Failure != "" && res.FailedBefore > keepAliveGrace {
+			t.Errorf("the connection failed %v before the old master exited (%s), want it to last until the last %v",
+				res.FailedBefore, res.Failure, keepAliveGrace)
+		}
+	})
 	failover(Kill, "llb-inst2", false)
 	failover(LinkCut, "default", false)
 
@@ -225,22 +242,17 @@ func TestGuideEndToEnd(t *testing.T) {
 	})
 }
 
-// checkNoOutage asserts that a planned switch of masters caused no outage: no two
-// consecutive probes failed, so every new connection around a failed one succeeded.
-// What it tolerates is an isolated connection lost at a switch: an onearm connection
-// whose packets straddle the instant the router moves the VIP reaches the new master
-// with no connection state there (its endpoint knows it by the old node's address) and
-// is reset; rarely, during rolling restarts, one probe also times out instead (a lost
-// packet whose cause is not yet known).
+// keepAliveGrace is how long before a stopping master's exit a connection it serves may
+// end: once its drain is over it gives up its member Lease, the new master stops handing
+// off to it, and it detaches its datapath.
+const keepAliveGrace = 500 * time.Millisecond
+
+// checkNoOutage asserts that a planned switch of masters lost no probe: the old master
+// hands its instances over make-before-break and serves, through the new master's
+// handoff, the connections in flight at the switch.
 func checkNoOutage(t *testing.T, vip netip.Addr, o Outage) {
 	t.Helper()
-	for _, r := range o.Runs {
-		if r.Failed > 1 {
-			t.Errorf("%s: %s, want no two consecutive failed probes", vip, o)
-			return
-		}
-	}
-	if o.Failed > 10 {
-		t.Errorf("%s: %s, want a lost connection only at the few switches a planned move makes", vip, o)
+	if o.Failed > 0 {
+		t.Errorf("%s: %s, want no failed probe", vip, o)
 	}
 }
