@@ -55,7 +55,11 @@ func sharedLab(b *testing.B) (*Lab, map[netip.Addr]string) {
 				benchErr = err
 				return
 			}
-			inst, _ := l.Instance(ctx, svc)
+			inst, err := l.WaitInstance(ctx, svc, 30*time.Second)
+			if err != nil {
+				benchErr = err
+				return
+			}
 			benchVIPs[vip] = inst
 		}
 		benchErr = l.WaitSettled(ctx, benchVIPs, 60*time.Second)

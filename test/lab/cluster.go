@@ -295,7 +295,23 @@ func (l *Lab) Instance(ctx context.Context, svc string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	return s.Annotations["shardlb.io/instance"], nil
+	inst := s.Annotations["shardlb.io/instance"]
+	if inst == "" {
+		return "", errors.New("no instance recorded yet")
+	}
+	return inst, nil
+}
+
+// WaitInstance waits for the instance the controller records on the Service: the
+// controller writes it and the VIP at the same time, so either may show first.
+func (l *Lab) WaitInstance(ctx context.Context, svc string, d time.Duration) (string, error) {
+	var inst string
+	err := waitFor(ctx, d, "the instance of "+svc, func() error {
+		var err error
+		inst, err = l.Instance(ctx, svc)
+		return err
+	})
+	return inst, err
 }
 
 // PrintServices writes the Services as `kubectl get svc` shows them.

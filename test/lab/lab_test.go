@@ -61,7 +61,7 @@ func guide(t testing.TB, l *Lab) map[netip.Addr]string {
 		if err != nil {
 			t.Fatal(err)
 		}
-		inst, err := l.Instance(ctx, svc)
+		inst, err := l.WaitInstance(ctx, svc, 30*time.Second)
 		if err != nil {
 			t.Fatal(err)
 		}

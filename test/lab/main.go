@@ -81,7 +81,7 @@ func demo(ctx context.Context, w io.Writer, keep, verbose bool) int {
 		if err != nil {
 			return fail("VIP of "+svc, err)
 		}
-		inst, err := l.Instance(ctx, svc)
+		inst, err := l.WaitInstance(ctx, svc, 30*time.Second)
 		if err != nil || inst == "" {
 			return fail("instance of "+svc, fmt.Errorf("no shardlb.io/instance annotation (%v)", err))
 		}
