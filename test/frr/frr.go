@@ -214,7 +214,7 @@ func (r *Router) path(name string) string { return filepath.Join(r.Dir, name) }
 
 func (r *Router) bfddConf() string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "hostname %s\nlog file %s\n", r.NS, r.path("bfdd.log"))
+	fmt.Fprintf(&b, "hostname %s\nlog file %s\ndebug bfd peer\n", r.NS, r.path("bfdd.log"))
 	ms := r.cfg.BFD.Interval.Milliseconds()
 	fmt.Fprintf(&b, "bfd\n profile shardlb\n  transmit-interval %d\n  receive-interval %d\n  detect-multiplier %d\n exit\nexit\n", ms, ms, r.cfg.BFD.Multiplier)
 	return b.String()

@@ -30,9 +30,9 @@ type KeepAliveResult struct {
 }
 
 func (r KeepAliveResult) String() string {
-	s := fmt.Sprintf("%d requests on one connection while %s stopped, %d after the router switched", r.Requests, r.Master, r.AfterSwitch)
+	s := fmt.Sprintf("%d requests on one connection, %d of them after the router switched", r.Requests, r.AfterSwitch)
 	if r.Failure != "" {
-		s += fmt.Sprintf("; failed %v before it exited: %s", r.FailedBefore.Round(time.Millisecond), r.Failure)
+		s += fmt.Sprintf("; it ended %v before %s exited (%s)", r.FailedBefore.Round(time.Millisecond), r.Master, r.Failure)
 	}
 	return s
 }
@@ -114,7 +114,7 @@ func (l *Lab) KeepAliveAcrossStop(ctx context.Context, instance string, vips map
 	for _, r := range results {
 		res.Requests++
 		if r.err != nil {
-			res.Failure, res.FailedBefore = r.err.Error(), exited.Sub(r.start)
+			res.Failure, res.FailedBefore = errorKind(r.err), exited.Sub(r.start)
 			break
 		}
 		if !switched.IsZero() && r.start.After(switched) {

@@ -287,6 +287,9 @@ func (l *Lab) Close() {
 		_ = l.API.Stop()
 	}
 	if l.Router != nil {
+		if l.opts.Keep && l.Dir != "" {
+			_ = os.WriteFile(filepath.Join(l.Dir, "router.log"), []byte(l.Router.Logs()), 0o644)
+		}
 		l.Router.Stop()
 	}
 	for _, ns := range listNetNS(prefix) {

@@ -162,6 +162,19 @@ func demo(ctx context.Context, w io.Writer, keep, verbose bool) int {
 	}
 	say("%s restarted and took its shard back: %d failed probes", res.Master, restarted)
 	say("target: a SIGKILL gap <= 150 ms (the router learns it from the closed BGP session)")
+
+	masters, err = l.Masters()
+	if err != nil {
+		return fail("masters", err)
+	}
+	say("\n== planned stop: SIGTERM of %s, master of %s; it hands %s over first, then drains", masters[inst].name, inst, inst)
+	say("   (a keep-alive connection opened through it sends a request every 20 ms meanwhile)")
+	ka, err := l.KeepAliveAcrossStop(ctx, inst, vips)
+	if err != nil {
+		return fail("planned stop", err)
+	}
+	say("%-15s (%s): %s", ka.VIP, inst, ka)
+	say("the new master handed that connection's packets to the old one until it left")
 	say("\nok: every step worked (%s)", time.Since(start).Round(time.Second))
 	failed = false
 	return 0
