@@ -9,13 +9,13 @@ import (
 // Input is everything a node needs to compute its Plan. Every node builds it from the
 // same API objects, so nodes agree on every role.
 type Input struct {
-	Node     string            // this node's member name
-	Roles    bool              // --setRoles: active-backup per instance; off = equal (ECMP)
-	Masters  map[string]string // instance -> member holding its mastership Lease
+	Node    string            // this node's member name
+	Roles   bool              // --setRoles: active-backup per instance; off = equal (ECMP)
+	Masters map[string]string // instance -> member holding its mastership Lease
 	// Handoffs are, for instances this node masters after a planned switch, the
 	// previous master's node addresses (Frontend.Handoff).
 	Handoffs map[string][]netip.Addr
-	Services []Service         // with ready endpoints only
+	Services []Service // with ready endpoints only
 }
 
 // BuildPlan computes what one node announces and programs.
