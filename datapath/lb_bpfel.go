@@ -44,6 +44,20 @@ type lbEndpoint struct {
 	Gen    uint32
 }
 
+type lbEndpointNh struct {
+	_           structs.HostLayout
+	Saddr       [4]uint32
+	EndpointId  uint32
+	EndpointGen uint32
+	Iif         uint32
+	Ifindex     uint32
+	Time        uint64
+	Len         uint16
+	Dmac        [6]uint8
+	Smac        [6]uint8
+	Pad         [2]uint8
+}
+
 type lbFlow struct {
 	_      structs.HostLayout
 	Saddr  [4]uint32
@@ -115,6 +129,7 @@ const (
 	lbMapConntrack4       = "conntrack4"
 	lbMapConntrack6       = "conntrack6"
 	lbMapDrops            = "drops"
+	lbMapEndpointNhs      = "endpoint_nhs"
 	lbMapEndpoints        = "endpoints"
 	lbMapRingSlots        = "ring_slots"
 	lbMapServiceStats     = "service_stats"
@@ -178,6 +193,7 @@ type lbMapSpecs struct {
 	Conntrack4   *ebpf.MapSpec `ebpf:"conntrack4"`
 	Conntrack6   *ebpf.MapSpec `ebpf:"conntrack6"`
 	Drops        *ebpf.MapSpec `ebpf:"drops"`
+	EndpointNhs  *ebpf.MapSpec `ebpf:"endpoint_nhs"`
 	Endpoints    *ebpf.MapSpec `ebpf:"endpoints"`
 	RingSlots    *ebpf.MapSpec `ebpf:"ring_slots"`
 	ServiceStats *ebpf.MapSpec `ebpf:"service_stats"`
@@ -217,6 +233,7 @@ type lbMaps struct {
 	Conntrack4   *ebpf.Map `ebpf:"conntrack4"`
 	Conntrack6   *ebpf.Map `ebpf:"conntrack6"`
 	Drops        *ebpf.Map `ebpf:"drops"`
+	EndpointNhs  *ebpf.Map `ebpf:"endpoint_nhs"`
 	Endpoints    *ebpf.Map `ebpf:"endpoints"`
 	RingSlots    *ebpf.Map `ebpf:"ring_slots"`
 	ServiceStats *ebpf.Map `ebpf:"service_stats"`
@@ -229,6 +246,7 @@ func (m *lbMaps) Close() error {
 		m.Conntrack4,
 		m.Conntrack6,
 		m.Drops,
+		m.EndpointNhs,
 		m.Endpoints,
 		m.RingSlots,
 		m.ServiceStats,

@@ -74,6 +74,49 @@ static __always_inline void cache_next_hop(struct ct_entry *t, const struct bpf_
 	t->nh_time = now;
 }
 
+/* endpoint_next_hop gives t, a new flow's forward entry, the next hop this CPU last
+ * looked up for a new flow to the same endpoint when that lookup had the inputs this one
+ * would have (see struct endpoint_nh), checked a packet at least len bytes long and is
+ * younger than NH_MAX_AGE_JIFFIES. The flow keeps the lookup's time, not now, so a route
+ * or neighbour change still reaches every flow within NH_MAX_AGE_JIFFIES. */
+static __always_inline bool endpoint_next_hop(struct ct_entry *t, __u32 iif, __u16 len, __u64 now)
+{
+	__u32 slot = t->endpoint_id & (NH_CACHE_SLOTS - 1);
+	struct endpoint_nh *nh = bpf_map_lookup_elem(&endpoint_nhs, &slot);
+
+	if (!nh || !nh->ifindex || nh->endpoint_id != t->endpoint_id || nh->endpoint_gen != t->endpoint_gen ||
+	    nh->iif != iif || len > nh->len || now - nh->time >= NH_MAX_AGE_JIFFIES || nh->saddr[0] != t->saddr[0] ||
+	    nh->saddr[1] != t->saddr[1] || nh->saddr[2] != t->saddr[2] || nh->saddr[3] != t->saddr[3])
+		return false;
+	t->nh_ifindex = nh->ifindex;
+	t->nh_iif = iif;
+	t->nh_len = nh->len;
+	__builtin_memcpy(t->nh_dmac, nh->dmac, ETH_ALEN);
+	__builtin_memcpy(t->nh_smac, nh->smac, ETH_ALEN);
+	t->nh_time = nh->time;
+	return true;
+}
+
+/* remember_next_hop stores the next hop t, a new flow's forward entry, just cached, for
+ * the endpoint's next new flows on this CPU. */
+static __always_inline void remember_next_hop(const struct ct_entry *t)
+{
+	__u32 slot = t->endpoint_id & (NH_CACHE_SLOTS - 1);
+	struct endpoint_nh *nh = bpf_map_lookup_elem(&endpoint_nhs, &slot);
+
+	if (!nh)
+		return;
+	__builtin_memcpy(nh->saddr, t->saddr, 16);
+	nh->endpoint_id = t->endpoint_id;
+	nh->endpoint_gen = t->endpoint_gen;
+	nh->iif = t->nh_iif;
+	nh->ifindex = t->nh_ifindex;
+	nh->time = t->nh_time;
+	nh->len = t->nh_len;
+	__builtin_memcpy(nh->dmac, t->nh_dmac, ETH_ALEN);
+	__builtin_memcpy(nh->smac, t->nh_smac, ETH_ALEN);
+}
+
 /* redirect_neigh sends a packet whose next hop has no resolved neighbour yet through the
  * kernel's neighbour subsystem, which resolves it and queues the packet meanwhile. */
 static __always_inline int redirect_neigh(const struct bpf_fib_lookup *fib)
@@ -133,12 +176,17 @@ static __noinline int translate(struct __sk_buff *skb, const struct flow *f, str
 		len = bpf_ntohs(ip6->payload_len) + sizeof(*ip6);
 		ttl = ip6->hop_limit;
 	}
-	if (!next_hop_cached(t, iif, len, now)) {
+	/* A new flow (record) has no next hop of its own yet, but usually the one of an
+	 * earlier new flow to its endpoint. */
+	if (record ? !endpoint_next_hop(t, iif, len, now) : !next_hop_cached(t, iif, len, now)) {
 		rc = route(skb, f, t, len, iif, &fib);
 		/* Only a complete answer is kept: an unresolved neighbour is looked up again on
 		 * the next packet, a failed lookup leaves the packet to the kernel. */
-		if (rc == BPF_FIB_LKUP_RET_SUCCESS)
+		if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
 			cache_next_hop(t, &fib, iif, len, now);
+			if (record)
+				remember_next_hop(t);
+		}
 	}
 	/* Last seen, stored only when the jiffy changed: most packets of a busy flow store
 	 * nothing. */

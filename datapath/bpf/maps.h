@@ -129,6 +129,18 @@ struct {
 	__uint(max_entries, MAX_SERVICES);
 } service_stats SEC(".maps");
 
+/* The next hop of each endpoint's latest new flow, per CPU (see struct endpoint_nh and
+ * translate): the route lookup was the costliest step left of a new flow after the two
+ * conntrack inserts. Per CPU, so that an entry is never read while another CPU writes
+ * it (a torn answer would be cached by the flow for NH_MAX_AGE_JIFFIES), at the price of
+ * one lookup per CPU and endpoint every NH_MAX_AGE_JIFFIES. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct endpoint_nh);
+	__uint(max_entries, NH_CACHE_SLOTS);
+} endpoint_nhs SEC(".maps");
+
 /* One counter per enum drop_reason. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

@@ -90,6 +90,24 @@ struct ct_entry {
 	__u64 seen;
 };
 
+/* The next hop of the last new flow this CPU sent toward an endpoint, which new flows to
+ * the same endpoint reuse instead of a route lookup of their own (see endpoint_nhs). The
+ * lookup it answers is identified by the endpoint (id and generation: its address, port
+ * and protocol), the source address the flow leaves with and the ingress device; it
+ * checked packets up to len bytes at jiffy time. ifindex 0 means none. */
+struct endpoint_nh {
+	__u32 saddr[4];
+	__u32 endpoint_id;
+	__u32 endpoint_gen;
+	__u32 iif;
+	__u32 ifindex;
+	__u64 time;
+	__u16 len;
+	__u8 dmac[6];
+	__u8 smac[6];
+	__u8 pad[2];
+};
+
 struct svc_stats {
 	__u64 fwd_packets;
 	__u64 fwd_bytes;
