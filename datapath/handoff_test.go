@@ -85,11 +85,9 @@ func TestHandoff(t *testing.T) {
 				t.Fatal("no stats for ns/tcp")
 				return ServiceStats{}
 			}
-			// handedOff asserts that in went to the previous master: same packet, the
-			// peer's MAC, this node's MAC as source, TTL one less, checksums right.
-			handedOff := func(t *testing.T, in []byte) {
+			// redirected runs in and asserts a redirect with correct checksums.
+			redirected := func(t *testing.T, in []byte) []byte {
 				t.Helper()
-				before := stats()
 				ret, out := h.lb(in)
 				if ret != actRedirect {
 					t.Fatalf("action %d, want redirect %d", ret, actRedirect)
@@ -97,6 +95,14 @@ func TestHandoff(t *testing.T) {
 				if err := verifyChecksums(out); err != nil {
 					t.Fatal(err)
 				}
+				return out
+			}
+			// handedOff asserts that in went to the previous master: same packet, the
+			// peer's MAC, this node's MAC as source, TTL one less, checksums right.
+			handedOff := func(t *testing.T, in []byte) {
+				t.Helper()
+				before := stats()
+				out := redirected(t, in)
 				want := bytes.Clone(in)
 				copy(want[0:6], peerMAC[:])
 				copy(want[6:12], d0.HardwareAddr)
@@ -117,13 +123,7 @@ func TestHandoff(t *testing.T) {
 			balancedHere := func(t *testing.T, in []byte, wantNew bool) {
 				t.Helper()
 				before := stats()
-				ret, out := h.lb(in)
-				if ret != actRedirect {
-					t.Fatalf("action %d, want redirect %d", ret, actRedirect)
-				}
-				if err := verifyChecksums(out); err != nil {
-					t.Fatal(err)
-				}
+				out := redirected(t, in)
 				if got := endpointOf(t, out); got != netip.AddrPortFrom(fam.ep, epPort) {
 					t.Fatalf("sent to %v, want the endpoint", got)
 				}

@@ -60,18 +60,9 @@ func byVIP(m map[netip.AddrPort]Outage) map[netip.Addr]Outage {
 // with every node, plus a second.
 func (l *Lab) Failover(ctx context.Context, f Failure, instance string, vips map[netip.Addr]string) (FailoverResult, error) {
 	res := FailoverResult{Failure: f, Instance: instance}
-	// Mastership may still be moving (a handover after a start): begin from the
-	// steady state.
-	if err := l.WaitSettled(ctx, vips, 60*time.Second); err != nil {
-		return res, err
-	}
-	masters, err := l.Masters()
+	victim, err := l.settledMaster(ctx, instance, vips)
 	if err != nil {
 		return res, err
-	}
-	victim := masters[instance]
-	if victim == nil {
-		return res, fmt.Errorf("instance %s has no master", instance)
 	}
 	res.Master = victim.name
 	var own []netip.Prefix
@@ -140,6 +131,23 @@ func (l *Lab) Failover(ctx context.Context, f Failure, instance string, vips map
 	time.Sleep(time.Second)
 	res.Recovery = byVIP(p.stop())
 	return res, err
+}
+
+// settledMaster waits for the steady state (mastership may still be moving, a
+// handover after a start) and returns the master of instance.
+func (l *Lab) settledMaster(ctx context.Context, instance string, vips map[netip.Addr]string) (*node, error) {
+	if err := l.WaitSettled(ctx, vips, 60*time.Second); err != nil {
+		return nil, err
+	}
+	masters, err := l.Masters()
+	if err != nil {
+		return nil, err
+	}
+	m := masters[instance]
+	if m == nil {
+		return nil, fmt.Errorf("instance %s has no master", instance)
+	}
+	return m, nil
 }
 
 // RollingRestart restarts every node in turn with a clean stop, as a DaemonSet

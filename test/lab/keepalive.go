@@ -45,16 +45,9 @@ const keepAliveEvery = 20 * time.Millisecond
 // until it exits, then starts it again and waits for the lab to settle.
 func (l *Lab) KeepAliveAcrossStop(ctx context.Context, instance string, vips map[netip.Addr]string) (KeepAliveResult, error) {
 	var res KeepAliveResult
-	if err := l.WaitSettled(ctx, vips, 60*time.Second); err != nil {
-		return res, err
-	}
-	masters, err := l.Masters()
+	victim, err := l.settledMaster(ctx, instance, vips)
 	if err != nil {
 		return res, err
-	}
-	victim := masters[instance]
-	if victim == nil {
-		return res, fmt.Errorf("instance %s has no master", instance)
 	}
 	res.Master = victim.name
 	for _, v := range sortedVIPs(vips) {
