@@ -78,11 +78,11 @@ func (d *Datapath) SetServices(desired []shard.Frontend) error {
 	})
 	for _, k := range keys {
 		fe := want[k]
-		if a, ok := d.applied[k]; ok && equalFrontend(a.fe, fe) {
-			continue
-		} else if ok && a.fe.Handoff != fe.Handoff && equalFrontend(withHandoff(a.fe, fe.Handoff), fe) {
-			if err := d.writeService(k, a, fe); err != nil {
-				errs = append(errs, fmt.Errorf("frontend %s of %s: %w", k, fe.Service, err))
+		if a, ok := d.applied[k]; ok && sameBackends(a.fe, fe) {
+			if a.fe.Handoff != fe.Handoff {
+				if err := d.writeService(a, fe); err != nil {
+					errs = append(errs, fmt.Errorf("frontend %s of %s: %w", k, fe.Service, err))
+				}
 			}
 			continue
 		}
@@ -152,19 +152,15 @@ func normalize(fe shard.Frontend) shard.Frontend {
 	return fe
 }
 
-func equalFrontend(a, b shard.Frontend) bool {
-	return a.Service == b.Service && a.Mode == b.Mode && a.Select == b.Select && a.Handoff == b.Handoff &&
-		slices.Equal(a.Endpoints, b.Endpoints)
-}
-
-func withHandoff(fe shard.Frontend, h netip.Addr) shard.Frontend {
-	fe.Handoff = h
-	return fe
+// sameBackends reports whether b needs the ring and endpoints a has: everything but
+// the handoff address, which only the service entry holds.
+func sameBackends(a, b shard.Frontend) bool {
+	return a.Service == b.Service && a.Mode == b.Mode && a.Select == b.Select && slices.Equal(a.Endpoints, b.Endpoints)
 }
 
 // writeService rewrites only the service entry of an applied frontend (a new handoff
 // address), keeping its ring and endpoints.
-func (d *Datapath) writeService(k frontendKey, a *applied, fe shard.Frontend) error {
+func (d *Datapath) writeService(a *applied, fe shard.Frontend) error {
 	key := serviceKey(fe.VIP, fe.Port, fe.Protocol)
 	svc := d.serviceValue(a.id, a.ringStart, a.ringSize, fe)
 	if err := d.objs.Services.Put(&key, &svc); err != nil {
