@@ -177,12 +177,12 @@ static __noinline int new_flow(const struct flow *f, const struct service *svc, 
 	return NEW_FLOW;
 }
 
-/* balance decides flow f: TC_ACT_OK when it is not load-balanced traffic, a drop,
+/* balance decides flow f: TC_ACT_OK when it is not load-balanced traffic, a drop or a
+ * redirect (a segment handed off to the service's previous master, handoff.h),
  * FURTHER_PROCESSING with *tracked pointing at the flow's conntrack entry, used in place
- * (not copied) so that translate can cache the next hop in it, NEW_FLOW with *t (zeroed
- * first) holding the rewrite of a flow not recorded yet, or, when may_handoff, HANDOFF
- * with t->daddr the previous master to send the packet to and t->service_id set. */
-static __always_inline int balance(const struct flow *f, void *l4, void *data_end, bool may_handoff,
+ * (not copied) so that translate can cache the next hop in it, or NEW_FLOW with *t
+ * (zeroed first) holding the rewrite of a flow not recorded yet. */
+static __always_inline int balance(struct __sk_buff *skb, const struct flow *f, void *l4, void *data_end,
 				   struct ct_entry *t, struct ct_entry **tracked)
 {
 	struct ct_entry *ct = ct_lookup(f);
@@ -208,13 +208,14 @@ static __always_inline int balance(const struct flow *f, void *l4, void *data_en
 	struct service *svc = bpf_map_lookup_elem(&services, &k);
 	if (!svc)
 		return TC_ACT_OK;
+	if (wants_handoff(f, svc, l4, data_end)) {
+		int ret = handoff(skb, f, svc->handoff, svc->id);
+		if (ret != FURTHER_PROCESSING)
+			return ret;
+		/* Not handed off (handoff.h says when): balanced here. */
+	}
 	/* Zeroed here, not where it is declared: tracked flows never touch it. */
 	__builtin_memset(t, 0, sizeof(*t));
-	if (may_handoff && wants_handoff(f, svc, l4, data_end)) {
-		__builtin_memcpy(t->daddr, svc->handoff, 16);
-		t->service_id = svc->id;
-		return HANDOFF;
-	}
 	return new_flow(f, svc, t);
 }
 

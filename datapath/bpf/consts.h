@@ -25,9 +25,6 @@
 #define FURTHER_PROCESSING -1
 /* balance's answer for the first packet of a flow: translate it, then record the flow. */
 #define NEW_FLOW -2
-/* balance's answer for a mid-connection TCP segment of a service whose previous master
- * still serves the connection (see handoff.h). */
-#define HANDOFF -3
 
 #ifndef MAX_SERVICES
 #define MAX_SERVICES 16384

@@ -257,14 +257,7 @@ int lb_ingress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	if (ret != FURTHER_PROCESSING)
 		return ret;
-	ret = balance(&f, l4, data_end, true, &fresh, &tracked);
-	if (ret == HANDOFF) {
-		ret = handoff(skb, &f, fresh.daddr, fresh.service_id);
-		if (ret != FURTHER_PROCESSING)
-			return ret;
-		/* The packet could not be handed off (handoff.h says why): balanced here. */
-		ret = balance(&f, l4, data_end, false, &fresh, &tracked);
-	}
+	ret = balance(skb, &f, l4, data_end, &fresh, &tracked);
 	if (ret == NEW_FLOW)
 		return translate(skb, &f, &fresh, l4, true);
 	if (ret != FURTHER_PROCESSING)
