@@ -15,6 +15,7 @@
 #include <bpf/bpf_helpers.h>
 
 #include "consts.h"
+#include "forward.h"
 #include "maps.h"
 #include "structs.h"
 
@@ -92,16 +93,9 @@ static __noinline int handoff(struct __sk_buff *skb, const struct flow *f, const
 	struct svc_stats *st = bpf_map_lookup_elem(&service_stats, &service_id);
 	if (st)
 		st->handoff_packets++;
-	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
-		struct bpf_redir_neigh nh = {};
-
-		nh.nh_family = f->family;
-		if (f->family == AF_INET)
-			nh.ipv4_nh = peer[0];
-		else
-			__builtin_memcpy(nh.ipv6_nh, peer, 16);
-		return bpf_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
-	}
+	/* The lookup's destination is the peer itself (checked above): its next hop. */
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return redirect_neigh(&fib);
 	__builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
 	return bpf_redirect(fib.ifindex, 0);

@@ -11,6 +11,7 @@
 
 #include "balance.h"
 #include "consts.h"
+#include "forward.h"
 #include "handoff.h"
 #include "maps.h"
 #include "nat.h"
@@ -115,20 +116,6 @@ static __always_inline void remember_next_hop(const struct ct_entry *t)
 	nh->len = t->nh_len;
 	__builtin_memcpy(nh->dmac, t->nh_dmac, ETH_ALEN);
 	__builtin_memcpy(nh->smac, t->nh_smac, ETH_ALEN);
-}
-
-/* redirect_neigh sends a packet whose next hop has no resolved neighbour yet through the
- * kernel's neighbour subsystem, which resolves it and queues the packet meanwhile. */
-static __always_inline int redirect_neigh(const struct bpf_fib_lookup *fib)
-{
-	struct bpf_redir_neigh nh = {};
-
-	nh.nh_family = fib->family;
-	if (fib->family == AF_INET)
-		nh.ipv4_nh = fib->ipv4_dst;
-	else
-		__builtin_memcpy(nh.ipv6_nh, fib->ipv6_dst, 16);
-	return bpf_redirect_neigh(fib->ifindex, &nh, sizeof(nh), 0);
 }
 
 /* mark_closing marks the other direction of t's flow closing too: a port is reclaimed

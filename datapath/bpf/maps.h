@@ -61,17 +61,24 @@ struct {
 	__uint(max_entries, MAX_CONNTRACK);
 } conntrack6 SEC(".maps");
 
-/* ct_lookup and ct_insert pick the family's conntrack map for a flow. */
+/* flow4_of is the IPv4 conntrack key of f. */
+static __always_inline struct flow4 flow4_of(const struct flow *f)
+{
+	struct flow4 k = {
+		.saddr = f->saddr[0],
+		.daddr = f->daddr[0],
+		.sport = f->sport,
+		.dport = f->dport,
+		.proto = f->proto,
+	};
+	return k;
+}
+
+/* ct_lookup, ct_insert and ct_delete pick the family's conntrack map for a flow. */
 static __always_inline struct ct_entry *ct_lookup(const struct flow *f)
 {
 	if (f->family == AF_INET) {
-		struct flow4 k = {
-			.saddr = f->saddr[0],
-			.daddr = f->daddr[0],
-			.sport = f->sport,
-			.dport = f->dport,
-			.proto = f->proto,
-		};
+		struct flow4 k = flow4_of(f);
 		return bpf_map_lookup_elem(&conntrack4, &k);
 	}
 	return bpf_map_lookup_elem(&conntrack6, f);
@@ -80,13 +87,7 @@ static __always_inline struct ct_entry *ct_lookup(const struct flow *f)
 static __always_inline long ct_insert(const struct flow *f, const struct ct_entry *v, __u64 flags)
 {
 	if (f->family == AF_INET) {
-		struct flow4 k = {
-			.saddr = f->saddr[0],
-			.daddr = f->daddr[0],
-			.sport = f->sport,
-			.dport = f->dport,
-			.proto = f->proto,
-		};
+		struct flow4 k = flow4_of(f);
 		return bpf_map_update_elem(&conntrack4, &k, v, flags);
 	}
 	return bpf_map_update_elem(&conntrack6, f, v, flags);
@@ -95,13 +96,7 @@ static __always_inline long ct_insert(const struct flow *f, const struct ct_entr
 static __always_inline long ct_delete(const struct flow *f)
 {
 	if (f->family == AF_INET) {
-		struct flow4 k = {
-			.saddr = f->saddr[0],
-			.daddr = f->daddr[0],
-			.sport = f->sport,
-			.dport = f->dport,
-			.proto = f->proto,
-		};
+		struct flow4 k = flow4_of(f);
 		return bpf_map_delete_elem(&conntrack4, &k);
 	}
 	return bpf_map_delete_elem(&conntrack6, f);
