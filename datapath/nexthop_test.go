@@ -90,15 +90,7 @@ func TestNextHopCache(t *testing.T) {
 		h.lb(in(nil)) // a small packet: still fits, and is cached
 		long := in(make([]byte, 1300))
 		ret, out := h.lb(long)
-		if ret != actOK {
-			t.Fatalf("action %d for a packet over the MTU, want %d (the kernel answers it)", ret, actOK)
-		}
-		if err := verifyChecksums(out); err != nil {
-			t.Fatal(err)
-		}
-		if got := out[14+8]; got != 64 {
-			t.Fatalf("TTL %d: a packet the kernel forwards must keep its TTL (64)", got)
-		}
+		leftToKernel(t, ret, out)
 		if got := endpointOf(t, out); got != ep {
 			t.Fatalf("translated to %v, want %v", got, ep)
 		}
@@ -307,14 +299,21 @@ func TestEndpointNextHopCache(t *testing.T) {
 		newFlow(clientA) // a small packet: fits, and its next hop is cached
 		port++
 		ret, out := h.lb(pkt{src: netip.AddrPortFrom(clientA, port), dst: vip, proto: shard.TCP, payload: make([]byte, 1300)}.bytes())
-		if ret != actOK {
-			t.Fatalf("action %d for a new flow's packet over the MTU, want %d (the kernel answers it)", ret, actOK)
-		}
-		if err := verifyChecksums(out); err != nil {
-			t.Fatal(err)
-		}
-		if got := out[14+8]; got != 64 {
-			t.Fatalf("TTL %d: a packet the kernel forwards must keep its TTL (64)", got)
-		}
+		leftToKernel(t, ret, out)
 	})
+}
+
+// leftToKernel asserts that a translated IPv4 packet over the checked MTU was handed to
+// the kernel (which answers it) with correct checksums and its TTL (64) untouched.
+func leftToKernel(t *testing.T, ret uint32, out []byte) {
+	t.Helper()
+	if ret != actOK {
+		t.Fatalf("action %d for a packet over the MTU, want %d (the kernel answers it)", ret, actOK)
+	}
+	if err := verifyChecksums(out); err != nil {
+		t.Fatal(err)
+	}
+	if got := out[14+8]; got != 64 {
+		t.Fatalf("TTL %d: a packet the kernel forwards must keep its TTL (64)", got)
+	}
 }

@@ -76,12 +76,26 @@ func (c *cluster) start(name string) *nodeProc {
 }
 
 // kill stops a node process by PID with SIGKILL and waits for it.
-func (c *cluster) kill(p *nodeProc) {
-	_ = p.cmd.Process.Signal(syscall.SIGKILL)
+func (c *cluster) kill(p *nodeProc) { c.end(p, syscall.SIGKILL) }
+
+// stop stops a node process by PID with SIGTERM (a planned stop) and waits for it.
+func (c *cluster) stop(p *nodeProc) { c.end(p, syscall.SIGTERM) }
+
+func (c *cluster) end(p *nodeProc, sig syscall.Signal) {
+	_ = p.cmd.Process.Signal(sig)
 	<-p.done
 	c.mu.Lock()
 	delete(c.procs, p.name)
 	c.mu.Unlock()
+}
+
+// timeline is every line so far, in time order.
+func (c *cluster) timeline() []nodeLine {
+	c.mu.Lock()
+	lines := slices.Clone(c.lines)
+	c.mu.Unlock()
+	sort.SliceStable(lines, func(i, j int) bool { return lines[i].T < lines[j].T })
+	return lines
 }
 
 // masters is each live node's latest set of mastered instances.
@@ -111,15 +125,6 @@ func (c *cluster) handoffs() map[string]map[string]string {
 		}
 	}
 	return out
-}
-
-// stop stops a node process by PID with SIGTERM (a planned stop) and waits for it.
-func (c *cluster) stop(p *nodeProc) {
-	_ = p.cmd.Process.Signal(syscall.SIGTERM)
-	<-p.done
-	c.mu.Lock()
-	delete(c.procs, p.name)
-	c.mu.Unlock()
 }
 
 // balanced: every instance has exactly one master and every node exactly one instance.
@@ -279,10 +284,7 @@ func TestThreeNodesFailoverAndRebalance(t *testing.T) {
 
 	// Replay the timeline from node-c's return: at every step every instance has a
 	// master somewhere.
-	c.mu.Lock()
-	lines := slices.Clone(c.lines)
-	c.mu.Unlock()
-	sort.SliceStable(lines, func(i, j int) bool { return lines[i].T < lines[j].T })
+	lines := c.timeline()
 	state := map[string][]string{}
 	for _, l := range lines {
 		if l.T < returnedAt && l.Node != "node-c" && !l.Frontends {
@@ -333,10 +335,7 @@ func TestThreeNodesFailoverAndRebalance(t *testing.T) {
 	stoppedAt := time.Now().UnixNano()
 	c.stop(c.procs["node-c"])
 	took := time.Since(time.Unix(0, stoppedAt))
-	c.mu.Lock()
-	lines = slices.Clone(c.lines)
-	c.mu.Unlock()
-	sort.SliceStable(lines, func(i, j int) bool { return lines[i].T < lines[j].T })
+	lines = c.timeline()
 	state = map[string][]string{}
 	var successor string
 	sawHandoff := false
