@@ -161,3 +161,52 @@ func TestOtherHostFrames(t *testing.T) {
 		t.Fatalf("frame for this host: action %d, sent to %s, want %s", ret, endpointOf(t, out), ep)
 	}
 }
+
+// TestProtocolsTrackedApart sends a TCP and a UDP flow with the same addresses and ports
+// through a VIP whose TCP and UDP services have different endpoints: each protocol's
+// packets, first and later, go to its own service's endpoint, and a reply is translated
+// only for the protocol whose flow it answers (IPv4 keeps TCP and UDP in separate maps
+// whose keys carry no protocol).
+func TestProtocolsTrackedApart(t *testing.T) {
+	for _, f := range families {
+		t.Run(f.name, func(t *testing.T) {
+			h := newHarness(t, Config{})
+			epTCP := netip.AddrPortFrom(f.ep, epPort)
+			epUDP := netip.AddrPortFrom(f.epPeer, epPort)
+			h.set(
+				shard.Frontend{Service: "ns/tcp", VIP: f.vip, Port: vipPort, Protocol: shard.TCP, Endpoints: []shard.Endpoint{{Addr: epTCP.Addr(), Port: epTCP.Port()}}},
+				shard.Frontend{Service: "ns/udp", VIP: f.vip, Port: vipPort, Protocol: shard.UDP, Endpoints: []shard.Endpoint{{Addr: epUDP.Addr(), Port: epUDP.Port()}}},
+			)
+			client := netip.AddrPortFrom(f.client, cliPort)
+			vip := netip.AddrPortFrom(f.vip, vipPort)
+			want := map[shard.Protocol]netip.AddrPort{shard.TCP: epTCP, shard.UDP: epUDP}
+			for round := range 3 {
+				for _, proto := range protos {
+					_, out := h.lb(pkt{src: client, dst: vip, proto: proto, tcpFlags: 0x10}.bytes())
+					if got := endpointOf(t, out); got != want[proto] {
+						t.Fatalf("packet %d of the %s flow went to %s, want %s", round+1, proto, got, want[proto])
+					}
+				}
+			}
+			for _, proto := range protos {
+				other := shard.UDP
+				if proto == shard.UDP {
+					other = shard.TCP
+				}
+				// The endpoint of one protocol's flow answers in the other protocol: no
+				// flow of that protocol went there, so the packet passes untouched.
+				in := pkt{src: want[proto], dst: client, proto: other, tcpFlags: 0x10}.bytes()
+				ret, out := h.lb(in)
+				if ret != actOK || !bytes.Equal(out, in) {
+					t.Errorf("a %s packet from the %s endpoint was changed (action %d)\n%s", other, proto, ret, dumpPair(out, in))
+				}
+				reply := pkt{src: want[proto], dst: client, proto: proto, tcpFlags: 0x10}.bytes()
+				if _, out := h.lb(reply); bytes.Equal(out, reply) {
+					t.Errorf("the %s reply was not translated", proto)
+				} else if err := verifyChecksums(out); err != nil {
+					t.Errorf("%s reply: %v", proto, err)
+				}
+			}
+		})
+	}
+}

@@ -37,8 +37,8 @@ type Config struct {
 	NetNS string
 	// NodeIPv4 and NodeIPv6 are the source addresses of onearm flows toward endpoints.
 	NodeIPv4, NodeIPv6 netip.Addr
-	// ConntrackSize is the number of conntrack entries of each IP family; a flow takes
-	// two.
+	// ConntrackSize is the number of entries of each conntrack map: IPv4 TCP, IPv4 UDP
+	// and IPv6 (both protocols) have one each; a flow takes two entries.
 	ConntrackSize int
 	// MaxServices bounds the number of frontends (VIP, port, protocol).
 	MaxServices int
@@ -106,13 +106,14 @@ func New(cfg Config, log *slog.Logger) (*Datapath, error) {
 		return nil, fmt.Errorf("load datapath spec: %w", err)
 	}
 	sizes := map[string]int{
-		lbMapConntrack4:   cfg.ConntrackSize,
-		lbMapConntrack6:   cfg.ConntrackSize,
-		lbMapServices:     cfg.MaxServices,
-		lbMapVips:         cfg.MaxServices,
-		lbMapServiceStats: cfg.MaxServices,
-		lbMapEndpoints:    cfg.MaxEndpoints,
-		lbMapRingSlots:    cfg.RingSlots / 2,
+		lbMapConntrack4Tcp: cfg.ConntrackSize,
+		lbMapConntrack4Udp: cfg.ConntrackSize,
+		lbMapConntrack6:    cfg.ConntrackSize,
+		lbMapServices:      cfg.MaxServices,
+		lbMapVips:          cfg.MaxServices,
+		lbMapServiceStats:  cfg.MaxServices,
+		lbMapEndpoints:     cfg.MaxEndpoints,
+		lbMapRingSlots:     cfg.RingSlots / 2,
 	}
 	for name, n := range sizes {
 		if n <= 0 {
@@ -222,7 +223,7 @@ func (d *Datapath) Close() error {
 // MapMemory is the memory the kernel accounts to the datapath's maps, in bytes.
 func (d *Datapath) MapMemory() (uint64, error) {
 	var total uint64
-	for _, m := range []*ebpf.Map{d.objs.Conntrack4, d.objs.Conntrack6, d.objs.Drops, d.objs.Endpoints, d.objs.RingSlots,
+	for _, m := range []*ebpf.Map{d.objs.Conntrack4Tcp, d.objs.Conntrack4Udp, d.objs.Conntrack6, d.objs.Drops, d.objs.Endpoints, d.objs.RingSlots,
 		d.objs.ServiceStats, d.objs.Services, d.objs.Vips, d.objs.EndpointNhs} {
 		info, err := m.Info()
 		if err != nil {

@@ -195,7 +195,8 @@ func runFixture(t *testing.T, h *harness, fx fixture) {
 
 func clearConntrack(t testing.TB, d *Datapath) {
 	t.Helper()
-	clearMap[lbFlow4](t, d.objs.Conntrack4)
+	clearMap[lbFlow4](t, d.objs.Conntrack4Tcp)
+	clearMap[lbFlow4](t, d.objs.Conntrack4Udp)
 	clearMap[lbFlow](t, d.objs.Conntrack6)
 }
 

@@ -75,8 +75,6 @@ type lbFlow4 struct {
 	Daddr uint32
 	Sport uint16
 	Dport uint16
-	Proto uint8
-	Pad   [3]uint8
 }
 
 type lbRingPair struct {
@@ -126,7 +124,8 @@ type lbVipKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	lbMapConntrack4       = "conntrack4"
+	lbMapConntrack4Tcp    = "conntrack4_tcp"
+	lbMapConntrack4Udp    = "conntrack4_udp"
 	lbMapConntrack6       = "conntrack6"
 	lbMapDrops            = "drops"
 	lbMapEndpointNhs      = "endpoint_nhs"
@@ -190,15 +189,16 @@ type lbProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type lbMapSpecs struct {
-	Conntrack4   *ebpf.MapSpec `ebpf:"conntrack4"`
-	Conntrack6   *ebpf.MapSpec `ebpf:"conntrack6"`
-	Drops        *ebpf.MapSpec `ebpf:"drops"`
-	EndpointNhs  *ebpf.MapSpec `ebpf:"endpoint_nhs"`
-	Endpoints    *ebpf.MapSpec `ebpf:"endpoints"`
-	RingSlots    *ebpf.MapSpec `ebpf:"ring_slots"`
-	ServiceStats *ebpf.MapSpec `ebpf:"service_stats"`
-	Services     *ebpf.MapSpec `ebpf:"services"`
-	Vips         *ebpf.MapSpec `ebpf:"vips"`
+	Conntrack4Tcp *ebpf.MapSpec `ebpf:"conntrack4_tcp"`
+	Conntrack4Udp *ebpf.MapSpec `ebpf:"conntrack4_udp"`
+	Conntrack6    *ebpf.MapSpec `ebpf:"conntrack6"`
+	Drops         *ebpf.MapSpec `ebpf:"drops"`
+	EndpointNhs   *ebpf.MapSpec `ebpf:"endpoint_nhs"`
+	Endpoints     *ebpf.MapSpec `ebpf:"endpoints"`
+	RingSlots     *ebpf.MapSpec `ebpf:"ring_slots"`
+	ServiceStats  *ebpf.MapSpec `ebpf:"service_stats"`
+	Services      *ebpf.MapSpec `ebpf:"services"`
+	Vips          *ebpf.MapSpec `ebpf:"vips"`
 }
 
 // lbVariableSpecs contains global variables before they are loaded into the kernel.
@@ -230,20 +230,22 @@ func (o *lbObjects) Close() error {
 //
 // It can be passed to loadLbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type lbMaps struct {
-	Conntrack4   *ebpf.Map `ebpf:"conntrack4"`
-	Conntrack6   *ebpf.Map `ebpf:"conntrack6"`
-	Drops        *ebpf.Map `ebpf:"drops"`
-	EndpointNhs  *ebpf.Map `ebpf:"endpoint_nhs"`
-	Endpoints    *ebpf.Map `ebpf:"endpoints"`
-	RingSlots    *ebpf.Map `ebpf:"ring_slots"`
-	ServiceStats *ebpf.Map `ebpf:"service_stats"`
-	Services     *ebpf.Map `ebpf:"services"`
-	Vips         *ebpf.Map `ebpf:"vips"`
+	Conntrack4Tcp *ebpf.Map `ebpf:"conntrack4_tcp"`
+	Conntrack4Udp *ebpf.Map `ebpf:"conntrack4_udp"`
+	Conntrack6    *ebpf.Map `ebpf:"conntrack6"`
+	Drops         *ebpf.Map `ebpf:"drops"`
+	EndpointNhs   *ebpf.Map `ebpf:"endpoint_nhs"`
+	Endpoints     *ebpf.Map `ebpf:"endpoints"`
+	RingSlots     *ebpf.Map `ebpf:"ring_slots"`
+	ServiceStats  *ebpf.Map `ebpf:"service_stats"`
+	Services      *ebpf.Map `ebpf:"services"`
+	Vips          *ebpf.Map `ebpf:"vips"`
 }
 
 func (m *lbMaps) Close() error {
 	return _LbClose(
-		m.Conntrack4,
+		m.Conntrack4Tcp,
+		m.Conntrack4Udp,
 		m.Conntrack6,
 		m.Drops,
 		m.EndpointNhs,

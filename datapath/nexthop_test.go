@@ -40,7 +40,7 @@ func TestNextHopCache(t *testing.T) {
 		return pkt{src: client, dst: vip, proto: shard.TCP, tcpFlags: 0x10, payload: payload}.bytes()
 	}
 	key := lbFlow4{Saddr: addrWords(client.Addr())[0], Daddr: addrWords(vip.Addr())[0], Sport: htons(client.Port()),
-		Dport: htons(vip.Port()), Proto: uint8(shard.TCP)}
+		Dport: htons(vip.Port())}
 
 	t.Run("a new flow is recorded with the next hop its first packet was sent to", func(t *testing.T) {
 		ret, out := h.lb(in(nil))
@@ -54,7 +54,7 @@ func TestNextHopCache(t *testing.T) {
 			t.Fatalf("MACs % x -> % x, want % x -> % x", out[6:12], out[0:6], d0.HardwareAddr, macA)
 		}
 		var ct lbCtEntry
-		if err := h.d.objs.Conntrack4.Lookup(&key, &ct); err != nil {
+		if err := h.d.objs.Conntrack4Tcp.Lookup(&key, &ct); err != nil {
 			t.Fatalf("conntrack entry: %v", err)
 		}
 		if ct.NhIfindex != uint32(d0.Index) || ct.NhDmac != macA || !bytes.Equal(ct.NhSmac[:], d0.HardwareAddr) {
@@ -162,9 +162,9 @@ func TestEndpointNextHopCache(t *testing.T) {
 			t.Fatal(err)
 		}
 		key := lbFlow4{Saddr: addrWords(src)[0], Daddr: addrWords(vip.Addr())[0], Sport: htons(client.Port()),
-			Dport: htons(vip.Port()), Proto: uint8(shard.TCP)}
+			Dport: htons(vip.Port())}
 		var ct lbCtEntry
-		if err := h.d.objs.Conntrack4.Lookup(&key, &ct); err != nil {
+		if err := h.d.objs.Conntrack4Tcp.Lookup(&key, &ct); err != nil {
 			t.Fatalf("conntrack entry: %v", err)
 		}
 		return out, ct

@@ -141,7 +141,7 @@ func newFlags(r *raw, env func(string) string) (*pflag.FlagSet, []group) {
 
 	f = dp.fs
 	f.StringVar(&r.interfaces, "interfaces", "", "interfaces the eBPF datapath attaches to, comma separated; empty: no datapath")
-	f.IntVar(&r.conntrack, "conntrackSize", 262144, "connection tracking entries")
+	f.IntVar(&r.conntrack, "conntrackSize", 262144, "connection tracking entries of each conntrack map (IPv4 TCP, IPv4 UDP, IPv6); a flow takes two")
 
 	f.DurationVar(&r.drain, "shutdownDrain", time.Second, "on shutdown, how long the datapath keeps serving after the routes are withdrawn")
 
