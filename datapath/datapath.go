@@ -224,7 +224,7 @@ func (d *Datapath) Close() error {
 func (d *Datapath) MapMemory() (uint64, error) {
 	var total uint64
 	for _, m := range []*ebpf.Map{d.objs.Conntrack4Tcp, d.objs.Conntrack4Udp, d.objs.Conntrack6, d.objs.Drops, d.objs.Endpoints, d.objs.RingSlots,
-		d.objs.ServiceStats, d.objs.Services, d.objs.Vips, d.objs.EndpointNhs} {
+		d.objs.ServiceStats, d.objs.Services, d.objs.Vips, d.objs.EndpointNhs, d.objs.NewEntry} {
 		info, err := m.Info()
 		if err != nil {
 			return 0, fmt.Errorf("map memory: %w", err)

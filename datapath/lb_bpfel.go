@@ -130,6 +130,7 @@ const (
 	lbMapDrops            = "drops"
 	lbMapEndpointNhs      = "endpoint_nhs"
 	lbMapEndpoints        = "endpoints"
+	lbMapNewEntry         = "new_entry"
 	lbMapRingSlots        = "ring_slots"
 	lbMapServiceStats     = "service_stats"
 	lbMapServices         = "services"
@@ -195,6 +196,7 @@ type lbMapSpecs struct {
 	Drops         *ebpf.MapSpec `ebpf:"drops"`
 	EndpointNhs   *ebpf.MapSpec `ebpf:"endpoint_nhs"`
 	Endpoints     *ebpf.MapSpec `ebpf:"endpoints"`
+	NewEntry      *ebpf.MapSpec `ebpf:"new_entry"`
 	RingSlots     *ebpf.MapSpec `ebpf:"ring_slots"`
 	ServiceStats  *ebpf.MapSpec `ebpf:"service_stats"`
 	Services      *ebpf.MapSpec `ebpf:"services"`
@@ -236,6 +238,7 @@ type lbMaps struct {
 	Drops         *ebpf.Map `ebpf:"drops"`
 	EndpointNhs   *ebpf.Map `ebpf:"endpoint_nhs"`
 	Endpoints     *ebpf.Map `ebpf:"endpoints"`
+	NewEntry      *ebpf.Map `ebpf:"new_entry"`
 	RingSlots     *ebpf.Map `ebpf:"ring_slots"`
 	ServiceStats  *ebpf.Map `ebpf:"service_stats"`
 	Services      *ebpf.Map `ebpf:"services"`
@@ -250,6 +253,7 @@ func (m *lbMaps) Close() error {
 		m.Drops,
 		m.EndpointNhs,
 		m.Endpoints,
+		m.NewEntry,
 		m.RingSlots,
 		m.ServiceStats,
 		m.Services,

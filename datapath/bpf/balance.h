@@ -123,7 +123,7 @@ static __noinline int new_flow(const struct flow *f, const struct service *svc, 
 	reply.family = f->family;
 
 	/* *t (zeroed by the caller) holds the reply entry until it is inserted, then becomes
-	 * the forward one: a second ct_entry on this frame would not fit BPF's 512-byte stack. */
+	 * the forward one: one entry is enough. */
 	__builtin_memcpy(t->saddr, f->daddr, 16);
 	__builtin_memcpy(t->daddr, f->saddr, 16);
 	t->sport = f->dport;
@@ -179,23 +179,23 @@ static __noinline int new_flow(const struct flow *f, const struct service *svc, 
 
 /* balance decides flow f: TC_ACT_OK when it is not load-balanced traffic, a drop or a
  * redirect (a segment handed off to the service's previous master, handoff.h),
- * FURTHER_PROCESSING with *tracked pointing at the flow's conntrack entry, used in place
- * (not copied) so that translate can cache the next hop in it, or NEW_FLOW with *t
- * (zeroed first) holding the rewrite of a flow not recorded yet. */
+ * FURTHER_PROCESSING with *entry pointing at the flow's conntrack entry, used in place
+ * (not copied) so that translate can cache the next hop in it, or NEW_FLOW with *entry
+ * pointing at this CPU's new_entry, holding the rewrite of a flow not recorded yet. */
 static __always_inline int balance(struct __sk_buff *skb, const struct flow *f, void *l4, void *data_end,
-				   struct ct_entry *t, struct ct_entry **tracked)
+				   struct ct_entry **entry)
 {
 	struct ct_entry *ct = ct_lookup(f);
 	if (ct) {
 		if (ct->dir == CT_REPLY) {
-			*tracked = ct;
+			*entry = ct;
 			return FURTHER_PROCESSING;
 		}
 		/* A forward flow keeps its endpoint while that endpoint is in the service; once
 		 * it is gone the flow is balanced again like a new one. */
 		struct endpoint *ep = bpf_map_lookup_elem(&endpoints, &ct->endpoint_id);
 		if (ep && ep->valid && ep->gen == ct->endpoint_gen) {
-			*tracked = ct;
+			*entry = ct;
 			return FURTHER_PROCESSING;
 		}
 	}
@@ -214,8 +214,12 @@ static __always_inline int balance(struct __sk_buff *skb, const struct flow *f, 
 			return ret;
 		/* Not handed off (handoff.h says when): balanced here. */
 	}
-	/* Zeroed here, not where it is declared: tracked flows never touch it. */
+	__u32 zero = 0;
+	struct ct_entry *t = bpf_map_lookup_elem(&new_entry, &zero);
+	if (!t)
+		return TC_ACT_OK;
 	__builtin_memset(t, 0, sizeof(*t));
+	*entry = t;
 	return new_flow(f, svc, t);
 }
 

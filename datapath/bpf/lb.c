@@ -131,6 +131,107 @@ static __noinline void mark_closing(const struct flow *f, const struct ct_entry 
 		other->closing = 1;
 }
 
+/* ip_header gives the length and TTL of the packet's IP header, 0 when it is not in the
+ * packet. */
+static __always_inline __u16 ip_header(const struct flow *f, void *data, void *data_end, __u8 *ttl)
+{
+	struct ethhdr *eth = data;
+	struct iphdr *iph = (void *)(eth + 1);
+	struct ipv6hdr *ip6 = (void *)(eth + 1);
+
+	if (f->family == AF_INET) {
+		if ((void *)(iph + 1) > data_end)
+			return 0;
+		*ttl = iph->ttl;
+		return bpf_ntohs(iph->tot_len);
+	}
+	if ((void *)(ip6 + 1) > data_end)
+		return 0;
+	*ttl = ip6->hop_limit;
+	return bpf_ntohs(ip6->payload_len) + sizeof(*ip6);
+}
+
+/* seen records that t's direction carried a packet now (stored only when the jiffy
+ * changed: most packets of a busy flow store nothing) and, on a TCP FIN or RST, that
+ * the flow is closing. */
+static __always_inline void seen(const struct flow *f, struct ct_entry *t, void *l4, void *data_end, __u64 now)
+{
+	if (t->seen != now)
+		t->seen = now;
+	if (f->proto == IPPROTO_TCP && !t->closing) {
+		struct tcphdr *th = l4;
+		if ((void *)(th + 1) <= data_end && (th->fin || th->rst)) {
+			t->closing = 1;
+			mark_closing(f, t);
+		}
+	}
+}
+
+/* rewrite writes t into the packet's headers, decrementing the TTL when fwd, and counts
+ * it for t's service. */
+static __always_inline int rewrite(struct __sk_buff *skb, const struct flow *f, const struct ct_entry *t, void *l4,
+				   bool fwd)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *iph = (void *)(eth + 1);
+	struct ipv6hdr *ip6 = (void *)(eth + 1);
+	int ret;
+
+	/* Checked again: the helper calls before make the compiler reload f->family, and
+	 * the verifier must see each family's bound on the path that writes its header. */
+	if (f->family == AF_INET) {
+		if ((void *)(iph + 1) > data_end)
+			return TC_ACT_OK;
+		ret = rewrite_ipv4(skb, iph, l4, data_end, t, fwd);
+	} else {
+		if ((void *)(ip6 + 1) > data_end)
+			return TC_ACT_OK;
+		ret = rewrite_ipv6(ip6, l4, data_end, t, fwd);
+	}
+	if (ret == FURTHER_PROCESSING)
+		count_service(t, skb->len);
+	return ret;
+}
+
+/* redirect_cached sends a rewritten packet to the next hop t caches. */
+static __always_inline int redirect_cached(struct __sk_buff *skb, const struct ct_entry *t)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > data_end)
+		return TC_ACT_OK;
+	__builtin_memcpy(eth->h_dest, t->nh_dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, t->nh_smac, ETH_ALEN);
+	return bpf_redirect(t->nh_ifindex, 0);
+}
+
+/* forward_cached sends a packet of a tracked flow whose entry caches the next hop (all
+ * but about one packet per NH_MAX_AGE_JIFFIES of a busy flow): inlined into the
+ * program, without translate's call and route lookup frame. It returns
+ * FURTHER_PROCESSING, having changed nothing, for any other packet. */
+static __always_inline int forward_cached(struct __sk_buff *skb, const struct flow *f, struct ct_entry *t, void *l4)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	__u32 iif = skb->ingress_ifindex ? skb->ingress_ifindex : skb->ifindex;
+	__u64 now = bpf_jiffies64();
+	__u8 ttl = 0;
+	__u16 len = ip_header(f, data, data_end, &ttl);
+	int ret;
+
+	if (!len || ttl <= 1 || !next_hop_cached(t, iif, len, now))
+		return FURTHER_PROCESSING;
+	seen(f, t, l4, data_end, now);
+	ret = rewrite(skb, f, t, l4, true);
+	if (ret != FURTHER_PROCESSING)
+		return ret;
+	return redirect_cached(skb, t);
+}
+
 /* translate rewrites the packet of a balanced flow and sends it on. t is the flow's
  * conntrack entry, or for a new flow (record) the entry to insert once its next hop is
  * known. Not inlined: its stack frame and new_flow's are never live at once, and
@@ -140,29 +241,17 @@ static __noinline int translate(struct __sk_buff *skb, const struct flow *f, str
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
 	struct bpf_fib_lookup fib;
 	__u32 iif = skb->ingress_ifindex ? skb->ingress_ifindex : skb->ifindex;
 	__u64 now = bpf_jiffies64();
 	int rc = BPF_FIB_LKUP_RET_SUCCESS;
-	__u16 len;
-	__u8 ttl;
+	__u8 ttl = 0;
+	__u16 len = ip_header(f, data, data_end, &ttl);
 	int ret;
 	bool fwd;
 
-	struct iphdr *iph = (void *)(eth + 1);
-	struct ipv6hdr *ip6 = (void *)(eth + 1);
-	if (f->family == AF_INET) {
-		if ((void *)(iph + 1) > data_end)
-			return TC_ACT_OK;
-		len = bpf_ntohs(iph->tot_len);
-		ttl = iph->ttl;
-	} else {
-		if ((void *)(ip6 + 1) > data_end)
-			return TC_ACT_OK;
-		len = bpf_ntohs(ip6->payload_len) + sizeof(*ip6);
-		ttl = ip6->hop_limit;
-	}
+	if (!len)
+		return TC_ACT_OK;
 	/* A new flow (record) has no next hop of its own yet, but usually the one of an
 	 * earlier new flow to its endpoint. */
 	if (record ? !endpoint_next_hop(t, iif, len, now) : !next_hop_cached(t, iif, len, now)) {
@@ -175,44 +264,20 @@ static __noinline int translate(struct __sk_buff *skb, const struct flow *f, str
 				remember_next_hop(t);
 		}
 	}
-	/* Last seen, stored only when the jiffy changed: most packets of a busy flow store
-	 * nothing. */
-	if (t->seen != now)
-		t->seen = now;
-	if (f->proto == IPPROTO_TCP && !t->closing) {
-		struct tcphdr *th = l4;
-		if ((void *)(th + 1) <= data_end && (th->fin || th->rst)) {
-			t->closing = 1;
-			mark_closing(f, t);
-		}
-	}
+	seen(f, t, l4, data_end, now);
 	if (record && ct_insert(f, t, BPF_ANY)) {
 		count_drop(DROP_CONNTRACK_FULL);
 		return TC_ACT_SHOT;
 	}
 	fwd = (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH) && ttl > 1;
-
-	/* Checked again: the helper calls above make the compiler reload f->family, and the
-	 * verifier must see each family's bound on the path that writes its header. */
-	if (f->family == AF_INET) {
-		if ((void *)(iph + 1) > data_end)
-			return TC_ACT_OK;
-		ret = rewrite_ipv4(skb, iph, l4, data_end, t, fwd);
-	} else {
-		if ((void *)(ip6 + 1) > data_end)
-			return TC_ACT_OK;
-		ret = rewrite_ipv6(ip6, l4, data_end, t, fwd);
-	}
+	ret = rewrite(skb, f, t, l4, fwd);
 	if (ret != FURTHER_PROCESSING)
 		return ret;
-	count_service(t, skb->len);
 	if (!fwd)
 		return TC_ACT_OK;
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS)
 		return redirect_neigh(&fib);
-	__builtin_memcpy(eth->h_dest, t->nh_dmac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, t->nh_smac, ETH_ALEN);
-	return bpf_redirect(t->nh_ifindex, 0);
+	return redirect_cached(skb, t);
 }
 
 /* One path for both families (Katran's habit): only parsing and the header rewrite
@@ -224,8 +289,7 @@ int lb_ingress(struct __sk_buff *skb)
 	void *data_end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
 	struct flow f = {};
-	struct ct_entry fresh; /* zeroed by balance when a new flow needs it */
-	struct ct_entry *tracked = 0;
+	struct ct_entry *t = 0;
 	void *l4 = 0;
 	int ret;
 
@@ -244,12 +308,19 @@ int lb_ingress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	if (ret != FURTHER_PROCESSING)
 		return ret;
-	ret = balance(skb, &f, l4, data_end, &fresh, &tracked);
+	ret = balance(skb, &f, l4, data_end, &t);
+	if (ret != FURTHER_PROCESSING && ret != NEW_FLOW)
+		return ret;
+	/* Set on both answers; checked for the verifier, which cannot tell that a noinline
+	 * helper's verdict passed on by balance is never one of them. */
+	if (!t)
+		return TC_ACT_OK;
 	if (ret == NEW_FLOW)
-		return translate(skb, &f, &fresh, l4, true);
+		return translate(skb, &f, t, l4, true);
+	ret = forward_cached(skb, &f, t, l4);
 	if (ret != FURTHER_PROCESSING)
 		return ret;
-	return translate(skb, &f, tracked, l4, false);
+	return translate(skb, &f, t, l4, false);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

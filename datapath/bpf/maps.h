@@ -130,6 +130,17 @@ static __always_inline long ct_delete(const struct flow *f)
 	return bpf_map_delete_elem(&conntrack6, f);
 }
 
+/* The conntrack entry of a new flow while it is built, until translate inserts it: one
+ * per CPU (the program is never interrupted by itself on a CPU: it runs with bottom
+ * halves off). On the stack it would not fit BPF's 512 bytes next to translate's route
+ * lookup once the established-flow path is inlined (forward_cached). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct ct_entry);
+	__uint(max_entries, 1);
+} new_entry SEC(".maps");
+
 /* ct_reverse fills *o (zeroed by the caller) with the key of the other direction of the
  * flow whose entry, in either direction, is t: that direction's packets come from where
  * t sends this direction's and go to where t makes them come from. */
