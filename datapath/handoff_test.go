@@ -85,6 +85,7 @@ func TestHandoff(t *testing.T) {
 				t.Fatal("no stats for ns/tcp")
 				return ServiceStats{}
 			}
+			var handedOffVia func(t *testing.T, in []byte, resolved bool)
 			// redirected runs in and asserts a redirect with correct checksums.
 			redirected := func(t *testing.T, in []byte) []byte {
 				t.Helper()
@@ -99,13 +100,19 @@ func TestHandoff(t *testing.T) {
 			}
 			// handedOff asserts that in went to the previous master: same packet, the
 			// peer's MAC, this node's MAC as source, TTL one less, checksums right.
-			handedOff := func(t *testing.T, in []byte) {
+			handedOff := func(t *testing.T, in []byte) { handedOffVia(t, in, true) }
+			// handedOffVia is handedOff, where resolved says whether the peer's
+			// neighbour entry is known: if not, the MACs stay for the neighbour
+			// subsystem to write.
+			handedOffVia = func(t *testing.T, in []byte, resolved bool) {
 				t.Helper()
 				before := stats()
 				out := redirected(t, in)
 				want := bytes.Clone(in)
-				copy(want[0:6], peerMAC[:])
-				copy(want[6:12], d0.HardwareAddr)
+				if resolved {
+					copy(want[0:6], peerMAC[:])
+					copy(want[6:12], d0.HardwareAddr)
+				}
 				want[14+fam.ttlOffset]--
 				if fam.checksumOffset >= 0 {
 					copy(want[14+fam.checksumOffset:], out[14+fam.checksumOffset:14+fam.checksumOffset+2])
@@ -176,6 +183,12 @@ func TestHandoff(t *testing.T) {
 				far.Handoff = fam.far
 				h.set(far, udp)
 				balancedHere(t, ack(45000), true)
+			})
+			t.Run("a previous master whose neighbour is unresolved is reached through the neighbour subsystem", func(t *testing.T) {
+				unresolved := tcp
+				unresolved.Handoff = fam.peer.Prev() // on d0's network, no neighbour entry
+				h.set(unresolved, udp)
+				handedOffVia(t, ack(45500), false)
 			})
 			t.Run("default mode never hands off", func(t *testing.T) {
 				def := tcp
