@@ -37,23 +37,37 @@
 //
 // # Cost of a packet
 //
-// BenchmarkTestRun times the program in the kernel (BPF_PROG_TEST_RUN, ns per packet,
-// medians of 10 to 12 runs on a 2-core paravirtual guest, other load present):
+// BenchmarkTestRun times the program in the kernel (BPF_PROG_TEST_RUN, ns per packet)
+// on a 2-core paravirtual guest whose two CPUs run at different speeds and whose speed
+// drifts by the minute: its rows run in 15 alternating rounds on one pinned CPU and
+// each reports its median round. Ranges over several such runs:
 //
-//	                 before the endpoint next-hop cache   with it
-//	baseline (empty)             15                       15
-//	established                  47                       47
-//	return path                  45                       45-48
-//	unknown VIP                  38-40                    39-40
-//	new flow                    277-288 (18x)            245-254 (16x)
+//	baseline (empty program)    14-15
+//	established                 40-43   (2.8x-3.0x)
+//	return path                 39-43
+//	unknown VIP                 31-34
+//	new flow                    217-239 (15x-16x)
+//
+// Three changes took established packets down, each measured against the code before
+// it in alternating runs: IPv4 conntrack keys of 12 bytes, with TCP and UDP in a map
+// each (-4 to -5 ns: the kernel hashes 16 bytes in two jhash rounds, 12 in one; unknown
+// VIPs -7); every map helper call keeping a single map (clang had merged the TCP and
+// UDP calls into one call on either map, which the verifier cannot inline: +9 ns;
+// TestMapCallsHaveOneMap guards it); and an inlined path for tracked flows whose next
+// hop is cached (forward_cached, -2.5 ns: no BPF-to-BPF call and frame), for which a
+// new flow's entry moved from the stack to a per-CPU map value (new_entry). What is
+// left of an established packet is mostly the kernel's hash lookup (hash, bucket walk,
+// key compare: about 40% of the time in the program, by perf) and the rewrite.
 //
 // A new flow stays far above 5x the baseline because of kernel hash-map work no program
 // change removes (removing each step in turn, medians): the conntrack lookup that misses
 // costs about 40 ns (a cold bucket), inserting the reply entry about 70 (another cold
 // bucket, an LRU node, two IRQ-saving locks, which are costly on this guest), inserting
 // the forward entry 45 to 60 (its bucket warm from the lookup); the rest, from parsing
-// to the redirect, is about 70 with the test run's own 15. The entry's size counts too:
-// A 64-byte IPv4 entry (4-byte addresses; one cache line instead of 96 bytes) was
+// to the redirect, is about 70 with the test run's own 15. perf puts about a third of a
+// new flow's time in this guest's paravirtual interrupt re-enabling (pvm_irq_enable)
+// when the inserts release their IRQ-saving locks, one instruction on bare metal. The
+// entry's size counts too: a 64-byte IPv4 entry (4-byte addresses; one cache line instead of 96 bytes) was
 // built and measured against the same code with the entry padded back to 96 bytes:
 // no difference in this benchmark, whose entries stay in cache, while the per-family
 // code the verifier then needed made established packets 1 to 2 ns slower; it would
