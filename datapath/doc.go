@@ -106,11 +106,27 @@
 // same endpoint on every node). A changed handoff rewrites only the service entry.
 // Handed-off segments are counted per service (ServiceStats.HandoffPackets).
 //
+// # ICMP errors
+//
+// A router that cannot deliver a translated packet answers its translated source: the
+// VIP for a reply, the node (onearm) or the VIP (fullnat) for a request, the client
+// behind a default-mode request. Such an error (ICMP destination unreachable, time
+// exceeded, parameter problem; ICMPv6 also packet too big) is translated back when it
+// quotes a packet of a tracked flow: the quoted packet becomes the one its sender sent
+// (addresses, ports, the quoted IPv4 header checksum and, when quoted, the TCP or UDP
+// checksum), the error goes to that sender (endpoint or client) with its checksums
+// fixed and one TTL less, through a route lookup. Path MTU discovery therefore works
+// through the load balancer: a server whose replies are too big for a client's path
+// learns it from "fragmentation needed" sent to the VIP. Errors are counted per
+// service (ServiceStats.ICMPErrors). An error whose destination is not the quoted
+// packet's source, that quotes no tracked flow, whose outer or quoted IP header has
+// options or extension headers, or that has no route passes untouched.
+//
 // # Limits
 //
 // Headers must be in the skb's linear part; IPv6 extension headers and fragments to a
-// VIP are dropped with a named counter; ICMP errors about translated flows are not
-// translated; entries of a removed service linger until evicted. Frames the device
+// VIP are dropped with a named counter; entries of a removed service linger until
+// evicted. Frames the device
 // did not classify PACKET_HOST (a bridge flooding unknown unicast to every node) pass
 // untouched and uncounted: VIP traffic is sent to the node's MAC, replies to the node.
 //

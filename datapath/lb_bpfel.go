@@ -111,6 +111,7 @@ type lbSvcStats struct {
 	NewFlows       uint64
 	RrNext         uint64
 	HandoffPackets uint64
+	IcmpErrors     uint64
 }
 
 type lbVipKey struct {

@@ -154,8 +154,8 @@ func pseudoSum(src, dst []byte, proto uint8, n int) uint32 {
 	return s + uint32(proto) + uint32(n)
 }
 
-// verifyChecksums checks the IPv4 header checksum and the TCP or UDP checksum of an
-// Ethernet frame from scratch. Packets it cannot parse are not its business.
+// verifyChecksums checks the IPv4 header checksum and the TCP, UDP, ICMP or ICMPv6
+// checksum of an Ethernet frame from scratch. Packets it cannot parse are not its business.
 func verifyChecksums(b []byte) error {
 	if len(b) < 14 {
 		return nil
@@ -186,9 +186,15 @@ func verifyChecksums(b []byte) error {
 		if proto == 17 && len(seg) >= 8 && binary.BigEndian.Uint16(seg[6:]) == 0 {
 			return nil
 		}
+		if proto == 1 { // ICMP: no pseudo-header
+			if c := csumSum(0, seg); c != 0xffff {
+				return fmt.Errorf("ICMP checksum wrong (sum %#04x)", c)
+			}
+			return nil
+		}
 	case 0x86dd:
 		ip := b[14:]
-		if len(ip) < 40 || (ip[6] != 6 && ip[6] != 17) {
+		if len(ip) < 40 || (ip[6] != 6 && ip[6] != 17 && ip[6] != 58) {
 			return nil
 		}
 		n := int(binary.BigEndian.Uint16(ip[4:]))
@@ -202,11 +208,11 @@ func verifyChecksums(b []byte) error {
 	default:
 		return nil
 	}
-	if proto != 6 && proto != 17 {
+	if proto != 6 && proto != 17 && proto != 58 {
 		return nil
 	}
 	if c := csumSum(pseudoSum(src, dst, proto, len(seg)), seg); c != 0xffff {
-		return fmt.Errorf("%s checksum wrong (sum %#04x)", map[uint8]string{6: "TCP", 17: "UDP"}[proto], c)
+		return fmt.Errorf("%s checksum wrong (sum %#04x)", map[uint8]string{6: "TCP", 17: "UDP", 58: "ICMPv6"}[proto], c)
 	}
 	return nil
 }
@@ -214,4 +220,38 @@ func verifyChecksums(b []byte) error {
 // dumpPair prints two packets one above the other for a failure message.
 func dumpPair(got, want []byte) string {
 	return fmt.Sprintf("got:\n%swant:\n%s", hex.Dump(got), hex.Dump(want))
+}
+
+// icmpError builds an Ethernet frame carrying an ICMP (IPv4) or ICMPv6 error from src to
+// dst of the given type and code, whose four type-specific bytes are rest, quoting
+// quote (an IP packet's first bytes), with every checksum computed from scratch.
+func icmpError(src, dst netip.Addr, typ, code uint8, rest uint32, quote []byte) []byte {
+	msg := []byte{typ, code, 0, 0}
+	msg = binary.BigEndian.AppendUint32(msg, rest)
+	msg = append(msg, quote...)
+	b := append([]byte{}, lbMAC[:]...)
+	b = append(b, clientMAC[:]...)
+	if src.Is4() {
+		binary.BigEndian.PutUint16(msg[2:], ^csumSum(0, msg))
+		b = binary.BigEndian.AppendUint16(b, 0x0800)
+		ip := make([]byte, 20)
+		ip[0] = 0x45
+		binary.BigEndian.PutUint16(ip[2:], uint16(20+len(msg)))
+		ip[8] = 64
+		ip[9] = 1
+		copy(ip[12:], src.AsSlice())
+		copy(ip[16:], dst.AsSlice())
+		binary.BigEndian.PutUint16(ip[10:], ^csumSum(0, ip))
+		return append(append(b, ip...), msg...)
+	}
+	binary.BigEndian.PutUint16(msg[2:], ^csumSum(pseudoSum(src.AsSlice(), dst.AsSlice(), 58, len(msg)), msg))
+	b = binary.BigEndian.AppendUint16(b, 0x86dd)
+	ip := make([]byte, 40)
+	ip[0] = 0x60
+	binary.BigEndian.PutUint16(ip[4:], uint16(len(msg)))
+	ip[6] = 58
+	ip[7] = 64
+	copy(ip[8:], src.AsSlice())
+	copy(ip[24:], dst.AsSlice())
+	return append(append(b, ip...), msg...)
 }

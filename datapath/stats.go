@@ -42,6 +42,9 @@ type ServiceStats struct {
 	NewFlows                 uint64
 	// HandoffPackets went on to the previous master (see shard.Frontend.Handoff).
 	HandoffPackets uint64
+	// ICMPErrors are ICMP errors about the frontend's flows, translated back and sent
+	// to the host that sent the packet they quote.
+	ICMPErrors uint64
 }
 
 // Stats reads the counters. A map that cannot be read is logged and reads as zero.
@@ -73,6 +76,7 @@ func (d *Datapath) Stats() Stats {
 			s.ReplyBytes += v.ReplyBytes
 			s.NewFlows += v.NewFlows
 			s.HandoffPackets += v.HandoffPackets
+			s.ICMPErrors += v.IcmpErrors
 		}
 		st.Services = append(st.Services, s)
 	}

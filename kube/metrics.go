@@ -117,12 +117,15 @@ type FrontendCounters struct {
 	Packets, Bytes, ReplyPackets, Flows uint64
 	// Handoffs are segments sent on to the previous master after a planned switch.
 	Handoffs uint64
+	// ICMPErrors are ICMP errors about the frontend's flows sent on to the host that
+	// sent the packet they quote.
+	ICMPErrors uint64
 }
 
 // datapathCollector reads the datapath's counters at scrape time.
 type datapathCollector struct {
-	read                                               func() DatapathCounters
-	dropDesc, pktDesc, byteDesc, flowDesc, handoffDesc *prometheus.Desc
+	read                                                         func() DatapathCounters
+	dropDesc, pktDesc, byteDesc, flowDesc, handoffDesc, icmpDesc *prometheus.Desc
 }
 
 func newDatapathCollector(read func() DatapathCounters) *datapathCollector {
@@ -135,6 +138,8 @@ func newDatapathCollector(read func() DatapathCounters) *datapathCollector {
 		flowDesc: prometheus.NewDesc("shardlb_frontend_flows_total", "New flows a frontend balanced.", fe, nil),
 		handoffDesc: prometheus.NewDesc("shardlb_frontend_handoff_packets_total",
 			"TCP segments of connections unknown here sent on to the frontend's previous master after a planned switch.", fe, nil),
+		icmpDesc: prometheus.NewDesc("shardlb_frontend_icmp_errors_total",
+			"ICMP errors about the frontend's flows (fragmentation needed, unreachable, time exceeded) translated back to the host that sent the quoted packet.", fe, nil),
 	}
 }
 
@@ -144,6 +149,7 @@ func (c *datapathCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.byteDesc
 	ch <- c.flowDesc
 	ch <- c.handoffDesc
+	ch <- c.icmpDesc
 }
 
 func (c *datapathCollector) Collect(ch chan<- prometheus.Metric) {
@@ -157,5 +163,6 @@ func (c *datapathCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(c.byteDesc, prometheus.CounterValue, float64(f.Bytes), f.Service, f.Frontend)
 		ch <- prometheus.MustNewConstMetric(c.flowDesc, prometheus.CounterValue, float64(f.Flows), f.Service, f.Frontend)
 		ch <- prometheus.MustNewConstMetric(c.handoffDesc, prometheus.CounterValue, float64(f.Handoffs), f.Service, f.Frontend)
+		ch <- prometheus.MustNewConstMetric(c.icmpDesc, prometheus.CounterValue, float64(f.ICMPErrors), f.Service, f.Frontend)
 	}
 }

@@ -13,7 +13,7 @@ func TestDatapathCountersAreExportedAtScrapeTime(t *testing.T) {
 		return DatapathCounters{
 			Drops: map[string]uint64{"snat_ports_exhausted": drops, "truncated": 0},
 			Frontends: []FrontendCounters{{Service: "default/tcp-lb", Frontend: "192.168.80.250:57002/TCP",
-				Packets: 10, Bytes: 1000, ReplyPackets: 9, Flows: 2, Handoffs: 4}},
+				Packets: 10, Bytes: 1000, ReplyPackets: 9, Flows: 2, Handoffs: 4, ICMPErrors: 5}},
 		}
 	}))
 	read := func() map[string]float64 {
@@ -40,6 +40,7 @@ func TestDatapathCountersAreExportedAtScrapeTime(t *testing.T) {
 		"shardlb_frontend_packets_total,direction=forward,frontend=192.168.80.250:57002/TCP,service=default/tcp-lb": 10,
 		"shardlb_frontend_flows_total,frontend=192.168.80.250:57002/TCP,service=default/tcp-lb":                     2,
 		"shardlb_frontend_handoff_packets_total,frontend=192.168.80.250:57002/TCP,service=default/tcp-lb":           4,
+		"shardlb_frontend_icmp_errors_total,frontend=192.168.80.250:57002/TCP,service=default/tcp-lb":               5,
 	} {
 		if got[key] != want {
 			t.Errorf("%s = %v, want %v (all: %v)", key, got[key], want, got)

@@ -115,6 +115,7 @@ func counters(st datapath.Stats) kube.DatapathCounters {
 			Service:  s.Service,
 			Frontend: fmt.Sprintf("%s/%s", netip.AddrPortFrom(s.VIP, s.Port), s.Protocol),
 			Packets:  s.Packets, Bytes: s.Bytes, ReplyPackets: s.ReplyPackets, Flows: s.NewFlows,
+			Handoffs: s.HandoffPackets, ICMPErrors: s.ICMPErrors,
 		})
 	}
 	return c

@@ -25,6 +25,8 @@
 #define FURTHER_PROCESSING -1
 /* balance's answer for the first packet of a flow: translate it, then record the flow. */
 #define NEW_FLOW -2
+/* The parsers' answer for ICMP and ICMPv6: maybe an error about a translated flow. */
+#define ICMP_MESSAGE -3
 
 #ifndef MAX_SERVICES
 #define MAX_SERVICES 16384

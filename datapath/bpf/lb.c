@@ -13,6 +13,7 @@
 #include "consts.h"
 #include "forward.h"
 #include "handoff.h"
+#include "icmp.h"
 #include "maps.h"
 #include "nat.h"
 #include "parse.h"
@@ -300,12 +301,17 @@ int lb_ingress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	if ((void *)(eth + 1) > data_end)
 		return TC_ACT_OK;
-	if (eth->h_proto == bpf_htons(ETH_P_IP))
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
 		ret = parse_ipv4(skb, (void *)(eth + 1), data_end, &f, &l4);
-	else if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+		if (ret == ICMP_MESSAGE)
+			return icmp4_error(skb);
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
 		ret = parse_ipv6(skb, (void *)(eth + 1), data_end, &f, &l4);
-	else
+		if (ret == ICMP_MESSAGE)
+			return icmp6_error(skb);
+	} else {
 		return TC_ACT_OK;
+	}
 	if (ret != FURTHER_PROCESSING)
 		return ret;
 	ret = balance(skb, &f, l4, data_end, &t);

@@ -42,7 +42,8 @@ static __always_inline __u32 l4_header_len(__u8 proto)
 	return proto == IPPROTO_TCP ? sizeof(struct tcphdr) : sizeof(struct udphdr);
 }
 
-/* parse_ipv4 fills f and *l4 for a TCP or UDP packet, or returns the verdict. IP options
+/* parse_ipv4 fills f and *l4 for a TCP or UDP packet, returns ICMP_MESSAGE for ICMP, or
+ * returns the verdict. IP options
  * are fine: the L4 header is found from the header length and the options are not
  * touched by the rewrite. */
 static __always_inline int parse_ipv4(struct __sk_buff *skb, struct iphdr *iph, void *data_end,
@@ -52,6 +53,8 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct iphdr *iph, 
 		return TC_ACT_OK;
 	if (iph->version != 4 || iph->ihl < 5)
 		return TC_ACT_OK;
+	if (iph->protocol == IPPROTO_ICMP)
+		return ICMP_MESSAGE;
 	if (iph->protocol != IPPROTO_TCP && iph->protocol != IPPROTO_UDP)
 		return TC_ACT_OK;
 	f->saddr[0] = iph->saddr;
@@ -92,6 +95,8 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct ipv6hdr *ip6
 	case IPPROTO_TCP:
 	case IPPROTO_UDP:
 		break;
+	case IPPROTO_ICMPV6:
+		return ICMP_MESSAGE;
 	case IPPROTO_FRAGMENT:
 		return not_balanceable(f, DROP_FRAGMENT);
 	case IPPROTO_HOPOPTS:

@@ -116,6 +116,7 @@ struct svc_stats {
 	__u64 new_flows;
 	__u64 rr_next; /* this CPU's round-robin position */
 	__u64 handoff_packets; /* sent on to the previous master (handoff.h) */
+	__u64 icmp_errors;     /* ICMP errors about its flows, sent to the quoted sender (icmp.h) */
 };
 
 struct vip_key {

@@ -1,0 +1,188 @@
+package datapath
+
+import (
+	"bytes"
+	"encoding/binary"
+	"fmt"
+	"net"
+	"net/netip"
+	"testing"
+
+	"github.com/shardlb/shardlb/internal/testenv"
+	"github.com/shardlb/shardlb/shard"
+)
+
+// TestICMPErrors sends ICMP errors about packets the program translated back through
+// it, for every mode, protocol and family: a router's error about a reply (sent to the
+// VIP) must reach the endpoint, one about a request (sent to the request's translated
+// source) the client, each quoting the packet exactly as its sender sent it, with every
+// checksum right (the outer ones, the quoted IPv4 header's and the quoted TCP or UDP
+// checksum). Errors about no tracked flow, and ICMP that is not an error, pass
+// untouched.
+func TestICMPErrors(t *testing.T) {
+	for _, fam := range []struct {
+		name                             string
+		lbAddr, clientNet                string
+		node, ep, vip, client, router    netip.Addr
+		ipLen, ttlOffset                 int
+		tooBigType, tooBigCode, echoType uint8
+		tooBigRest                       uint32
+	}{
+		{
+			name: "IPv4", lbAddr: "10.2.0.1/16", clientNet: "10.1.0.0/16",
+			node: netip.MustParseAddr("10.2.0.1"), ep: netip.MustParseAddr("10.2.0.11"),
+			vip: netip.MustParseAddr("192.0.2.10"), client: netip.MustParseAddr("10.1.0.2"),
+			router: netip.MustParseAddr("10.9.0.1"), ipLen: 20, ttlOffset: 8,
+			tooBigType: 3, tooBigCode: 4, tooBigRest: 1400, echoType: 8, // fragmentation needed, next-hop MTU
+		},
+		{
+			name: "IPv6", lbAddr: "fd00:2::1/64", clientNet: "fd00:1::/64",
+			node: netip.MustParseAddr("fd00:2::1"), ep: netip.MustParseAddr("fd00:2::11"),
+			vip: netip.MustParseAddr("2001:db8::10"), client: netip.MustParseAddr("fd00:1::2"),
+			router: netip.MustParseAddr("fd00:9::1"), ipLen: 40, ttlOffset: 7,
+			tooBigType: 2, tooBigCode: 0, tooBigRest: 1400, echoType: 128, // packet too big, MTU
+		},
+	} {
+		t.Run(fam.name, func(t *testing.T) {
+			cfg := Config{NodeIPv4: fam.node}
+			if fam.node.Is6() {
+				cfg = Config{NodeIPv6: fam.node}
+			}
+			h := newHarness(t, cfg)
+			h.nn.Run(t, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+			h.nn.Run(t, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+			h.nn.Run(t, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0")
+			h.nn.Run(t, "sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0")
+			testenv.Veth(t, h.nn, "d0", fam.lbAddr, testenv.NewNetNS(t, "icmppeer"), "p0", "")
+			h.nn.Run(t, "ip", "route", "add", fam.clientNet, "dev", "d0")
+			epMAC, clientHopMAC := [6]byte{0x02, 0, 0, 0, 0, 0x11}, [6]byte{0x02, 0, 0, 0, 0, 0x22}
+			h.nn.Run(t, "ip", "neigh", "add", fam.ep.String(), "lladdr", net.HardwareAddr(epMAC[:]).String(), "dev", "d0", "nud", "permanent")
+			h.nn.Run(t, "ip", "neigh", "add", fam.client.String(), "lladdr", net.HardwareAddr(clientHopMAC[:]).String(), "dev", "d0", "nud", "permanent")
+
+			vip := netip.AddrPortFrom(fam.vip, vipPort)
+			client := netip.AddrPortFrom(fam.client, cliPort)
+			// quote is what a router quotes of a packet: its IP header and its TCP header
+			// or the first 8 bytes of UDP (the least a quote holds).
+			quote := func(frame []byte, proto shard.Protocol) []byte {
+				n := 8
+				if proto == shard.TCP {
+					n = 20
+				}
+				return bytes.Clone(frame[14 : 14+fam.ipLen+n])
+			}
+			// asQuoted is the quote of the packet a host sent, as it looked once this node
+			// had forwarded it: one TTL less (and the IPv4 header checksum to match).
+			asQuoted := func(sent []byte, proto shard.Protocol) []byte {
+				q := quote(sent, proto)
+				q[fam.ttlOffset]--
+				if fam.ipLen == 20 {
+					binary.BigEndian.PutUint16(q[10:], 0)
+					binary.BigEndian.PutUint16(q[10:], ^csumSum(0, q[:20]))
+				}
+				return q
+			}
+			run := func(t *testing.T, in []byte) []byte {
+				t.Helper()
+				ret, out := h.lb(in)
+				if ret != actRedirect {
+					t.Fatalf("action %d, want redirect %d", ret, actRedirect)
+				}
+				if err := verifyChecksums(out); err != nil {
+					t.Fatal(err)
+				}
+				return out
+			}
+			icmpErrors := func(service string) uint64 {
+				for _, s := range h.d.Stats().Services {
+					if s.Service == service {
+						return s.ICMPErrors
+					}
+				}
+				t.Fatalf("no counters for %s", service)
+				return 0
+			}
+			// translatedBack asserts that the error out goes from the router to want,
+			// one TTL less, quoting sent as its sender sent it (after this node's
+			// forwarding).
+			translatedBack := func(t *testing.T, out []byte, want netip.Addr, wantMAC [6]byte, sent []byte, proto shard.Protocol) {
+				t.Helper()
+				ip := out[14:]
+				src, dst := netip.AddrFrom4([4]byte(ip[12:16])), netip.AddrFrom4([4]byte(ip[16:20]))
+				if fam.ipLen == 40 {
+					src, dst = netip.AddrFrom16([16]byte(ip[8:24])), netip.AddrFrom16([16]byte(ip[24:40]))
+				}
+				if src != fam.router || dst != want {
+					t.Errorf("error from %s to %s, want from %s to %s", src, dst, fam.router, want)
+				}
+				if ip[fam.ttlOffset] != 63 {
+					t.Errorf("TTL %d, want 63", ip[fam.ttlOffset])
+				}
+				if !bytes.Equal(out[0:6], wantMAC[:]) {
+					t.Errorf("sent to MAC % x, want % x", out[0:6], wantMAC)
+				}
+				got, wantQuote := ip[fam.ipLen+8:], asQuoted(sent, proto)
+				if !bytes.Equal(got, wantQuote) {
+					t.Errorf("quoted packet differs:\n%s", dumpPair(got, wantQuote))
+				}
+			}
+
+			for _, mode := range modes {
+				for _, proto := range protos {
+					t.Run(fmt.Sprintf("%s %s", mode, proto), func(t *testing.T) {
+						service := fmt.Sprintf("ns/icmp-%s-%s", mode, proto)
+						h.set(shard.Frontend{Service: service, VIP: fam.vip, Port: vipPort, Protocol: proto, Mode: mode,
+							Endpoints: []shard.Endpoint{{Addr: fam.ep, Port: epPort}}})
+						fwdIn := pkt{src: client, dst: vip, proto: proto, tcpFlags: 0x10}.bytes()
+						fwdOut := run(t, fwdIn)
+						replyIn := pkt{src: netip.AddrPortFrom(fam.ep, epPort), dst: sourceOfFrame(t, fwdOut), proto: proto, tcpFlags: 0x10}.bytes()
+						replyOut := run(t, replyIn)
+						before := icmpErrors(service)
+
+						// A router between this node and the client cannot take the reply.
+						out := run(t, icmpError(fam.router, fam.vip, fam.tooBigType, fam.tooBigCode, fam.tooBigRest, quote(replyOut, proto)))
+						translatedBack(t, out, fam.ep, epMAC, replyIn, proto)
+						// A router between this node and the endpoint cannot take the request.
+						out = run(t, icmpError(fam.router, sourceOfFrame(t, fwdOut).Addr(), fam.tooBigType, fam.tooBigCode, fam.tooBigRest, quote(fwdOut, proto)))
+						translatedBack(t, out, fam.client, clientHopMAC, fwdIn, proto)
+						if got := icmpErrors(service) - before; got != 2 {
+							t.Errorf("ICMP errors counted: %d, want 2", got)
+						}
+					})
+				}
+			}
+
+			t.Run("ICMP that is not about a tracked flow passes untouched", func(t *testing.T) {
+				h.set(shard.Frontend{Service: "ns/icmp", VIP: fam.vip, Port: vipPort, Protocol: shard.TCP,
+					Endpoints: []shard.Endpoint{{Addr: fam.ep, Port: epPort}}})
+				replyOut := run(t, pkt{src: netip.AddrPortFrom(fam.ep, epPort), dst: client, proto: shard.TCP, tcpFlags: 0x10}.bytes())
+				run(t, pkt{src: client, dst: vip, proto: shard.TCP, tcpFlags: 0x10}.bytes())
+				unknown := pkt{src: vip, dst: netip.AddrPortFrom(fam.client, cliPort+1), proto: shard.TCP, tcpFlags: 0x10}.bytes()
+				for name, in := range map[string][]byte{
+					"an error about an unknown flow":  icmpError(fam.router, fam.vip, fam.tooBigType, fam.tooBigCode, fam.tooBigRest, quote(unknown, shard.TCP)),
+					"an echo request to the VIP":      icmpError(fam.client, fam.vip, fam.echoType, 0, 1, []byte("ping")),
+					"an error sent elsewhere":         icmpError(fam.router, fam.node, fam.tooBigType, fam.tooBigCode, fam.tooBigRest, quote(replyOut, shard.TCP)),
+					"an error quoting 4 bytes of TCP": icmpError(fam.router, fam.vip, fam.tooBigType, fam.tooBigCode, fam.tooBigRest, quote(replyOut, shard.TCP)[:fam.ipLen+4]),
+				} {
+					if ret, out := h.lb(in); ret != actOK || !bytes.Equal(out, in) {
+						t.Errorf("%s: action %d, changed=%v; want it untouched", name, ret, !bytes.Equal(out, in))
+					}
+				}
+			})
+		})
+	}
+}
+
+// sourceOfFrame returns the source address and port of an IPv4 or IPv6 frame's TCP or
+// UDP packet.
+func sourceOfFrame(t testing.TB, b []byte) netip.AddrPort {
+	t.Helper()
+	switch binary.BigEndian.Uint16(b[12:]) {
+	case 0x0800:
+		hl := int(b[14]&0xf) * 4
+		return netip.AddrPortFrom(netip.AddrFrom4([4]byte(b[26:30])), binary.BigEndian.Uint16(b[14+hl:]))
+	case 0x86dd:
+		return netip.AddrPortFrom(netip.AddrFrom16([16]byte(b[22:38])), binary.BigEndian.Uint16(b[54:]))
+	}
+	t.Fatalf("not an IP frame: % x", b)
+	return netip.AddrPort{}
+}
