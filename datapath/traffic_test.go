@@ -63,19 +63,21 @@ func newLab(t *testing.T) *lab {
 
 // serve runs an HTTP server in ns on ep, answering every request with name.
 func serve(t *testing.T, ns netns.NsHandle, ep netip.AddrPort, name string) {
+	serveHTTP(t, ns, ep, name, func(w http.ResponseWriter, r *http.Request) {
+		host, _, _ := net.SplitHostPort(r.RemoteAddr)
+		_, _ = io.WriteString(w, name+" "+host)
+	})
+}
+
+// serveHTTP runs an HTTP server with handler in ns on ep until the test ends.
+func serveHTTP(t *testing.T, ns netns.NsHandle, ep netip.AddrPort, name string, handler http.HandlerFunc) {
 	var ln net.Listener
 	var err error
 	inNetNS(t, ns, func() { ln, err = net.Listen("tcp", ep.String()) })
 	if err != nil {
 		t.Fatalf("listen on %s: %v", ep, err)
 	}
-	srv := &http.Server{
-		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			host, _, _ := net.SplitHostPort(r.RemoteAddr)
-			_, _ = io.WriteString(w, name+" "+host)
-		}),
-		ReadHeaderTimeout: 5 * time.Second,
-	}
+	srv := &http.Server{Handler: handler, ReadHeaderTimeout: 5 * time.Second}
 	done := make(chan struct{})
 	go func() {
 		defer close(done)

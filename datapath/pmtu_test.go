@@ -1,0 +1,99 @@
+package datapath
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/shardlb/shardlb/internal/testenv"
+	"github.com/shardlb/shardlb/shard"
+)
+
+// TestPathMTUThroughTheVIP downloads 256 KiB through the VIP over a path whose last
+// link, between a router and the client, has a smaller MTU (1280) than the rest
+// (1500), with real TCP:
+//
+//	client 10.20.1.2 -- (MTU 1280) 10.20.1.1 router 10.20.2.1 -- 10.20.2.2 lb 10.20.3.1 -- 10.20.3.2 backend
+//
+// The client announces an MSS for 1500 bytes, so the backend's first full segments
+// are too big for the last link; the router answers them with "fragmentation needed"
+// sent to their source, the VIP, which routes to the load balancer. Only if the load
+// balancer hands the error to the backend does the backend shrink its segments and the
+// download finish; otherwise the connection stalls (a path MTU black hole).
+func TestPathMTUThroughTheVIP(t *testing.T) {
+	testenv.RequireRoot(t)
+	testenv.RequireTool(t, "ip", "ethtool", "sysctl")
+	client := testenv.NewNetNS(t, "pmcli")
+	router := testenv.NewNetNS(t, "pmrtr")
+	lb := testenv.NewNetNS(t, "pmlb")
+	backend := testenv.NewNetNS(t, "pmbe")
+	testenv.Veth(t, client, "c0", "10.20.1.2/24", router, "r0", "10.20.1.1/24")
+	testenv.Veth(t, router, "r1", "10.20.2.1/24", lb, "l0", "10.20.2.2/24")
+	testenv.Veth(t, lb, "l1", "10.20.3.1/24", backend, "b0", "10.20.3.2/24")
+	router.Run(t, "ip", "link", "set", "dev", "r0", "mtu", "1280")
+	for _, ns := range []testenv.NetNS{router, lb} {
+		ns.Run(t, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+	}
+	vip := netip.MustParseAddr("10.20.100.1")
+	client.Run(t, "ip", "route", "add", "default", "via", "10.20.1.1")
+	router.Run(t, "ip", "route", "add", vip.String()+"/32", "via", "10.20.2.2")
+	lb.Run(t, "ip", "route", "add", "10.20.1.0/24", "via", "10.20.2.1")
+	backend.Run(t, "ip", "route", "add", "default", "via", "10.20.3.1")
+
+	body := bytes.Repeat([]byte("0123456789abcdef"), 256<<10/16)
+	ep := netip.AddrPortFrom(netip.MustParseAddr("10.20.3.2"), 8080)
+	serveHTTP(t, openNS(t, backend), ep, "backend", func(w http.ResponseWriter, r *http.Request) { _, _ = w.Write(body) })
+
+	d, err := New(Config{Interfaces: []string{"l0", "l1"}, NetNS: "/var/run/netns/" + lb.Name, NodeIPv4: netip.MustParseAddr("10.20.3.1")},
+		slog.New(slog.NewTextHandler(t.Output(), nil)))
+	if err != nil {
+		t.Fatalf("New: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := d.Close(); err != nil {
+			t.Errorf("Close: %v", err)
+		}
+	})
+	clientNS := openNS(t, client)
+
+	for _, m := range []shard.Mode{shard.ModeDefault, shard.ModeOneArm} {
+		t.Run(fmt.Sprintf("%s mode", m), func(t *testing.T) {
+			fe := shard.Frontend{Service: "ns/big", VIP: vip, Port: 80, Protocol: shard.TCP, Mode: m,
+				Endpoints: []shard.Endpoint{{Addr: ep.Addr(), Port: ep.Port()}}}
+			if err := d.SetServices([]shard.Frontend{fe}); err != nil {
+				t.Fatal(err)
+			}
+			// The backend must learn the path MTU from this download, not an earlier one.
+			backend.Run(t, "ip", "route", "flush", "cache")
+			tr := &http.Transport{DisableKeepAlives: true, DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+				var c net.Conn
+				var err error
+				inNetNS(t, clientNS, func() { c, err = (&net.Dialer{}).DialContext(ctx, network, addr) })
+				return c, err
+			}}
+			c := &http.Client{Transport: tr, Timeout: 10 * time.Second}
+			resp, err := c.Get("http://" + netip.AddrPortFrom(vip, 80).String() + "/")
+			if err != nil {
+				t.Fatalf("GET: %v", err)
+			}
+			got, err := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if err != nil {
+				t.Fatalf("download stalled after %d of %d bytes: %v", len(got), len(body), err)
+			}
+			if !bytes.Equal(got, body) {
+				t.Fatalf("downloaded %d bytes, not the %d served", len(got), len(body))
+			}
+			if n := d.Stats().Services[0].ICMPErrors; n == 0 {
+				t.Error("no ICMP error was translated: the path MTU was not discovered through the VIP")
+			}
+		})
+	}
+}
