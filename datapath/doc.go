@@ -122,7 +122,11 @@
 // and stalls without the translation). Errors are counted per
 // service (ServiceStats.ICMPErrors). An error whose destination is not the quoted
 // packet's source, that quotes no tracked flow, whose outer or quoted IP header has
-// options or extension headers, or that has no route passes untouched.
+// options or extension headers, or that has no route passes untouched. When this
+// node's own egress link is the smallest, the packet is left to the kernel, whose
+// "fragmentation needed" goes to the translated source like a router's but through the
+// node's own routes: it is translated only if it comes back in (through a router that
+// routes the VIP here); this case has no test.
 //
 // # Limits
 //
