@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
-	"github.com/shardlb/shardlb/internal/testenv"
 	"github.com/shardlb/shardlb/shard"
 	"golang.org/x/sys/unix"
 )
@@ -122,13 +121,9 @@ func median(xs []float64) float64 {
 func BenchmarkTestRun(b *testing.B) {
 	node := netip.MustParseAddr("10.2.0.1")
 	h := newHarness(b, Config{NodeIPv4: node, SNATPortMin: 1024, SNATPortMax: 65535, ConntrackSize: 1 << 16})
-	h.nn.Run(b, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-	testenv.Veth(b, h.nn, "d0", "10.2.0.1/16", testenv.NewNetNS(b, "dppeer"), "p0", "")
-	h.nn.Run(b, "ip", "route", "add", "192.0.2.0/24", "dev", "d0")
-	h.nn.Run(b, "ip", "route", "add", "10.1.0.0/16", "dev", "d0")
-	for _, a := range []string{"192.0.2.20", "10.1.0.2"} {
-		h.nn.Run(b, "ip", "neigh", "add", a, "lladdr", "02:00:00:00:00:aa", "dev", "d0", "nud", "permanent")
-	}
+	mac := [6]byte{0x02, 0, 0, 0, 0, 0xaa}
+	h.link("10.2.0.1/16", []string{"192.0.2.0/24", "10.1.0.0/16"},
+		map[netip.Addr][6]byte{netip.MustParseAddr("192.0.2.20"): mac, netip.MustParseAddr("10.1.0.2"): mac})
 
 	vip := netip.AddrPortFrom(netip.MustParseAddr("192.0.2.20"), vipPort)
 	client := netip.AddrPortFrom(netip.MustParseAddr("10.1.0.2"), cliPort)

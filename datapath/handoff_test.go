@@ -2,11 +2,9 @@ package datapath
 
 import (
 	"bytes"
-	"net"
 	"net/netip"
 	"testing"
 
-	"github.com/shardlb/shardlb/internal/testenv"
 	"github.com/shardlb/shardlb/shard"
 )
 
@@ -44,31 +42,13 @@ func TestHandoff(t *testing.T) {
 				cfg = Config{NodeIPv6: fam.node}
 			}
 			h := newHarness(t, cfg)
-			h.nn.Run(t, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-			h.nn.Run(t, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
-			h.nn.Run(t, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0")
-			h.nn.Run(t, "sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0")
-			testenv.Veth(t, h.nn, "d0", fam.lbAddr, testenv.NewNetNS(t, "hopeer"), "p0", "")
 			peerMAC, epMAC := [6]byte{0x02, 0, 0, 0, 0, 0x99}, [6]byte{0x02, 0, 0, 0, 0, 0x11}
 			gw := netip.MustParseAddr("10.2.0.254")
 			if fam.node.Is6() {
 				gw = netip.MustParseAddr("fd00:2::fe")
 			}
-			for _, n := range []struct {
-				a   netip.Addr
-				mac [6]byte
-			}{{fam.peer, peerMAC}, {fam.ep, epMAC}, {gw, peerMAC}} {
-				h.nn.Run(t, "ip", "neigh", "add", n.a.String(), "lladdr", net.HardwareAddr(n.mac[:]).String(), "dev", "d0", "nud", "permanent")
-			}
-			h.nn.Run(t, "ip", "route", "add", fam.clientNet, "dev", "d0")
+			d0 := h.link(fam.lbAddr, []string{fam.clientNet}, map[netip.Addr][6]byte{fam.peer: peerMAC, fam.ep: epMAC, gw: peerMAC})
 			h.nn.Run(t, "ip", "route", "add", fam.gwNet, "via", gw.String(), "dev", "d0")
-			var d0 *net.Interface
-			h.inNS(func() {
-				var err error
-				if d0, err = net.InterfaceByName("d0"); err != nil {
-					t.Fatalf("d0: %v", err)
-				}
-			})
 
 			ep := []shard.Endpoint{{Addr: fam.ep, Port: epPort}}
 			tcp := shard.Frontend{Service: "ns/tcp", VIP: fam.vip, Port: vipPort, Protocol: shard.TCP, Mode: shard.ModeOneArm, Endpoints: ep, Handoff: fam.peer}

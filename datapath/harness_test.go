@@ -65,6 +65,39 @@ func newHarness(t testing.TB, cfg Config) *harness {
 	return &harness{t: t, d: d, ns: ns, nn: nn}
 }
 
+// link gives the harness's namespace what the program's route lookups need: forwarding
+// for both families, a veth d0 with addr (its peer in a namespace of its own), an
+// on-link route over d0 to each of onLink and a permanent neighbour entry for each of
+// neighbours. It returns d0.
+func (h *harness) link(addr string, onLink []string, neighbours map[netip.Addr][6]byte) *net.Interface {
+	h.t.Helper()
+	h.nn.Run(h.t, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+	h.nn.Run(h.t, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+	h.nn.Run(h.t, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0")
+	h.nn.Run(h.t, "sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0")
+	testenv.Veth(h.t, h.nn, "d0", addr, testenv.NewNetNS(h.t, "d0peer"), "p0", "")
+	for _, prefix := range onLink {
+		h.nn.Run(h.t, "ip", "route", "add", prefix, "dev", "d0")
+	}
+	for a, mac := range neighbours {
+		h.neighbour(a, mac)
+	}
+	var d0 *net.Interface
+	h.inNS(func() {
+		var err error
+		if d0, err = net.InterfaceByName("d0"); err != nil {
+			h.t.Fatalf("d0: %v", err)
+		}
+	})
+	return d0
+}
+
+// neighbour sets a permanent neighbour entry on d0.
+func (h *harness) neighbour(a netip.Addr, mac [6]byte) {
+	h.t.Helper()
+	h.nn.Run(h.t, "ip", "neigh", "replace", a.String(), "lladdr", net.HardwareAddr(mac[:]).String(), "dev", "d0", "nud", "permanent")
+}
+
 // inNS runs fn on a thread inside the harness's namespace.
 func (h *harness) inNS(fn func()) {
 	h.t.Helper()

@@ -4,11 +4,9 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
-	"net"
 	"net/netip"
 	"testing"
 
-	"github.com/shardlb/shardlb/internal/testenv"
 	"github.com/shardlb/shardlb/shard"
 )
 
@@ -49,15 +47,8 @@ func TestICMPErrors(t *testing.T) {
 				cfg = Config{NodeIPv6: fam.node}
 			}
 			h := newHarness(t, cfg)
-			h.nn.Run(t, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-			h.nn.Run(t, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
-			h.nn.Run(t, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0")
-			h.nn.Run(t, "sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0")
-			testenv.Veth(t, h.nn, "d0", fam.lbAddr, testenv.NewNetNS(t, "icmppeer"), "p0", "")
-			h.nn.Run(t, "ip", "route", "add", fam.clientNet, "dev", "d0")
 			epMAC, clientHopMAC := [6]byte{0x02, 0, 0, 0, 0, 0x11}, [6]byte{0x02, 0, 0, 0, 0, 0x22}
-			h.nn.Run(t, "ip", "neigh", "add", fam.ep.String(), "lladdr", net.HardwareAddr(epMAC[:]).String(), "dev", "d0", "nud", "permanent")
-			h.nn.Run(t, "ip", "neigh", "add", fam.client.String(), "lladdr", net.HardwareAddr(clientHopMAC[:]).String(), "dev", "d0", "nud", "permanent")
+			h.link(fam.lbAddr, []string{fam.clientNet}, map[netip.Addr][6]byte{fam.ep: epMAC, fam.client: clientHopMAC})
 
 			vip := netip.AddrPortFrom(fam.vip, vipPort)
 			client := netip.AddrPortFrom(fam.client, cliPort)

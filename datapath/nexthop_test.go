@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
-	"github.com/shardlb/shardlb/internal/testenv"
 	"github.com/shardlb/shardlb/shard"
 )
 
@@ -18,19 +17,9 @@ import (
 // lookup made.
 func TestNextHopCache(t *testing.T) {
 	h := newHarness(t, Config{})
-	h.nn.Run(t, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-	testenv.Veth(t, h.nn, "d0", "10.2.0.1/16", testenv.NewNetNS(t, "nhpeer"), "p0", "")
-	h.nn.Run(t, "ip", "route", "add", "10.1.0.0/16", "dev", "d0")
 	macA, macB := [6]byte{0x02, 0, 0, 0, 0, 0xaa}, [6]byte{0x02, 0, 0, 0, 0, 0xbb}
 	ep := netip.AddrPortFrom(netip.MustParseAddr("10.2.0.11"), epPort)
-	h.nn.Run(t, "ip", "neigh", "add", ep.Addr().String(), "lladdr", net.HardwareAddr(macA[:]).String(), "dev", "d0", "nud", "permanent")
-	var d0 *net.Interface
-	h.inNS(func() {
-		var err error
-		if d0, err = net.InterfaceByName("d0"); err != nil {
-			t.Fatalf("d0: %v", err)
-		}
-	})
+	d0 := h.link("10.2.0.1/16", []string{"10.1.0.0/16"}, map[netip.Addr][6]byte{ep.Addr(): macA})
 
 	vip := netip.AddrPortFrom(netip.MustParseAddr("192.0.2.10"), vipPort)
 	client := netip.AddrPortFrom(netip.MustParseAddr("10.1.0.2"), cliPort)
@@ -64,7 +53,7 @@ func TestNextHopCache(t *testing.T) {
 	})
 
 	t.Run("a changed neighbour reaches the flow within the cache's age", func(t *testing.T) {
-		h.nn.Run(t, "ip", "neigh", "replace", ep.Addr().String(), "lladdr", net.HardwareAddr(macB[:]).String(), "dev", "d0", "nud", "permanent")
+		h.neighbour(ep.Addr(), macB)
 		// 64 jiffies are at most 640 ms (HZ=100); the rest is slack for a loaded machine.
 		deadline := time.Now().Add(3 * time.Second)
 		for {
@@ -106,18 +95,11 @@ func TestNextHopCache(t *testing.T) {
 // the cache's age, like a flow's own cached next hop.
 func TestEndpointNextHopCache(t *testing.T) {
 	h := newHarness(t, Config{})
-	h.nn.Run(t, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-	testenv.Veth(t, h.nn, "d0", "10.2.0.1/16", testenv.NewNetNS(t, "enhpeer"), "p0", "")
-	h.nn.Run(t, "ip", "route", "add", "10.1.0.0/16", "dev", "d0")
 	macA, macB := [6]byte{0x02, 0, 0, 0, 0, 0xaa}, [6]byte{0x02, 0, 0, 0, 0, 0xbb}
 	macGW, macY := [6]byte{0x02, 0, 0, 0, 0, 0x99}, [6]byte{0x02, 0, 0, 0, 0, 0x12}
 	ep := netip.AddrPortFrom(netip.MustParseAddr("10.2.0.11"), epPort)
 	other := netip.AddrPortFrom(netip.MustParseAddr("10.2.0.12"), epPort)
-	neigh := func(addr netip.Addr, mac [6]byte) {
-		h.nn.Run(t, "ip", "neigh", "replace", addr.String(), "lladdr", net.HardwareAddr(mac[:]).String(), "dev", "d0", "nud", "permanent")
-	}
-	neigh(ep.Addr(), macA)
-	neigh(other.Addr(), macY)
+	d0 := h.link("10.2.0.1/16", []string{"10.1.0.0/16"}, map[netip.Addr][6]byte{ep.Addr(): macA, other.Addr(): macY})
 
 	vip := netip.AddrPortFrom(netip.MustParseAddr("192.0.2.10"), vipPort)
 	clientA, clientB := netip.MustParseAddr("10.1.0.2"), netip.MustParseAddr("10.1.0.3")
@@ -222,7 +204,7 @@ func TestEndpointNextHopCache(t *testing.T) {
 	})
 
 	t.Run("a changed neighbour reaches new flows within the cache's age", func(t *testing.T) {
-		neigh(ep.Addr(), macB)
+		h.neighbour(ep.Addr(), macB)
 		deadline := time.Now().Add(3 * time.Second)
 		for {
 			out, _ := newFlow(clientA)
@@ -240,7 +222,7 @@ func TestEndpointNextHopCache(t *testing.T) {
 		// Policy routing sends clientB's flows through a gateway: clientA's answer,
 		// cached a moment before, must not be taken for it.
 		gw := netip.MustParseAddr("10.2.0.99")
-		neigh(gw, macGW)
+		h.neighbour(gw, macGW)
 		h.nn.Run(t, "ip", "route", "add", ep.Addr().String(), "via", gw.String(), "dev", "d0", "table", "100")
 		h.nn.Run(t, "ip", "rule", "add", "from", clientB.String(), "lookup", "100")
 		if out, _ := newFlow(clientA); !bytes.Equal(out[0:6], macB[:]) {
@@ -258,16 +240,9 @@ func TestEndpointNextHopCache(t *testing.T) {
 		// Policy routing sends flows arriving on d0 through another gateway.
 		gw := netip.MustParseAddr("10.2.0.98")
 		macGW2 := [6]byte{0x02, 0, 0, 0, 0, 0x98}
-		neigh(gw, macGW2)
+		h.neighbour(gw, macGW2)
 		h.nn.Run(t, "ip", "route", "add", ep.Addr().String(), "via", gw.String(), "dev", "d0", "table", "101")
 		h.nn.Run(t, "ip", "rule", "add", "iif", "d0", "lookup", "101")
-		var d0 *net.Interface
-		h.inNS(func() {
-			var err error
-			if d0, err = net.InterfaceByName("d0"); err != nil {
-				t.Fatalf("d0: %v", err)
-			}
-		})
 		if out, _ := newFlow(clientA); !bytes.Equal(out[0:6], macB[:]) {
 			t.Fatalf("flow arriving on lo sent to % x, want % x", out[0:6], macB)
 		}
