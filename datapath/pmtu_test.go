@@ -2,15 +2,11 @@ package datapath
 
 import (
 	"bytes"
-	"context"
 	"fmt"
 	"io"
-	"log/slog"
-	"net"
 	"net/http"
 	"net/netip"
 	"testing"
-	"time"
 
 	"github.com/shardlb/shardlb/internal/testenv"
 	"github.com/shardlb/shardlb/shard"
@@ -51,16 +47,7 @@ func TestPathMTUThroughTheVIP(t *testing.T) {
 	ep := netip.AddrPortFrom(netip.MustParseAddr("10.20.3.2"), 8080)
 	serveHTTP(t, openNS(t, backend), ep, "backend", func(w http.ResponseWriter, r *http.Request) { _, _ = w.Write(body) })
 
-	d, err := New(Config{Interfaces: []string{"l0", "l1"}, NetNS: "/var/run/netns/" + lb.Name, NodeIPv4: netip.MustParseAddr("10.20.3.1")},
-		slog.New(slog.NewTextHandler(t.Output(), nil)))
-	if err != nil {
-		t.Fatalf("New: %v", err)
-	}
-	t.Cleanup(func() {
-		if err := d.Close(); err != nil {
-			t.Errorf("Close: %v", err)
-		}
-	})
+	d := attached(t, Config{Interfaces: []string{"l0", "l1"}, NetNS: "/var/run/netns/" + lb.Name, NodeIPv4: netip.MustParseAddr("10.20.3.1")})
 	clientNS := openNS(t, client)
 
 	for _, m := range []shard.Mode{shard.ModeDefault, shard.ModeOneArm} {
@@ -72,14 +59,7 @@ func TestPathMTUThroughTheVIP(t *testing.T) {
 			}
 			// The backend must learn the path MTU from this download, not an earlier one.
 			backend.Run(t, "ip", "route", "flush", "cache")
-			tr := &http.Transport{DisableKeepAlives: true, DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-				var c net.Conn
-				var err error
-				inNetNS(t, clientNS, func() { c, err = (&net.Dialer{}).DialContext(ctx, network, addr) })
-				return c, err
-			}}
-			c := &http.Client{Transport: tr, Timeout: 10 * time.Second}
-			resp, err := c.Get("http://" + netip.AddrPortFrom(vip, 80).String() + "/")
+			resp, err := nsHTTPClient(t, clientNS, false).Get("http://" + netip.AddrPortFrom(vip, 80).String() + "/")
 			if err != nil {
 				t.Fatalf("GET: %v", err)
 			}

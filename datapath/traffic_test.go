@@ -93,13 +93,18 @@ func serveHTTP(t *testing.T, ns netns.NsHandle, ep netip.AddrPort, name string, 
 
 // httpClient dials from the client namespace; keepAlive reuses one connection.
 func (l *lab) httpClient(t *testing.T, keepAlive bool) *http.Client {
+	return nsHTTPClient(t, l.client, keepAlive)
+}
+
+// nsHTTPClient is an HTTP client that dials from ns; keepAlive reuses one connection.
+func nsHTTPClient(t *testing.T, ns netns.NsHandle, keepAlive bool) *http.Client {
 	tr := &http.Transport{
 		DisableKeepAlives: !keepAlive,
 		MaxConnsPerHost:   1,
 		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
 			var c net.Conn
 			var err error
-			inNetNS(t, l.client, func() {
+			inNetNS(t, ns, func() {
 				c, err = (&net.Dialer{Timeout: 5 * time.Second}).DialContext(ctx, network, addr)
 			})
 			return c, err
@@ -107,6 +112,22 @@ func (l *lab) httpClient(t *testing.T, keepAlive bool) *http.Client {
 	}
 	t.Cleanup(tr.CloseIdleConnections)
 	return &http.Client{Transport: tr, Timeout: 10 * time.Second}
+}
+
+// attached loads a datapath attached as cfg says, closed (and checked) when the test
+// ends.
+func attached(t *testing.T, cfg Config) *Datapath {
+	t.Helper()
+	d, err := New(cfg, slog.New(slog.NewTextHandler(t.Output(), nil)))
+	if err != nil {
+		t.Fatalf("New: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := d.Close(); err != nil {
+			t.Errorf("Close: %v", err)
+		}
+	})
+	return d
 }
 
 func get(c *http.Client) (string, error) {
@@ -121,16 +142,7 @@ func get(c *http.Client) (string, error) {
 
 func TestRealTraffic(t *testing.T) {
 	l := newLab(t)
-	d, err := New(Config{Interfaces: l.lbIfs, NetNS: l.lbPath, NodeIPv4: netip.MustParseAddr("10.10.1.1")},
-		slog.New(slog.NewTextHandler(t.Output(), nil)))
-	if err != nil {
-		t.Fatalf("New: %v", err)
-	}
-	t.Cleanup(func() {
-		if err := d.Close(); err != nil {
-			t.Errorf("Close: %v", err)
-		}
-	})
+	d := attached(t, Config{Interfaces: l.lbIfs, NetNS: l.lbPath, NodeIPv4: netip.MustParseAddr("10.10.1.1")})
 	frontend := func(m shard.Mode, eps []shard.Endpoint) shard.Frontend {
 		return shard.Frontend{Service: "ns/web", VIP: labVIP, Port: 80, Protocol: shard.TCP, Mode: m, Endpoints: eps}
 	}
