@@ -200,7 +200,9 @@ func waitFor(tb testing.TB, timeout time.Duration, what string, cond func() bool
 	}
 }
 
-// events lists the Events recorded on one service as "Type Reason".
+// events lists the Events shardlb recorded on one service as "Type Reason". Events of
+// other components are left out: the apiserver's own repair loop may record one on any
+// Service (ClusterIPNotAllocated when it checks a ClusterIP allocated a moment ago).
 func (e *env) events(tb testing.TB, name string) []string {
 	tb.Helper()
 	list, err := e.client.CoreV1().Events(e.ns).List(context.Background(), metav1.ListOptions{FieldSelector: "involvedObject.name=" + name})
@@ -209,7 +211,9 @@ func (e *env) events(tb testing.TB, name string) []string {
 	}
 	var out []string
 	for _, ev := range list.Items {
-		out = append(out, ev.Type+" "+ev.Reason)
+		if ev.Source.Component == "shardlb" {
+			out = append(out, ev.Type+" "+ev.Reason)
+		}
 	}
 	slices.Sort(out)
 	return out
