@@ -8,7 +8,7 @@
 // endpoint's). Maglev keeps every endpoint within one slot of M/N, and pays for that
 // exact balance with some extra movement, which shrinks only as the table grows
 // relative to N. Averaged over which endpoint is removed (percentage points above the
-// ideal share):
+// ideal share; BenchmarkDisruptionN prints these):
 //
 //	N    TableSize (x N)   ~4,000 slots     ~16,000 slots
 //	4    509 (127x): 0.98  4093: 0.59       16381: 0.13
@@ -16,18 +16,18 @@
 //	10   1021 (102x): 2.67 4093: 1.11       16381: 0.49
 //	16   2039 (127x): 2.21 4093: 1.46       16381: 0.61
 //
-// No table that is a function of the endpoint set alone can do much better at 100
-// slots per endpoint: tables that move only the removed endpoint's slots are rendezvous
-// hashing, whose shares vary by the binomial spread (about 9% of M/N at 100 slots per
-// endpoint). A bounded-load rendezvous table (slot and endpoint pairs taken greedily by
-// hash score, each endpoint capped) was measured as the alternative on 20 random
-// endpoint sets of 4 to 16: capped at the next integer above M/N it moved 1.3 to 1.9
-// points above ideal (Maglev 1.3 to 2.5 on the same sets) while letting shares stray up
-// to 8% from M/N; capped 2% higher, 1.0 to 1.4 points, with shares straying 6% to 18%,
-// beyond the 5% the datapath's distribution test allows. Tables of 16,381 slots for 16
-// endpoints would take about 625 MiB of ring slots for 10,000 services. Established flows are not
-// affected either way: conntrack keeps them on their endpoint, and only the removed
-// endpoint's flows are balanced again. The extra movement reaches only flows without
+// Exact balance and ideal movement do not go together: a table that is a function of
+// the endpoint set alone and moves only the removed endpoint's slots, whichever is
+// removed, is rendezvous hashing, whose shares vary by the binomial spread (about 9% of
+// M/N at 100 slots per endpoint). The benchmark also measures the alternative, a bounded-load rendezvous
+// table (slot and endpoint pairs taken greedily by hash score, each endpoint capped):
+// capped at the next integer above M/N it moves 1.4 to 2.8 points above ideal, with
+// shares up to 4% off M/N; capped 2% higher, 1.0 to 2.6 points, with shares 6.5% to
+// 8.6% off, beyond the 5% the datapath's distribution test allows. Neither beats
+// Maglev (shares within 0.9%) on both counts. Tables of 16,381 slots for 16
+// endpoints would take about 625 MiB of ring slots for 10,000 services. Established
+// flows are not affected either way: conntrack keeps them on their endpoint, and only
+// the removed endpoint's flows are balanced again. The extra movement reaches only flows without
 // conntrack state on the node that sees them: new flows, and flows that come to another
 // node after a failover in default mode.
 package maglev
