@@ -153,6 +153,19 @@
 // cache is written without a lock, so a packet racing a refresh on another CPU may
 // leave with the old and new answer mixed, which only happens when the answer changed.
 // A CHECKSUM_COMPLETE skb's csum is updated (bpf_csum_update) but no test covers it,
-// since test runs build CHECKSUM_NONE skbs; CHECKSUM_PARTIAL packets are not expected
-// (true for NIC ingress; veth peers need tx checksum offload off).
+// since test runs build CHECKSUM_NONE skbs.
+//
+// # GRO
+//
+// With GRO on (NICs have it by default) the program sees TCP segments merged into one
+// skb far longer than the MTU. Such a GSO skb is CHECKSUM_PARTIAL: its L4 checksum field
+// holds the pseudo-header sum that segmentation completes, so only the address change
+// goes into it (rewrite_l4), and its route lookup leaves the MTU check to the kernel
+// per segment (tot_len 0) instead of failing on the merged length. Without both, merged
+// packets went to the kernel's forwarding path with corrupt checksums and bulk TCP
+// through a VIP stalled; TestGROPacketsAreForwardedHere moves 8 MiB each way with GRO
+// on and checks that the kernel forwarded none of it. A GSO skb's next hop is cached
+// for packets up to the device's MTU, so merged packets look their route up each time
+// (one lookup per up to 64 KiB). CHECKSUM_PARTIAL skbs that are not GSO (a local sender
+// over a veth with tx checksum offload on) are not expected.
 package datapath

@@ -53,7 +53,7 @@ static __noinline int handoff(struct __sk_buff *skb, const struct flow *f, const
 		struct iphdr *iph = (void *)(eth + 1);
 		if ((void *)(iph + 1) > data_end || iph->ttl <= 1)
 			return FURTHER_PROCESSING;
-		fib.tot_len = bpf_ntohs(iph->tot_len);
+		fib.tot_len = skb->gso_size ? 0 : bpf_ntohs(iph->tot_len); /* see route() */
 		fib.ipv4_dst = peer[0];
 		rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
 		if ((rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) || fib.ipv4_dst != peer[0])
@@ -74,7 +74,7 @@ static __noinline int handoff(struct __sk_buff *skb, const struct flow *f, const
 		struct ipv6hdr *ip6 = (void *)(eth + 1);
 		if ((void *)(ip6 + 1) > data_end || ip6->hop_limit <= 1)
 			return FURTHER_PROCESSING;
-		fib.tot_len = bpf_ntohs(ip6->payload_len) + sizeof(*ip6);
+		fib.tot_len = skb->gso_size ? 0 : bpf_ntohs(ip6->payload_len) + sizeof(*ip6);
 		__builtin_memcpy(fib.ipv6_dst, peer, 16);
 		rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
 		if ((rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) ||

@@ -45,7 +45,9 @@ static __always_inline int route(struct __sk_buff *skb, const struct flow *f, co
 	fib->l4_protocol = f->proto;
 	fib->sport = t->sport;
 	fib->dport = t->dport;
-	fib->tot_len = tot_len;
+	/* A GSO skb's length is its merged segments': the MTU is checked per segment (the
+	 * kernel does that when tot_len is 0) and mtu_result gives the device's MTU. */
+	fib->tot_len = skb->gso_size ? 0 : tot_len;
 	fib->ifindex = iif;
 	if (f->family == AF_INET) {
 		fib->ipv4_src = t->saddr[0];
@@ -185,11 +187,11 @@ static __always_inline int rewrite(struct __sk_buff *skb, const struct flow *f, 
 	if (f->family == AF_INET) {
 		if ((void *)(iph + 1) > data_end)
 			return TC_ACT_OK;
-		ret = rewrite_ipv4(skb, iph, l4, data_end, t, fwd);
+		ret = rewrite_ipv4(skb, iph, l4, data_end, t, fwd, skb->gso_size != 0);
 	} else {
 		if ((void *)(ip6 + 1) > data_end)
 			return TC_ACT_OK;
-		ret = rewrite_ipv6(ip6, l4, data_end, t, fwd);
+		ret = rewrite_ipv6(ip6, l4, data_end, t, fwd, skb->gso_size != 0);
 	}
 	if (ret == FURTHER_PROCESSING)
 		count_service(t, skb->len);
@@ -260,7 +262,9 @@ static __noinline int translate(struct __sk_buff *skb, const struct flow *f, str
 		/* Only a complete answer is kept: an unresolved neighbour is looked up again on
 		 * the next packet, a failed lookup leaves the packet to the kernel. */
 		if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
-			cache_next_hop(t, &fib, iif, len, now);
+			/* A GSO skb passed the check per segment: later packets may be as long as
+			 * the device's MTU. */
+			cache_next_hop(t, &fib, iif, skb->gso_size ? fib.mtu_result : len, now);
 			if (record)
 				remember_next_hop(t);
 		}

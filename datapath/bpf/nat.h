@@ -16,9 +16,15 @@
 
 /* rewrite_l4 writes the ports and fixes the L4 checksum for a pseudo-header change of
  * addr_diff. It returns the change of the one's-complement sum of the L4 bytes, which a
- * CHECKSUM_COMPLETE skb must learn about, or -1 when the header is not in the packet. */
+ * CHECKSUM_COMPLETE skb must learn about, or -1 when the header is not in the packet.
+ *
+ * A GSO skb (gso, segments merged by GRO, or a local sender's unsegmented send) is
+ * CHECKSUM_PARTIAL: its checksum field holds the folded pseudo-header sum, not
+ * complemented, and the device or the segmentation sums the L4 bytes into it later.
+ * There only the pseudo-header change goes into the field, in the other direction; the
+ * ports are L4 bytes and are summed then. */
 static __always_inline __s64 rewrite_l4(void *l4, void *data_end, __u8 proto, const struct ct_entry *t,
-					__u64 addr_diff, bool v4)
+					__u64 addr_diff, bool v4, bool gso)
 {
 	__be16 *ports = l4;
 	__u16 *check;
@@ -39,6 +45,10 @@ static __always_inline __s64 rewrite_l4(void *l4, void *data_end, __u8 proto, co
 	ports[0] = t->sport;
 	ports[1] = t->dport;
 
+	if (gso) {
+		*check = ~csum_apply(~*check, addr_diff);
+		return 0;
+	}
 	/* IPv4 UDP may carry no checksum (0), and then must keep carrying none. */
 	if (proto == IPPROTO_UDP && v4 && *check == 0)
 		return csum_fold(port_diff);
@@ -53,13 +63,13 @@ static __always_inline __s64 rewrite_l4(void *l4, void *data_end, __u8 proto, co
 /* rewrite_ipv4 rewrites iph and its L4 header from t, decrementing the TTL when the
  * packet is forwarded here rather than by the kernel. */
 static __always_inline int rewrite_ipv4(struct __sk_buff *skb, struct iphdr *iph, void *l4, void *data_end,
-					const struct ct_entry *t, bool dec_ttl)
+					const struct ct_entry *t, bool dec_ttl, bool gso)
 {
 	__u64 addr_diff = csum_diff32(0, iph->saddr, t->saddr[0]);
 	addr_diff = csum_diff32(addr_diff, iph->daddr, t->daddr[0]);
 	__u64 ip_diff = addr_diff;
 
-	__s64 l4_sum = rewrite_l4(l4, data_end, iph->protocol, t, addr_diff, true);
+	__s64 l4_sum = rewrite_l4(l4, data_end, iph->protocol, t, addr_diff, true, gso);
 	if (l4_sum < 0)
 		return TC_ACT_OK;
 	if (dec_ttl) {
@@ -80,7 +90,7 @@ static __always_inline int rewrite_ipv4(struct __sk_buff *skb, struct iphdr *iph
 /* rewrite_ipv6: no IP checksum; the address change and the L4 checksum cancel out in the
  * packet's sum, so a CHECKSUM_COMPLETE skb needs no update. */
 static __always_inline int rewrite_ipv6(struct ipv6hdr *ip6, void *l4, void *data_end, const struct ct_entry *t,
-					bool dec_ttl)
+					bool dec_ttl, bool gso)
 {
 	__u64 addr_diff = 0;
 	int i;
@@ -90,7 +100,7 @@ static __always_inline int rewrite_ipv6(struct ipv6hdr *ip6, void *l4, void *dat
 		addr_diff = csum_diff32(addr_diff, ip6->saddr.in6_u.u6_addr32[i], t->saddr[i]);
 		addr_diff = csum_diff32(addr_diff, ip6->daddr.in6_u.u6_addr32[i], t->daddr[i]);
 	}
-	if (rewrite_l4(l4, data_end, ip6->nexthdr, t, addr_diff, false) < 0)
+	if (rewrite_l4(l4, data_end, ip6->nexthdr, t, addr_diff, false, gso) < 0)
 		return TC_ACT_OK;
 	__builtin_memcpy(&ip6->saddr, t->saddr, 16);
 	__builtin_memcpy(&ip6->daddr, t->daddr, 16);
