@@ -40,12 +40,13 @@
 // BenchmarkTestRun times the program in the kernel (BPF_PROG_TEST_RUN, ns per packet)
 // on a 2-core paravirtual guest whose two CPUs run at different speeds and whose speed
 // drifts by the minute: its rows run in 15 alternating rounds on one pinned CPU and
-// each reports its median round. Ranges over several such runs:
+// each reports its median round. Ranges over quiet runs (when the host is busy,
+// everything is slower and the program more so: established about 4x):
 //
 //	baseline (empty program)    14-15
-//	established                 40-43   (2.8x-3.0x)
-//	return path                 39-43
-//	unknown VIP                 31-34
+//	established                 39-46   (2.8x-3.2x)
+//	return path                 39-44
+//	unknown VIP                 31-35
 //	new flow                    217-239 (15x-16x)
 //
 // Three changes took established packets down, each measured against the code before
