@@ -156,17 +156,20 @@
 // A CHECKSUM_COMPLETE skb's csum is updated (bpf_csum_update) but no test covers it,
 // since test runs build CHECKSUM_NONE skbs.
 //
-// # GRO
+// # Offloads
 //
-// With GRO on (NICs have it by default) the program sees TCP segments merged into one
-// skb far longer than the MTU. Such a GSO skb is CHECKSUM_PARTIAL: its L4 checksum field
-// holds the pseudo-header sum that segmentation completes, so only the address change
-// goes into it (rewrite_l4), and its route lookup leaves the MTU check to the kernel
-// per segment (tot_len 0) instead of failing on the merged length. Without both, merged
-// packets went to the kernel's forwarding path with corrupt checksums and bulk TCP
-// through a VIP stalled; TestGROPacketsAreForwardedHere moves 8 MiB each way with GRO
-// on and checks that the kernel forwarded none of it. A GSO skb's next hop is cached
-// for packets up to the device's MTU, so merged packets look their route up each time
-// (one lookup per up to 64 KiB). CHECKSUM_PARTIAL skbs that are not GSO (a local sender
-// over a veth with tx checksum offload on) are not expected.
+// Two kinds of packets leave their L4 checksum to be completed later
+// (CHECKSUM_PARTIAL): TCP segments that GRO merged into one skb far longer than the MTU
+// (NICs have GRO on by default), and packets of a local sender over a veth or virtio
+// device with checksum offload (the veth default). Their checksum field holds the
+// pseudo-header sum, so only the address change goes into it (rewrite_l4); the
+// program reads the skb's checksum state through bpf_cast_to_kern_ctx and CO-RE. A
+// merged (GSO) skb's route lookup also leaves the MTU check to the kernel per segment
+// (tot_len 0) instead of failing on the merged length, and its next hop is cached for
+// packets up to the device's MTU only, so merged packets look their route up each time
+// (one lookup per up to 64 KiB). Without this, such packets left with corrupt checksums
+// or went to the kernel's forwarding path, and TCP through a VIP stalled.
+// TestOffloadedPackets moves 8 MiB each way through IPv4 and IPv6 VIPs with GRO on,
+// then with checksum offload on the senders, and checks that the kernel forwarded none
+// of it.
 package datapath

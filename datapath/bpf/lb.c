@@ -187,11 +187,11 @@ static __always_inline int rewrite(struct __sk_buff *skb, const struct flow *f, 
 	if (f->family == AF_INET) {
 		if ((void *)(iph + 1) > data_end)
 			return TC_ACT_OK;
-		ret = rewrite_ipv4(skb, iph, l4, data_end, t, fwd, skb->gso_size != 0);
+		ret = rewrite_ipv4(skb, iph, l4, data_end, t, fwd, csum_partial(skb));
 	} else {
 		if ((void *)(ip6 + 1) > data_end)
 			return TC_ACT_OK;
-		ret = rewrite_ipv6(ip6, l4, data_end, t, fwd, skb->gso_size != 0);
+		ret = rewrite_ipv6(ip6, l4, data_end, t, fwd, csum_partial(skb));
 	}
 	if (ret == FURTHER_PROCESSING)
 		count_service(t, skb->len);

@@ -8,23 +8,44 @@
 #include <linux/ipv6.h>
 #include <linux/tcp.h>
 #include <linux/udp.h>
+#include <bpf/bpf_core_read.h>
 #include <bpf/bpf_helpers.h>
 
 #include "consts.h"
 #include "csum.h"
 #include "structs.h"
 
+/* The kernel's sk_buff, for the one field read here; CO-RE finds it in the running
+ * kernel's layout. */
+struct sk_buff___shardlb {
+	__u8 ip_summed : 2;
+} __attribute__((preserve_access_index));
+
+extern void *bpf_cast_to_kern_ctx(void *ctx) __ksym;
+
+#define CHECKSUM_PARTIAL 3
+
+/* csum_partial tells whether the packet's L4 checksum is left to be completed
+ * (CHECKSUM_PARTIAL): segments merged by GRO, and packets of a local sender over a
+ * veth or virtio device with checksum offload, which carry only the pseudo-header
+ * sum. The verifier turns the cast into a register move. */
+static __always_inline bool csum_partial(struct __sk_buff *ctx)
+{
+	struct sk_buff___shardlb *skb = bpf_cast_to_kern_ctx(ctx);
+
+	return BPF_CORE_READ_BITFIELD(skb, ip_summed) == CHECKSUM_PARTIAL;
+}
+
 /* rewrite_l4 writes the ports and fixes the L4 checksum for a pseudo-header change of
  * addr_diff. It returns the change of the one's-complement sum of the L4 bytes, which a
  * CHECKSUM_COMPLETE skb must learn about, or -1 when the header is not in the packet.
  *
- * A GSO skb (gso, segments merged by GRO, or a local sender's unsegmented send) is
- * CHECKSUM_PARTIAL: its checksum field holds the folded pseudo-header sum, not
+ * A CHECKSUM_PARTIAL packet's checksum field holds the folded pseudo-header sum, not
  * complemented, and the device or the segmentation sums the L4 bytes into it later.
  * There only the pseudo-header change goes into the field, in the other direction; the
  * ports are L4 bytes and are summed then. */
 static __always_inline __s64 rewrite_l4(void *l4, void *data_end, __u8 proto, const struct ct_entry *t,
-					__u64 addr_diff, bool v4, bool gso)
+					__u64 addr_diff, bool v4, bool partial)
 {
 	__be16 *ports = l4;
 	__u16 *check;
@@ -45,7 +66,7 @@ static __always_inline __s64 rewrite_l4(void *l4, void *data_end, __u8 proto, co
 	ports[0] = t->sport;
 	ports[1] = t->dport;
 
-	if (gso) {
+	if (partial) {
 		*check = ~csum_apply(~*check, addr_diff);
 		return 0;
 	}
@@ -63,13 +84,13 @@ static __always_inline __s64 rewrite_l4(void *l4, void *data_end, __u8 proto, co
 /* rewrite_ipv4 rewrites iph and its L4 header from t, decrementing the TTL when the
  * packet is forwarded here rather than by the kernel. */
 static __always_inline int rewrite_ipv4(struct __sk_buff *skb, struct iphdr *iph, void *l4, void *data_end,
-					const struct ct_entry *t, bool dec_ttl, bool gso)
+					const struct ct_entry *t, bool dec_ttl, bool partial)
 {
 	__u64 addr_diff = csum_diff32(0, iph->saddr, t->saddr[0]);
 	addr_diff = csum_diff32(addr_diff, iph->daddr, t->daddr[0]);
 	__u64 ip_diff = addr_diff;
 
-	__s64 l4_sum = rewrite_l4(l4, data_end, iph->protocol, t, addr_diff, true, gso);
+	__s64 l4_sum = rewrite_l4(l4, data_end, iph->protocol, t, addr_diff, true, partial);
 	if (l4_sum < 0)
 		return TC_ACT_OK;
 	if (dec_ttl) {
@@ -90,7 +111,7 @@ static __always_inline int rewrite_ipv4(struct __sk_buff *skb, struct iphdr *iph
 /* rewrite_ipv6: no IP checksum; the address change and the L4 checksum cancel out in the
  * packet's sum, so a CHECKSUM_COMPLETE skb needs no update. */
 static __always_inline int rewrite_ipv6(struct ipv6hdr *ip6, void *l4, void *data_end, const struct ct_entry *t,
-					bool dec_ttl, bool gso)
+					bool dec_ttl, bool partial)
 {
 	__u64 addr_diff = 0;
 	int i;
@@ -100,7 +121,7 @@ static __always_inline int rewrite_ipv6(struct ipv6hdr *ip6, void *l4, void *dat
 		addr_diff = csum_diff32(addr_diff, ip6->saddr.in6_u.u6_addr32[i], t->saddr[i]);
 		addr_diff = csum_diff32(addr_diff, ip6->daddr.in6_u.u6_addr32[i], t->daddr[i]);
 	}
-	if (rewrite_l4(l4, data_end, ip6->nexthdr, t, addr_diff, false, gso) < 0)
+	if (rewrite_l4(l4, data_end, ip6->nexthdr, t, addr_diff, false, partial) < 0)
 		return TC_ACT_OK;
 	__builtin_memcpy(&ip6->saddr, t->saddr, 16);
 	__builtin_memcpy(&ip6->daddr, t->daddr, 16);

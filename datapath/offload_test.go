@@ -14,19 +14,24 @@ import (
 	"github.com/shardlb/shardlb/shard"
 )
 
-// TestGROPacketsAreForwardedHere moves 8 MiB each way through an IPv4 and an IPv6 VIP,
-// in default and onearm mode, with GRO on the load balancer's interfaces, as NICs have
-// it by default: the load balancer then sees TCP segments merged into packets far
-// larger than the MTU, which the egress device splits again. They must be translated
-// and redirected by the program like any other packet, not left to the kernel's
-// forwarding path (the slow path the program exists to skip), which the namespace's
-// forwarded-datagram counters would show.
-func TestGROPacketsAreForwardedHere(t *testing.T) {
+// TestOffloadedPackets moves 8 MiB each way through an IPv4 and an IPv6 VIP, in default
+// and onearm mode, with the offloads real devices have on:
+//   - GRO on the load balancer's interfaces (NICs have it by default): the program sees
+//     TCP segments merged into one packet far larger than the MTU, which the egress
+//     device splits again;
+//   - checksum offload on the senders' veths (the veth default, and virtio's for a
+//     sender on the same host): the program sees packets whose L4 checksum is left to
+//     be completed (CHECKSUM_PARTIAL).
+//
+// Both must be translated and redirected by the program like any other packet, not
+// left to the kernel's forwarding path (the slow path the program exists to skip),
+// which the namespace's forwarded-datagram counters would show.
+func TestOffloadedPackets(t *testing.T) {
 	testenv.RequireRoot(t)
 	testenv.RequireTool(t, "ip", "ethtool", "sysctl")
-	client := testenv.NewNetNS(t, "grocli")
-	lb := testenv.NewNetNS(t, "grolb")
-	backend := testenv.NewNetNS(t, "grobe")
+	client := testenv.NewNetNS(t, "offcli")
+	lb := testenv.NewNetNS(t, "offlb")
+	backend := testenv.NewNetNS(t, "offbe")
 	testenv.Veth(t, client, "c0", "10.30.1.2/24", lb, "l0", "10.30.1.1/24")
 	testenv.Veth(t, lb, "l1", "10.30.2.1/24", backend, "b0", "10.30.2.2/24")
 	lb.Run(t, "sysctl", "-qw", "net.ipv4.ip_forward=1")
@@ -41,9 +46,6 @@ func TestGROPacketsAreForwardedHere(t *testing.T) {
 	client.Run(t, "ip", "-6", "route", "add", "default", "via", "fd30:1::1")
 	backend.Run(t, "ip", "route", "add", "default", "via", "10.30.2.1")
 	backend.Run(t, "ip", "-6", "route", "add", "default", "via", "fd30:2::1")
-	for _, dev := range []string{"l0", "l1"} {
-		lb.Run(t, "ethtool", "-K", dev, "gro", "on")
-	}
 
 	body := bytes.Repeat([]byte("0123456789abcdef"), 8<<20/16)
 	handler := func(w http.ResponseWriter, r *http.Request) {
@@ -64,38 +66,58 @@ func TestGROPacketsAreForwardedHere(t *testing.T) {
 		NodeIPv4: netip.MustParseAddr("10.30.2.1"), NodeIPv6: netip.MustParseAddr("fd30:2::1")})
 	c := nsHTTPClient(t, openNS(t, client), false)
 
-	for i, vip := range vips {
-		for _, m := range []shard.Mode{shard.ModeDefault, shard.ModeOneArm} {
-			t.Run(fmt.Sprintf("%s %s mode", vip, m), func(t *testing.T) {
-				fe := shard.Frontend{Service: "ns/bulk", VIP: vip, Port: 80, Protocol: shard.TCP, Mode: m,
-					Endpoints: []shard.Endpoint{{Addr: eps[i].Addr(), Port: eps[i].Port()}}}
-				if err := d.SetServices([]shard.Frontend{fe}); err != nil {
-					t.Fatal(err)
-				}
-				url := "http://" + netip.AddrPortFrom(vip, 80).String() + "/"
-				before := forwardedDatagrams(t, lb)
-				resp, err := c.Post(url, "application/octet-stream", bytes.NewReader(body))
-				if err != nil {
-					t.Fatalf("upload: %v", err)
-				}
-				got, _ := io.ReadAll(resp.Body)
-				resp.Body.Close()
-				if string(got) != strconv.Itoa(len(body)) {
-					t.Fatalf("upload: backend read %q bytes, want %d", got, len(body))
-				}
-				resp, err = c.Get(url)
-				if err != nil {
-					t.Fatalf("download: %v", err)
-				}
-				got, err = io.ReadAll(resp.Body)
-				resp.Body.Close()
-				if err != nil || !bytes.Equal(got, body) {
-					t.Fatalf("download: %d bytes, err %v; want the %d served", len(got), err, len(body))
-				}
-				if n := forwardedDatagrams(t, lb) - before; n != 0 {
-					t.Errorf("the kernel forwarded %d datagrams of the transfers: want 0, the program sends every packet on", n)
-				}
-			})
+	offloads := []struct {
+		name string
+		on   func()
+	}{
+		{"GRO on the load balancer", func() {
+			for _, dev := range []string{"l0", "l1"} {
+				lb.Run(t, "ethtool", "-K", dev, "gro", "on")
+			}
+		}},
+		{"checksum offload on the senders", func() {
+			for _, dev := range []string{"l0", "l1"} {
+				lb.Run(t, "ethtool", "-K", dev, "gro", "off")
+			}
+			client.Run(t, "ethtool", "-K", "c0", "tx", "on")
+			backend.Run(t, "ethtool", "-K", "b0", "tx", "on")
+		}},
+	}
+	for _, o := range offloads {
+		o.on()
+		for i, vip := range vips {
+			for _, m := range []shard.Mode{shard.ModeDefault, shard.ModeOneArm} {
+				t.Run(fmt.Sprintf("%s/%s %s mode", o.name, vip, m), func(t *testing.T) {
+					fe := shard.Frontend{Service: "ns/bulk", VIP: vip, Port: 80, Protocol: shard.TCP, Mode: m,
+						Endpoints: []shard.Endpoint{{Addr: eps[i].Addr(), Port: eps[i].Port()}}}
+					if err := d.SetServices([]shard.Frontend{fe}); err != nil {
+						t.Fatal(err)
+					}
+					url := "http://" + netip.AddrPortFrom(vip, 80).String() + "/"
+					before := forwardedDatagrams(t, lb)
+					resp, err := c.Post(url, "application/octet-stream", bytes.NewReader(body))
+					if err != nil {
+						t.Fatalf("upload: %v", err)
+					}
+					got, _ := io.ReadAll(resp.Body)
+					resp.Body.Close()
+					if string(got) != strconv.Itoa(len(body)) {
+						t.Fatalf("upload: backend read %q bytes, want %d", got, len(body))
+					}
+					resp, err = c.Get(url)
+					if err != nil {
+						t.Fatalf("download: %v", err)
+					}
+					got, err = io.ReadAll(resp.Body)
+					resp.Body.Close()
+					if err != nil || !bytes.Equal(got, body) {
+						t.Fatalf("download: %d bytes, err %v; want the %d served", len(got), err, len(body))
+					}
+					if n := forwardedDatagrams(t, lb) - before; n != 0 {
+						t.Errorf("the kernel forwarded %d datagrams of the transfers: want 0, the program sends every packet on", n)
+					}
+				})
+			}
 		}
 	}
 }
