@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math"
 	"sort"
+	"strconv"
 	"testing"
 )
 
@@ -79,9 +80,8 @@ func boundedTable(names []string, size uint32, slack float64) []uint32 {
 	}
 	pairs := make([]pair, 0, int(size)*len(names))
 	for i, name := range names {
-		h := hash(name, seedOffset)
 		for s := range size {
-			pairs = append(pairs, pair{score: mix(h ^ uint64(s)*0x9e3779b97f4a7c15), slot: s, name: uint32(i)})
+			pairs = append(pairs, pair{score: hash(name+"/"+strconv.Itoa(int(s)), seedOffset), slot: s, name: uint32(i)})
 		}
 	}
 	sort.Slice(pairs, func(i, j int) bool { return pairs[i].score > pairs[j].score })
@@ -102,14 +102,4 @@ func boundedTable(names []string, size uint32, slack float64) []uint32 {
 		}
 	}
 	return table
-}
-
-// mix is the murmur3 finalizer.
-func mix(x uint64) uint64 {
-	x ^= x >> 33
-	x *= 0xff51afd7ed558ccd
-	x ^= x >> 33
-	x *= 0xc4ceb9fe1a85ec53
-	x ^= x >> 33
-	return x
 }

@@ -21,10 +21,11 @@
 // removed, is rendezvous hashing, whose shares vary by the binomial spread (about 9% of
 // M/N at 100 slots per endpoint). The benchmark also measures the alternative, a bounded-load rendezvous
 // table (slot and endpoint pairs taken greedily by hash score, each endpoint capped):
-// capped at the next integer above M/N it moves 1.4 to 2.8 points above ideal, with
-// shares up to 4% off M/N; capped 2% higher, 1.0 to 2.6 points, with shares 6.5% to
-// 8.6% off, beyond the 5% the datapath's distribution test allows. Neither beats
-// Maglev (shares within 0.9%) on both counts. Tables of 16,381 slots for 16
+// capped at the next integer above M/N it moves 1.2 to 1.7 points above ideal (less
+// than Maglev from 10 endpoints on), with shares up to 6% off M/N; capped 2% higher,
+// 0.9 to 1.2 points, with shares 5.7% to 12.8% off, beyond the 5% the datapath's
+// distribution test allows. None of them keeps shares within 5% and moves less than
+// one point above ideal; Maglev keeps them within 0.9%. Tables of 16,381 slots for 16
 // endpoints would take about 625 MiB of ring slots for 10,000 services. Established
 // flows are not affected either way: conntrack keeps them on their endpoint, and only
 // the removed endpoint's flows are balanced again. The extra movement reaches only flows without
