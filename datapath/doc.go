@@ -119,15 +119,22 @@
 // fixed and one TTL less, through a route lookup. Path MTU discovery therefore works
 // through the load balancer: a server whose replies are too big for a client's path
 // learns it from "fragmentation needed" sent to the VIP (TestPathMTUThroughTheVIP:
-// a 256 KiB download over a 1280-byte last hop completes in default and onearm mode,
-// and stalls without the translation). Errors are counted per
+// a 256 KiB download over a path with a 1280-byte link completes in default and onearm
+// mode, and stalls without the translation). Errors are counted per
 // service (ServiceStats.ICMPErrors). An error whose destination is not the quoted
 // packet's source, that quotes no tracked flow, whose outer or quoted IP header has
-// options or extension headers, or that has no route passes untouched. When this
-// node's own egress link is the smallest, the packet is left to the kernel, whose
-// "fragmentation needed" goes to the translated source like a router's but through the
-// node's own routes: it is translated only if it comes back in (through a router that
-// routes the VIP here); this case has no test.
+// options or extension headers, or that has no route passes untouched.
+//
+// When this node's own next hop is the smallest link (the route lookup answers
+// FRAG_NEEDED for a tracked flow's packet that must not be fragmented: IPv4 with DF,
+// any IPv6), the kernel's answer would go to the translated source. The program
+// answers instead, as a router does: the packet, still as its sender sent it, is cut
+// down and rewritten in place into "fragmentation needed" or "packet too big" with the
+// next hop's MTU, from its destination to its sender, quoting its first bytes, and sent
+// back out where it came in (icmp4_too_big, icmp6_too_big; counted with the ICMP
+// errors). A GSO packet is checked per segment by the kernel instead, and a
+// CHECKSUM_PARTIAL one is left to the kernel as before (its checksum offsets would point
+// into the answer). TestPathMTUThroughTheVIP covers both places of the small link.
 //
 // # Limits
 //

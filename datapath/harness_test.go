@@ -139,16 +139,16 @@ func openNS(t testing.TB, n testenv.NetNS) netns.NsHandle {
 func (h *harness) run(prog *ebpf.Program, in []byte) (uint32, []byte) {
 	h.t.Helper()
 	var ret uint32
-	out := make([]byte, len(in)+256)
+	opts := &ebpf.RunOptions{Data: in, DataOut: make([]byte, len(in)+256)}
 	h.inNS(func() {
 		var err error
-		ret, err = prog.Run(&ebpf.RunOptions{Data: in, DataOut: out})
+		ret, err = prog.Run(opts)
 		if err != nil {
 			h.t.Fatalf("test run: %v", err)
 		}
 	})
-	// The program never grows or shrinks a packet.
-	return ret, out[:len(in)]
+	// The packet as the program left it: the kernel cuts DataOut to its length.
+	return ret, opts.DataOut
 }
 
 func (h *harness) lb(in []byte) (uint32, []byte) { return h.run(h.d.objs.LbIngress, in) }

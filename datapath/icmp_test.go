@@ -3,6 +3,7 @@ package datapath
 import (
 	"bytes"
 	"encoding/binary"
+	"encoding/hex"
 	"fmt"
 	"net/netip"
 	"testing"
@@ -176,4 +177,80 @@ func sourceOfFrame(t testing.TB, b []byte) netip.AddrPort {
 	}
 	t.Fatalf("not an IP frame: % x", b)
 	return netip.AddrPort{}
+}
+
+// TestTooBigAnswered sends packets of a tracked flow that are too big for their next
+// hop (d0's MTU is 1280): one that must not be fragmented (IPv4 with DF, any IPv6) is
+// answered like a router does, with "fragmentation needed" or "packet too big" from its
+// destination back to its sender, out where it came in, quoting its first bytes as the
+// sender sent them; an IPv4 packet without DF is translated and left to the kernel,
+// which fragments it.
+func TestTooBigAnswered(t *testing.T) {
+	for _, fam := range families {
+		t.Run(fam.name, func(t *testing.T) {
+			cfg := Config{NodeIPv4: families[0].node, NodeIPv6: families[1].node}
+			h := newHarness(t, cfg)
+			lbAddr, clientNet := "10.0.2.1/24", "10.0.1.0/24"
+			if fam.ep.Is6() {
+				lbAddr, clientNet = "fd00:2::1/64", "fd00:1::/64"
+			}
+			h.link(lbAddr, []string{clientNet}, map[netip.Addr][6]byte{fam.ep: {0x02, 0, 0, 0, 0, 0x11}, fam.client: {0x02, 0, 0, 0, 0, 0x22}})
+			h.nn.Run(t, "ip", "link", "set", "d0", "mtu", "1280")
+			ep := netip.AddrPortFrom(fam.ep, epPort)
+			client := netip.AddrPortFrom(fam.client, cliPort)
+			h.set(shard.Frontend{Service: "ns/big", VIP: fam.vip, Port: vipPort, Protocol: shard.TCP,
+				Endpoints: []shard.Endpoint{{Addr: fam.ep, Port: epPort}}})
+			if ret, _ := h.lb(pkt{src: client, dst: netip.AddrPortFrom(fam.vip, vipPort), proto: shard.TCP, tcpFlags: 0x10}.bytes()); ret != actRedirect {
+				t.Fatalf("forward packet: action %d, want redirect", ret)
+			}
+			big := pkt{src: ep, dst: client, proto: shard.TCP, tcpFlags: 0x10, payload: bytes.Repeat([]byte("x"), 1400), df: true}.bytes()
+			before := h.d.Stats().Services[0].ICMPErrors
+			ret, out := h.lb(big)
+			if ret != actRedirect {
+				t.Fatalf("too big a reply: action %d, want redirect %d", ret, actRedirect)
+			}
+			if n := h.d.Stats().Services[0].ICMPErrors - before; n != 1 {
+				t.Errorf("ICMP errors counted: %d, want 1", n)
+			}
+			ipLen, wantType, wantCode, proto := 20, byte(3), byte(4), byte(1)
+			if fam.ep.Is6() {
+				ipLen, wantType, wantCode, proto = 40, 2, 0, 58
+			}
+			if want := 14 + ipLen + 8 + ipLen + 8; len(out) != want {
+				t.Fatalf("answer of %d bytes, want %d:\n%s", len(out), want, hex.Dump(out))
+			}
+			if err := verifyChecksums(out); err != nil {
+				t.Fatal(err)
+			}
+			want := append([]byte{}, big[6:12]...) // back to the previous hop
+			want = append(want, big[0:6]...)
+			if !bytes.Equal(out[:12], want) {
+				t.Errorf("MACs % x, want % x", out[:12], want)
+			}
+			ip := out[14:]
+			src, dst := netip.AddrFrom4([4]byte(ip[12:16])), netip.AddrFrom4([4]byte(ip[16:20]))
+			gotProto := ip[9]
+			if ipLen == 40 {
+				src, dst, gotProto = netip.AddrFrom16([16]byte(ip[8:24])), netip.AddrFrom16([16]byte(ip[24:40])), ip[6]
+			}
+			if src != fam.client || dst != fam.ep || gotProto != proto {
+				t.Errorf("answer from %s to %s, protocol %d; want from %s to %s, protocol %d", src, dst, gotProto, fam.client, fam.ep, proto)
+			}
+			ic := ip[ipLen:]
+			if ic[0] != wantType || ic[1] != wantCode || binary.BigEndian.Uint32(ic[4:8]) != 1280 {
+				t.Errorf("ICMP type %d code %d MTU %d, want %d %d 1280", ic[0], ic[1], binary.BigEndian.Uint32(ic[4:8]), wantType, wantCode)
+			}
+			if q := big[14 : 14+ipLen+8]; !bytes.Equal(ic[8:], q) {
+				t.Errorf("quoted packet differs:\n%s", dumpPair(ic[8:], q))
+			}
+
+			if !fam.ep.Is6() {
+				frag := pkt{src: ep, dst: client, proto: shard.TCP, tcpFlags: 0x10, payload: bytes.Repeat([]byte("x"), 1400)}.bytes()
+				ret, out := h.lb(frag)
+				if ret != actOK || len(out) != len(frag) || sourceOfFrame(t, out) != netip.AddrPortFrom(fam.vip, vipPort) {
+					t.Errorf("too big a reply without DF: action %d, %d bytes from %s; want it translated and left to the kernel", ret, len(out), sourceOfFrame(t, out))
+				}
+			}
+		})
+	}
 }

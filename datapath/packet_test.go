@@ -18,6 +18,7 @@ type pkt struct {
 	ttl       uint8   // 64 if zero
 	ipOptions []byte  // IPv4 options, a multiple of 4 bytes
 	fragment  bool    // IPv4: more-fragments set; IPv6: a fragment header
+	df        bool    // IPv4: don't fragment set
 	hopByHop  bool    // IPv6: a hop-by-hop options header before L4
 	udpNoCsum bool    // IPv4 UDP without checksum (0)
 	payload   []byte  // "hello" if nil
@@ -93,6 +94,9 @@ func (p pkt) bytes() []byte {
 		binary.BigEndian.PutUint16(ip[4:], 0x1234)
 		if p.fragment {
 			binary.BigEndian.PutUint16(ip[6:], 0x2000)
+		}
+		if p.df {
+			binary.BigEndian.PutUint16(ip[6:], 0x4000)
 		}
 		ip[8] = ttl
 		ip[9] = uint8(p.proto)

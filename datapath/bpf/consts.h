@@ -12,6 +12,7 @@
 #define AF_INET 2
 #define AF_INET6 10
 
+#define IP_DF 0x4000
 #define IP_MF 0x2000
 #define IP_OFFSET 0x1FFF
 
@@ -27,6 +28,9 @@
 #define NEW_FLOW -2
 /* The parsers' answer for ICMP and ICMPv6: maybe an error about a translated flow. */
 #define ICMP_MESSAGE -3
+/* translate's answer for a packet too big for its next hop that must not be
+ * fragmented: its sender is to be told (icmp.h). */
+#define TOO_BIG -4
 
 #ifndef MAX_SERVICES
 #define MAX_SERVICES 16384

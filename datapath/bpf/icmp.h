@@ -92,13 +92,19 @@ static __always_inline __u64 icmp_quoted_rewrite(struct quoted_l4 *q, __u8 proto
 	return diff;
 }
 
-/* icmp_send_on sends the translated error to fib's answer and counts it for the flow's
- * service. */
-static __always_inline int icmp_send_on(struct ethhdr *eth, struct bpf_fib_lookup *fib, int rc, __u32 service_id)
+/* count_icmp_error counts an ICMP error sent about one of the service's flows. */
+static __always_inline void count_icmp_error(__u32 service_id)
 {
 	struct svc_stats *st = bpf_map_lookup_elem(&service_stats, &service_id);
 	if (st)
 		st->icmp_errors++;
+}
+
+/* icmp_send_on sends the translated error to fib's answer and counts it for the flow's
+ * service. */
+static __always_inline int icmp_send_on(struct ethhdr *eth, struct bpf_fib_lookup *fib, int rc, __u32 service_id)
+{
+	count_icmp_error(service_id);
 	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
 		return redirect_neigh(fib);
 	__builtin_memcpy(eth->h_dest, fib->dmac, ETH_ALEN);
@@ -246,6 +252,126 @@ static __noinline int icmp6_error(struct __sk_buff *skb)
 	ic->checksum = csum_apply(ic->checksum, icmp_diff);
 	ip6->hop_limit--;
 	return icmp_send_on(eth, &fib, rc, service_id);
+}
+
+/* Answering a packet too big for its next hop (its route lookup said FRAG_NEEDED) that
+ * must not be fragmented (IPv4 with DF, any IPv6): the packet, still as its sender sent
+ * it, is cut down and rewritten in place into "fragmentation needed" (ICMPv4) or
+ * "packet too big" (ICMPv6) with the next hop's MTU, from the packet's destination back
+ * to its sender, quoting the packet's IP header and 8 bytes of TCP or UDP, and sent out
+ * where it came in, to the previous hop. That is what a router does; the kernel's own
+ * answer would go to the packet's translated source instead. */
+
+#define ICMP4_FRAG_NEEDED 4
+#define TOO_BIG4_LEN (sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct icmp_hdr) + sizeof(struct iphdr) + 8)
+#define TOO_BIG6_LEN (sizeof(struct ethhdr) + sizeof(struct ipv6hdr) + sizeof(struct icmp_hdr) + sizeof(struct ipv6hdr) + 8)
+
+/* csum_words returns the one's-complement sum of n 16-bit words at p, unfolded. */
+static __always_inline __u64 csum_words(const __u16 *p, int n)
+{
+	__u64 sum = 0;
+	int i;
+
+#pragma unroll
+	for (i = 0; i < n; i++)
+		sum += p[i];
+	return sum;
+}
+
+static __noinline int icmp4_too_big(struct __sk_buff *skb, __u16 mtu, __u32 service_id)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *iph = (void *)(eth + 1);
+	__u8 quote[sizeof(struct iphdr) + 8];
+	__u8 macs[2 * ETH_ALEN];
+
+	if ((void *)iph + sizeof(quote) > data_end || iph->ihl != 5)
+		return TC_ACT_OK;
+	__builtin_memcpy(quote, iph, sizeof(quote));
+	__builtin_memcpy(macs, eth, sizeof(macs));
+	__be32 from = iph->daddr, to = iph->saddr;
+	if (bpf_skb_change_tail(skb, TOO_BIG4_LEN, 0))
+		return TC_ACT_OK;
+
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	eth = data;
+	if (data + TOO_BIG4_LEN > data_end)
+		return TC_ACT_SHOT;
+	iph = (void *)(eth + 1);
+	struct icmp_hdr *ic = (void *)(iph + 1);
+	__builtin_memcpy(eth->h_dest, macs + ETH_ALEN, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, macs, ETH_ALEN);
+	iph->version = 4;
+	iph->ihl = 5;
+	iph->tos = 0;
+	iph->tot_len = bpf_htons(TOO_BIG4_LEN - sizeof(struct ethhdr));
+	iph->id = 0;
+	iph->frag_off = 0;
+	iph->ttl = 64;
+	iph->protocol = IPPROTO_ICMP;
+	iph->check = 0;
+	iph->saddr = from;
+	iph->daddr = to;
+	iph->check = ~csum_fold(csum_words((__u16 *)iph, sizeof(*iph) / 2));
+	ic->type = ICMP4_DEST_UNREACH;
+	ic->code = ICMP4_FRAG_NEEDED;
+	ic->checksum = 0;
+	ic->rest = bpf_htonl(mtu);
+	__builtin_memcpy(ic + 1, quote, sizeof(quote));
+	ic->checksum = ~csum_fold(csum_words((__u16 *)ic, (sizeof(*ic) + sizeof(quote)) / 2));
+	count_icmp_error(service_id);
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+static __noinline int icmp6_too_big(struct __sk_buff *skb, __u16 mtu, __u32 service_id)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct ipv6hdr *ip6 = (void *)(eth + 1);
+	__u8 quote[sizeof(struct ipv6hdr) + 8];
+	__u8 macs[2 * ETH_ALEN];
+	__u32 from[4], to[4];
+
+	if ((void *)ip6 + sizeof(quote) > data_end)
+		return TC_ACT_OK;
+	__builtin_memcpy(quote, ip6, sizeof(quote));
+	__builtin_memcpy(macs, eth, sizeof(macs));
+	__builtin_memcpy(from, &ip6->daddr, 16);
+	__builtin_memcpy(to, &ip6->saddr, 16);
+	if (bpf_skb_change_tail(skb, TOO_BIG6_LEN, 0))
+		return TC_ACT_OK;
+
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	eth = data;
+	if (data + TOO_BIG6_LEN > data_end)
+		return TC_ACT_SHOT;
+	ip6 = (void *)(eth + 1);
+	struct icmp_hdr *ic = (void *)(ip6 + 1);
+	__u16 len = TOO_BIG6_LEN - sizeof(struct ethhdr) - sizeof(struct ipv6hdr);
+	__builtin_memcpy(eth->h_dest, macs + ETH_ALEN, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, macs, ETH_ALEN);
+	*(__be32 *)ip6 = bpf_htonl(0x60000000); /* version 6, no traffic class or flow label */
+	ip6->payload_len = bpf_htons(len);
+	ip6->nexthdr = IPPROTO_ICMPV6;
+	ip6->hop_limit = 64;
+	__builtin_memcpy(&ip6->saddr, from, 16);
+	__builtin_memcpy(&ip6->daddr, to, 16);
+	ic->type = ICMP6_PACKET_TOO_BIG;
+	ic->code = 0;
+	ic->checksum = 0;
+	ic->rest = bpf_htonl(mtu);
+	__builtin_memcpy(ic + 1, quote, sizeof(quote));
+	/* The pseudo-header: both addresses, the length and the next header. */
+	__u64 sum = csum_words((__u16 *)&ip6->saddr, 16) + bpf_htons(len) + bpf_htons(IPPROTO_ICMPV6);
+	sum += csum_words((__u16 *)ic, (sizeof(*ic) + sizeof(quote)) / 2);
+	ic->checksum = ~csum_fold(sum);
+	count_icmp_error(service_id);
+	return bpf_redirect(skb->ifindex, 0);
 }
 
 #endif

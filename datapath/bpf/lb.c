@@ -235,13 +235,33 @@ static __always_inline int forward_cached(struct __sk_buff *skb, const struct fl
 	return redirect_cached(skb, t);
 }
 
-/* translate rewrites the packet of a balanced flow and sends it on. t is the flow's
- * conntrack entry, or for a new flow (record) the entry to insert once its next hop is
- * known. Not inlined: its stack frame and new_flow's are never live at once, and
- * together with the caller's they must fit the 512 bytes BPF allows. */
-static __noinline int translate(struct __sk_buff *skb, const struct flow *f, struct ct_entry *t, void *l4,
-				bool record)
+/* must_not_fragment tells whether a packet too big for its next hop is to be answered
+ * (icmp.h) rather than left to the kernel: IPv4 with DF and any IPv6, unless it is GSO
+ * (checked per segment) or its checksum is left to the device (CHECKSUM_PARTIAL, whose
+ * offsets would point into the answer). */
+static __always_inline bool must_not_fragment(struct __sk_buff *skb, const struct flow *f, void *data,
+					      void *data_end)
 {
+	struct iphdr *iph = data + sizeof(struct ethhdr);
+
+	if (skb->gso_size || csum_partial(skb))
+		return false;
+	if (f->family != AF_INET)
+		return true;
+	return (void *)(iph + 1) <= data_end && (iph->frag_off & bpf_htons(IP_DF));
+}
+
+/* translate rewrites the packet of a balanced flow and sends it on. t is the flow's
+ * conntrack entry, with mtu where the answer to a packet too big goes: a tracked flow's
+ * packet too big for its next hop that must not be fragmented is left untouched, and
+ * translate returns TOO_BIG with the next hop's MTU in *mtu. For a new flow mtu is NULL
+ * and t the entry to insert (record) once its next hop is known. Not inlined: its
+ * stack frame and new_flow's are never live at once, and together with the caller's
+ * they must fit the 512 bytes BPF allows (and BPF functions take 5 arguments). */
+static __noinline int translate(struct __sk_buff *skb, const struct flow *f, struct ct_entry *t, void *l4,
+				__u16 *mtu)
+{
+	bool record = !mtu;
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct bpf_fib_lookup fib;
@@ -268,6 +288,10 @@ static __noinline int translate(struct __sk_buff *skb, const struct flow *f, str
 			if (record)
 				remember_next_hop(t);
 		}
+	}
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && mtu && must_not_fragment(skb, f, data, data_end)) {
+		*mtu = fib.mtu_result;
+		return TOO_BIG;
 	}
 	seen(f, t, l4, data_end, now);
 	if (record && ct_insert(f, t, BPF_ANY)) {
@@ -296,6 +320,7 @@ int lb_ingress(struct __sk_buff *skb)
 	struct flow f = {};
 	struct ct_entry *t = 0;
 	void *l4 = 0;
+	__u16 mtu = 0;
 	int ret;
 
 	/* Frames for other hosts (a bridge flooding unknown unicast to every node) are none
@@ -326,11 +351,14 @@ int lb_ingress(struct __sk_buff *skb)
 	if (!t)
 		return TC_ACT_OK;
 	if (ret == NEW_FLOW)
-		return translate(skb, &f, t, l4, true);
+		return translate(skb, &f, t, l4, 0);
 	ret = forward_cached(skb, &f, t, l4);
 	if (ret != FURTHER_PROCESSING)
 		return ret;
-	return translate(skb, &f, t, l4, false);
+	ret = translate(skb, &f, t, l4, &mtu);
+	if (ret != TOO_BIG)
+		return ret;
+	return f.family == AF_INET ? icmp4_too_big(skb, mtu, t->service_id) : icmp6_too_big(skb, mtu, t->service_id);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
