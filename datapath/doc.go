@@ -140,7 +140,10 @@
 //
 // Headers must be in the skb's linear part; IPv6 extension headers and fragments to a
 // VIP are dropped with a named counter; entries of a removed service linger until
-// evicted. Frames the device
+// evicted. A VLAN's traffic is to be balanced on the VLAN's subinterface: on the trunk
+// device, a frame whose tag the device took off into the skb is seen before the VLAN
+// code hands it to the subinterface, and would be translated there as if untagged
+// (untested: the test kernel has no 802.1Q support). Frames the device
 // did not classify PACKET_HOST (a bridge flooding unknown unicast to every node) pass
 // untouched and uncounted: VIP traffic is sent to the node's MAC, replies to the node.
 //
