@@ -113,7 +113,7 @@ func TestDaemonSetRunsAsTheGuideSaysWithNamedCapabilitiesOnly(t *testing.T) {
 			env[e.Name] = e.ValueFrom.FieldRef.FieldPath
 		}
 	}
-	for name, path := range map[string]string{"NODE_NAME": "spec.nodeName", "NODE_IP": "status.hostIP", "POD_NAMESPACE": "metadata.namespace"} {
+	for name, path := range map[string]string{"NODE_NAME": "spec.nodeName", "NODE_IP": "status.hostIPs", "POD_NAMESPACE": "metadata.namespace"} {
 		if env[name] != path {
 			t.Errorf("env %s from %q, want the downward API's %s", name, env[name], path)
 		}

@@ -21,10 +21,11 @@ import (
 
 // config is the typed, validated result of the command line.
 type config struct {
-	NodeName   string
-	NodeIP     netip.Addr
-	Namespace  string
-	Kubeconfig string
+	NodeName string
+	// NodeIPv4 and NodeIPv6 are this node's addresses (--nodeIP), either may be unset.
+	NodeIPv4, NodeIPv6 netip.Addr
+	Namespace          string
+	Kubeconfig         string
 
 	Pools             []ipam.PoolSpec
 	UniqueIP          bool
@@ -102,7 +103,7 @@ func newFlags(r *raw, env func(string) string) (*pflag.FlagSet, []group) {
 
 	f := node.fs
 	f.StringVar(&r.nodeName, "nodeName", env("NODE_NAME"), "this node's name, the member name in Leases ($NODE_NAME when set)")
-	f.StringVar(&r.nodeIP, "nodeIP", env("NODE_IP"), "this node's address: BGP router ID, next hop and onearm source ($NODE_IP when set)")
+	f.StringVar(&r.nodeIP, "nodeIP", env("NODE_IP"), "this node's addresses, at most one per family, comma separated: the IPv4 one is the BGP router ID; each is the next hop of its family's VIPs, the onearm source toward endpoints and where handed-off segments go ($NODE_IP when set)")
 	f.StringVar(&r.namespace, "namespace", or(env("POD_NAMESPACE"), "kube-system"), "namespace of the Leases and the controller ($POD_NAMESPACE when set)")
 	f.StringVar(&r.kubeconfig, "kubeconfig", env("KUBECONFIG"), "kubeconfig file; empty: in-cluster configuration")
 
@@ -202,11 +203,8 @@ func (r *raw) validate(changed func(string) bool) (config, error) {
 		Drain: r.drain,
 	}
 	var err error
-	if r.nodeIP != "" {
-		if c.NodeIP, err = netip.ParseAddr(r.nodeIP); err != nil || c.NodeIP.Zone() != "" {
-			return c, &flagError{"nodeIP", r.nodeIP, "an IP address", err}
-		}
-		c.NodeIP = c.NodeIP.Unmap()
+	if c.NodeIPv4, c.NodeIPv6, err = parseNodeIPs(r.nodeIP); err != nil {
+		return c, &flagError{"nodeIP", r.nodeIP, "IP addresses, at most one per family, comma separated", err}
 	}
 	if r.namespace == "" {
 		return c, &flagError{"namespace", r.namespace, "a namespace name", nil}
@@ -341,11 +339,37 @@ func (r *raw) validateBGP(c *config) error {
 		}
 	}
 	b.GRPCListen = r.grpc
-	if c.NodeIP.Is4() {
-		b.RouterID = c.NodeIP
-	}
+	b.RouterID = c.NodeIPv4
+	// An IPv6 VIP announced over an IPv4 session needs an IPv6 next hop of its own.
+	b.NextHop6 = c.NodeIPv6
 	c.BGP = b
 	return nil
+}
+
+// parseNodeIPs reads --nodeIP: empty, or one or two addresses of different families.
+func parseNodeIPs(s string) (v4, v6 netip.Addr, err error) {
+	if strings.TrimSpace(s) == "" {
+		return v4, v6, nil
+	}
+	for _, f := range strings.Split(s, ",") {
+		a, err := netip.ParseAddr(strings.TrimSpace(f))
+		if err != nil {
+			return v4, v6, err
+		}
+		if a.Zone() != "" {
+			return v4, v6, fmt.Errorf("%v: a zone is not an address of the node", a)
+		}
+		a = a.Unmap()
+		slot := &v4
+		if a.Is6() {
+			slot = &v6
+		}
+		if slot.IsValid() {
+			return v4, v6, fmt.Errorf("two addresses of one family: %v and %v", *slot, a)
+		}
+		*slot = a
+	}
+	return v4, v6, nil
 }
 
 func parseBFD(s string) (bgp.BFDConfig, error) {

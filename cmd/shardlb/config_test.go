@@ -53,7 +53,7 @@ func TestDownwardAPIEnvironmentGivesDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cfg.NodeName != "worker1" || cfg.NodeIP != netip.MustParseAddr("10.0.0.5") || cfg.Namespace != "lb" {
+	if cfg.NodeName != "worker1" || cfg.NodeIPv4 != netip.MustParseAddr("10.0.0.5") || cfg.Namespace != "lb" {
 		t.Fatalf("config %+v", cfg)
 	}
 }
@@ -149,3 +149,37 @@ func FuzzFlags(f *testing.F) {
 type nopWriter struct{}
 
 func (nopWriter) Write(p []byte) (int, error) { return len(p), nil }
+
+func TestNodeIPTakesOneAddressPerFamily(t *testing.T) {
+	v4, v6 := netip.MustParseAddr("10.0.0.11"), netip.MustParseAddr("fd00::11")
+	for _, c := range []struct {
+		value  string
+		v4, v6 netip.Addr
+	}{
+		{"10.0.0.11", v4, netip.Addr{}},
+		{"fd00::11", netip.Addr{}, v6},
+		{"10.0.0.11,fd00::11", v4, v6},
+		{" fd00::11 , 10.0.0.11 ", v4, v6},
+		{"::ffff:10.0.0.11", v4, netip.Addr{}},
+	} {
+		cfg, err := parseConfig([]string{"--nodeIP=" + c.value, "--setBGP=64512", "--extBGPPeers=10.0.0.1:64512"}, noEnv, os.Stdout)
+		if err != nil {
+			t.Errorf("--nodeIP=%s: %v", c.value, err)
+			continue
+		}
+		if cfg.NodeIPv4 != c.v4 || cfg.NodeIPv6 != c.v6 {
+			t.Errorf("--nodeIP=%s: IPv4 %v IPv6 %v, want %v %v", c.value, cfg.NodeIPv4, cfg.NodeIPv6, c.v4, c.v6)
+		}
+		// The IPv4 address is the router ID; the IPv6 one the next hop of IPv6 VIPs.
+		if cfg.BGP.RouterID != c.v4 || cfg.BGP.NextHop6 != c.v6 {
+			t.Errorf("--nodeIP=%s: router ID %v, IPv6 next hop %v", c.value, cfg.BGP.RouterID, cfg.BGP.NextHop6)
+		}
+	}
+	for _, bad := range []string{"10.0.0.11,10.0.0.12", "fd00::1,fd00::2", "10.0.0.11,", "fe80::1%eth0", "10.0.0.11,fd00::1,10.0.0.12"} {
+		_, err := parseConfig([]string{"--nodeIP=" + bad}, noEnv, os.Stdout)
+		var fe *flagError
+		if !errors.As(err, &fe) || fe.flag != "nodeIP" {
+			t.Errorf("--nodeIP=%s: error %v, want a nodeIP flag error", bad, err)
+		}
+	}
+}

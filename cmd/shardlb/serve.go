@@ -40,12 +40,8 @@ func runServe(ctx context.Context, cfg config, log *slog.Logger) error {
 	deps := kube.Deps{Logger: log, Router: noRouter{}, Datapath: noDatapath{}}
 
 	if len(cfg.Interfaces) > 0 {
-		dcfg := datapath.Config{Interfaces: cfg.Interfaces, ConntrackSize: cfg.ConntrackSize}
-		if cfg.NodeIP.Is4() {
-			dcfg.NodeIPv4 = cfg.NodeIP
-		} else {
-			dcfg.NodeIPv6 = cfg.NodeIP
-		}
+		dcfg := datapath.Config{Interfaces: cfg.Interfaces, ConntrackSize: cfg.ConntrackSize,
+			NodeIPv4: cfg.NodeIPv4, NodeIPv6: cfg.NodeIPv6}
 		dp, err := datapath.New(dcfg, log.With("part", "datapath"))
 		if err != nil {
 			return err
@@ -88,8 +84,10 @@ func runServe(ctx context.Context, cfg config, log *slog.Logger) error {
 	kcfg.MemberLease.Duration, kcfg.MemberLease.Renew = cfg.LeaseDuration, cfg.RenewInterval
 	kcfg.APIAddress, kcfg.MetricsAddress = cfg.APIListen, cfg.MetricsListen
 	kcfg.Drain = cfg.Drain
-	if cfg.NodeIP.IsValid() {
-		kcfg.NodeAddresses = []netip.Addr{cfg.NodeIP}
+	for _, a := range []netip.Addr{cfg.NodeIPv4, cfg.NodeIPv6} {
+		if a.IsValid() {
+			kcfg.NodeAddresses = append(kcfg.NodeAddresses, a)
+		}
 	}
 	return kube.Run(ctx, kcfg, deps)
 }
