@@ -103,7 +103,7 @@ func newFlags(r *raw, env func(string) string) (*pflag.FlagSet, []group) {
 
 	f := node.fs
 	f.StringVar(&r.nodeName, "nodeName", env("NODE_NAME"), "this node's name, the member name in Leases ($NODE_NAME when set)")
-	f.StringVar(&r.nodeIP, "nodeIP", env("NODE_IP"), "this node's addresses, at most one per family, comma separated: the IPv4 one is the BGP router ID; each is the next hop of its family's VIPs, the onearm source toward endpoints and where handed-off segments go ($NODE_IP when set)")
+	f.StringVar(&r.nodeIP, "nodeIP", env("NODE_IP"), "this node's addresses, at most one per family, comma separated: the IPv4 one is the BGP router ID, the IPv6 one the next hop of IPv6 VIPs (IPv4 VIPs get the session's address); each is the onearm source toward endpoints and where handed-off segments go ($NODE_IP when set)")
 	f.StringVar(&r.namespace, "namespace", or(env("POD_NAMESPACE"), "kube-system"), "namespace of the Leases and the controller ($POD_NAMESPACE when set)")
 	f.StringVar(&r.kubeconfig, "kubeconfig", env("KUBECONFIG"), "kubeconfig file; empty: in-cluster configuration")
 
