@@ -33,4 +33,27 @@ static __always_inline __u16 csum_apply(__u16 check, __u64 diff)
 	return ~csum_fold((__u64)(__u16)~check + diff);
 }
 
+/* csum_words returns the one's-complement sum of n 16-bit words at p, unfolded. */
+static __always_inline __u64 csum_words(const __u16 *p, int n)
+{
+	__u64 sum = 0;
+	int i;
+
+#pragma unroll
+	for (i = 0; i < n; i++)
+		sum += p[i];
+	return sum;
+}
+
+/* csum_dec_ttl decrements an IPv4 TTL, the first byte of the header's (TTL, protocol)
+ * word, and returns diff with that word's change added, for the header checksum. */
+static __always_inline __u64 csum_dec_ttl(__u8 *ttl, __u64 diff)
+{
+	__u16 *word = (__u16 *)ttl;
+	__u16 old = *word;
+
+	(*ttl)--;
+	return csum_diff16(diff, old, *word);
+}
+
 #endif

@@ -15,6 +15,7 @@
 #include <bpf/bpf_helpers.h>
 
 #include "consts.h"
+#include "csum.h"
 #include "forward.h"
 #include "maps.h"
 #include "structs.h"
@@ -64,12 +65,9 @@ static __noinline int handoff(struct __sk_buff *skb, const struct flow *f, const
 		iph = (void *)(eth + 1);
 		if ((void *)(iph + 1) > data_end)
 			return FURTHER_PROCESSING;
-		/* ip_decrease_ttl: the checksum moves by what the TTL moves, so the header's
-		 * ones' complement sum (and a CHECKSUM_COMPLETE csum) is unchanged. */
-		__u32 check = iph->check;
-		check += bpf_htons(0x0100);
-		iph->check = (__u16)(check + (check >= 0xFFFF));
-		iph->ttl--;
+		/* The checksum moves by what the TTL moves, so the header's ones' complement
+		 * sum (and a CHECKSUM_COMPLETE csum) is unchanged. */
+		iph->check = csum_apply(iph->check, csum_dec_ttl(&iph->ttl, 0));
 	} else {
 		struct ipv6hdr *ip6 = (void *)(eth + 1);
 		if ((void *)(ip6 + 1) > data_end || ip6->hop_limit <= 1)

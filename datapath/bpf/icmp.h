@@ -173,11 +173,7 @@ static __noinline int icmp4_error(struct __sk_buff *skb)
 	ic->checksum = csum_apply(ic->checksum, icmp_diff);
 
 	/* The outer header: the new destination and, forwarded here, one TTL less. */
-	__u16 *ttl_word = (__u16 *)&iph->ttl;
-	__u16 old_ttl = *ttl_word;
-	__u64 ip_diff = csum_diff32(0, iph->daddr, sender);
-	iph->ttl--;
-	ip_diff = csum_diff16(ip_diff, old_ttl, *ttl_word);
+	__u64 ip_diff = csum_dec_ttl(&iph->ttl, csum_diff32(0, iph->daddr, sender));
 	iph->daddr = sender;
 	iph->check = csum_apply(iph->check, ip_diff);
 	return icmp_send_on(eth, &fib, rc, service_id);
@@ -265,18 +261,6 @@ static __noinline int icmp6_error(struct __sk_buff *skb)
 #define ICMP4_FRAG_NEEDED 4
 #define TOO_BIG4_LEN (sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct icmp_hdr) + sizeof(struct iphdr) + 8)
 #define TOO_BIG6_LEN (sizeof(struct ethhdr) + sizeof(struct ipv6hdr) + sizeof(struct icmp_hdr) + sizeof(struct ipv6hdr) + 8)
-
-/* csum_words returns the one's-complement sum of n 16-bit words at p, unfolded. */
-static __always_inline __u64 csum_words(const __u16 *p, int n)
-{
-	__u64 sum = 0;
-	int i;
-
-#pragma unroll
-	for (i = 0; i < n; i++)
-		sum += p[i];
-	return sum;
-}
 
 static __noinline int icmp4_too_big(struct __sk_buff *skb, __u16 mtu, __u32 service_id)
 {

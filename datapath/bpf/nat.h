@@ -93,12 +93,8 @@ static __always_inline int rewrite_ipv4(struct __sk_buff *skb, struct iphdr *iph
 	__s64 l4_sum = rewrite_l4(l4, data_end, iph->protocol, t, addr_diff, true, partial);
 	if (l4_sum < 0)
 		return TC_ACT_OK;
-	if (dec_ttl) {
-		__u16 *ttl_word = (__u16 *)&iph->ttl;
-		__u16 old = *ttl_word;
-		iph->ttl--;
-		ip_diff = csum_diff16(ip_diff, old, *ttl_word);
-	}
+	if (dec_ttl)
+		ip_diff = csum_dec_ttl(&iph->ttl, ip_diff);
 	iph->saddr = t->saddr[0];
 	iph->daddr = t->daddr[0];
 	iph->check = csum_apply(iph->check, ip_diff);
