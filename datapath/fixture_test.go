@@ -26,6 +26,9 @@ type ipFamily struct {
 	client, vip, other, ep    netip.Addr
 	node                      netip.Addr
 	client2, stranger, epPeer netip.Addr
+	// nodeNet is the node's address on the endpoints' network, clientNet the clients'
+	// network, for tests whose route lookups must succeed (harness.link).
+	nodeNet, clientNet string
 }
 
 var families = []ipFamily{
@@ -35,6 +38,7 @@ var families = []ipFamily{
 		vip: netip.MustParseAddr("192.0.2.10"), other: netip.MustParseAddr("192.0.2.99"),
 		ep: netip.MustParseAddr("10.0.2.11"), node: netip.MustParseAddr("10.0.2.1"),
 		stranger: netip.MustParseAddr("10.0.3.7"), epPeer: netip.MustParseAddr("10.0.3.8"),
+		nodeNet: "10.0.2.1/24", clientNet: "10.0.1.0/24",
 	},
 	{
 		name:   "IPv6",
@@ -42,6 +46,7 @@ var families = []ipFamily{
 		vip: netip.MustParseAddr("2001:db8::10"), other: netip.MustParseAddr("2001:db8::99"),
 		ep: netip.MustParseAddr("fd00:2::11"), node: netip.MustParseAddr("fd00:2::1"),
 		stranger: netip.MustParseAddr("fd00:3::7"), epPeer: netip.MustParseAddr("fd00:3::8"),
+		nodeNet: "fd00:2::1/64", clientNet: "fd00:1::/64",
 	},
 }
 

@@ -65,7 +65,6 @@ func TestHandoff(t *testing.T) {
 				t.Fatal("no stats for ns/tcp")
 				return ServiceStats{}
 			}
-			var handedOffVia func(t *testing.T, in []byte, resolved bool)
 			// redirected runs in and asserts a redirect with correct checksums.
 			redirected := func(t *testing.T, in []byte) []byte {
 				t.Helper()
@@ -78,13 +77,11 @@ func TestHandoff(t *testing.T) {
 				}
 				return out
 			}
-			// handedOff asserts that in went to the previous master: same packet, the
-			// peer's MAC, this node's MAC as source, TTL one less, checksums right.
-			handedOff := func(t *testing.T, in []byte) { handedOffVia(t, in, true) }
-			// handedOffVia is handedOff, where resolved says whether the peer's
-			// neighbour entry is known: if not, the MACs stay for the neighbour
-			// subsystem to write.
-			handedOffVia = func(t *testing.T, in []byte, resolved bool) {
+			// handedOffVia asserts that in went to the previous master: same packet, TTL
+			// one less, checksums right; if the peer's neighbour entry is known
+			// (resolved), with the peer's MAC and this node's MAC as source, else with
+			// the MACs left for the neighbour subsystem to write.
+			handedOffVia := func(t *testing.T, in []byte, resolved bool) {
 				t.Helper()
 				before := stats()
 				out := redirected(t, in)
@@ -106,6 +103,7 @@ func TestHandoff(t *testing.T) {
 						before.HandoffPackets, after.HandoffPackets, before.NewFlows, after.NewFlows)
 				}
 			}
+			handedOff := func(t *testing.T, in []byte) { handedOffVia(t, in, true) }
 			// balancedHere asserts that in was translated toward the endpoint here.
 			balancedHere := func(t *testing.T, in []byte, wantNew bool) {
 				t.Helper()

@@ -190,11 +190,7 @@ func TestTooBigAnswered(t *testing.T) {
 		t.Run(fam.name, func(t *testing.T) {
 			cfg := Config{NodeIPv4: families[0].node, NodeIPv6: families[1].node}
 			h := newHarness(t, cfg)
-			lbAddr, clientNet := "10.0.2.1/24", "10.0.1.0/24"
-			if fam.ep.Is6() {
-				lbAddr, clientNet = "fd00:2::1/64", "fd00:1::/64"
-			}
-			h.link(lbAddr, []string{clientNet}, map[netip.Addr][6]byte{fam.ep: {0x02, 0, 0, 0, 0, 0x11}, fam.client: {0x02, 0, 0, 0, 0, 0x22}})
+			h.link(fam.nodeNet, []string{fam.clientNet}, map[netip.Addr][6]byte{fam.ep: {0x02, 0, 0, 0, 0, 0x11}, fam.client: {0x02, 0, 0, 0, 0, 0x22}})
 			h.nn.Run(t, "ip", "link", "set", "d0", "mtu", "1280")
 			ep := netip.AddrPortFrom(fam.ep, epPort)
 			client := netip.AddrPortFrom(fam.client, cliPort)
