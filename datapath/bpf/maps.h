@@ -1,5 +1,6 @@
-/* Maps of the shardlb datapath. Go owns every map except the conntrack ones: it writes services,
- * rings and endpoints declaratively and reads the counters. */
+/* Maps of the shardlb datapath. Go owns every map except the conntrack ones and
+ * new_entry, which only the program writes: it writes services, rings and endpoints
+ * declaratively and reads the counters. */
 #ifndef SHARDLB_MAPS_H
 #define SHARDLB_MAPS_H
 
