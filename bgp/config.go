@@ -84,6 +84,11 @@ type Config struct {
 	// ShutdownFlush bounds how long Shutdown waits for the withdrawals to leave
 	// before closing the sessions.
 	ShutdownFlush time.Duration
+	// PeerWait is how long after start the speaker counts as announcing with some
+	// peers still down (see Speaker.Announcing): long enough for every session to come
+	// up on a restart, short enough that a router down for maintenance does not keep
+	// the node from ever mastering.
+	PeerWait time.Duration
 }
 
 // DefaultConfig returns the defaults of DESIGN.md; LocalASN, RouterID and Peers are
@@ -103,6 +108,7 @@ func DefaultConfig() Config {
 		BackupPrepend:      3,
 		GRPCListen:         "127.0.0.1:50051",
 		ShutdownFlush:      time.Second,
+		PeerWait:           30 * time.Second,
 	}
 }
 

@@ -22,7 +22,9 @@ type router interface {
 	// announce adds the routes, replacing any announcement of the same prefix.
 	announce(routes []route) error
 	withdraw(routes []route) error
-	peers(ctx context.Context) ([]PeerStatus, error)
+	// peers lists the sessions; counting the prefixes sent (advertised) costs a
+	// walk of the RIB per peer.
+	peers(ctx context.Context, advertised bool) ([]PeerStatus, error)
 	stop(ctx context.Context) error
 }
 
@@ -361,9 +363,9 @@ func (r *gobgpRouter) withdraw(routes []route) error {
 	return nil
 }
 
-func (r *gobgpRouter) peers(ctx context.Context) ([]PeerStatus, error) {
+func (r *gobgpRouter) peers(ctx context.Context, advertised bool) ([]PeerStatus, error) {
 	var out []PeerStatus
-	err := r.srv.ListPeer(ctx, &api.ListPeerRequest{EnableAdvertised: true}, func(p *api.Peer) {
+	err := r.srv.ListPeer(ctx, &api.ListPeerRequest{EnableAdvertised: advertised}, func(p *api.Peer) {
 		out = append(out, peerStatus(p))
 	})
 	if err != nil {

@@ -48,9 +48,14 @@ type Speaker struct {
 	log         *slog.Logger
 	r           router
 
+	started time.Time
+
 	mu      sync.Mutex
 	applied map[netip.Prefix]applied // what is announced now
 	stopped bool
+	// unsent is the sessions' state just before the last change that announced a
+	// route, until Flush saw it leave; nil when nothing is waiting.
+	unsent []PeerStatus
 }
 
 type applied struct {
@@ -96,6 +101,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Speaker, error) {
 		communities: communities,
 		log:         log,
 		r:           r,
+		started:     time.Now(),
 		applied:     make(map[netip.Prefix]applied),
 	}, nil
 }
@@ -141,6 +147,13 @@ func (s *Speaker) SetAdvertisements(ctx context.Context, desired []shard.Adverti
 	slices.SortFunc(announce, func(a, b route) int { return a.Prefix.Addr().Compare(b.Prefix.Addr()) })
 	slices.SortFunc(withdraw, func(a, b route) int { return a.Prefix.Addr().Compare(b.Prefix.Addr()) })
 
+	if len(announce) > 0 && s.unsent == nil {
+		// Flush waits for these routes to leave. An older snapshot still waiting
+		// is kept: it is the stricter one of the two.
+		if before, err := s.r.peers(ctx, false); err == nil {
+			s.unsent = before
+		}
+	}
 	// Record what reached GoBGP even on a partial failure, so the next call retries
 	// only the rest.
 	err := s.r.announce(announce)
@@ -187,13 +200,76 @@ func (s *Speaker) Peers() []PeerStatus {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	ps, err := s.r.peers(ctx)
+	ps, err := s.r.peers(ctx, true)
 	if err != nil {
 		s.log.Warn("cannot list BGP peers", "err", err)
 		return nil
 	}
 	slices.SortFunc(ps, func(a, b PeerStatus) int { return a.Addr.Compare(b.Addr) })
 	return ps
+}
+
+// ErrNotAnnouncing is Flush's answer when no session is established: routes set reach
+// no router.
+var ErrNotAnnouncing = errors.New("no BGP session is established")
+
+// Announcing reports whether this node's routes reach the upstream routers, so that
+// it may take mastership: without peers it is always true; with peers, every session
+// must be established, or, once the speaker has run for Config.PeerWait, at least one
+// (a router down for maintenance must not keep the node from mastering forever).
+// A node that restarts is thus not handed an instance before its sessions are up,
+// which would leave the routers with no master route and spread the VIP over the
+// backups, which do not know the connections in flight.
+func (s *Speaker) Announcing() bool {
+	if len(s.cfg.Peers) == 0 {
+		return true
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	ps, err := s.r.peers(ctx, false)
+	if err != nil {
+		return false
+	}
+	up := 0
+	for _, p := range ps {
+		if p.Established {
+			up++
+		}
+	}
+	return up == len(s.cfg.Peers) || up > 0 && time.Since(s.started) >= s.cfg.PeerWait
+}
+
+// Flush returns once the routes announced by SetAdvertisements have been sent on
+// every session that was established when they were set, waiting at most
+// Config.ShutdownFlush for a session whose counters do not move (a route of a family
+// the peer did not negotiate sends nothing). It returns ErrNotAnnouncing when peers
+// are configured and none is established: nothing set reached a router.
+func (s *Speaker) Flush(ctx context.Context) error {
+	if len(s.cfg.Peers) == 0 {
+		return nil
+	}
+	s.mu.Lock()
+	before, stopped := s.unsent, s.stopped
+	s.mu.Unlock()
+	if stopped {
+		return ErrStopped
+	}
+	if before != nil {
+		s.waitFlushed(ctx, before, true)
+	}
+	now, err := s.r.peers(ctx, false)
+	if err != nil {
+		return fmt.Errorf("flush: %w", err)
+	}
+	if !slices.ContainsFunc(now, func(p PeerStatus) bool { return p.Established }) {
+		return ErrNotAnnouncing
+	}
+	s.mu.Lock()
+	if slices.Equal(s.unsent, before) {
+		s.unsent = nil
+	}
+	s.mu.Unlock()
+	return nil
 }
 
 // Shutdown withdraws every VIP, waits (at most Config.ShutdownFlush, or until ctx
@@ -209,7 +285,7 @@ func (s *Speaker) Shutdown(ctx context.Context) error {
 	s.stopped = true
 	var errs []error
 	if len(s.applied) > 0 {
-		before, err := s.r.peers(ctx)
+		before, err := s.r.peers(ctx, true)
 		if err != nil {
 			errs = append(errs, err)
 		}
@@ -221,7 +297,7 @@ func (s *Speaker) Shutdown(ctx context.Context) error {
 			errs = append(errs, err)
 		} else {
 			s.applied = make(map[netip.Prefix]applied)
-			s.waitFlushed(ctx, before)
+			s.waitFlushed(ctx, before, false)
 		}
 	}
 	if err := s.r.stop(ctx); err != nil {
@@ -235,11 +311,12 @@ func (s *Speaker) Shutdown(ctx context.Context) error {
 }
 
 // waitFlushed waits until every session that was established has sent an UPDATE
-// since before and has an empty output queue.
-func (s *Speaker) waitFlushed(ctx context.Context, before []PeerStatus) {
+// since before and has an empty output queue. For a withdrawal (announced false) only
+// the sessions that carried prefixes have something to send.
+func (s *Speaker) waitFlushed(ctx context.Context, before []PeerStatus, announced bool) {
 	sent := make(map[netip.Addr]uint64)
 	for _, p := range before {
-		if p.Established && p.PrefixesSent > 0 {
+		if p.Established && (announced || p.PrefixesSent > 0) {
 			sent[p.Addr] = p.updatesSent
 		}
 	}
@@ -249,7 +326,7 @@ func (s *Speaker) waitFlushed(ctx context.Context, before []PeerStatus) {
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.ShutdownFlush)
 	defer cancel()
 	for {
-		now, err := s.r.peers(ctx)
+		now, err := s.r.peers(ctx, false)
 		if err != nil {
 			return
 		}
@@ -264,7 +341,7 @@ func (s *Speaker) waitFlushed(ctx context.Context, before []PeerStatus) {
 		}
 		select {
 		case <-ctx.Done():
-			s.log.Warn("closing BGP sessions before the withdrawals left", "peers", pending)
+			s.log.Warn("BGP updates not sent in time", "peers", pending)
 			return
 		case <-time.After(5 * time.Millisecond):
 		}

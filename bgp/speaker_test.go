@@ -2,6 +2,7 @@ package bgp
 
 import (
 	"context"
+	"errors"
 	"net/netip"
 	"slices"
 	"testing"
@@ -288,5 +289,62 @@ func TestGRPCAPI(t *testing.T) {
 		if !slices.Equal(got, []string{"10.96.0.7/32"}) {
 			t.Fatalf("gRPC ListPath = %v, want [10.96.0.7/32]", got)
 		}
+	})
+}
+
+// Announcing and Flush tell the elector whether master routes reach the routers: a
+// node is handed mastership only when they do, and acknowledges a handover only once
+// they have left.
+func TestAnnouncingAndFlush(t *testing.T) {
+	const vip = "10.96.0.9/32"
+	r := newTestRouter(t, "127.0.0.1", 65000, map[string]uint32{"127.0.0.2": 65000, "127.0.0.3": 65000, "127.0.0.4": 65000})
+	// A configured peer that never comes up: nothing listens on 127.0.0.9.
+	down := Peer{Addr: netip.MustParseAddr("127.0.0.9"), ASN: 65000, Port: 179}
+
+	t.Run("no session up: not announcing, and Flush says the routes reach no router", func(t *testing.T) {
+		cfg := testConfig("127.0.0.2", 65000)
+		cfg.Peers = []Peer{down}
+		s := startSpeaker(t, cfg)
+		set(t, s, adv(vip, shard.RoleMaster))
+		if s.Announcing() {
+			t.Error("Announcing() = true with its only peer down")
+		}
+		if err := s.Flush(context.Background()); !errors.Is(err, ErrNotAnnouncing) {
+			t.Errorf("Flush = %v, want ErrNotAnnouncing", err)
+		}
+	})
+	t.Run("one of two sessions up: not announcing until PeerWait has passed", func(t *testing.T) {
+		cfg := testConfig("127.0.0.3", 65000, r)
+		cfg.Peers = append(cfg.Peers, down)
+		cfg.PeerWait = time.Hour
+		s := startSpeaker(t, cfg)
+		waitEstablished(t, s, r.addr)
+		if s.Announcing() {
+			t.Error("Announcing() = true with a peer down and PeerWait not passed")
+		}
+		cfg = testConfig("127.0.0.4", 65000, r)
+		cfg.Peers = append(cfg.Peers, down)
+		cfg.PeerWait = 0
+		s = startSpeaker(t, cfg)
+		waitEstablished(t, s, r.addr)
+		if !s.Announcing() {
+			t.Error("Announcing() = false with one peer up and PeerWait passed")
+		}
+	})
+	t.Run("every session up: announcing, and Flush returns once the route left", func(t *testing.T) {
+		s := startSpeaker(t, testConfig("127.0.0.2", 65000, r))
+		waitEstablished(t, s, r.addr)
+		if !s.Announcing() {
+			t.Fatal("Announcing() = false with every peer up")
+		}
+		before := status(t, s, r.addr).updatesSent
+		set(t, s, adv(vip, shard.RoleMaster))
+		if err := s.Flush(context.Background()); err != nil {
+			t.Fatalf("Flush: %v", err)
+		}
+		if after := status(t, s, r.addr); after.updatesSent <= before || after.outQueue > 0 {
+			t.Errorf("after Flush: %d updates sent (%d before), %d queued: the route had not left", after.updatesSent, before, after.outQueue)
+		}
+		eventually(t, 5*time.Second, "the route at the router", func() bool { return len(r.rib(vip)) == 1 })
 	})
 }

@@ -43,7 +43,11 @@ const (
 	annotationAddresses   = "shardlb.io/addresses"
 	annotationIncarnation = "shardlb.io/incarnation"
 	annotationLeaving     = "shardlb.io/leaving"
-	labelPartOf           = "app.kubernetes.io/part-of"
+	// annotationAnnouncing is "false" while the member's routes reach no router (its
+	// BGP sessions are not up yet): such a member is handed no instance and takes none.
+	// Absent means announcing, as written by versions that did not know it.
+	annotationAnnouncing = "shardlb.io/announcing"
+	labelPartOf          = "app.kubernetes.io/part-of"
 )
 
 // MemberLeaseName is the Lease through which a member shows it is alive.
@@ -69,6 +73,7 @@ type elector struct {
 	clock    clock.Clock
 	me       string
 	excluded map[string]bool
+	router   Router
 	// applyNow applies this node's plan with the current roles and returns when the
 	// Router has it: a handed-over instance is acknowledged only after that.
 	applyNow func(context.Context) error
@@ -91,7 +96,9 @@ type elector struct {
 	missingSince  map[string]time.Time
 	memberRenewed time.Time
 	leaveWritten  bool
-	previous      map[string]previousMaster // instance -> who handed it to this pod
+	// announcingWritten is what the member Lease says of this pod's routes.
+	announcingWritten bool
+	previous          map[string]previousMaster // instance -> who handed it to this pod
 }
 
 // previousMaster is the process that handed an instance to this pod.
@@ -102,13 +109,13 @@ type seenLease struct {
 	at time.Time
 }
 
-func newElector(cfg *Config, log *slog.Logger, api coordclient.LeaseInterface, leases cache.Store, clk clock.Clock) *elector {
+func newElector(cfg *Config, log *slog.Logger, api coordclient.LeaseInterface, leases cache.Store, r Router, clk clock.Clock) *elector {
 	ex := map[string]bool{}
 	for _, m := range cfg.Excluded {
 		ex[m] = true
 	}
 	return &elector{
-		cfg: cfg, log: log, api: api, leases: leases, clock: clk, me: cfg.NodeName, excluded: ex,
+		cfg: cfg, log: log, api: api, leases: leases, router: r, clock: clk, me: cfg.NodeName, excluded: ex,
 		applyNow: func(context.Context) error { return nil }, changed: func() {},
 		wake:   make(chan struct{}, 1),
 		master: map[string]bool{}, holders: map[string]string{},
@@ -263,16 +270,25 @@ func (e *elector) evaluate(ctx context.Context) time.Time {
 	}
 
 	leaving := e.leaving.Load()
-	if now.Sub(e.memberRenewed) >= renew || leaving && !e.leaveWritten {
-		if err := e.renewMember(ctx, now, leaving); err != nil {
+	announcing := e.router.Announcing()
+	if now.Sub(e.memberRenewed) >= renew || leaving && !e.leaveWritten || announcing != e.announcingWritten {
+		if err := e.renewMember(ctx, now, leaving, announcing); err != nil {
 			e.log.Warn("elector: member lease", "err", err)
 		} else {
+			if announcing != e.announcingWritten {
+				e.log.Info("elector: routes reach the routers", "announcing", announcing)
+			}
 			e.memberRenewed = now
-			e.leaveWritten = leaving
+			e.leaveWritten, e.announcingWritten = leaving, announcing
 		}
 	}
 	meLive := now.Sub(e.memberRenewed) < e.cfg.MemberLease.Duration
 	eligible := meLive && !e.excluded[e.me] && !leaving
+	// A member takes mastership only when its master routes would reach the routers:
+	// while a restarted member's sessions come up, the routers would otherwise see no
+	// master route and spread the VIP over the backups, which do not know the
+	// connections in flight (the old master demotes on the new one's word).
+	canTake := eligible && announcing
 
 	// Who is alive, and who masters what.
 	names := e.cfg.Instances.Names()
@@ -293,6 +309,12 @@ func (e *elector) evaluate(ctx context.Context) time.Time {
 			}
 		}
 	}
+	// Members Rebalance may give instances to: alive, not leaving, and announcing or
+	// already holding an instance (so a session flap does not move mastership).
+	holds := map[string]bool{}
+	for _, h := range current {
+		holds[h] = true
+	}
 	live := map[string]bool{}
 	for _, o := range e.leases.List() {
 		l, ok := o.(*coordinationv1.Lease)
@@ -305,16 +327,18 @@ func (e *elector) evaluate(ctx context.Context) time.Time {
 			continue
 		}
 		if exp := e.expiry(l); now.Before(exp) {
-			live[h] = true
+			live[h] = l.Annotations[annotationAnnouncing] != "false" || holds[h]
 			soon(exp.Add(10 * time.Millisecond))
 		}
 	}
 	if meLive && !leaving {
-		live[e.me] = true
+		live[e.me] = announcing || holds[e.me]
 	}
 	members := make([]string, 0, len(live))
-	for m := range live {
-		members = append(members, m)
+	for m, ok := range live {
+		if ok {
+			members = append(members, m)
+		}
 	}
 	pref := shard.Rebalance(e.cfg.Instances, members, e.excluded, current)
 
@@ -383,7 +407,7 @@ func (e *elector) evaluate(ctx context.Context) time.Time {
 
 		// Not ours: take it when it has no master, if we are the preferred member or
 		// the preferred member let the grace pass.
-		if !eligible {
+		if !canTake {
 			continue
 		}
 		if l == nil {
@@ -434,8 +458,16 @@ func (e *elector) evaluate(ctx context.Context) time.Time {
 	e.mu.Unlock()
 
 	if len(ack) > 0 {
-		if err := e.applyNow(ctx); err != nil {
-			e.log.Warn("elector: apply before acknowledging a handover", "err", err)
+		// The old master demotes on the acknowledgement: the master routes must have
+		// left for the routers before it, or they would briefly have none.
+		err := e.applyNow(ctx)
+		if err == nil {
+			fctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+			err = e.router.Flush(fctx)
+			cancel()
+		}
+		if err != nil {
+			e.log.Warn("elector: master routes not sent, handover not acknowledged yet", "err", err)
 			return now.Add(100 * time.Millisecond)
 		}
 		for _, inst := range ack {
@@ -514,7 +546,7 @@ func (e *elector) releaseInstance(ctx context.Context, l *coordinationv1.Lease) 
 	})
 }
 
-func (e *elector) renewMember(ctx context.Context, now time.Time, leaving bool) error {
+func (e *elector) renewMember(ctx context.Context, now time.Time, leaving, announcing bool) error {
 	name := MemberLeaseName(e.me)
 	return e.put(ctx, name, e.view(name, now), func(l *coordinationv1.Lease) {
 		e.stamp(l, now, false)
@@ -531,6 +563,11 @@ func (e *elector) renewMember(ctx context.Context, now time.Time, leaving bool) 
 			l.Annotations[annotationLeaving] = "true"
 		} else {
 			delete(l.Annotations, annotationLeaving)
+		}
+		if announcing {
+			delete(l.Annotations, annotationAnnouncing)
+		} else {
+			l.Annotations[annotationAnnouncing] = "false"
 		}
 	})
 }

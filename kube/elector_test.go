@@ -41,10 +41,10 @@ const haInstances = 3
 
 var haInstanceNames = []string{"default", "llb-inst1", "llb-inst2"}
 
-func (c *cluster) start(name string) *nodeProc {
+func (c *cluster) start(name string, env ...string) *nodeProc {
 	c.t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = c.e.nodeEnv(name, haInstances, "defaultPool=192.168.90.250/24", "", "")
+	cmd.Env = append(c.e.nodeEnv(name, haInstances, "defaultPool=192.168.90.250/24", "", ""), env...)
 	p := &nodeProc{name: name, started: time.Now().UnixNano(), cmd: cmd, done: make(chan struct{})}
 	cmd.Stderr = &lockedWriter{w: &p.stderr}
 	out, err := cmd.StdoutPipe()
@@ -107,7 +107,7 @@ func (c *cluster) masters() map[string][]string {
 		out[name] = nil
 	}
 	for _, l := range c.lines {
-		if p := c.procs[l.Node]; p != nil && l.T >= p.started && !l.Frontends {
+		if p := c.procs[l.Node]; p != nil && l.T >= p.started && !l.Frontends && !l.Announcing {
 			out[l.Node] = l.Masters
 		}
 	}
@@ -150,6 +150,10 @@ func (c *cluster) dump() {
 	for _, l := range c.lines {
 		if l.Frontends {
 			c.t.Logf("%s %s handoffs=%v", time.Unix(0, l.T).Format("15:04:05.000"), l.Node, l.Handoffs)
+			continue
+		}
+		if l.Announcing {
+			c.t.Logf("%s %s BGP sessions up", time.Unix(0, l.T).Format("15:04:05.000"), l.Node)
 			continue
 		}
 		c.t.Logf("%s %s masters=%v vips=%d", time.Unix(0, l.T).Format("15:04:05.000"), l.Node, l.Masters, l.VIPs)
@@ -371,4 +375,74 @@ func TestThreeNodesFailoverAndRebalance(t *testing.T) {
 		t.Error("node-c's member lease is still there after it stopped")
 	}
 	t.Logf("planned stop of node-c: %s to %s, stop took %v", taken, successor, took.Round(time.Millisecond))
+}
+
+// A node whose BGP sessions are not up yet (a restarted pod, a few hundred ms to
+// seconds) is handed no instance and takes none: the old master would demote on its
+// word and the routers would have no master route, spreading the VIP over the
+// backups. Once its sessions are up it takes its share, make-before-break.
+func TestNoMastershipBeforeTheRoutesReachTheRouters(t *testing.T) {
+	e := newEnv(t, "silent")
+	for i, inst := range haInstanceNames {
+		name := "svc-" + inst
+		e.createSlice(t, name, "10.244.0."+string(rune('1'+i)))
+		e.create(t, e.lbService(name, annotate(AnnotationZoneInstance, inst)))
+	}
+	c := &cluster{t: t, e: e, procs: map[string]*nodeProc{}}
+	t.Cleanup(func() {
+		for _, p := range c.procs {
+			c.kill(p)
+		}
+	})
+	defer func() {
+		if t.Failed() {
+			c.dump()
+		}
+	}()
+	c.start("node-a")
+	c.start("node-b")
+	waitFor(t, 30*time.Second, "node-a and node-b to master every instance", func() bool {
+		n := 0
+		for _, insts := range c.masters() {
+			n += len(insts)
+		}
+		return n == haInstances
+	})
+	// Long enough for several member Lease renewals and a full rebalance round.
+	const silent = 4 * time.Second
+	startedAt := time.Now().UnixNano()
+	c.start("node-c", "NODE_SILENT="+silent.String())
+	waitFor(t, 30*time.Second, "node-c to take its share once announcing", func() bool {
+		m := c.masters()
+		return len(m) == 3 && balanced(m)
+	})
+	var upAt int64
+	state := map[string][]string{}
+	for _, l := range c.timeline() {
+		switch {
+		case l.Frontends:
+		case l.Announcing:
+			upAt = l.T
+		case l.Node == "node-c" && len(l.Masters) > 0 && upAt == 0:
+			t.Errorf("node-c announced %v as master at %s, before its sessions were up", l.Masters, time.Unix(0, l.T).Format("15:04:05.000"))
+		default:
+			state[l.Node] = l.Masters
+			if l.T < startedAt {
+				continue
+			}
+			for _, inst := range haInstanceNames {
+				found := false
+				for _, insts := range state {
+					found = found || slices.Contains(insts, inst)
+				}
+				if !found {
+					t.Errorf("%s had no master at %s (state %v)", inst, time.Unix(0, l.T).Format("15:04:05.000"), state)
+				}
+			}
+		}
+	}
+	if upAt == 0 {
+		t.Fatal("node-c never reported its sessions up")
+	}
+	t.Logf("node-c: sessions up %v after start, masters %v", time.Duration(upAt-startedAt).Round(time.Millisecond), c.masters())
 }

@@ -110,7 +110,7 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	})
 	sliceIndexer := sliceStore.(cache.Indexer)
 
-	el = newElector(&cfg, log.With("part", "elector"), client.CoordinationV1().Leases(cfg.Namespace), leaseStore, clk)
+	el = newElector(&cfg, log.With("part", "elector"), client.CoordinationV1().Leases(cfg.Namespace), leaseStore, deps.Router, clk)
 	nd = newNode(&cfg, log.With("part", "node"), deps.Router, deps.Datapath, svcStore, sliceIndexer, el.Masters, clk, m)
 	nd.handoffs = el.Handoffs
 	el.changed = nd.poke

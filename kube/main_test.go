@@ -14,6 +14,7 @@ import (
 	"slices"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -219,8 +220,11 @@ func (e *env) events(tb testing.TB, name string) []string {
 	return out
 }
 
-// recorder is a Router and a Datapath that remember what they were given.
+// recorder is a Router and a Datapath that remember what they were given. While
+// silent is set it behaves as a speaker whose BGP sessions are down: what it is given
+// reaches no router.
 type recorder struct {
+	silent    atomic.Bool
 	mu        sync.Mutex
 	advs      []shard.Advertisement
 	frontends []shard.Frontend
@@ -236,6 +240,15 @@ func (r *recorder) SetAdvertisements(_ context.Context, desired []shard.Advertis
 	r.calls++
 	if r.onSet != nil {
 		r.onSet(r.advs)
+	}
+	return nil
+}
+
+func (r *recorder) Announcing() bool { return !r.silent.Load() }
+
+func (r *recorder) Flush(context.Context) error {
+	if r.silent.Load() {
+		return errors.New("no BGP session is established")
 	}
 	return nil
 }
@@ -319,6 +332,9 @@ type nodeLine struct {
 	// service to its handoff address.
 	Frontends bool              `json:"frontends,omitempty"`
 	Handoffs  map[string]string `json:"handoffs,omitempty"`
+	// Announcing marks the moment a node started with $NODE_SILENT gets its BGP
+	// sessions: from then on what its Router is given reaches the routers.
+	Announcing bool `json:"announcing,omitempty"`
 }
 
 // nodeMain is one shardlb pod in its own process: kube.Run against the apiserver in
@@ -376,6 +392,16 @@ func nodeMain() int {
 	}
 	if a, err := netip.ParseAddr(os.Getenv("NODE_ADDR")); err == nil {
 		cfg.NodeAddresses = []netip.Addr{a}
+	}
+	if d, err := time.ParseDuration(os.Getenv("NODE_SILENT")); err == nil {
+		// The BGP sessions of a restarted node come up a while after it runs.
+		rec.silent.Store(true)
+		time.AfterFunc(d, func() {
+			mu.Lock()
+			_ = enc.Encode(nodeLine{T: time.Now().UnixNano(), Node: cfg.NodeName, Announcing: true})
+			mu.Unlock()
+			rec.silent.Store(false)
+		})
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo})).With("pod", cfg.NodeName)
 	if err := Run(ctx, cfg, Deps{Router: rec, Datapath: rec, Logger: log}); err != nil {

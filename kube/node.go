@@ -20,6 +20,12 @@ import (
 // it makes the announced set equal to desired (nil withdraws everything).
 type Router interface {
 	SetAdvertisements(ctx context.Context, desired []shard.Advertisement) error
+	// Announcing reports whether routes set reach the upstream routers (the BGP
+	// sessions are up): only then may this node take mastership.
+	Announcing() bool
+	// Flush returns once the routes set have been sent to the routers, or an error
+	// when they reach none: a handover is acknowledged only after it.
+	Flush(ctx context.Context) error
 }
 
 // Datapath serves frontends; datapath's loader implements it, declaratively too.

@@ -123,6 +123,8 @@ func counters(st datapath.Stats) kube.DatapathCounters {
 type noRouter struct{}
 
 func (noRouter) SetAdvertisements(context.Context, []shard.Advertisement) error { return nil }
+func (noRouter) Announcing() bool                                               { return true }
+func (noRouter) Flush(context.Context) error                                    { return nil }
 
 // noDatapath stands in when no --interfaces are given: nothing is programmed.
 type noDatapath struct{}
