@@ -128,7 +128,7 @@ func (r *Router) start(ctx context.Context) error {
 	uid, _ := strconv.Atoi(u.Uid)
 	gid, _ := strconv.Atoi(u.Gid)
 	files := map[string]string{
-		"zebra.conf": "hostname " + r.NS + "\nlog file " + r.path("zebra.log") + "\n",
+		"zebra.conf": "hostname " + r.NS + "\nlog file " + r.path("zebra.log") + "\nlog timestamp precision 3\n",
 		"bfdd.conf":  r.bfddConf(),
 		"bgpd.conf":  r.bgpdConf(),
 	}
@@ -214,7 +214,7 @@ func (r *Router) path(name string) string { return filepath.Join(r.Dir, name) }
 
 func (r *Router) bfddConf() string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "hostname %s\nlog file %s\ndebug bfd peer\n", r.NS, r.path("bfdd.log"))
+	fmt.Fprintf(&b, "hostname %s\nlog file %s\nlog timestamp precision 3\ndebug bfd peer\ndebug bfd network\n", r.NS, r.path("bfdd.log"))
 	ms := r.cfg.BFD.Interval.Milliseconds()
 	fmt.Fprintf(&b, "bfd\n profile shardlb\n  transmit-interval %d\n  receive-interval %d\n  detect-multiplier %d\n exit\nexit\n", ms, ms, r.cfg.BFD.Multiplier)
 	return b.String()
@@ -223,7 +223,7 @@ func (r *Router) bfddConf() string {
 func (r *Router) bgpdConf() string {
 	c := r.cfg
 	var b strings.Builder
-	fmt.Fprintf(&b, "hostname %s\nlog file %s\n", r.NS, r.path("bgpd.log"))
+	fmt.Fprintf(&b, "hostname %s\nlog file %s\nlog timestamp precision 3\n", r.NS, r.path("bgpd.log"))
 	fmt.Fprintf(&b, "router bgp %d\n bgp router-id %s\n no bgp ebgp-requires-policy\n", c.ASN, c.RouterID)
 	if c.MaximumPaths > 1 {
 		b.WriteString(" bgp bestpath as-path multipath-relax\n")
