@@ -1,6 +1,7 @@
 package kube
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -47,7 +48,11 @@ const (
 	// BGP sessions are not up yet): such a member is handed no instance and takes none.
 	// Absent means announcing, as written by versions that did not know it.
 	annotationAnnouncing = "shardlb.io/announcing"
-	labelPartOf          = "app.kubernetes.io/part-of"
+	// annotationMaintenance says why a member must master nothing (its Node is
+	// cordoned or labelled out of external load balancers): it hands its instances
+	// over make-before-break and stays a backup.
+	annotationMaintenance = "shardlb.io/maintenance"
+	labelPartOf           = "app.kubernetes.io/part-of"
 )
 
 // MemberLeaseName is the Lease through which a member shows it is alive.
@@ -74,6 +79,8 @@ type elector struct {
 	me       string
 	excluded map[string]bool
 	router   Router
+	// maintenance is why this node must not master now ("" when it may).
+	maintenance func() string
 	// applyNow applies this node's plan with the current roles and returns when the
 	// Router has it: a handed-over instance is acknowledged only after that.
 	applyNow func(context.Context) error
@@ -96,9 +103,10 @@ type elector struct {
 	missingSince  map[string]time.Time
 	memberRenewed time.Time
 	leaveWritten  bool
-	// announcingWritten is what the member Lease says of this pod's routes.
-	announcingWritten bool
-	previous          map[string]previousMaster // instance -> who handed it to this pod
+	// announcingWritten and maintenanceWritten are what the member Lease says.
+	announcingWritten  bool
+	maintenanceWritten string
+	previous           map[string]previousMaster // instance -> who handed it to this pod
 }
 
 // previousMaster is the process that handed an instance to this pod.
@@ -109,13 +117,16 @@ type seenLease struct {
 	at time.Time
 }
 
-func newElector(cfg *Config, log *slog.Logger, api coordclient.LeaseInterface, leases cache.Store, r Router, clk clock.Clock) *elector {
+func newElector(cfg *Config, log *slog.Logger, api coordclient.LeaseInterface, leases cache.Store, r Router, maintenance func() string, clk clock.Clock) *elector {
+	if maintenance == nil {
+		maintenance = func() string { return "" }
+	}
 	ex := map[string]bool{}
 	for _, m := range cfg.Excluded {
 		ex[m] = true
 	}
 	return &elector{
-		cfg: cfg, log: log, api: api, leases: leases, router: r, clock: clk, me: cfg.NodeName, excluded: ex,
+		cfg: cfg, log: log, api: api, leases: leases, router: r, maintenance: maintenance, clock: clk, me: cfg.NodeName, excluded: ex,
 		applyNow: func(context.Context) error { return nil }, changed: func() {},
 		wake:   make(chan struct{}, 1),
 		master: map[string]bool{}, holders: map[string]string{},
@@ -271,19 +282,23 @@ func (e *elector) evaluate(ctx context.Context) time.Time {
 
 	leaving := e.leaving.Load()
 	announcing := e.router.Announcing()
-	if now.Sub(e.memberRenewed) >= renew || leaving && !e.leaveWritten || announcing != e.announcingWritten {
-		if err := e.renewMember(ctx, now, leaving, announcing); err != nil {
+	maint := e.maintenance()
+	if now.Sub(e.memberRenewed) >= renew || leaving && !e.leaveWritten || announcing != e.announcingWritten || maint != e.maintenanceWritten {
+		if err := e.renewMember(ctx, now, leaving, announcing, maint); err != nil {
 			e.log.Warn("elector: member lease", "err", err)
 		} else {
 			if announcing != e.announcingWritten {
 				e.log.Info("elector: routes reach the routers", "announcing", announcing)
 			}
+			if maint != e.maintenanceWritten {
+				e.log.Info("elector: node maintenance", "maintenance", cmp.Or(maint, "none"))
+			}
 			e.memberRenewed = now
-			e.leaveWritten, e.announcingWritten = leaving, announcing
+			e.leaveWritten, e.announcingWritten, e.maintenanceWritten = leaving, announcing, maint
 		}
 	}
 	meLive := now.Sub(e.memberRenewed) < e.cfg.MemberLease.Duration
-	eligible := meLive && !e.excluded[e.me] && !leaving
+	eligible := meLive && !e.excluded[e.me] && !leaving && maint == ""
 	// A member takes mastership only when its master routes would reach the routers:
 	// while a restarted member's sessions come up, the routers would otherwise see no
 	// master route and spread the VIP over the backups, which do not know the
@@ -327,12 +342,12 @@ func (e *elector) evaluate(ctx context.Context) time.Time {
 			continue
 		}
 		if exp := e.expiry(l); now.Before(exp) {
-			live[h] = l.Annotations[annotationAnnouncing] != "false" || holds[h]
+			live[h] = l.Annotations[annotationMaintenance] == "" && (l.Annotations[annotationAnnouncing] != "false" || holds[h])
 			soon(exp.Add(10 * time.Millisecond))
 		}
 	}
 	if meLive && !leaving {
-		live[e.me] = announcing || holds[e.me]
+		live[e.me] = maint == "" && (announcing || holds[e.me])
 	}
 	members := make([]string, 0, len(live))
 	for m, ok := range live {
@@ -546,7 +561,7 @@ func (e *elector) releaseInstance(ctx context.Context, l *coordinationv1.Lease) 
 	})
 }
 
-func (e *elector) renewMember(ctx context.Context, now time.Time, leaving, announcing bool) error {
+func (e *elector) renewMember(ctx context.Context, now time.Time, leaving, announcing bool, maint string) error {
 	name := MemberLeaseName(e.me)
 	return e.put(ctx, name, e.view(name, now), func(l *coordinationv1.Lease) {
 		e.stamp(l, now, false)
@@ -568,6 +583,11 @@ func (e *elector) renewMember(ctx context.Context, now time.Time, leaving, annou
 			delete(l.Annotations, annotationAnnouncing)
 		} else {
 			l.Annotations[annotationAnnouncing] = "false"
+		}
+		if maint != "" {
+			l.Annotations[annotationMaintenance] = maint
+		} else {
+			delete(l.Annotations, annotationMaintenance)
 		}
 	})
 }

@@ -15,7 +15,9 @@ import (
 	"time"
 
 	coordinationv1 "k8s.io/api/coordination/v1"
+	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/watch"
 )
 
@@ -445,4 +447,95 @@ func TestNoMastershipBeforeTheRoutesReachTheRouters(t *testing.T) {
 		t.Fatal("node-c never reported its sessions up")
 	}
 	t.Logf("node-c: sessions up %v after start, masters %v", time.Duration(upAt-startedAt).Round(time.Millisecond), c.masters())
+}
+
+// A node cordoned, or labelled out of external load balancers, hands its instances
+// over make-before-break and masters none while it stays so (it remains a backup);
+// uncordoned, it takes its share back.
+func TestMaintenanceMovesMastershipAway(t *testing.T) {
+	e := newEnv(t, "maint")
+	ctx := context.Background()
+	nodes := []string{"node-a", "node-b", "node-c"}
+	for _, n := range nodes {
+		if _, err := e.client.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: n}}, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = e.client.CoreV1().Nodes().Delete(context.Background(), n, metav1.DeleteOptions{}) })
+	}
+	for i, inst := range haInstanceNames {
+		name := "svc-" + inst
+		e.createSlice(t, name, "10.244.0."+string(rune('1'+i)))
+		e.create(t, e.lbService(name, annotate(AnnotationZoneInstance, inst)))
+	}
+	c := &cluster{t: t, e: e, procs: map[string]*nodeProc{}}
+	t.Cleanup(func() {
+		for _, p := range c.procs {
+			c.kill(p)
+		}
+	})
+	defer func() {
+		if t.Failed() {
+			c.dump()
+		}
+	}()
+	for _, n := range nodes {
+		c.start(n)
+	}
+	waitFor(t, 30*time.Second, "one master per instance and one instance per node", func() bool {
+		m := c.masters()
+		return len(m) == 3 && balanced(m)
+	})
+	// every instance keeps a master at every step from `from` on.
+	neverOrphaned := func(from int64) {
+		t.Helper()
+		state := map[string][]string{}
+		for _, l := range c.timeline() {
+			if l.Frontends || l.Announcing {
+				continue
+			}
+			state[l.Node] = l.Masters
+			if l.T < from {
+				continue
+			}
+			for _, inst := range haInstanceNames {
+				found := false
+				for _, insts := range state {
+					found = found || slices.Contains(insts, inst)
+				}
+				if !found {
+					t.Errorf("%s had no master at %s (state %v)", inst, time.Unix(0, l.T).Format("15:04:05.000"), state)
+				}
+			}
+		}
+	}
+	patch := func(node, p string) {
+		t.Helper()
+		if _, err := e.client.CoreV1().Nodes().Patch(ctx, node, types.MergePatchType, []byte(p), metav1.PatchOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, step := range []struct{ name, node, on, off string }{
+		{"cordon", "node-a", `{"spec":{"unschedulable":true}}`, `{"spec":{"unschedulable":null}}`},
+		{"exclude label", "node-b", `{"metadata":{"labels":{"` + LabelExcludeFromLB + `":""}}}`, `{"metadata":{"labels":{"` + LabelExcludeFromLB + `":null}}}`},
+	} {
+		from := time.Now().UnixNano()
+		patch(step.node, step.on)
+		waitFor(t, 15*time.Second, step.node+" to master nothing after "+step.name, func() bool {
+			m := c.masters()
+			n := 0
+			for _, insts := range m {
+				n += len(insts)
+			}
+			return len(m[step.node]) == 0 && n == haInstances
+		})
+		neverOrphaned(from)
+		t.Logf("%s of %s: masters %v", step.name, step.node, c.masters())
+		from = time.Now().UnixNano()
+		patch(step.node, step.off)
+		waitFor(t, 15*time.Second, "the balance to return after undoing the "+step.name, func() bool {
+			m := c.masters()
+			return len(m) == 3 && balanced(m)
+		})
+		neverOrphaned(from)
+	}
 }

@@ -109,8 +109,25 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 		Handler:       cache.ResourceEventHandlerFuncs{AddFunc: func(any) { el.poke() }, UpdateFunc: func(_, _ any) { el.poke() }, DeleteFunc: func(any) { el.poke() }},
 	})
 	sliceIndexer := sliceStore.(cache.Indexer)
+	// This node's own Node object: cordoned or labelled out of external load
+	// balancers, it hands its instances over and masters none. Not waited for: a
+	// missing Node (or no RBAC for it) means no maintenance.
+	nodeStore, nodeInformer := cache.NewInformerWithOptions(cache.InformerOptions{
+		ListerWatcher: cache.NewListWatchFromClient(client.CoreV1().RESTClient(), "nodes", corev1.NamespaceAll, fields.OneTermEqualSelector("metadata.name", cfg.NodeName)),
+		ObjectType:    &corev1.Node{},
+		Transform:     toNode,
+		Handler:       cache.ResourceEventHandlerFuncs{AddFunc: func(any) { el.poke() }, UpdateFunc: func(_, _ any) { el.poke() }, DeleteFunc: func(any) { el.poke() }},
+	})
+	maintenance := func() string {
+		if o, ok, _ := nodeStore.GetByKey(cfg.NodeName); ok {
+			if n, ok := o.(*nodeMaintenance); ok {
+				return n.Reason
+			}
+		}
+		return ""
+	}
 
-	el = newElector(&cfg, log.With("part", "elector"), client.CoordinationV1().Leases(cfg.Namespace), leaseStore, deps.Router, clk)
+	el = newElector(&cfg, log.With("part", "elector"), client.CoordinationV1().Leases(cfg.Namespace), leaseStore, deps.Router, maintenance, clk)
 	nd = newNode(&cfg, log.With("part", "node"), deps.Router, deps.Datapath, svcStore, sliceIndexer, el.Masters, clk, m)
 	nd.handoffs = el.Handoffs
 	el.changed = nd.poke
@@ -180,7 +197,7 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	ctlCtx, stopController := context.WithCancel(informCtx)
 	defer stopController()
 	var informers, loops, controllers sync.WaitGroup
-	for _, inf := range []cache.Controller{svcInformer, sliceInformer, leaseInformer} {
+	for _, inf := range []cache.Controller{svcInformer, sliceInformer, leaseInformer, nodeInformer} {
 		informers.Go(func() { inf.Run(informCtx.Done()) })
 	}
 	synced := cache.WaitForCacheSync(ctx.Done(), svcInformer.HasSynced, sliceInformer.HasSynced, leaseInformer.HasSynced)

@@ -183,6 +183,37 @@ func sliceServiceIndex(obj any) ([]string, error) {
 }
 
 // toLease strips what the elector never reads (managed fields are most of a Lease).
+// LabelExcludeFromLB is the well-known Node label that takes a node out of external
+// load balancers; shardlb reads it, and spec.unschedulable (cordon), as maintenance.
+const LabelExcludeFromLB = "node.kubernetes.io/exclude-from-external-load-balancers"
+
+// nodeMaintenance is what the Node object says of this node's part in mastership:
+// why it must not master ("cordoned", "excluded"), or "" when it may.
+type nodeMaintenance struct {
+	metav1.ObjectMeta
+	Reason string
+}
+
+func toNode(obj any) (any, error) {
+	if t, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+		o, err := toNode(t.Obj)
+		return cache.DeletedFinalStateUnknown{Key: t.Key, Obj: o}, err
+	}
+	n, ok := obj.(*corev1.Node)
+	if !ok {
+		return obj, nil
+	}
+	out := &nodeMaintenance{ObjectMeta: metav1.ObjectMeta{Name: n.Name, ResourceVersion: n.ResourceVersion}}
+	_, excluded := n.Labels[LabelExcludeFromLB]
+	switch {
+	case excluded:
+		out.Reason = "excluded"
+	case n.Spec.Unschedulable:
+		out.Reason = "cordoned"
+	}
+	return out, nil
+}
+
 func toLease(obj any) (any, error) {
 	if l, ok := obj.(*coordinationv1.Lease); ok {
 		l.ManagedFields = nil

@@ -230,6 +230,8 @@ func TestRBACGrantsWhatShardlbCallsAndNothingElse(t *testing.T) {
 		{"update", "coordination.k8s.io", "leases", "", "kube-system", true},
 		{"delete", "coordination.k8s.io", "leases", "", "kube-system", true},
 		{"watch", "coordination.k8s.io", "leases", "", "kube-system", true},
+		{"list", "", "nodes", "", "", true},
+		{"watch", "", "nodes", "", "", true},
 
 		{"update", "", "services", "", "default", false},
 		{"delete", "", "services", "", "default", false},
@@ -238,7 +240,8 @@ func TestRBACGrantsWhatShardlbCallsAndNothingElse(t *testing.T) {
 		{"update", "discovery.k8s.io", "endpointslices", "", "default", false},
 		{"get", "", "secrets", "", "kube-system", false},
 		{"list", "", "pods", "", "", false},
-		{"list", "", "nodes", "", "", false},
+		{"patch", "", "nodes", "", "", false},
+		{"update", "", "nodes", "", "", false},
 	}
 	for _, c := range cases {
 		res := c.resource
