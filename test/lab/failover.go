@@ -7,6 +7,9 @@ import (
 	"net/netip"
 	"slices"
 	"time"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 )
 
 // Failure is a way a shard's master goes away.
@@ -169,6 +172,41 @@ func (l *Lab) RollingRestart(ctx context.Context, vips map[netip.Addr]string) (m
 	}
 	time.Sleep(time.Second)
 	return byVIP(p.stop()), err
+}
+
+// Cordon cordons the node of instance's master, as `kubectl cordon` does, waits for
+// its instances to move (make-before-break) and the lab to settle, then uncordons it
+// and waits for the balance to return, while the client probes every VIP every 10 ms.
+func (l *Lab) Cordon(ctx context.Context, instance string, vips map[netip.Addr]string) (string, map[netip.Addr]Outage, error) {
+	victim, err := l.settledMaster(ctx, instance, vips)
+	if err != nil {
+		return "", nil, err
+	}
+	p := l.client.startProbes(targets(vips), probeEvery)
+	err = l.setUnschedulable(ctx, victim, true)
+	if err == nil {
+		err = l.WaitSettled(ctx, vips, 30*time.Second)
+	}
+	if err == nil {
+		err = l.setUnschedulable(ctx, victim, false)
+	}
+	if err == nil {
+		err = l.WaitSettled(ctx, vips, 30*time.Second)
+	}
+	time.Sleep(time.Second)
+	return victim.name, byVIP(p.stop()), err
+}
+
+func (l *Lab) setUnschedulable(ctx context.Context, n *node, on bool) error {
+	patch := `{"spec":{"unschedulable":null}}`
+	if on {
+		patch = `{"spec":{"unschedulable":true}}`
+	}
+	if _, err := l.Kube.CoreV1().Nodes().Patch(ctx, n.name, types.MergePatchType, []byte(patch), metav1.PatchOptions{}); err != nil {
+		return fmt.Errorf("cordon %s (%v): %w", n.name, on, err)
+	}
+	n.cordoned = on
+	return nil
 }
 
 // sortedVIPs returns the VIPs in address order.

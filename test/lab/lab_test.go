@@ -227,6 +227,16 @@ func TestGuideEndToEnd(t *testing.T) {
 				res.FailedBefore, res.Failure, keepAliveGrace)
 		}
 	})
+	t.Run("cordoning a master's node moves its instances with no outage, uncordoning brings the balance back", func(t *testing.T) {
+		victim, out, err := l.Cordon(ctx, "default", vips)
+		for vip, o := range out {
+			t.Logf("cordon and uncordon of %s: %s: %s", victim, vip, o)
+			checkNoOutage(t, vip, o)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	})
 	failover(Kill, "llb-inst2", false)
 	failover(LinkCut, "default", false)
 

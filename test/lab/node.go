@@ -12,6 +12,10 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
 // node is one shardlb "pod": the real binary in the node's network namespace, with
@@ -26,6 +30,8 @@ type node struct {
 	proc *proc
 	// up says the lab means the node to run: a node that exits on its own is an error.
 	up bool
+	// cordoned says its Node is cordoned: it must master nothing.
+	cordoned bool
 }
 
 // moduleRoot is the directory of shardlb's go.mod.
@@ -79,6 +85,12 @@ func (l *Lab) StartNodes(ctx context.Context) error {
 			"--nodeName="+n.name, "--nodeIP="+n.ip.String(), "--namespace="+lbSystem,
 			"--kubeconfig="+l.nodeKubeconfig, "--logLevel=debug")
 		l.nodes = append(l.nodes, n)
+		// The Node object a kubelet would register; shardlb reads whether it is
+		// cordoned.
+		_, err := l.Kube.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: n.name}}, metav1.CreateOptions{})
+		if err != nil && !apierrors.IsAlreadyExists(err) {
+			return fmt.Errorf("register node %s: %w", n.name, err)
+		}
 		if err := n.start(); err != nil {
 			return err
 		}
@@ -220,11 +232,14 @@ func (l *Lab) Settled(ctx context.Context, vips map[netip.Addr]string) error {
 	// share over: settled means balanced to within one among the running nodes.
 	load := map[string]int{}
 	for _, n := range l.nodes {
-		if n.proc != nil && n.proc.running() {
+		if n.proc != nil && n.proc.running() && !n.cordoned {
 			load[n.name] = 0
 		}
 	}
-	for _, m := range masters {
+	for inst, m := range masters {
+		if m.cordoned {
+			return fmt.Errorf("%s masters %s although its node is cordoned", m.name, inst)
+		}
 		load[m.name]++
 	}
 	lo, hi := len(masters), 0
