@@ -86,7 +86,7 @@ type raw struct {
 	setBGP, extPeers, bfd, passwordFile, communities, grpc string
 	listenPort                                             int
 	multiHop                                               bool
-	hold, keepalive                                        time.Duration
+	hold, keepalive, peerWait                              time.Duration
 	localPrefMaster, localPrefBackup, medMaster, medBackup uint32
 	prepend                                                uint8
 	interfaces                                             string
@@ -130,6 +130,7 @@ func newFlags(r *raw, env func(string) string) (*pflag.FlagSet, []group) {
 	f.BoolVar(&r.multiHop, "eBGPMultiHop", false, "allow eBGP peers that are not directly connected")
 	f.DurationVar(&r.hold, "bgpHoldTime", 9*time.Second, "BGP hold time (whole seconds, >= 3s)")
 	f.DurationVar(&r.keepalive, "bgpKeepalive", 3*time.Second, "BGP keepalive interval")
+	f.DurationVar(&r.peerWait, "bgpPeerWait", 30*time.Second, "after start, how long every peer must be up before this node may master; after it, one peer up is enough")
 	f.StringVar(&r.bfd, "bgpBFD", "300ms,3", "BFD toward every peer: INTERVAL,MULTIPLIER, or off")
 	f.StringVar(&r.passwordFile, "bgpPasswordFile", "", "file of TCP MD5 passwords: lines 'PEER-IP PASSWORD' or one 'PASSWORD' for all (mount a Secret)")
 	f.StringVar(&r.communities, "bgpCommunities", "", "communities added to every VIP: ASN:VALUE or no-export, comma separated")
@@ -311,6 +312,10 @@ func (r *raw) validateBGP(c *config) error {
 		return &flagError{"bgpKeepalive", r.keepalive.String(), "at least 1s and at most a third of the hold time", nil}
 	}
 	b.HoldTime, b.KeepaliveInterval = r.hold, r.keepalive
+	if r.peerWait < 0 {
+		return &flagError{"bgpPeerWait", r.peerWait.String(), "a duration, 0 or more", nil}
+	}
+	b.PeerWait = r.peerWait
 	if b.BFD, err = parseBFD(r.bfd); err != nil {
 		return &flagError{"bgpBFD", r.bfd, "INTERVAL,MULTIPLIER such as 300ms,3, or off", err}
 	}

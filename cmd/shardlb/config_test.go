@@ -76,6 +76,7 @@ func TestBadFlagsNameTheFlag(t *testing.T) {
 		{"--listenBGPPort=70000", "listenBGPPort"},
 		{"--bgpHoldTime=1s", "bgpHoldTime"},
 		{"--bgpBFD=fast", "bgpBFD"},
+		{"--bgpPeerWait=-1s", "bgpPeerWait"},
 		{"--bgpPasswordFile=" + filepath.Join(dir, "missing"), "bgpPasswordFile"},
 		{"--nodeIP=node1", "nodeIP"},
 		{"--interfaces=eth0,a/b", "interfaces"},
