@@ -111,6 +111,9 @@ current-context: lab
 	}
 	c := ds.Spec.Template.Spec.Containers[0]
 	l.nodeArgs = slices.Clone(c.Args)
+	if m := l.opts.BFDMultiplier; m > 0 {
+		l.nodeArgs = append(l.nodeArgs, fmt.Sprintf("--bgpBFD=100ms,%d", m))
+	}
 	if c.SecurityContext != nil && c.SecurityContext.Capabilities != nil {
 		for _, cp := range c.SecurityContext.Capabilities.Add {
 			l.caps = append(l.caps, strings.ToLower(string(cp)))
