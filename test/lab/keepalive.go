@@ -10,6 +10,11 @@ import (
 	"net/netip"
 	"slices"
 	"time"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/watch"
+
+	"github.com/shardlb/shardlb/kube"
 )
 
 // KeepAliveResult is what one keep-alive connection saw while the master of its VIP
@@ -22,9 +27,11 @@ type KeepAliveResult struct {
 	// AfterSwitch counts requests answered after the router had moved the VIP away
 	// from the master: their segments reached it only through the new master's handoff.
 	AfterSwitch int
-	// Failure is the first failed request's error and how long before the master's
-	// exit it was sent ("" when none failed). The old master detaches its datapath when
-	// it exits, so the connection may end there.
+	// Failure is the first failed request's error and how long before the end of the
+	// master's drain it failed ("" when none failed; a timeout fails probeTimeout after
+	// the request was sent). The drain ends when the master
+	// deletes its member Lease: the new master then stops handing segments off to it,
+	// so the connection may end there.
 	Failure      string
 	FailedBefore time.Duration
 }
@@ -32,7 +39,7 @@ type KeepAliveResult struct {
 func (r KeepAliveResult) String() string {
 	s := fmt.Sprintf("%d requests on one connection, %d of them after the router switched", r.Requests, r.AfterSwitch)
 	if r.Failure != "" {
-		s += fmt.Sprintf("; it ended %v before %s exited (%s)", r.FailedBefore.Round(time.Millisecond), r.Master, r.Failure)
+		s += fmt.Sprintf("; it ended %v before %s's drain ended (%s)", r.FailedBefore.Round(time.Millisecond), r.Master, r.Failure)
 	}
 	return s
 }
@@ -71,9 +78,10 @@ func (l *Lab) KeepAliveAcrossStop(ctx context.Context, instance string, vips map
 	}
 
 	watch := l.watchRoutes([]netip.Prefix{netip.PrefixFrom(res.VIP, 32)})
+	drained := l.watchDeletion(ctx, kube.MemberLeaseName(victim.name))
 	type result struct {
-		start time.Time
-		err   error
+		start, end time.Time
+		err        error
 	}
 	var results []result
 	victim.up = false
@@ -82,7 +90,7 @@ func (l *Lab) KeepAliveAcrossStop(ctx context.Context, instance string, vips map
 	for victim.proc.running() {
 		start := time.Now()
 		err := keepAliveGet(conn, br, target)
-		results = append(results, result{start, err})
+		results = append(results, result{start, time.Now(), err})
 		if err != nil {
 			break
 		}
@@ -92,6 +100,10 @@ func (l *Lab) KeepAliveAcrossStop(ctx context.Context, instance string, vips map
 	<-victim.proc.done
 	exited := time.Now()
 	routes := watch()
+	drainEnd := drained()
+	if drainEnd.IsZero() {
+		drainEnd = exited
+	}
 	if err := victim.exitErr(); err != nil {
 		return res, err
 	}
@@ -107,7 +119,7 @@ func (l *Lab) KeepAliveAcrossStop(ctx context.Context, instance string, vips map
 	for _, r := range results {
 		res.Requests++
 		if r.err != nil {
-			res.Failure, res.FailedBefore = errorKind(r.err), exited.Sub(r.start)
+			res.Failure, res.FailedBefore = errorKind(r.err), drainEnd.Sub(r.end)
 			break
 		}
 		if !switched.IsZero() && r.start.After(switched) {
@@ -124,6 +136,32 @@ func (l *Lab) KeepAliveAcrossStop(ctx context.Context, instance string, vips map
 		err = l.WaitSettled(ctx, vips, 60*time.Second)
 	}
 	return res, err
+}
+
+// watchDeletion watches the Lease name in shardlb's namespace until the returned
+// function is called, which returns when the Lease was deleted (zero if it was not).
+func (l *Lab) watchDeletion(ctx context.Context, name string) func() time.Time {
+	ctx, cancel := context.WithCancel(ctx)
+	w, err := l.Kube.CoordinationV1().Leases(lbSystem).Watch(ctx, metav1.ListOptions{FieldSelector: "metadata.name=" + name})
+	if err != nil {
+		cancel()
+		return func() time.Time { return time.Time{} }
+	}
+	at := make(chan time.Time, 1)
+	go func() {
+		var deleted time.Time
+		for ev := range w.ResultChan() {
+			if ev.Type == watch.Deleted && deleted.IsZero() {
+				deleted = time.Now()
+			}
+		}
+		at <- deleted
+	}()
+	return func() time.Time {
+		cancel()
+		w.Stop()
+		return <-at
+	}
 }
 
 // keepAliveGet sends one GET over conn and reads the whole answer.

@@ -229,9 +229,9 @@ func TestGuideEndToEnd(t *testing.T) {
 		if res.AfterSwitch < 25 {
 			t.Errorf("%d requests answered after the switch, want the connection to keep working through the drain", res.AfterSwitch)
 		}
-		if res.Failure != "" && res.FailedBefore > keepAliveGrace {
-			t.Errorf("the connection failed %v before the old master exited (%s), want it to last until the last %v",
-				res.FailedBefore, res.Failure, keepAliveGrace)
+		if res.Failure != "" && res.FailedBefore > drainSeenLate {
+			t.Errorf("the connection failed %v before the old master's drain ended (%s), want it to work until the drain ends",
+				res.FailedBefore, res.Failure)
 		}
 	})
 	t.Run("cordoning a master's node moves its instances with no outage, uncordoning brings the balance back", func(t *testing.T) {
@@ -259,10 +259,10 @@ func TestGuideEndToEnd(t *testing.T) {
 	})
 }
 
-// keepAliveGrace is how long before a stopping master's exit a connection it serves may
-// end: once its drain is over it gives up its member Lease, the new master stops handing
-// off to it, and it detaches its datapath.
-const keepAliveGrace = 500 * time.Millisecond
+// drainSeenLate bounds how much later than it happened the lab sees the end of a
+// stopping master's drain (the deletion of its member Lease, through a watch): a
+// failure caused by the drain's end can appear to precede it by that much.
+const drainSeenLate = 200 * time.Millisecond
 
 // checkNoOutage asserts that a planned switch of masters lost no probe: the old master
 // hands its instances over make-before-break and serves, through the new master's
