@@ -1,7 +1,9 @@
 package datapath
 
 import (
+	"cmp"
 	"fmt"
+	"slices"
 	"sort"
 )
 
@@ -82,3 +84,43 @@ func (a *idAlloc) alloc() (uint32, bool) {
 }
 
 func (a *idAlloc) release(id uint32) { a.free = append(a.free, id) }
+
+// rangeAllocFrom is a rangeAlloc of capacity slots of which the used spans are taken,
+// as rebuilt from pinned maps. Overlapping or out-of-range spans are an error.
+func rangeAllocFrom(capacity uint32, used []span) (*rangeAlloc, error) {
+	used = slices.Clone(used)
+	slices.SortFunc(used, func(a, b span) int { return cmp.Compare(a.start, b.start) })
+	a := &rangeAlloc{}
+	var next uint32
+	for _, s := range used {
+		if s.size == 0 {
+			continue
+		}
+		if s.start < next || uint64(s.start)+uint64(s.size) > uint64(capacity) {
+			return nil, fmt.Errorf("ring range %d+%d overlaps another or exceeds %d slots", s.start, s.size, capacity)
+		}
+		if s.start > next {
+			a.free = append(a.free, span{next, s.start - next})
+		}
+		next = s.start + s.size
+	}
+	if next < capacity {
+		a.free = append(a.free, span{next, capacity - next})
+	}
+	return a, nil
+}
+
+// idAllocFrom is an idAlloc of capacity ids of which used are taken, as rebuilt from
+// pinned maps; the lowest free id is handed out first.
+func idAllocFrom(capacity uint32, used map[uint32]bool) idAlloc {
+	a := idAlloc{capacity: capacity}
+	for id := range used {
+		a.next = max(a.next, id+1)
+	}
+	for id := a.next; id > 0; id-- {
+		if !used[id-1] {
+			a.free = append(a.free, id-1)
+		}
+	}
+	return a
+}

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"path/filepath"
 	"runtime"
 	"sync"
 
@@ -52,6 +53,13 @@ type Config struct {
 	// Keep them outside the node's ip_local_port_range.
 	SNATPortMin, SNATPortMax uint16
 
+	// PinPath, when set, is a directory on bpffs (for example /sys/fs/bpf/shardlb)
+	// where the maps and the interfaces' links are pinned, so that the datapath
+	// outlives the process: Release leaves it forwarding, and the next New with the
+	// same PinPath adopts it (see the package doc). Empty: nothing is pinned, and the
+	// datapath ends with the process.
+	PinPath string
+
 	// closingTimeout, in jiffies, replaces the program's CT_CLOSING_TIMEOUT when not
 	// zero: tests shorten it so closed flows expire without waiting seconds.
 	closingTimeout uint64
@@ -81,8 +89,10 @@ type Datapath struct {
 	cfg   Config
 	objs  lbObjects
 	links []link.Link
+	pins  *pinDir // nil without Config.PinPath
 
 	mu      sync.Mutex
+	closed  bool
 	applied map[frontendKey]*applied
 	rings   *rangeAlloc
 	epIDs   idAlloc
@@ -93,6 +103,14 @@ type Datapath struct {
 
 // New loads the program and maps sized by cfg and attaches the program to cfg's
 // interfaces at tcx ingress. Close undoes both.
+//
+// With cfg.PinPath, New first adopts what an earlier Datapath left pinned there: maps
+// of the same layout and capacities are kept (conntrack, rings, endpoints, counters)
+// and the Go-side state is rebuilt from them; incompatible ones are replaced (logged
+// with the reason). Links still attached to a configured interface get the new program
+// atomically; other configured interfaces are attached and pinned, and pinned links of
+// interfaces no longer configured are detached. It fails with ErrNotBPFFS when PinPath
+// is not on bpffs and with ErrPinPathInUse while another Datapath holds it.
 func New(cfg Config, log *slog.Logger) (*Datapath, error) {
 	cfg.setDefaults()
 	if cfg.SNATPortMax < cfg.SNATPortMin {
@@ -143,6 +161,14 @@ func New(cfg Config, log *slog.Logger) (*Datapath, error) {
 		svcIDs:  idAlloc{capacity: uint32(cfg.MaxServices)},
 		vipRefs: map[netip.Addr]int{},
 	}
+	if cfg.PinPath != "" {
+		if err := d.loadPinned(spec); err != nil {
+			// What is pinned stays: it may be forwarding, and the next New adopts it.
+			_ = d.Release()
+			return nil, err
+		}
+		return d, nil
+	}
 	if err := spec.LoadAndAssign(&d.objs, nil); err != nil {
 		return nil, fmt.Errorf("load datapath program: %w", err)
 	}
@@ -153,60 +179,149 @@ func New(cfg Config, log *slog.Logger) (*Datapath, error) {
 	return d, nil
 }
 
+// loadPinned loads the program with the maps pinned under cfg.PinPath, adopting them
+// when compatible and pinning new ones otherwise, and attaches it through pinned links.
+func (d *Datapath) loadPinned(spec *ebpf.CollectionSpec) error {
+	pins, err := openPinDir(d.cfg.PinPath, true)
+	if err != nil {
+		return fmt.Errorf("load datapath: %w", err)
+	}
+	d.pins = pins
+	r, err := d.adoptMaps(spec)
+	if err != nil {
+		return fmt.Errorf("load datapath: %w", err)
+	}
+	// Pinned by name: the loader opens the pins adoptMaps kept, or creates and pins new
+	// maps where it removed them.
+	for _, name := range pinnedMaps {
+		spec.Maps[name].Pinning = ebpf.PinByName
+	}
+	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: filepath.Join(d.cfg.PinPath, pinMaps)}}
+	if err := spec.LoadAndAssign(&d.objs, opts); err != nil {
+		return fmt.Errorf("load datapath program: %w", err)
+	}
+	if r == nil {
+		if err := d.writeLayout(spec); err != nil {
+			return fmt.Errorf("load datapath: %w", err)
+		}
+	} else {
+		d.applied, d.rings, d.epIDs, d.epGen, d.svcIDs, d.vipRefs = r.applied, r.rings, r.epIDs, r.epGen, r.svcIDs, r.vipRefs
+	}
+	return d.attachPinned()
+}
+
 // attach links the program to every configured interface, inside cfg.NetNS if set.
-// The thread is locked while it sits in another namespace so no other goroutine runs
-// there by accident.
 func (d *Datapath) attach() error {
-	if len(d.cfg.Interfaces) == 0 {
+	return d.inNetNS(func() error {
+		for _, name := range d.cfg.Interfaces {
+			ifc, err := net.InterfaceByName(name)
+			if err != nil {
+				return fmt.Errorf("attach to %s: %w", name, err)
+			}
+			l, err := d.attachLink(name, ifc.Index)
+			if err != nil {
+				return err
+			}
+			d.links = append(d.links, l)
+		}
+		return nil
+	})
+}
+
+// attachLink attaches the program at tcx ingress of an interface.
+func (d *Datapath) attachLink(name string, ifindex int) (link.Link, error) {
+	l, err := link.AttachTCX(link.TCXOptions{
+		Interface: ifindex,
+		Program:   d.objs.LbIngress,
+		Attach:    ebpf.AttachTCXIngress,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("attach tcx ingress to %s: %w", name, err)
+	}
+	d.log.Info("datapath attached", "interface", name, "hook", "tcx-ingress")
+	return l, nil
+}
+
+// inNetNS runs fn inside cfg.NetNS if set; with no interface to attach and no pinned
+// link to look at, it does nothing. The thread is locked while it sits in another
+// namespace so no other goroutine runs there by accident.
+func (d *Datapath) inNetNS(fn func() error) error {
+	if len(d.cfg.Interfaces) == 0 && d.pins == nil {
 		return nil
 	}
-	if d.cfg.NetNS != "" {
-		runtime.LockOSThread()
-		defer runtime.UnlockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			return fmt.Errorf("attach: get current netns: %w", err)
-		}
-		defer orig.Close()
-		target, err := netns.GetFromPath(d.cfg.NetNS)
-		if err != nil {
-			return fmt.Errorf("attach: open netns %s: %w", d.cfg.NetNS, err)
-		}
-		defer target.Close()
-		if err := netns.Set(target); err != nil {
-			return fmt.Errorf("attach: enter netns %s: %w", d.cfg.NetNS, err)
-		}
-		defer func() {
-			if err := netns.Set(orig); err != nil {
-				// The thread is unusable in the wrong namespace: let it die with the
-				// goroutine rather than return it to the scheduler.
-				d.log.Error("restore network namespace", "err", err)
-				runtime.LockOSThread()
-			}
-		}()
+	if d.cfg.NetNS == "" {
+		return fn()
 	}
-	for _, name := range d.cfg.Interfaces {
-		ifc, err := net.InterfaceByName(name)
-		if err != nil {
-			return fmt.Errorf("attach to %s: %w", name, err)
-		}
-		l, err := link.AttachTCX(link.TCXOptions{
-			Interface: ifc.Index,
-			Program:   d.objs.LbIngress,
-			Attach:    ebpf.AttachTCXIngress,
-		})
-		if err != nil {
-			return fmt.Errorf("attach tcx ingress to %s: %w", name, err)
-		}
-		d.links = append(d.links, l)
-		d.log.Info("datapath attached", "interface", name, "hook", "tcx-ingress")
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	orig, err := netns.Get()
+	if err != nil {
+		return fmt.Errorf("attach: get current netns: %w", err)
 	}
-	return nil
+	defer orig.Close()
+	target, err := netns.GetFromPath(d.cfg.NetNS)
+	if err != nil {
+		return fmt.Errorf("attach: open netns %s: %w", d.cfg.NetNS, err)
+	}
+	defer target.Close()
+	if err := netns.Set(target); err != nil {
+		return fmt.Errorf("attach: enter netns %s: %w", d.cfg.NetNS, err)
+	}
+	defer func() {
+		if err := netns.Set(orig); err != nil {
+			// The thread is unusable in the wrong namespace: let it die with the
+			// goroutine rather than return it to the scheduler.
+			d.log.Error("restore network namespace", "err", err)
+			runtime.LockOSThread()
+		}
+	}()
+	return fn()
 }
 
 // Close detaches the program from every interface it was attached to and releases the
-// maps. Established flows stop being translated.
+// maps. Established flows stop being translated. With a PinPath it also removes
+// everything pinned there: it is a real stop (uninstall), not a restart; see Release.
 func (d *Datapath) Close() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return nil
+	}
+	d.closed = true
+	errs := []error{d.closeFDs()}
+	if d.pins != nil {
+		// The pins kept the links attached after their descriptors closed: removing
+		// them detaches.
+		if err := d.pins.removeAll(); err != nil {
+			errs = append(errs, err)
+		}
+		d.pins.unlock()
+	}
+	return errors.Join(errs...)
+}
+
+// Release ends this Datapath but not the datapath: with a PinPath it closes the
+// process's descriptors and leaves the maps and links pinned, so the program keeps
+// forwarding (services, endpoints and flows as they are) with no process at all, until
+// a New with the same PinPath adopts it or Cleanup removes it. Without a PinPath,
+// nothing could outlive the descriptors and Release is Close.
+func (d *Datapath) Release() error {
+	if d.pins == nil {
+		return d.Close()
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return nil
+	}
+	d.closed = true
+	err := d.closeFDs()
+	d.pins.unlock()
+	return err
+}
+
+// closeFDs closes the links (detaching those not pinned) and the program and maps.
+func (d *Datapath) closeFDs() error {
 	var errs []error
 	for i := len(d.links) - 1; i >= 0; i-- {
 		if err := d.links[i].Close(); err != nil {

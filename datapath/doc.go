@@ -91,6 +91,58 @@
 // ring range written first; only then its service entry, atomically replaced, points at
 // them, and old ranges are released at the end of the call.
 //
+// # Restarts: the datapath outlives the process
+//
+// With Config.PinPath (on bpffs, for example /sys/fs/bpf/shardlb; New fails with
+// ErrNotBPFFS otherwise) the state is pinned: PinPath/maps/ holds services, vips,
+// ring_slots, endpoints, the three conntrack maps, service_stats and drops, plus
+// layout, a small map recording each one's layout digest; PinPath/links/IFNAME holds
+// the tcx link of each interface, which keeps the program attached. The per-CPU
+// scratch entry and next-hop cache (new_entry, endpoint_nhs) belong to one program and
+// are not pinned. One Datapath at a time holds a pin path (an flock on the directory;
+// another New or a Cleanup gets ErrPinPathInUse).
+//
+// A New with the same PinPath adopts the pinned maps when every one of them is there
+// with the same type, key and value size, flags and number of entries (so the same
+// ConntrackSize, MaxServices, MaxEndpoints and RingSlots), the same layout digest
+// (layoutVersion, the map's name and type, and its key and value types member by
+// member: names, offsets, types; bump layoutVersion when a map's meaning changes
+// while its C types do not), no map pinned that this program does not use, and a
+// consistent content (rings that do not overlap, every ring slot a valid endpoint of
+// one frontend). Otherwise it logs one warning, "datapath replaces incompatible pinned
+// maps", whose reason names each map and what differs (for example "map
+// conntrack4_tcp: MaxEntries: 262144 changed to 524288 (Config.ConntrackSize)"),
+// removes the map pins and starts with new maps: tracked flows are then balanced anew
+// on their next packet.
+//
+// Adoption rebuilds the Go side from the maps: each service entry becomes an applied
+// frontend with its service id and ring range, its endpoints are the distinct ids in
+// its ring with the addresses those ids hold, and the allocators hand out only what no
+// frontend uses. Endpoint ids and generations are kept, so conntrack entries (which
+// store both) still name their endpoint, and the first SetServices with the same
+// frontends writes nothing. Service names are not in the maps; that call supplies
+// them. A frontend this program would write differently (another Maglev table, another
+// node address for onearm) is written again by the next SetServices, keeping its ids.
+// What an interrupted SetServices left is completed: valid endpoints no ring points to
+// are invalidated, and the vips map is made to match the services.
+//
+// Whether the maps were adopted or replaced, a link pinned for a configured interface
+// that the interface still lists among its tcx attachments (checked by link id, inside
+// Config.NetNS) gets the new program through BPF_LINK_UPDATE: the swap is atomic, so no
+// packet meets the interface without a program. Other configured interfaces are
+// attached and their links pinned; pins of links whose interface went away are
+// dropped; links pinned for interfaces no longer in Config.Interfaces are detached.
+//
+// Three ways to end. Close detaches and removes everything pinned: a real stop.
+// Release closes the process's descriptors and leaves the pins: the program keeps
+// forwarding with the services last set, and no process at all, until the next New
+// adopts it. Cleanup(pinPath) is the uninstall (shardlb --cleanup) after a Release:
+// it detaches each pinned link with BPF_LINK_DETACH (only dropping the pin releases the
+// link from a kernel work queue, and the program was seen still attached right after),
+// then unpins the maps and removes the directories; files it did not create are left.
+// bpffs lives in memory, so nothing survives a reboot; in a pod, PinPath must be on
+// the host's bpffs (a hostPath mount of /sys/fs/bpf), or the pins go with the pod.
+//
 // # Flow handoff
 //
 // A service in onearm or fullnat mode may name its previous master

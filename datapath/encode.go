@@ -46,3 +46,22 @@ func family(a netip.Addr) uint8 {
 func serviceKey(vip netip.Addr, port uint16, proto shard.Protocol) lbServiceKey {
 	return lbServiceKey{Vip: addrWords(vip), Port: htons(port), Proto: uint8(proto), Family: family(vip)}
 }
+
+// addrOf is the inverse of addrWords for an address of the given family; ok is false
+// for a family the datapath does not write.
+func addrOf(w [4]uint32, fam uint8) (netip.Addr, bool) {
+	var b [16]byte
+	for i := range w {
+		binary.NativeEndian.PutUint32(b[4*i:], w[i])
+	}
+	switch fam {
+	case afInet:
+		return netip.AddrFrom4([4]byte(b[:4])), true
+	case afInet6:
+		return netip.AddrFrom16(b), true
+	}
+	return netip.Addr{}, false
+}
+
+// ntohs is the inverse of htons.
+func ntohs(p uint16) uint16 { return htons(p) }

@@ -31,6 +31,9 @@ type applied struct {
 	ringLen   uint32 // slots allocated (the ring size rounded up to a pair)
 	ringSize  uint32 // slots in use: the ring size the kernel indexes
 	endpoints map[netip.AddrPort]uint32
+	// stale: adopted from pinned maps holding a ring or service entry this program
+	// would not write; the next SetServices rewrites it, keeping the ids.
+	stale bool
 }
 
 // SetServices makes the maps serve exactly the desired frontends. It is declarative:
@@ -42,6 +45,9 @@ type applied struct {
 func (d *Datapath) SetServices(desired []shard.Frontend) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if d.closed {
+		return errors.New("set services: datapath is closed")
+	}
 
 	var errs []error
 	want := make(map[frontendKey]shard.Frontend, len(desired))
@@ -78,7 +84,12 @@ func (d *Datapath) SetServices(desired []shard.Frontend) error {
 	})
 	for _, k := range keys {
 		fe := want[k]
-		if a, ok := d.applied[k]; ok && sameBackends(a.fe, fe) {
+		a, ok := d.applied[k]
+		if ok && a.fe.Service == "" {
+			// Adopted from pinned maps, which do not record the name.
+			a.fe.Service = fe.Service
+		}
+		if ok && !a.stale && sameBackends(a.fe, fe) {
 			if a.fe.Handoff != fe.Handoff {
 				if err := d.writeService(a, fe); err != nil {
 					errs = append(errs, fmt.Errorf("frontend %s of %s: %w", k, fe.Service, err))

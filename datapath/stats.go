@@ -22,7 +22,8 @@ var dropReasons = []string{
 // DropReasons lists the names Stats reports drops under.
 func DropReasons() []string { return slices.Clone(dropReasons) }
 
-// Stats are the datapath's counters since it was loaded, summed over CPUs.
+// Stats are the datapath's counters since its maps were created (a Datapath that
+// adopted pinned maps continues their counters), summed over CPUs.
 type Stats struct {
 	Services []ServiceStats
 	// Drops counts dropped packets by reason (see DropReasons).

@@ -31,6 +31,8 @@ type lab struct {
 	lbIfs    []string
 	backends []shard.Endpoint
 	names    map[netip.AddrPort]string
+	// backendNS are the backends' namespaces, in the order of backends.
+	backendNS []netns.NsHandle
 }
 
 var labVIP = netip.MustParseAddr("10.10.100.1")
@@ -56,7 +58,9 @@ func newLab(t *testing.T) *lab {
 		name := fmt.Sprintf("backend%d", i)
 		l.names[ep] = name
 		l.backends = append(l.backends, shard.Endpoint{Addr: ep.Addr(), Port: ep.Port()})
-		serve(t, openNS(t, be), ep, name)
+		beNS := openNS(t, be)
+		l.backendNS = append(l.backendNS, beNS)
+		serve(t, beNS, ep, name)
 	}
 	return l
 }
