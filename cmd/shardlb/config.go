@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
@@ -43,6 +44,9 @@ type config struct {
 
 	Interfaces    []string
 	ConntrackSize int
+	// PinPath is where the datapath pins its maps and links (bpffs); empty: nothing
+	// is pinned.
+	PinPath string
 
 	APIListen     string
 	MetricsListen string
@@ -89,7 +93,7 @@ type raw struct {
 	hold, keepalive, peerWait                              time.Duration
 	localPrefMaster, localPrefBackup, medMaster, medBackup uint32
 	prepend                                                uint8
-	interfaces                                             string
+	interfaces, pinPath                                    string
 	conntrack                                              int
 	apiListen, metricsListen, logLevel                     string
 	drain                                                  time.Duration
@@ -143,6 +147,7 @@ func newFlags(r *raw, env func(string) string) (*pflag.FlagSet, []group) {
 
 	f = dp.fs
 	f.StringVar(&r.interfaces, "interfaces", "", "interfaces the eBPF datapath attaches to, comma separated; empty: no datapath")
+	f.StringVar(&r.pinPath, "pinPath", "", "bpffs directory where the datapath pins its maps and links, e.g. /sys/fs/bpf/shardlb: a crashed process leaves the datapath forwarding and the next one adopts its connections; empty: nothing pinned")
 	f.IntVar(&r.conntrack, "conntrackSize", 262144, "connection tracking entries of each conntrack map (IPv4 TCP, IPv4 UDP, IPv6); a flow takes two")
 
 	f.DurationVar(&r.drain, "shutdownDrain", time.Second, "on shutdown, how long the datapath keeps serving after the routes are withdrawn")
@@ -265,6 +270,10 @@ func (r *raw) validate(changed func(string) bool) (config, error) {
 			c.Interfaces = append(c.Interfaces, i)
 		}
 	}
+	if r.pinPath != "" && !filepath.IsAbs(r.pinPath) {
+		return c, &flagError{"pinPath", r.pinPath, "an absolute path on bpffs", nil}
+	}
+	c.PinPath = r.pinPath
 	if r.conntrack < 1024 || r.conntrack > 1<<26 {
 		return c, &flagError{"conntrackSize", strconv.Itoa(r.conntrack), "a number from 1024 to 67108864", nil}
 	}

@@ -77,6 +77,7 @@ func TestBadFlagsNameTheFlag(t *testing.T) {
 		{"--bgpHoldTime=1s", "bgpHoldTime"},
 		{"--bgpBFD=fast", "bgpBFD"},
 		{"--bgpPeerWait=-1s", "bgpPeerWait"},
+		{"--pinPath=sys/fs/bpf", "pinPath"},
 		{"--bgpPasswordFile=" + filepath.Join(dir, "missing"), "bgpPasswordFile"},
 		{"--nodeIP=node1", "nodeIP"},
 		{"--interfaces=eth0,a/b", "interfaces"},

@@ -38,10 +38,12 @@ func run(args []string, env func(string) string, stdout, stderr io.Writer) int {
 		return serve(cfg, stderr)
 	case "get":
 		return get(args, stdout, stderr)
+	case "cleanup":
+		return cleanup(args, stdout, stderr)
 	case "help":
 		_, _ = parseConfig([]string{"--help"}, env, stdout)
 		return 0
 	}
-	fmt.Fprintf(stderr, "shardlb: unknown command %q (run, get, version, help)\n", cmd)
+	fmt.Fprintf(stderr, "shardlb: unknown command %q (run, get, cleanup, version, help)\n", cmd)
 	return 2
 }

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
@@ -41,7 +42,7 @@ func runServe(ctx context.Context, cfg config, log *slog.Logger) error {
 
 	if len(cfg.Interfaces) > 0 {
 		dcfg := datapath.Config{Interfaces: cfg.Interfaces, ConntrackSize: cfg.ConntrackSize,
-			NodeIPv4: cfg.NodeIPv4, NodeIPv6: cfg.NodeIPv6}
+			NodeIPv4: cfg.NodeIPv4, NodeIPv6: cfg.NodeIPv6, PinPath: cfg.PinPath}
 		dp, err := datapath.New(dcfg, log.With("part", "datapath"))
 		if err != nil {
 			return err
@@ -165,5 +166,26 @@ func get(args []string, stdout, stderr io.Writer) int {
 		}
 		return 1
 	}
+	return 0
+}
+
+// cleanup runs `shardlb cleanup --pinPath DIR`: it detaches and removes a datapath a
+// stopped process left pinned (the uninstall path; a clean stop removes its own).
+func cleanup(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("cleanup", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	pin := fs.String("pinPath", "/sys/fs/bpf/shardlb", "the --pinPath the datapath ran with")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	if fs.NArg() > 0 || !strings.HasPrefix(*pin, "/") {
+		fmt.Fprintln(stderr, "shardlb cleanup: usage: shardlb cleanup [--pinPath=/sys/fs/bpf/shardlb]")
+		return 2
+	}
+	if err := datapath.Cleanup(*pin); err != nil {
+		fmt.Fprintln(stderr, "shardlb cleanup:", err)
+		return 1
+	}
+	fmt.Fprintln(stdout, "removed the datapath pinned in", *pin)
 	return 0
 }

@@ -1,7 +1,9 @@
 package main
 
 import (
+	"bytes"
 	"net/netip"
+	"path/filepath"
 	"testing"
 
 	"github.com/shardlb/shardlb/datapath"
@@ -27,5 +29,20 @@ func TestCountersCarryEveryFrontendCounter(t *testing.T) {
 	}
 	if got.Drops["truncated"] != 1 {
 		t.Errorf("drops %v, want truncated=1", got.Drops)
+	}
+}
+
+func TestCleanupCommand(t *testing.T) {
+	var out, errOut bytes.Buffer
+	if code := run([]string{"cleanup", "--pinPath=relative/dir"}, noEnv, &out, &errOut); code != 2 {
+		t.Errorf("cleanup of a relative path: exit %d, want 2 (%s)", code, errOut.String())
+	}
+	if code := run([]string{"cleanup", "extra"}, noEnv, &out, &errOut); code != 2 {
+		t.Errorf("cleanup with an argument: exit %d, want 2", code)
+	}
+	// Nothing pinned there: nothing to do, and no error.
+	missing := filepath.Join(t.TempDir(), "none")
+	if code := run([]string{"cleanup", "--pinPath=" + missing}, noEnv, &out, &errOut); code != 0 {
+		t.Errorf("cleanup of a path with nothing pinned: exit %d, want 0 (%s)", code, errOut.String())
 	}
 }
