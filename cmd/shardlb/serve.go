@@ -49,9 +49,15 @@ func runServe(ctx context.Context, cfg config, log *slog.Logger) error {
 		}
 		defer func() {
 			// kube.Run has drained: routers moved traffic away, and what was still in
-			// flight or handed off to this node was served.
-			if err := dp.Close(); err != nil {
-				log.Error("detach datapath", "err", err)
+			// flight or handed off to this node was served. A pinned datapath stays:
+			// it keeps forwarding with no process, and the next one (a restart, an
+			// upgrade) adopts it with its connections; `shardlb cleanup` removes it.
+			end, what := dp.Close, "detach datapath"
+			if cfg.PinPath != "" {
+				end, what = dp.Release, "release the pinned datapath"
+			}
+			if err := end(); err != nil {
+				log.Error(what, "err", err)
 			}
 		}()
 		deps.Datapath = dp

@@ -123,6 +123,14 @@ func Start(ctx context.Context, o Options) (_ *Lab, err error) {
 		return nil, err
 	}
 	l.logf("lab directory %s", l.Dir)
+	// The nodes pin their datapaths here (--pinPath), as the DaemonSet does in the
+	// host's /sys/fs/bpf: a restarted node adopts its maps instead of allocating them.
+	if _, err := sh("mkdir", "-p", l.bpffs()); err != nil {
+		return nil, err
+	}
+	if _, err := sh("mount", "-t", "bpf", "bpf", l.bpffs()); err != nil {
+		return nil, fmt.Errorf("mount bpffs: %w", err)
+	}
 	if err := l.topology(); err != nil {
 		return nil, fmt.Errorf("topology: %w", err)
 	}
@@ -245,9 +253,19 @@ func (l *Lab) acquire() error {
 	return nil
 }
 
-// removeStale deletes namespaces and root-namespace links a crashed lab left behind,
-// killing what still runs in those namespaces.
+// bpffs is the lab's own bpffs mount, holding each node's pinned datapath.
+func (l *Lab) bpffs() string { return filepath.Join(l.Dir, "bpf") }
+
+// removeStale deletes namespaces, root-namespace links and bpffs mounts a crashed lab
+// left behind, killing what still runs in those namespaces.
 func removeStale() {
+	if mounts, err := os.ReadFile("/proc/self/mounts"); err == nil {
+		for _, line := range strings.Split(string(mounts), "\n") {
+			if f := strings.Fields(line); len(f) > 2 && f[2] == "bpf" && strings.Contains(f[1], "/"+prefix) {
+				_, _ = sh("umount", f[1])
+			}
+		}
+	}
 	for _, ns := range listNetNS(prefix) {
 		_ = deleteNetNS(ns)
 	}
@@ -301,6 +319,9 @@ func (l *Lab) Close() {
 	}
 	_, _ = sh("ip", "link", "del", bridge)
 	removeStale()
+	if l.Dir != "" {
+		_, _ = sh("umount", l.bpffs())
+	}
 	if l.Dir != "" && !l.opts.Keep {
 		_ = os.RemoveAll(l.Dir)
 	}

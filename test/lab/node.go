@@ -83,7 +83,8 @@ func (l *Lab) StartNodes(ctx context.Context) error {
 			l.shardlb}, l.nodeArgs...)
 		n.argv = append(n.argv,
 			"--nodeName="+n.name, "--nodeIP="+n.ip.String(), "--namespace="+lbSystem,
-			"--kubeconfig="+l.nodeKubeconfig, "--logLevel=debug")
+			"--kubeconfig="+l.nodeKubeconfig, "--logLevel=debug",
+			"--pinPath="+filepath.Join(l.bpffs(), n.name))
 		l.nodes = append(l.nodes, n)
 		// The Node object a kubelet would register; shardlb reads whether it is
 		// cordoned.
