@@ -111,8 +111,8 @@ current-context: lab
 	}
 	c := ds.Spec.Template.Spec.Containers[0]
 	l.nodeArgs = slices.Clone(c.Args)
-	if m := l.opts.BFDMultiplier; m > 0 {
-		l.nodeArgs = append(l.nodeArgs, fmt.Sprintf("--bgpBFD=100ms,%d", m))
+	if b := l.opts.BFD; b.Interval > 0 {
+		l.nodeArgs = append(l.nodeArgs, fmt.Sprintf("--bgpBFD=%v,%d", b.Interval, b.Multiplier))
 	}
 	if c.SecurityContext != nil && c.SecurityContext.Capabilities != nil {
 		for _, cp := range c.SecurityContext.Capabilities.Add {

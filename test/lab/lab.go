@@ -1,7 +1,6 @@
 package main
 
 import (
-	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -51,9 +50,9 @@ type Options struct {
 	Log io.Writer
 	// Keep leaves the lab directory (logs, configs) in place after Close.
 	Keep bool
-	// BFDMultiplier, when set, replaces the BFD detection multiplier of the router
-	// and the nodes (100 ms x 3 from the manifest): the interval stays 100 ms.
-	BFDMultiplier uint8
+	// BFD, when set, replaces the BFD timers of the router and the nodes (100 ms x 3,
+	// the manifest's).
+	BFD frr.BFDTimers
 }
 
 // Lab is the whole system on one machine: an FRR router, a kube-apiserver with etcd,
@@ -141,7 +140,7 @@ func Start(ctx context.Context, o Options) (_ *Lab, err error) {
 	l.logf("starting FRR (zebra, bgpd, bfdd) in %s", routerNS)
 	l.Router, err = frr.Start(ctx, routerNS, frr.Config{
 		ASN: asn, RouterID: routerLAN, Neighbors: neighbors,
-		BFD: frr.BFDTimers{Interval: 100 * time.Millisecond, Multiplier: cmp.Or(o.BFDMultiplier, 3)},
+		BFD: l.bfd(),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("FRR: %w", err)
@@ -251,6 +250,14 @@ func (l *Lab) acquire() error {
 	_, _ = f.WriteAt([]byte(fmt.Sprintf("%d\n", os.Getpid())), 0)
 	l.lock = f
 	return nil
+}
+
+// bfd is the lab's BFD timers, on the router and the nodes.
+func (l *Lab) bfd() frr.BFDTimers {
+	if l.opts.BFD.Interval > 0 {
+		return l.opts.BFD
+	}
+	return frr.BFDTimers{Interval: 100 * time.Millisecond, Multiplier: 3}
 }
 
 // bpffs is the lab's own bpffs mount, holding each node's pinned datapath.

@@ -27,14 +27,14 @@ func startLab(t testing.TB) *Lab {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	var progress strings.Builder
-	// BFD detects a lost node after 5 missed 100 ms packets here, not the manifest's 3:
+	// BFD runs at shardlb's default, 300 ms x 3, here, not the manifest's 100 ms x 3:
 	// on this 2-CPU VM, with every node, the router, the apiserver and the tests on
 	// it, a runnable process was measured waiting up to 220 ms for a CPU under a
-	// parallel test's load (sched_switch traces), so a node's BFD sender missing
-	// three packets in a row is a matter of chance, and the router then drops a
-	// healthy node's routes. The tests here are about shardlb's handovers; the BFD
+	// parallel test's load (sched_switch traces), and healthy nodes' BFD senders were
+	// seen silent for 500 ms, so with 100 ms timers the router drops a healthy node's
+	// routes by chance. The tests here are about shardlb's handovers; the BFD
 	// failover speed itself is measured by make bench (100 ms x 3).
-	l, err := Start(ctx, Options{Log: &progress, BFDMultiplier: 5})
+	l, err := Start(ctx, Options{Log: &progress, BFD: frr.BFDTimers{Interval: 300 * time.Millisecond, Multiplier: 3}})
 	if errors.Is(err, kubeapi.ErrBinariesMissing) {
 		testenv.Unavailable(t, "%v (set %s or run make k8s-bins)", err, kubeapi.BinDirEnv)
 	}
