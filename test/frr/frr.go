@@ -162,17 +162,7 @@ func (r *Router) start(ctx context.Context) error {
 			return fmt.Errorf("frr: %w", err)
 		}
 		// "ip netns exec" execs the daemon, so the PID is the daemon's own.
-		argv := append([]string{"ip", "netns", "exec", r.NS, filepath.Join(Dir, d.name)}, d.args...)
-		if d.name == "bfdd" {
-			// A router runs BFD apart from the rest (in hardware, or at real-time
-			// priority): here every node, the apiserver and the tests share two CPUs
-			// with it, and a few hundred milliseconds of CPU contention (a node
-			// process starting and loading its eBPF program, a parallel build) would
-			// expire every session at once with 100 ms x 3 timers, a failure no real
-			// router shows. chrt execs too, so the PID stays the daemon's.
-			argv = append([]string{"chrt", "--fifo", "10"}, argv...)
-		}
-		cmd := exec.Command(argv[0], argv[1:]...)
+		cmd := exec.Command("ip", append([]string{"netns", "exec", r.NS, filepath.Join(Dir, d.name)}, d.args...)...)
 		cmd.Stdout, cmd.Stderr = out, out
 		if err := cmd.Start(); err != nil {
 			out.Close()

@@ -34,7 +34,7 @@ func eventually(t *testing.T, timeout time.Duration, what string, cond func() (b
 // show it as best path, install it in its kernel table and report the BFD session.
 func TestTwoRouters(t *testing.T) {
 	testenv.RequireRoot(t)
-	testenv.RequireTool(t, "ip", "chrt", "vtysh", Dir+"/zebra", Dir+"/bgpd", Dir+"/bfdd")
+	testenv.RequireTool(t, "ip", "vtysh", Dir+"/zebra", Dir+"/bgpd", Dir+"/bfdd")
 	ns1, ns2 := testenv.NewNetNS(t, "frr1"), testenv.NewNetNS(t, "frr2")
 	testenv.Veth(t, ns1, "e1", "10.0.0.1/24", ns2, "e2", "10.0.0.2/24")
 	a1, a2 := netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("10.0.0.2")

@@ -20,7 +20,7 @@ import (
 func startLab(t testing.TB) *Lab {
 	t.Helper()
 	testenv.RequireRoot(t)
-	testenv.RequireTool(t, "ip", "chrt", "ethtool", "sysctl", "setpriv", "nginx", "vtysh", "go")
+	testenv.RequireTool(t, "ip", "ethtool", "sysctl", "setpriv", "nginx", "vtysh", "go")
 	if _, err := os.Stat(frr.Dir + "/bgpd"); err != nil {
 		testenv.Unavailable(t, "FRR not installed in %s (make deps installs it)", frr.Dir)
 	}
