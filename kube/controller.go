@@ -42,6 +42,17 @@ const (
 // controller allocates VIPs and instances while this pod holds the controller Lease.
 // Decisions are serial (the allocator is not goroutine-safe and the order decides who
 // gets an address); the API writes of different services run in parallel.
+//
+// Services waiting for an address are served in creation order: by
+// metadata.creationTimestamp, then by namespace/name, whatever the number of workers
+// and whether they were created before or after this term began. A worker about to
+// give a service its first address first decides, under the same lock, every older
+// service of our class still without one (see decideOlder), so the first worker to
+// reach the lock cannot take an older service's address. creationTimestamp has a
+// granularity of one second: within a second the name decides, not the order of
+// creation. The informer delivers services in creation order, so the one inversion
+// left is within a second: a service created after another in the same second, but
+// with a smaller name, can still be served after it.
 type controller struct {
 	cfg      *Config
 	log      *slog.Logger
@@ -139,9 +150,7 @@ func (c *controller) restore() []string {
 			svcs = append(svcs, s)
 		}
 	}
-	slices.SortFunc(svcs, func(a, b *service) int {
-		return cmp.Or(a.CreationTimestamp.Compare(b.CreationTimestamp.Time), cmp.Compare(a.key(), b.key()))
-	})
+	slices.SortFunc(svcs, compareAge)
 	keys := make([]string, 0, len(svcs))
 	var allocs []ipam.Allocation
 	for _, s := range svcs {
@@ -265,15 +274,87 @@ func (c *controller) release(ctx context.Context, key string, s *service) error 
 	return nil
 }
 
+// compareAge orders services oldest first: by creationTimestamp (whole seconds), then
+// by namespace/name, which it builds only for a tie (decideOlder calls it on every
+// service).
+func compareAge(a, b *service) int {
+	if c := a.CreationTimestamp.Compare(b.CreationTimestamp.Time); c != 0 {
+		return c
+	}
+	return cmp.Compare(a.key(), b.key())
+}
+
 // decide computes the instance and VIPs of s, emitting a Warning when it cannot. ok is
-// false when nothing is to be written.
+// false when nothing is to be written. When s is about to get its first address, the
+// older services still without one are decided first (see the controller's doc comment).
 func (c *controller) decide(s *service) (desired, bool) {
-	key := s.key()
 	c.mu.Lock()
-	defer c.mu.Unlock()
+	var served []string
+	if len(c.alloc.Lookup(s.key())) == 0 && c.couldAllocate(s) {
+		served = c.decideOlder(s)
+	}
+	want, ok := c.decideLocked(s, true)
+	q := c.queue
+	c.mu.Unlock()
+	// Their own workers write them; Allocate is idempotent, so they find the address
+	// decided here.
+	for _, k := range served {
+		q.Add(k)
+	}
+	return want, ok
+}
+
+// couldAllocate reports whether s, holding no address, would get one now, and leaves
+// the allocator as it was (Release undoes Allocate). c.mu is held. A service that would
+// not cannot take an older service's address, so it need not wait for them: the retries
+// of the services waiting for a full pool, all requeued by each release, then cost one
+// allocation attempt each, not a pass over every service.
+func (c *controller) couldAllocate(s *service) bool {
+	static, err := ipam.ParseStaticIP(s.Annotations[AnnotationStaticIP])
+	if err != nil {
+		return false // refused before any allocation
+	}
+	_, _, err = c.allocate(s, static)
+	c.alloc.Release(s.key())
+	return err == nil
+}
+
+// decideOlder decides, oldest first, every service of our class older than s that
+// holds no address, and returns the keys of those that got one. c.mu is held.
+//
+// Cost: one pass over the informer's store for each service about to get its first
+// address; the services it collects are few: those waiting for an address, and those
+// another worker is about to decide.
+func (c *controller) decideOlder(s *service) []string {
+	var older []*service
+	// The store's keys, not service.key: the pass builds no string per service.
+	for _, k := range c.services.ListKeys() {
+		obj, _, _ := c.services.GetByKey(k)
+		o, ok := obj.(*service)
+		if !ok || !o.ours(c.cfg.LoadBalancerClass) || compareAge(o, s) >= 0 || len(c.alloc.Lookup(k)) > 0 {
+			continue
+		}
+		older = append(older, o)
+	}
+	slices.SortFunc(older, compareAge)
+	var served []string
+	for _, o := range older {
+		if _, ok := c.decideLocked(o, false); ok {
+			served = append(served, o.key())
+		}
+	}
+	return served
+}
+
+// decideLocked is decide without the older services, c.mu held. own is false when s is
+// decided ahead of its own worker, whose decision then counts the refusal in metrics.
+func (c *controller) decideLocked(s *service, own bool) (desired, bool) {
+	key := s.key()
 	warn := func(reason, format string, a ...any) (desired, bool) {
 		msg := fmt.Sprintf(format, a...)
-		c.metrics.allocFailures.WithLabelValues(reason).Inc()
+		if own {
+			c.metrics.allocFailures.WithLabelValues(reason).Inc()
+		}
 		if c.warned[key] != reason+msg {
 			c.warned[key] = reason + msg
 			c.recorder.Event(ref(s), corev1.EventTypeWarning, reason, msg)

@@ -392,3 +392,140 @@ func metricValue(t *testing.T, addr, series string) float64 {
 	}
 	return -1
 }
+
+var orderSeq atomic.Int64
+
+// Services waiting for a VIP are served in creation order whatever the interleaving of
+// the workers, whether they were created before, while or after the controller started
+// leading: the n-th service created gets the n-th address and the n-th instance in
+// turn. creationTimestamp has whole seconds, so ties are broken by name; the names here
+// sort in creation order. One worker per service makes every worker race for the
+// services restored at once.
+func TestVIPsFollowCreationOrder(t *testing.T) {
+	const n = 20
+	instances := []string{"default", "llb-inst1", "llb-inst2"}
+	for _, workers := range []int{DefaultConfig().ControllerWorkers, n} {
+		for _, c := range []struct {
+			when   string
+			before int // services created before the pod starts; the rest once it leads
+		}{
+			{"after the controller leads", 0},
+			{"before and after the controller starts leading", n / 2},
+			{"before the controller leads", n},
+		} {
+			t.Run(fmt.Sprintf("with %d workers, services created %s get VIPs in creation order", workers, c.when), func(t *testing.T) {
+				e := newEnv(t, fmt.Sprintf("order-%d", orderSeq.Add(1)))
+				cfg := e.config(t, "node-a", fmt.Sprintf("defaultPool=10.13.0.1-10.13.0.%d", n), len(instances))
+				cfg.MetricsAddress, cfg.ControllerWorkers = freeAddr(t), workers
+				names := make([]string, n)
+				for i := range names {
+					names[i] = fmt.Sprintf("svc-%02d", i)
+				}
+				for _, name := range names[:c.before] {
+					e.create(t, e.lbService(name))
+				}
+				startPod(t, cfg)
+				waitFor(t, 30*time.Second, "the controller to lead", func() bool {
+					return metricValue(t, cfg.MetricsAddress, "shardlb_controller_leader") == 1
+				})
+				for _, name := range names[c.before:] {
+					e.create(t, e.lbService(name))
+				}
+
+				var got []*corev1.Service
+				waitFor(t, 30*time.Second, "every service's VIP and instance", func() bool {
+					got = got[:0]
+					for _, name := range names {
+						s := e.get(t, name)
+						if len(ingressIPs(s)) == 0 || s.Annotations[AnnotationInstance] == "" {
+							return false
+						}
+						got = append(got, s)
+					}
+					return true
+				})
+				var table strings.Builder
+				wrong := false
+				for i, s := range got {
+					wantVIP, wantInst := fmt.Sprintf("10.13.0.%d", i+1), instances[i%len(instances)]
+					vips, inst := ingressIPs(s), s.Annotations[AnnotationInstance]
+					mark := ""
+					if !slices.Equal(vips, []string{wantVIP}) || inst != wantInst {
+						wrong, mark = true, fmt.Sprintf("  want %s %s", wantVIP, wantInst)
+					}
+					fmt.Fprintf(&table, "%s created %s: %v %s%s\n", s.Name, s.CreationTimestamp.UTC().Format(time.TimeOnly), vips, inst, mark)
+				}
+				if wrong {
+					t.Errorf("services were not served in creation order:\n%s", table.String())
+				}
+			})
+		}
+	}
+}
+
+// An address freed while services wait for one goes to the oldest of them, though the
+// controller retries the waiting services in no particular order; and each is warned
+// once however often it is refused again.
+func TestFreedVIPGoesToTheOldestWaitingService(t *testing.T) {
+	const n = 10
+	e := newEnv(t, fmt.Sprintf("order-%d", orderSeq.Add(1)))
+	cfg := e.config(t, "node-a", fmt.Sprintf("defaultPool=10.14.0.1-10.14.0.%d", n), 3)
+	startPod(t, cfg)
+	holders, waiting := make([]string, n), make([]string, n)
+	for i := range n {
+		holders[i], waiting[i] = fmt.Sprintf("holder-%d", i), fmt.Sprintf("waiting-%d", i)
+		e.create(t, e.lbService(holders[i]))
+	}
+	for _, h := range holders {
+		waitFor(t, 10*time.Second, h+"'s VIP", func() bool { return len(ingressIPs(e.get(t, h))) > 0 })
+	}
+	// Names sort in creation order, which ties within a creationTimestamp second follow.
+	for _, w := range waiting {
+		e.create(t, e.lbService(w))
+	}
+	for _, w := range waiting {
+		waitFor(t, 10*time.Second, w+" to find the pool empty", func() bool {
+			return slices.Contains(e.events(t, w), "Warning "+ReasonPoolExhausted)
+		})
+	}
+
+	served := func() []string {
+		list, err := e.client.CoreV1().Services(e.ns).List(context.Background(), metav1.ListOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out []string
+		for _, s := range list.Items {
+			if strings.HasPrefix(s.Name, "waiting-") && len(s.Status.LoadBalancer.Ingress) > 0 {
+				out = append(out, s.Name)
+			}
+		}
+		slices.Sort(out)
+		return out
+	}
+	for i, h := range holders {
+		vip := ingressIPs(e.get(t, h))
+		if err := e.client.CoreV1().Services(e.ns).Delete(context.Background(), h, metav1.DeleteOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		var got []string
+		waitFor(t, 10*time.Second, h+"'s address to be taken", func() bool { got = served(); return len(got) > i })
+		if !slices.Equal(got, waiting[:i+1]) {
+			t.Fatalf("after %d addresses were freed, served %v, want %v", i+1, got, waiting[:i+1])
+		}
+		if ips := ingressIPs(e.get(t, waiting[i])); !slices.Equal(ips, vip) {
+			t.Errorf("%s got %v, want %v freed by %s", waiting[i], ips, vip, h)
+		}
+	}
+	for _, w := range waiting {
+		list, err := e.client.CoreV1().Events(e.ns).List(context.Background(), metav1.ListOptions{FieldSelector: "involvedObject.name=" + w})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, ev := range list.Items {
+			if ev.Source.Component == "shardlb" && ev.Type == corev1.EventTypeWarning && (ev.Reason != ReasonPoolExhausted || ev.Count != 1) {
+				t.Errorf("%s: Warning %s recorded %d times (%s), want one PoolExhausted once", w, ev.Reason, ev.Count, ev.Message)
+			}
+		}
+	}
+}
