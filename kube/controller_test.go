@@ -470,7 +470,11 @@ func TestFreedVIPGoesToTheOldestWaitingService(t *testing.T) {
 	const n = 10
 	e := newEnv(t, fmt.Sprintf("order-%d", orderSeq.Add(1)))
 	cfg := e.config(t, "node-a", fmt.Sprintf("defaultPool=10.14.0.1-10.14.0.%d", n), 3)
+	cfg.MetricsAddress = freeAddr(t)
 	startPod(t, cfg)
+	waitFor(t, 30*time.Second, "the controller to lead", func() bool {
+		return metricValue(t, cfg.MetricsAddress, "shardlb_controller_leader") == 1
+	})
 	holders, waiting := make([]string, n), make([]string, n)
 	for i := range n {
 		holders[i], waiting[i] = fmt.Sprintf("holder-%d", i), fmt.Sprintf("waiting-%d", i)
