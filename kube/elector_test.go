@@ -129,6 +129,28 @@ func (c *cluster) handoffs() map[string]map[string]string {
 	return out
 }
 
+// newHACluster creates one service pinned to each instance and a cluster of node
+// processes that are killed, after a dump of the timeline if the test failed, when
+// the test ends.
+func newHACluster(t *testing.T, e *env) *cluster {
+	t.Helper()
+	for i, inst := range haInstanceNames {
+		name := "svc-" + inst
+		e.createSlice(t, name, "10.244.0."+string(rune('1'+i)))
+		e.create(t, e.lbService(name, annotate(AnnotationZoneInstance, inst)))
+	}
+	c := &cluster{t: t, e: e, procs: map[string]*nodeProc{}}
+	t.Cleanup(func() {
+		if t.Failed() {
+			c.dump()
+		}
+		for _, p := range c.procs {
+			c.kill(p)
+		}
+	})
+	return c
+}
+
 // balanced: every instance has exactly one master and every node exactly one instance.
 func balanced(m map[string][]string) bool {
 	seen := map[string]int{}
@@ -229,22 +251,7 @@ func (h *leaseHistory) takeover(name, from string) (lastRenew, acquired time.Tim
 func TestThreeNodesFailoverAndRebalance(t *testing.T) {
 	e := newEnv(t, "ha")
 	leases := watchLeases(t, e)
-	for i, inst := range haInstanceNames {
-		name := "svc-" + inst
-		e.createSlice(t, name, "10.244.0."+string(rune('1'+i)))
-		e.create(t, e.lbService(name, annotate(AnnotationZoneInstance, inst)))
-	}
-	c := &cluster{t: t, e: e, procs: map[string]*nodeProc{}}
-	t.Cleanup(func() {
-		for _, p := range c.procs {
-			c.kill(p)
-		}
-	})
-	defer func() {
-		if t.Failed() {
-			c.dump()
-		}
-	}()
+	c := newHACluster(t, e)
 	for _, n := range []string{"node-a", "node-b", "node-c"} {
 		c.start(n)
 	}
@@ -385,22 +392,7 @@ func TestThreeNodesFailoverAndRebalance(t *testing.T) {
 // backups. Once its sessions are up it takes its share, make-before-break.
 func TestNoMastershipBeforeTheRoutesReachTheRouters(t *testing.T) {
 	e := newEnv(t, "silent")
-	for i, inst := range haInstanceNames {
-		name := "svc-" + inst
-		e.createSlice(t, name, "10.244.0."+string(rune('1'+i)))
-		e.create(t, e.lbService(name, annotate(AnnotationZoneInstance, inst)))
-	}
-	c := &cluster{t: t, e: e, procs: map[string]*nodeProc{}}
-	t.Cleanup(func() {
-		for _, p := range c.procs {
-			c.kill(p)
-		}
-	})
-	defer func() {
-		if t.Failed() {
-			c.dump()
-		}
-	}()
+	c := newHACluster(t, e)
 	c.start("node-a")
 	c.start("node-b")
 	waitFor(t, 30*time.Second, "node-a and node-b to master every instance", func() bool {
@@ -462,22 +454,7 @@ func TestMaintenanceMovesMastershipAway(t *testing.T) {
 		}
 		t.Cleanup(func() { _ = e.client.CoreV1().Nodes().Delete(context.Background(), n, metav1.DeleteOptions{}) })
 	}
-	for i, inst := range haInstanceNames {
-		name := "svc-" + inst
-		e.createSlice(t, name, "10.244.0."+string(rune('1'+i)))
-		e.create(t, e.lbService(name, annotate(AnnotationZoneInstance, inst)))
-	}
-	c := &cluster{t: t, e: e, procs: map[string]*nodeProc{}}
-	t.Cleanup(func() {
-		for _, p := range c.procs {
-			c.kill(p)
-		}
-	})
-	defer func() {
-		if t.Failed() {
-			c.dump()
-		}
-	}()
+	c := newHACluster(t, e)
 	for _, n := range nodes {
 		c.start(n)
 	}
