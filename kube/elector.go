@@ -1,7 +1,6 @@
 package kube
 
 import (
-	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -24,14 +23,12 @@ import (
 	"k8s.io/utils/clock"
 	"k8s.io/utils/ptr"
 
-	"github.com/shardlb/shardlb/shard"
+	"github.com/shardlb/shardlb/mastership"
 )
 
 // Lease names. All live in Config.Namespace.
 const (
 	ControllerLeaseName = "shardlb-controller"
-	memberLeasePrefix   = "shardlb-member-"
-	instanceLeasePrefix = "shardlb-instance-"
 	// annotationHandoverFrom marks an instance Lease its old holder has handed to a new
 	// one. The new holder announces master routes, then clears it: that clearing is
 	// the old holder's signal to demote (make-before-break).
@@ -56,29 +53,26 @@ const (
 )
 
 // MemberLeaseName is the Lease through which a member shows it is alive.
-func MemberLeaseName(member string) string { return memberLeasePrefix + member }
+func MemberLeaseName(member string) string { return mastership.MemberLeaseName(member) }
 
 // InstanceLeaseName is the mastership Lease of an instance.
-func InstanceLeaseName(instance string) string { return instanceLeasePrefix + instance }
+func InstanceLeaseName(instance string) string { return mastership.InstanceLeaseName(instance) }
 
-// elector keeps this pod's member Lease fresh and takes, renews and hands over
-// instance mastership Leases as shard.Rebalance says. Mutual exclusion is the API's:
-// every take is an update conditioned on the resourceVersion read (or a create), so
-// two pods can never both hold a Lease; the make-before-break overlap during a handover
-// is deliberate and bounded by one acknowledgement.
-//
-// Expiry is judged by the local time a Lease's resourceVersion was first seen, not by
-// the holder's renewTime, so clock skew between nodes does not matter (as in client-go
-// leaderelection).
+// elector drives this pod's mastership.Core: it observes the Leases (the informer's
+// cache, or what this pod wrote if the cache has not caught up), steps the Core,
+// makes the Lease writes it asks for against the API server, feeds the results back,
+// and publishes the instances to announce as master to the node loop. Every decision
+// is the Core's; the elector only executes.
 type elector struct {
-	cfg      *Config
-	log      *slog.Logger
-	api      coordclient.LeaseInterface
-	leases   cache.Store
-	clock    clock.Clock
-	me       string
-	excluded map[string]bool
-	router   Router
+	cfg         *Config
+	log         *slog.Logger
+	api         coordclient.LeaseInterface
+	leases      cache.Store
+	clock       clock.Clock
+	me          string
+	router      Router
+	core        *mastership.Core
+	incarnation string
 	// maintenance is why this node must not master now ("" when it may).
 	maintenance func() string
 	// applyNow applies this node's plan with the current roles and returns when the
@@ -87,53 +81,34 @@ type elector struct {
 	// changed asks the node loop to recompute (debounced).
 	changed func()
 	wake    chan struct{}
-	// incarnation is this process's, on its member Lease; leaving is set at shutdown.
-	incarnation string
-	leaving     atomic.Bool
+	leaving atomic.Bool
 
 	mu       sync.Mutex // guards master, holders and handoffs, read by the node loop and the API
 	master   map[string]bool
 	holders  map[string]string       // instance -> holder of its fresh Lease
 	handoffs map[string][]netip.Addr // instance -> addresses of its previous master
 
-	// Owned by the loop goroutine.
-	seen          map[string]seenLease
-	own           map[string]*coordinationv1.Lease // what this pod wrote last
-	handover      map[string]string                // instance -> member handed to, until it acks
-	missingSince  map[string]time.Time
-	memberRenewed time.Time
-	leaveWritten  bool
-	// announcingWritten and maintenanceWritten are what the member Lease says.
-	announcingWritten  bool
-	maintenanceWritten string
-	previous           map[string]previousMaster // instance -> who handed it to this pod
-}
-
-// previousMaster is the process that handed an instance to this pod.
-type previousMaster struct{ member, incarnation string }
-
-type seenLease struct {
-	rv string
-	at time.Time
+	// own is what this pod wrote last, by Lease name; owned by the loop goroutine.
+	own map[string]*coordinationv1.Lease
 }
 
 func newElector(cfg *Config, log *slog.Logger, api coordclient.LeaseInterface, leases cache.Store, r Router, maintenance func() string, clk clock.Clock) *elector {
 	if maintenance == nil {
 		maintenance = func() string { return "" }
 	}
-	ex := map[string]bool{}
-	for _, m := range cfg.Excluded {
-		ex[m] = true
-	}
+	inc := newIncarnation()
+	core := mastership.New(mastership.Config{
+		Me: cfg.NodeName, Instances: cfg.Instances, Excluded: cfg.Excluded,
+		Renew: cfg.MemberLease.Renew, Duration: cfg.MemberLease.Duration, Grace: cfg.MemberLease.Grace,
+		Addresses: cfg.NodeAddresses, Incarnation: inc,
+	})
 	return &elector{
-		cfg: cfg, log: log, api: api, leases: leases, router: r, maintenance: maintenance, clock: clk, me: cfg.NodeName, excluded: ex,
+		cfg: cfg, log: log, api: api, leases: leases, router: r, maintenance: maintenance, clock: clk, me: cfg.NodeName,
+		core: core, incarnation: inc,
 		applyNow: func(context.Context) error { return nil }, changed: func() {},
 		wake:   make(chan struct{}, 1),
-		master: map[string]bool{}, holders: map[string]string{},
-		seen: map[string]seenLease{}, own: map[string]*coordinationv1.Lease{},
-		handover: map[string]string{}, missingSince: map[string]time.Time{},
-		previous: map[string]previousMaster{}, handoffs: map[string][]netip.Addr{},
-		incarnation: newIncarnation(),
+		master: map[string]bool{}, holders: map[string]string{}, handoffs: map[string][]netip.Addr{},
+		own: map[string]*coordinationv1.Lease{},
 	}
 }
 
@@ -155,13 +130,7 @@ func (e *elector) leave() {
 func (e *elector) Holding() int {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	n := 0
-	for _, m := range e.master {
-		if m {
-			n++
-		}
-	}
-	return n
+	return len(e.master)
 }
 
 // Handoffs is instance -> the node addresses of the pod that handed it to this one in
@@ -192,12 +161,8 @@ func (e *elector) Masters() map[string]string {
 			out[inst] = h
 		}
 	}
-	for inst, m := range e.master {
-		if m {
-			out[inst] = e.me
-		} else if out[inst] == e.me {
-			delete(out, inst)
-		}
+	for inst := range e.master {
+		out[inst] = e.me
 	}
 	return out
 }
@@ -226,253 +191,52 @@ func (e *elector) run(ctx context.Context) {
 	}
 }
 
-// view is the freshest copy of a Lease: the cache's, or what this pod wrote if the
-// cache has not caught up. It records when each resourceVersion was first seen.
-func (e *elector) view(name string, now time.Time) *coordinationv1.Lease {
-	var l *coordinationv1.Lease
-	if o, ok, _ := e.leases.GetByKey(e.cfg.Namespace + "/" + name); ok {
-		l, _ = o.(*coordinationv1.Lease)
+// observe is every shardlb Lease, each the freshest copy: the cache's, or what this
+// pod wrote if the cache has not caught up. It returns the objects by name too, the
+// bases of this round's writes.
+func (e *elector) observe() ([]mastership.Lease, map[string]*coordinationv1.Lease) {
+	objs := map[string]*coordinationv1.Lease{}
+	for _, o := range e.leases.List() {
+		if l, ok := o.(*coordinationv1.Lease); ok && l.Namespace == e.cfg.Namespace {
+			objs[l.Name] = l
+		}
 	}
-	if own := e.own[name]; own != nil && (l == nil || rvLess(l.ResourceVersion, own.ResourceVersion)) {
-		l = own
+	for name, own := range e.own {
+		if l := objs[name]; l == nil || rvLess(l.ResourceVersion, own.ResourceVersion) {
+			objs[name] = own
+		} else if l.ResourceVersion != own.ResourceVersion {
+			delete(e.own, name) // the cache caught up and moved on
+		}
 	}
-	if l == nil {
-		delete(e.seen, name)
-		return nil
+	out := make([]mastership.Lease, 0, len(objs))
+	for _, name := range slices.Sorted(maps.Keys(objs)) {
+		if name == ControllerLeaseName {
+			continue
+		}
+		out = append(out, fromLease(objs[name]))
 	}
-	if s, ok := e.seen[name]; !ok || s.rv != l.ResourceVersion {
-		e.seen[name] = seenLease{rv: l.ResourceVersion, at: now}
-	}
-	return l
-}
-
-// expiry is when a Lease stops counting; a released Lease (no holder) has expired.
-func (e *elector) expiry(l *coordinationv1.Lease) time.Time {
-	s := e.seen[l.Name]
-	if l.Spec.HolderIdentity == nil || *l.Spec.HolderIdentity == "" {
-		return s.at
-	}
-	d := e.cfg.MemberLease.Duration
-	if l.Spec.LeaseDurationSeconds != nil {
-		d = time.Duration(*l.Spec.LeaseDurationSeconds) * time.Second
-	}
-	return s.at.Add(d)
-}
-
-func holder(l *coordinationv1.Lease) string {
-	if l == nil || l.Spec.HolderIdentity == nil {
-		return ""
-	}
-	return *l.Spec.HolderIdentity
+	return out, objs
 }
 
 // evaluate does one round and returns when it wants the next.
 func (e *elector) evaluate(ctx context.Context) time.Time {
 	now := e.clock.Now()
-	renew, grace := e.cfg.MemberLease.Renew, e.cfg.MemberLease.Grace
 	if ctx.Err() != nil {
-		return now.Add(renew) // shutting down: release does the last writes
+		return now.Add(e.cfg.MemberLease.Renew) // shutting down: release does the last writes
 	}
-	next := now.Add(renew)
-	soon := func(t time.Time) {
-		if t.Before(next) {
-			next = t
-		}
-	}
+	leases, objs := e.observe()
+	writes := e.core.Step(mastership.Input{Now: now, Leases: leases, Local: mastership.Local{
+		Leaving: e.leaving.Load(), Announcing: e.router.Announcing(), Maintenance: e.maintenance(),
+	}})
+	out := e.core.Advance(e.execute(ctx, now, writes, objs))
+	e.report(out.Events)
 
-	leaving := e.leaving.Load()
-	announcing := e.router.Announcing()
-	maint := e.maintenance()
-	if now.Sub(e.memberRenewed) >= renew || leaving && !e.leaveWritten || announcing != e.announcingWritten || maint != e.maintenanceWritten {
-		if err := e.renewMember(ctx, now, leaving, announcing, maint); err != nil {
-			e.log.Warn("elector: member lease", "err", err)
-		} else {
-			if announcing != e.announcingWritten {
-				e.log.Info("elector: routes reach the routers", "announcing", announcing)
-			}
-			if maint != e.maintenanceWritten {
-				e.log.Info("elector: node maintenance", "maintenance", cmp.Or(maint, "none"))
-			}
-			e.memberRenewed = now
-			e.leaveWritten, e.announcingWritten, e.maintenanceWritten = leaving, announcing, maint
-		}
-	}
-	meLive := now.Sub(e.memberRenewed) < e.cfg.MemberLease.Duration
-	eligible := meLive && !e.excluded[e.me] && !leaving && maint == ""
-	// A member takes mastership only when its master routes would reach the routers:
-	// while a restarted member's sessions come up, the routers would otherwise see no
-	// master route and spread the VIP over the backups, which do not know the
-	// connections in flight (the old master demotes on the new one's word).
-	canTake := eligible && announcing
-
-	// Who is alive, and who masters what.
-	names := e.cfg.Instances.Names()
-	leases := make(map[string]*coordinationv1.Lease, len(names))
-	current := map[string]string{}
-	stale := map[string]bool{} // holders of an expired instance Lease: not live
-	for _, inst := range names {
-		l := e.view(InstanceLeaseName(inst), now)
-		leases[inst] = l
-		if h := holder(l); h != "" {
-			if exp := e.expiry(l); now.Before(exp) {
-				current[inst] = h
-				if h != e.me {
-					soon(exp.Add(10 * time.Millisecond))
-				}
-			} else if h != e.me {
-				stale[h] = true
-			}
-		}
-	}
-	// Members Rebalance may give instances to: alive, not leaving, and announcing or
-	// already holding an instance (so a session flap does not move mastership).
-	holds := map[string]bool{}
-	for _, h := range current {
-		holds[h] = true
-	}
-	live := map[string]bool{}
-	for _, o := range e.leases.List() {
-		l, ok := o.(*coordinationv1.Lease)
-		if !ok || !strings.HasPrefix(l.Name, memberLeasePrefix) {
-			continue
-		}
-		l = e.view(l.Name, now)
-		h := holder(l)
-		if h == "" || h == e.me || stale[h] || l.Annotations[annotationLeaving] != "" {
-			continue
-		}
-		if exp := e.expiry(l); now.Before(exp) {
-			live[h] = l.Annotations[annotationMaintenance] == "" && (l.Annotations[annotationAnnouncing] != "false" || holds[h])
-			soon(exp.Add(10 * time.Millisecond))
-		}
-	}
-	if meLive && !leaving {
-		live[e.me] = maint == "" && (announcing || holds[e.me])
-	}
-	members := make([]string, 0, len(live))
-	for m, ok := range live {
-		if ok {
-			members = append(members, m)
-		}
-	}
-	pref := shard.Rebalance(e.cfg.Instances, members, e.excluded, current)
-
-	master := map[string]bool{}
-	var ack []string
-	for _, inst := range names {
-		name := InstanceLeaseName(inst)
-		l := leases[inst]
-		h := holder(l)
-		switch {
-		case h == e.me && l.Annotations[annotationHandoverFrom] != "":
-			// Handed to us: announce as master first, acknowledge after. Segments of
-			// connections the previous master still serves are handed back to it.
-			master[inst] = true
-			ack = append(ack, inst)
-			from := l.Annotations[annotationHandoverFrom]
-			if ml := e.view(MemberLeaseName(from), now); ml != nil && ml.Annotations[annotationIncarnation] != "" {
-				e.previous[inst] = previousMaster{member: from, incarnation: ml.Annotations[annotationIncarnation]}
-			}
-			continue
-		case h == e.me:
-			master[inst] = true
-			target := pref[inst]
-			heldFor := now.Sub(e.seen[name].at)
-			if target != "" && target != e.me && live[target] && (heldFor >= renew || !eligible) {
-				if err := e.handTo(ctx, l, target, now); err != nil {
-					e.log.Warn("elector: hand over", "instance", inst, "to", target, "err", err)
-				} else {
-					e.handover[inst] = target
-					e.log.Info("elector: handing over", "instance", inst, "to", target)
-				}
-				continue
-			}
-			if !eligible && target == "" {
-				if err := e.releaseInstance(ctx, l); err == nil {
-					master[inst] = false
-				}
-				continue
-			}
-			if now.Sub(e.seen[name].at) >= renew {
-				if err := e.put(ctx, name, l, func(l *coordinationv1.Lease) { e.stamp(l, now, false) }); err != nil {
-					e.log.Warn("elector: renew", "instance", inst, "err", err)
-				}
-			}
-			// Renewals failing for a whole lease duration: others may hold it by now.
-			if l := e.view(name, now); holder(l) != e.me || !now.Before(e.expiry(l)) {
-				master[inst] = false
-			}
-			continue
-		case h != "" && e.handover[inst] == h:
-			switch {
-			case !now.Before(e.expiry(l)):
-				// The new holder never acknowledged: it is gone.
-				delete(e.handover, inst)
-			case l.Annotations[annotationHandoverFrom] == e.me:
-				master[inst] = true // keep announcing until the new master does
-				soon(now.Add(50 * time.Millisecond))
-				continue
-			default:
-				delete(e.handover, inst)
-				e.log.Info("elector: handover acknowledged", "instance", inst, "by", h)
-			}
-		default:
-			delete(e.handover, inst)
-		}
-
-		// Not ours: take it when it has no master, if we are the preferred member or
-		// the preferred member let the grace pass.
-		if !canTake {
-			continue
-		}
-		if l == nil {
-			since, ok := e.missingSince[inst]
-			if !ok {
-				since = now
-				e.missingSince[inst] = now
-			}
-			if pref[inst] == e.me || !now.Before(since.Add(grace)) {
-				if err := e.put(ctx, name, nil, func(l *coordinationv1.Lease) { e.stamp(l, now, true) }); err != nil {
-					e.log.Debug("elector: create", "instance", inst, "err", err)
-				} else {
-					master[inst] = true
-					e.log.Info("elector: took", "instance", inst)
-				}
-			} else {
-				soon(since.Add(grace))
-			}
-			continue
-		}
-		delete(e.missingSince, inst)
-		exp := e.expiry(l)
-		if now.Before(exp) {
-			continue
-		}
-		if pref[inst] == e.me || !now.Before(exp.Add(grace)) {
-			if err := e.put(ctx, name, l, func(l *coordinationv1.Lease) { e.stamp(l, now, true) }); err != nil {
-				e.log.Debug("elector: take", "instance", inst, "err", err)
-			} else {
-				master[inst] = true
-				e.log.Info("elector: took", "instance", inst, "from", h)
-			}
-		} else {
-			soon(exp.Add(grace))
-		}
-	}
-
-	holders := map[string]string{}
-	for _, inst := range names {
-		if l := e.view(InstanceLeaseName(inst), now); l != nil && now.Before(e.expiry(l)) {
-			holders[inst] = holder(l)
-		}
-	}
-	handoffs := e.handoffTargets(master, now, soon)
 	e.mu.Lock()
-	changed := !maps.Equal(e.master, master) || !maps.EqualFunc(e.handoffs, handoffs, slices.Equal)
-	e.master, e.holders, e.handoffs = master, holders, handoffs
+	e.master, e.holders, e.handoffs = out.Masters, out.Holders, out.Handoffs
 	e.mu.Unlock()
 
-	if len(ack) > 0 {
+	next := out.Next
+	if len(out.Acks) > 0 {
 		// The old master demotes on the acknowledgement: the master routes must have
 		// left for the routers before it, or they would briefly have none.
 		err := e.applyNow(ctx)
@@ -483,118 +247,144 @@ func (e *elector) evaluate(ctx context.Context) time.Time {
 		}
 		if err != nil {
 			e.log.Warn("elector: master routes not sent, handover not acknowledged yet", "err", err)
-			return now.Add(100 * time.Millisecond)
+			return earliest(next, now.Add(100*time.Millisecond))
 		}
-		for _, inst := range ack {
-			name := InstanceLeaseName(inst)
-			if err := e.put(ctx, name, leases[inst], func(l *coordinationv1.Lease) { e.stamp(l, now, false) }); err != nil {
-				e.log.Warn("elector: acknowledge handover", "instance", inst, "err", err)
-				soon(now.Add(100 * time.Millisecond))
-			} else {
-				e.log.Info("elector: took over", "instance", inst)
-			}
+		events, retry := e.core.Acknowledged(e.execute(ctx, now, out.Acks, objs))
+		e.report(events)
+		if !retry.IsZero() {
+			next = earliest(next, retry)
 		}
-	} else if changed {
+	} else if out.Changed {
 		e.changed()
 	}
 	return next
 }
 
-// handoffTargets keeps the previous master of each instance this pod masters while
-// that process lives (its member Lease, same incarnation, not expired), and not while
-// this pod hands the instance on itself: then two pods could send a segment neither
-// knows back and forth.
-func (e *elector) handoffTargets(master map[string]bool, now time.Time, soon func(time.Time)) map[string][]netip.Addr {
-	out := map[string][]netip.Addr{}
-	for inst, p := range e.previous {
-		ml := e.view(MemberLeaseName(p.member), now)
-		if !master[inst] || e.handover[inst] != "" || ml == nil ||
-			ml.Annotations[annotationIncarnation] != p.incarnation || !now.Before(e.expiry(ml)) {
-			delete(e.previous, inst)
-			continue
+func earliest(a, b time.Time) time.Time {
+	if b.Before(a) {
+		return b
+	}
+	return a
+}
+
+// report logs what the Core did.
+func (e *elector) report(events []mastership.Event) {
+	for _, ev := range events {
+		switch ev.Kind {
+		case mastership.EventWriteFailed:
+			if ev.Write == mastership.KindTake {
+				e.log.Debug("elector: "+ev.Write.String(), "instance", ev.Instance, "err", ev.Err)
+			} else {
+				e.log.Warn("elector: "+ev.Write.String(), "instance", ev.Instance, "err", ev.Err)
+			}
+		case mastership.EventTook:
+			e.log.Info("elector: took", "instance", ev.Instance, "from", ev.Member)
+		case mastership.EventHandingOver:
+			e.log.Info("elector: handing over", "instance", ev.Instance, "to", ev.Member)
+		case mastership.EventHandoverAcknowledged:
+			e.log.Info("elector: handover acknowledged", "instance", ev.Instance, "by", ev.Member)
+		case mastership.EventHandoverLost:
+			e.log.Warn("elector: handover never acknowledged", "instance", ev.Instance, "by", ev.Member)
+		case mastership.EventTookOver:
+			e.log.Info("elector: took over", "instance", ev.Instance)
+		case mastership.EventReleased:
+			e.log.Info("elector: released", "instance", ev.Instance)
+		case mastership.EventAnnouncing:
+			e.log.Info("elector: routes reach the routers", "announcing", ev.Member)
+		case mastership.EventMaintenance:
+			e.log.Info("elector: node maintenance", "maintenance", ev.Member)
 		}
-		soon(e.expiry(ml).Add(10 * time.Millisecond))
-		var addrs []netip.Addr
-		for _, f := range strings.Split(ml.Annotations[annotationAddresses], ",") {
-			if a, err := netip.ParseAddr(strings.TrimSpace(f)); err == nil {
-				addrs = append(addrs, a)
+	}
+}
+
+// execute makes the writes, in order, each conditioned on the version it names.
+func (e *elector) execute(ctx context.Context, now time.Time, writes []mastership.Write, objs map[string]*coordinationv1.Lease) []mastership.Result {
+	out := make([]mastership.Result, 0, len(writes))
+	for _, w := range writes {
+		var base *coordinationv1.Lease
+		if w.Base != "" {
+			base = objs[w.Lease.Name]
+			if base == nil || base.ResourceVersion != w.Base {
+				out = append(out, mastership.Result{Err: fmt.Errorf("lease %s: version %s not observed", w.Lease.Name, w.Base)})
+				continue
 			}
 		}
-		if len(addrs) > 0 {
-			out[inst] = addrs
+		l, err := e.put(ctx, w.Lease.Name, base, func(l *coordinationv1.Lease) { applyWrite(l, w, now) })
+		if err != nil {
+			out = append(out, mastership.Result{Err: err})
+			continue
 		}
+		objs[l.Name] = l
+		out = append(out, mastership.Result{Lease: fromLease(l)})
 	}
 	return out
 }
 
-// stamp makes l held and renewed by this pod; take counts a new acquisition.
-func (e *elector) stamp(l *coordinationv1.Lease, now time.Time, take bool) {
+// fromLease is what the protocol reads of a Lease.
+func fromLease(l *coordinationv1.Lease) mastership.Lease {
+	out := mastership.Lease{
+		Name: l.Name, Version: l.ResourceVersion, Holder: ptr.Deref(l.Spec.HolderIdentity, ""),
+		HandoverFrom: l.Annotations[annotationHandoverFrom],
+	}
+	if l.Spec.LeaseDurationSeconds != nil {
+		out.Duration = time.Duration(*l.Spec.LeaseDurationSeconds) * time.Second
+	}
+	if mastership.IsMemberLease(l.Name) {
+		m := &mastership.Member{
+			Incarnation: l.Annotations[annotationIncarnation],
+			Leaving:     l.Annotations[annotationLeaving] != "",
+			Announcing:  l.Annotations[annotationAnnouncing] != "false",
+			Maintenance: l.Annotations[annotationMaintenance],
+		}
+		for _, f := range strings.Split(l.Annotations[annotationAddresses], ",") {
+			if a, err := netip.ParseAddr(strings.TrimSpace(f)); err == nil {
+				m.Addresses = append(m.Addresses, a)
+			}
+		}
+		out.Member = m
+	}
+	return out
+}
+
+// applyWrite applies a write to l (a copy of its base, or a new Lease).
+func applyWrite(l *coordinationv1.Lease, w mastership.Write, now time.Time) {
 	t := metav1.NewMicroTime(now)
-	if take || holder(l) != e.me {
+	if w.Acquire {
 		l.Spec.AcquireTime = &t
 		l.Spec.LeaseTransitions = ptr.To(ptr.Deref(l.Spec.LeaseTransitions, 0) + 1)
 	}
-	l.Spec.HolderIdentity = ptr.To(e.me)
-	l.Spec.LeaseDurationSeconds = ptr.To(leaseSeconds(e.cfg.MemberLease.Duration))
-	l.Spec.RenewTime = &t
-	delete(l.Annotations, annotationHandoverFrom)
-}
-
-func (e *elector) handTo(ctx context.Context, l *coordinationv1.Lease, target string, now time.Time) error {
-	return e.put(ctx, l.Name, l, func(l *coordinationv1.Lease) {
-		t := metav1.NewMicroTime(now)
-		l.Spec.HolderIdentity = ptr.To(target)
-		l.Spec.AcquireTime, l.Spec.RenewTime = &t, &t
-		l.Spec.LeaseTransitions = ptr.To(ptr.Deref(l.Spec.LeaseTransitions, 0) + 1)
-		if l.Annotations == nil {
-			l.Annotations = map[string]string{}
+	l.Spec.HolderIdentity = ptr.To(w.Lease.Holder)
+	l.Spec.LeaseDurationSeconds = ptr.To(leaseSeconds(w.Lease.Duration))
+	if w.Lease.Holder != "" {
+		l.Spec.RenewTime = &t
+	}
+	if l.Annotations == nil {
+		l.Annotations = map[string]string{}
+	}
+	set := func(k, v string) {
+		if v == "" {
+			delete(l.Annotations, k)
+		} else {
+			l.Annotations[k] = v
 		}
-		l.Annotations[annotationHandoverFrom] = e.me
-	})
-}
-
-func (e *elector) releaseInstance(ctx context.Context, l *coordinationv1.Lease) error {
-	return e.put(ctx, l.Name, l, func(l *coordinationv1.Lease) {
-		l.Spec.HolderIdentity = ptr.To("")
-		l.Spec.LeaseDurationSeconds = ptr.To[int32](1)
-		delete(l.Annotations, annotationHandoverFrom)
-	})
-}
-
-func (e *elector) renewMember(ctx context.Context, now time.Time, leaving, announcing bool, maint string) error {
-	name := MemberLeaseName(e.me)
-	return e.put(ctx, name, e.view(name, now), func(l *coordinationv1.Lease) {
-		e.stamp(l, now, false)
-		if l.Annotations == nil {
-			l.Annotations = map[string]string{}
-		}
-		addrs := make([]string, 0, len(e.cfg.NodeAddresses))
-		for _, a := range e.cfg.NodeAddresses {
+	}
+	set(annotationHandoverFrom, w.Lease.HandoverFrom)
+	if m := w.Lease.Member; m != nil {
+		addrs := make([]string, 0, len(m.Addresses))
+		for _, a := range m.Addresses {
 			addrs = append(addrs, a.String())
 		}
 		l.Annotations[annotationAddresses] = strings.Join(addrs, ",")
-		l.Annotations[annotationIncarnation] = e.incarnation
-		if leaving {
-			l.Annotations[annotationLeaving] = "true"
-		} else {
-			delete(l.Annotations, annotationLeaving)
-		}
-		if announcing {
-			delete(l.Annotations, annotationAnnouncing)
-		} else {
-			l.Annotations[annotationAnnouncing] = "false"
-		}
-		if maint != "" {
-			l.Annotations[annotationMaintenance] = maint
-		} else {
-			delete(l.Annotations, annotationMaintenance)
-		}
-	})
+		set(annotationIncarnation, m.Incarnation)
+		set(annotationLeaving, map[bool]string{true: "true"}[m.Leaving])
+		set(annotationAnnouncing, map[bool]string{false: "false"}[m.Announcing])
+		set(annotationMaintenance, m.Maintenance)
+	}
 }
 
 // put creates the Lease (base nil) or updates base, conditioned on its
 // resourceVersion: the compare-and-swap that makes Lease ownership exclusive.
-func (e *elector) put(ctx context.Context, name string, base *coordinationv1.Lease, mutate func(*coordinationv1.Lease)) error {
+func (e *elector) put(ctx context.Context, name string, base *coordinationv1.Lease, mutate func(*coordinationv1.Lease)) (*coordinationv1.Lease, error) {
 	var l *coordinationv1.Lease
 	if base == nil {
 		l = &coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: e.cfg.Namespace, Labels: map[string]string{labelPartOf: "shardlb"}}}
@@ -615,11 +405,11 @@ func (e *elector) put(ctx context.Context, name string, base *coordinationv1.Lea
 		if apierrors.IsConflict(err) || apierrors.IsAlreadyExists(err) || apierrors.IsNotFound(err) {
 			delete(e.own, name) // our copy is stale: read the cache next round
 		}
-		return fmt.Errorf("lease %s: %w", name, err)
+		return nil, fmt.Errorf("lease %s: %w", name, err)
 	}
 	out.ManagedFields = nil
 	e.own[name] = out
-	return nil
+	return out, nil
 }
 
 // release gives up, at shutdown after the routes are withdrawn, each instance Lease
@@ -627,14 +417,10 @@ func (e *elector) put(ctx context.Context, name string, base *coordinationv1.Lea
 // The member Lease stays, marked leaving, until forget: nodes that took over from this
 // pod hand off to it meanwhile.
 func (e *elector) release(ctx context.Context) {
-	now := e.clock.Now()
-	for _, inst := range e.cfg.Instances.Names() {
-		l := e.view(InstanceLeaseName(inst), now)
-		if holder(l) != e.me {
-			continue
-		}
-		if err := e.releaseInstance(ctx, l); err != nil {
-			e.log.Warn("elector: release", "instance", inst, "err", err)
+	leases, objs := e.observe()
+	for _, res := range e.execute(ctx, e.clock.Now(), e.core.Release(leases), objs) {
+		if res.Err != nil {
+			e.log.Warn("elector: release", "err", res.Err)
 		}
 	}
 	e.mu.Lock()

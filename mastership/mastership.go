@@ -1,0 +1,744 @@
+// Package mastership decides, for one member (a shardlb pod), which instance
+// mastership Leases to take, renew, hand over or release, and which instances to
+// announce as master. It is pure: a Core is a state machine stepped with what the
+// member observes (the Leases, its own state, the time) and answers with Lease writes
+// to make, then, once told their results, with the instances to announce as master,
+// the writes that must wait until the master routes reached the routers, and when to
+// step next. It has no client, no clock and no goroutine: kube's elector executes the
+// writes against the API server and feeds the results back, as etcd's raft leaves
+// storage and transport to its caller (Ready, then Advance).
+//
+// # Protocol
+//
+// Every member renews a member Lease (MemberLeaseName) every Config.Renew. Each
+// instance has a mastership Lease (InstanceLeaseName). The live members are the
+// holders of member Leases observed to change within Config.Duration, minus those
+// marked leaving, in maintenance, or not announcing (BGP sessions down) unless they
+// already hold an instance, minus holders of an expired instance Lease.
+// shard.Rebalance over them says who should master each instance; every member
+// computes the same answer.
+//
+//   - An instance Lease that expired (its holder stopped renewing for Config.Duration)
+//     or was never created is taken by its preferred member at once, by any eligible
+//     member after Config.Grace more.
+//   - A holder that is not the preferred member any more hands the instance over,
+//     make-before-break: it writes the preferred member as holder with HandoverFrom set
+//     to itself and keeps announcing as master; the new holder announces as master,
+//     waits until its routes left for the routers, then renews the Lease without
+//     HandoverFrom (the acknowledgement); the old holder demotes on seeing that. A new
+//     holder that never acknowledges lets the Lease expire: the old holder stops
+//     announcing then.
+//   - A member that is not eligible (leaving, in maintenance, excluded, its own member
+//     Lease stale) takes nothing, hands over what it holds, and releases what nobody
+//     can take.
+//
+// Every write is conditioned on the version read (a create, or an update of that
+// resourceVersion), so the API server decides every race: two members never both
+// hold a Lease.
+//
+// Expiry is measured from the local time at which a Lease's version was first seen,
+// not from the holder's renewTime, so member clocks need not agree (as client-go's
+// leaderelection does). A jump of the local clock moves every expiry with it: forward,
+// Leases of live holders look expired and may be taken (the API still keeps takes
+// exclusive and the holder hands back on its next renewal); backward, expiry waits
+// longer.
+package mastership
+
+import (
+	"cmp"
+	"fmt"
+	"maps"
+	"net/netip"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/shardlb/shardlb/shard"
+)
+
+// Lease name prefixes.
+const (
+	memberLeasePrefix   = "shardlb-member-"
+	instanceLeasePrefix = "shardlb-instance-"
+)
+
+// MemberLeaseName is the Lease through which a member shows it is alive.
+func MemberLeaseName(member string) string { return memberLeasePrefix + member }
+
+// InstanceLeaseName is the mastership Lease of an instance.
+func InstanceLeaseName(instance string) string { return instanceLeasePrefix + instance }
+
+// IsMemberLease reports whether name is a member Lease's.
+func IsMemberLease(name string) bool { return strings.HasPrefix(name, memberLeasePrefix) }
+
+// Config is one member's view of the protocol's settings; every member should use
+// the same Instances, Excluded and timings.
+type Config struct {
+	Me        string
+	Instances shard.Instances
+	// Excluded members never master (--excludeRoleList).
+	Excluded []string
+	// Renew is how often a holder renews; Duration after the last observed change a
+	// Lease counts as expired; Grace is how long an expired Lease waits for its
+	// preferred member before any eligible member may take it.
+	Renew, Duration, Grace time.Duration
+	// Addresses and Incarnation are published on the member Lease: a member that takes
+	// over one of this member's instances in a planned switch hands off segments of
+	// connections it does not know to these addresses while this incarnation lives.
+	Addresses   []netip.Addr
+	Incarnation string
+}
+
+// Member is what a member Lease says besides its holder.
+type Member struct {
+	Addresses   []netip.Addr
+	Incarnation string
+	// Leaving marks a member that is stopping: nobody hands it an instance.
+	Leaving bool
+	// Announcing is false while the member's routes reach no router.
+	Announcing bool
+	// Maintenance says why the member must master nothing ("" when it may).
+	Maintenance string
+}
+
+// Lease is the part of a Kubernetes Lease the protocol reads and writes.
+type Lease struct {
+	Name string
+	// Version is the resourceVersion: a write is conditioned on it. "" for a Lease
+	// that does not exist.
+	Version string
+	Holder  string
+	// Duration is the holder's lease duration (0: Config.Duration).
+	Duration time.Duration
+	// HandoverFrom, on an instance Lease, names the member that handed it to Holder;
+	// Holder clears it to acknowledge.
+	HandoverFrom string
+	// Member is set on member Leases.
+	Member *Member
+}
+
+// Kind says why a write is made.
+type Kind uint8
+
+const (
+	// KindMember renews this member's own Lease.
+	KindMember Kind = iota
+	// KindRenew renews an instance Lease this member holds.
+	KindRenew
+	// KindTake creates or takes over an expired instance Lease.
+	KindTake
+	// KindHandOver writes another member as holder, HandoverFrom this one.
+	KindHandOver
+	// KindRelease clears the holder of an instance Lease nobody can take over.
+	KindRelease
+	// KindAcknowledge renews an instance Lease handed to this member without
+	// HandoverFrom, after its master routes reached the routers.
+	KindAcknowledge
+)
+
+func (k Kind) String() string {
+	switch k {
+	case KindMember:
+		return "member"
+	case KindRenew:
+		return "renew"
+	case KindTake:
+		return "take"
+	case KindHandOver:
+		return "hand-over"
+	case KindRelease:
+		return "release"
+	case KindAcknowledge:
+		return "acknowledge"
+	}
+	return fmt.Sprintf("Kind(%d)", uint8(k))
+}
+
+// Write is a Lease write to make: create Lease when Base is "", else update the
+// version Base to Lease (a compare-and-swap). Acquire asks to record a new
+// acquisition (acquireTime, leaseTransitions).
+type Write struct {
+	Kind     Kind
+	Instance string // "" for the member Lease
+	Base     string
+	Lease    Lease
+	Acquire  bool
+}
+
+func (w Write) String() string {
+	verb := "update " + w.Base
+	if w.Base == "" {
+		verb = "create"
+	}
+	s := fmt.Sprintf("%s %s %s holder=%s", w.Kind, w.Lease.Name, verb, w.Lease.Holder)
+	if w.Lease.HandoverFrom != "" {
+		s += " handover-from=" + w.Lease.HandoverFrom
+	}
+	if m := w.Lease.Member; m != nil {
+		if m.Leaving {
+			s += " leaving"
+		}
+		if !m.Announcing {
+			s += " announcing=false"
+		}
+		if m.Maintenance != "" {
+			s += " maintenance=" + m.Maintenance
+		}
+	}
+	return s
+}
+
+// Result is the outcome of a Write: the Lease as stored (with its new Version), or
+// the error.
+type Result struct {
+	Lease Lease
+	Err   error
+}
+
+// Local is this member's own state, sampled each step.
+type Local struct {
+	// Leaving: a planned stop; hand every instance over.
+	Leaving bool
+	// Announcing: routes reach the upstream routers (BGP sessions up).
+	Announcing bool
+	// Maintenance: why this node must master nothing now ("" when it may).
+	Maintenance string
+}
+
+// Input is one step's observation.
+type Input struct {
+	Now time.Time
+	// Leases are every shardlb Lease observed, each the freshest copy known (the
+	// watch cache's, or this member's last write if the cache has not caught up).
+	Leases []Lease
+	Local  Local
+}
+
+// EventKind names what happened in a step, for logs and tests.
+type EventKind uint8
+
+const (
+	EventTook EventKind = iota
+	EventHandingOver
+	EventHandoverAcknowledged
+	EventHandoverLost
+	EventTookOver
+	EventReleased
+	EventAnnouncing
+	EventMaintenance
+	EventWriteFailed
+)
+
+// Event is something a step did or saw. Err is set for EventWriteFailed.
+type Event struct {
+	Kind     EventKind
+	Instance string
+	// Member is the other side: the previous holder (Took), the new holder
+	// (HandingOver, HandoverAcknowledged, HandoverLost); the value for Announcing and
+	// Maintenance.
+	Member string
+	Write  Kind
+	Err    error
+}
+
+func (e Event) String() string {
+	switch e.Kind {
+	case EventTook:
+		if e.Member != "" {
+			return fmt.Sprintf("took %s from %s", e.Instance, e.Member)
+		}
+		return "took " + e.Instance
+	case EventHandingOver:
+		return fmt.Sprintf("handing %s over to %s", e.Instance, e.Member)
+	case EventHandoverAcknowledged:
+		return fmt.Sprintf("%s acknowledged %s", e.Member, e.Instance)
+	case EventHandoverLost:
+		return fmt.Sprintf("%s never acknowledged %s", e.Member, e.Instance)
+	case EventTookOver:
+		return "took over " + e.Instance
+	case EventReleased:
+		return "released " + e.Instance
+	case EventAnnouncing:
+		return "announcing=" + e.Member
+	case EventMaintenance:
+		return "maintenance=" + e.Member
+	case EventWriteFailed:
+		if e.Instance != "" {
+			return fmt.Sprintf("%s %s failed: %v", e.Write, e.Instance, e.Err)
+		}
+		return fmt.Sprintf("%s failed: %v", e.Write, e.Err)
+	}
+	return fmt.Sprintf("Event(%d)", uint8(e.Kind))
+}
+
+// Outcome is what a step decided once its writes' results are known.
+type Outcome struct {
+	// Masters are the instances to announce as master now.
+	Masters map[string]bool
+	// Holders is instance -> holder of its unexpired Lease (this member included).
+	Holders map[string]string
+	// Handoffs is instance -> the node addresses of the member that handed it to this
+	// one, while that member's process lives (shard.Input.Handoffs).
+	Handoffs map[string][]netip.Addr
+	// Acks are writes to make only once Masters are applied and the master routes
+	// left for the routers; then call Acknowledged with their results.
+	Acks []Write
+	// Changed says Masters or Handoffs differ from the previous Outcome.
+	Changed bool
+	// Next is when to step again at the latest.
+	Next   time.Time
+	Events []Event
+}
+
+type seenLease struct {
+	version string
+	at      time.Time
+}
+
+// previousMaster is the process that handed an instance to this member.
+type previousMaster struct{ member, incarnation string }
+
+// Core is one member's mastership state machine. Use Step, make the writes, Advance
+// with their results; when the Outcome has Acks, apply the Masters, make the Acks and
+// call Acknowledged. A Core is not safe for concurrent use.
+type Core struct {
+	cfg      Config
+	excluded map[string]bool
+
+	seen          map[string]seenLease
+	handover      map[string]string // instance -> member handed to, until it acknowledges
+	missingSince  map[string]time.Time
+	memberRenewed time.Time
+	lastStep      time.Time
+	written       Local // what the member Lease said at the last successful write
+	previous      map[string]previousMaster
+	masters       map[string]bool
+	handoffs      map[string][]netip.Addr
+
+	r *round // the step in progress
+}
+
+// round is one step between Step and Advance.
+type round struct {
+	now     time.Time
+	next    time.Time
+	local   Local
+	leases  map[string]Lease
+	writes  []Write
+	master  map[string]bool
+	check   []string // instances held: still ours after this round's writes?
+	acks    []Write
+	events  []Event
+	meLive  bool
+	targets map[int]string  // write index -> member handed to
+	handed  map[string]bool // instances handed over in this round
+}
+
+// New returns a Core for cfg.
+func New(cfg Config) *Core {
+	ex := make(map[string]bool, len(cfg.Excluded))
+	for _, m := range cfg.Excluded {
+		ex[m] = true
+	}
+	return &Core{
+		cfg: cfg, excluded: ex,
+		seen: map[string]seenLease{}, handover: map[string]string{}, missingSince: map[string]time.Time{},
+		previous: map[string]previousMaster{}, masters: map[string]bool{}, handoffs: map[string][]netip.Addr{},
+	}
+}
+
+// expiry is when l stops counting; a released Lease (no holder) has expired.
+func (c *Core) expiry(l Lease) time.Time {
+	s := c.seen[l.Name]
+	if l.Holder == "" {
+		return s.at
+	}
+	d := l.Duration
+	if d <= 0 {
+		d = c.cfg.Duration
+	}
+	return s.at.Add(d)
+}
+
+func (r *round) soon(t time.Time) {
+	if t.Before(r.next) {
+		r.next = t
+	}
+}
+
+func (r *round) write(w Write) int {
+	r.writes = append(r.writes, w)
+	return len(r.writes) - 1
+}
+
+// observe indexes the Leases and records when each version was first seen. After a
+// pause of this member (a gap between steps of more than two renew periods, or its
+// clock going back), what it saw before says nothing of what happened meanwhile: the
+// Leases of other holders count as seen now, so a paused member does not take Leases
+// that are renewed, only not yet observed. Its own keep their times: they expired if
+// it was away too long.
+func (c *Core) observe(now time.Time, leases []Lease) map[string]Lease {
+	paused := !c.lastStep.IsZero() && (now.Before(c.lastStep) || now.Sub(c.lastStep) > 2*c.cfg.Renew)
+	c.lastStep = now
+	out := make(map[string]Lease, len(leases))
+	for _, l := range leases {
+		out[l.Name] = l
+		if s, ok := c.seen[l.Name]; !ok || s.version != l.Version || paused && l.Holder != c.cfg.Me {
+			c.seen[l.Name] = seenLease{version: l.Version, at: now}
+		}
+	}
+	for name := range c.seen {
+		if _, ok := out[name]; !ok {
+			delete(c.seen, name)
+		}
+	}
+	return out
+}
+
+// instanceLease is the Lease fields this member writes as holder of an instance.
+func (c *Core) instanceLease(name string) Lease {
+	return Lease{Name: name, Holder: c.cfg.Me, Duration: c.cfg.Duration}
+}
+
+// Step decides this round's writes. Make them (in any order, or concurrently) and
+// pass their results, in the same order, to Advance before the next Step.
+func (c *Core) Step(in Input) []Write {
+	now := in.Now
+	renew, grace := c.cfg.Renew, c.cfg.Grace
+	r := &round{now: now, next: now.Add(renew), local: in.Local, master: map[string]bool{}, targets: map[int]string{}, handed: map[string]bool{}}
+	c.r = r
+	r.leases = c.observe(now, in.Leases)
+	me := c.cfg.Me
+	loc := in.Local
+
+	if now.Sub(c.memberRenewed) >= renew || loc.Leaving && !c.written.Leaving ||
+		loc.Announcing != c.written.Announcing || loc.Maintenance != c.written.Maintenance {
+		name := MemberLeaseName(me)
+		base := r.leases[name]
+		r.write(Write{
+			Kind: KindMember, Base: base.Version, Acquire: base.Holder != me,
+			Lease: Lease{Name: name, Holder: me, Duration: c.cfg.Duration, Member: &Member{
+				Addresses: slices.Clone(c.cfg.Addresses), Incarnation: c.cfg.Incarnation,
+				Leaving: loc.Leaving, Announcing: loc.Announcing, Maintenance: loc.Maintenance,
+			}},
+		})
+	}
+	// Liveness of this member is its last successful member write: a write made now
+	// counts from Advance on.
+	r.meLive = now.Sub(c.memberRenewed) < c.cfg.Duration
+	eligible := r.meLive && !c.excluded[me] && !loc.Leaving && loc.Maintenance == ""
+	// A member takes mastership only when its master routes would reach the routers:
+	// while a restarted member's sessions come up, the routers would otherwise see no
+	// master route and spread the VIP over the backups, which do not know the
+	// connections in flight (the old master demotes on the new one's word).
+	canTake := eligible && loc.Announcing
+
+	// Who masters what.
+	names := c.cfg.Instances.Names()
+	current := map[string]string{}
+	stale := map[string]bool{} // holders of an expired instance Lease: not live
+	for _, inst := range names {
+		l, ok := r.leases[InstanceLeaseName(inst)]
+		if !ok || l.Holder == "" {
+			continue
+		}
+		if exp := c.expiry(l); now.Before(exp) {
+			current[inst] = l.Holder
+			if l.Holder != me {
+				r.soon(exp.Add(10 * time.Millisecond))
+			}
+		} else if l.Holder != me {
+			stale[l.Holder] = true
+		}
+	}
+	// Members Rebalance may give instances to: alive, not leaving, not in maintenance,
+	// and announcing or already holding an instance (a session flap does not move
+	// mastership).
+	holds := map[string]bool{}
+	for _, h := range current {
+		holds[h] = true
+	}
+	live := map[string]bool{}
+	for _, l := range r.leases {
+		if l.Member == nil || !IsMemberLease(l.Name) {
+			continue
+		}
+		h := l.Holder
+		if h == "" || h == me || stale[h] || l.Member.Leaving {
+			continue
+		}
+		if exp := c.expiry(l); now.Before(exp) {
+			live[h] = l.Member.Maintenance == "" && (l.Member.Announcing || holds[h])
+			r.soon(exp.Add(10 * time.Millisecond))
+		}
+	}
+	if r.meLive && !loc.Leaving {
+		live[me] = loc.Maintenance == "" && (loc.Announcing || holds[me])
+	}
+	var members []string
+	for m, ok := range live {
+		if ok {
+			members = append(members, m)
+		}
+	}
+	pref := shard.Rebalance(c.cfg.Instances, members, c.excluded, current)
+
+	for _, inst := range names {
+		name := InstanceLeaseName(inst)
+		l, exists := r.leases[name]
+		h := l.Holder
+		switch {
+		case h == me && l.HandoverFrom != "":
+			// Handed to us: announce as master first, acknowledge after. Segments of
+			// connections the previous master still serves are handed back to it. A
+			// handover not acknowledged within the Lease's duration has expired: the
+			// previous holder stops announcing then, and so does this member.
+			exp := c.expiry(l)
+			if !now.Before(exp) {
+				continue
+			}
+			r.soon(exp)
+			r.master[inst] = true
+			ack := c.instanceLease(name)
+			r.acks = append(r.acks, Write{Kind: KindAcknowledge, Instance: inst, Base: l.Version, Lease: ack})
+			from := l.HandoverFrom
+			if ml, ok := r.leases[MemberLeaseName(from)]; ok && ml.Member != nil && ml.Member.Incarnation != "" {
+				c.previous[inst] = previousMaster{member: from, incarnation: ml.Member.Incarnation}
+			}
+			continue
+		case h == me:
+			r.master[inst] = true
+			// Renewals failing for a whole lease duration: others may hold it by now.
+			// Wake at the expiry to stop announcing then; Advance checks.
+			r.check = append(r.check, inst)
+			if exp := c.expiry(l); now.Before(exp) {
+				r.soon(exp)
+			}
+			target := pref[inst]
+			heldFor := now.Sub(c.seen[name].at)
+			// A member whose own member Lease is stale (it could not renew it, or its
+			// process was paused) decides nothing but renewals until it renewed it.
+			if r.meLive && target != "" && target != me && live[target] && (heldFor >= renew || !eligible) {
+				hand := Lease{Name: name, Holder: target, Duration: c.cfg.Duration, HandoverFrom: me}
+				i := r.write(Write{Kind: KindHandOver, Instance: inst, Base: l.Version, Lease: hand, Acquire: true})
+				r.targets[i] = target
+				continue
+			}
+			if r.meLive && !eligible && target == "" {
+				r.write(Write{Kind: KindRelease, Instance: inst, Base: l.Version, Lease: Lease{Name: name, Duration: time.Second}})
+				continue
+			}
+			if heldFor >= renew {
+				r.write(Write{Kind: KindRenew, Instance: inst, Base: l.Version, Lease: c.instanceLease(name)})
+			}
+			continue
+		case h != "" && c.handover[inst] == h:
+			switch {
+			case !now.Before(c.expiry(l)):
+				delete(c.handover, inst)
+				r.events = append(r.events, Event{Kind: EventHandoverLost, Instance: inst, Member: h})
+			case l.HandoverFrom == me:
+				r.master[inst] = true // keep announcing until the new master does
+				r.soon(now.Add(50 * time.Millisecond))
+				continue
+			default:
+				delete(c.handover, inst)
+				r.events = append(r.events, Event{Kind: EventHandoverAcknowledged, Instance: inst, Member: h})
+			}
+		default:
+			delete(c.handover, inst)
+		}
+
+		// Not ours: take it when it has no master, if we are the preferred member or
+		// the preferred member let the grace pass.
+		if !canTake {
+			continue
+		}
+		if !exists {
+			since, ok := c.missingSince[inst]
+			if !ok {
+				since = now
+				c.missingSince[inst] = now
+			}
+			if pref[inst] == me || !now.Before(since.Add(grace)) {
+				r.write(Write{Kind: KindTake, Instance: inst, Lease: c.instanceLease(name), Acquire: true})
+			} else {
+				r.soon(since.Add(grace))
+			}
+			continue
+		}
+		delete(c.missingSince, inst)
+		exp := c.expiry(l)
+		if now.Before(exp) {
+			continue
+		}
+		if pref[inst] == me || !now.Before(exp.Add(grace)) {
+			i := r.write(Write{Kind: KindTake, Instance: inst, Base: l.Version, Lease: c.instanceLease(name), Acquire: true})
+			r.targets[i] = h // the previous holder, for the event
+		} else {
+			r.soon(exp.Add(grace))
+		}
+	}
+	return slices.Clone(r.writes)
+}
+
+// Advance takes the results of the writes Step returned, in the same order (a
+// missing result counts as failed), and says what to announce.
+func (c *Core) Advance(results []Result) Outcome {
+	r := c.r
+	if r == nil {
+		return Outcome{Masters: maps.Clone(c.masters), Handoffs: maps.Clone(c.handoffs)}
+	}
+	now, me := r.now, c.cfg.Me
+	for i, w := range r.writes {
+		res := Result{Err: fmt.Errorf("no result")}
+		if i < len(results) {
+			res = results[i]
+		}
+		if res.Err != nil {
+			r.events = append(r.events, Event{Kind: EventWriteFailed, Instance: w.Instance, Write: w.Kind, Err: res.Err})
+		} else {
+			c.stored(r, res.Lease)
+		}
+		switch w.Kind {
+		case KindMember:
+			if res.Err != nil {
+				continue
+			}
+			wasLive := r.meLive
+			c.memberRenewed = now
+			if w.Lease.Member.Announcing != c.written.Announcing {
+				r.events = append(r.events, Event{Kind: EventAnnouncing, Member: fmt.Sprint(w.Lease.Member.Announcing)})
+			}
+			if w.Lease.Member.Maintenance != c.written.Maintenance {
+				r.events = append(r.events, Event{Kind: EventMaintenance, Member: cmp.Or(w.Lease.Member.Maintenance, "none")})
+			}
+			c.written = Local{Leaving: w.Lease.Member.Leaving, Announcing: w.Lease.Member.Announcing, Maintenance: w.Lease.Member.Maintenance}
+			if !wasLive {
+				r.next = now // decisions waited for this member to be live
+			}
+		case KindTake:
+			if res.Err == nil {
+				r.master[w.Instance] = true
+				r.events = append(r.events, Event{Kind: EventTook, Instance: w.Instance, Member: r.targets[i]})
+			}
+		case KindHandOver:
+			if res.Err == nil {
+				c.handover[w.Instance] = r.targets[i]
+				r.handed[w.Instance] = true
+				r.events = append(r.events, Event{Kind: EventHandingOver, Instance: w.Instance, Member: r.targets[i]})
+			}
+		case KindRelease:
+			if res.Err == nil {
+				r.master[w.Instance] = false
+				r.events = append(r.events, Event{Kind: EventReleased, Instance: w.Instance})
+			}
+		}
+	}
+	for _, inst := range r.check {
+		if r.handed[inst] || !r.master[inst] {
+			continue // handed over (announce until acknowledged) or released
+		}
+		if l, ok := r.leases[InstanceLeaseName(inst)]; !ok || l.Holder != me || !now.Before(c.expiry(l)) {
+			r.master[inst] = false
+		}
+	}
+	holders := map[string]string{}
+	for _, inst := range c.cfg.Instances.Names() {
+		if l, ok := r.leases[InstanceLeaseName(inst)]; ok && l.Holder != "" && now.Before(c.expiry(l)) {
+			holders[inst] = l.Holder
+		}
+	}
+	master := map[string]bool{}
+	for inst, m := range r.master {
+		if m {
+			master[inst] = true
+		}
+	}
+	handoffs := c.handoffTargets(r, master)
+	out := Outcome{
+		Masters: master, Holders: holders, Handoffs: handoffs, Acks: r.acks,
+		Changed: !maps.Equal(c.masters, master) || !maps.EqualFunc(c.handoffs, handoffs, slices.Equal),
+		Next:    r.next, Events: r.events,
+	}
+	c.masters, c.handoffs = master, handoffs
+	if len(r.acks) > 0 {
+		r.events = nil // Acknowledged reports its own
+	} else {
+		c.r = nil
+	}
+	return out
+}
+
+// Acknowledged takes the results of an Outcome's Acks, in order, and says when to
+// step again at the latest (zero: no sooner than the Outcome's Next).
+func (c *Core) Acknowledged(results []Result) ([]Event, time.Time) {
+	r := c.r
+	c.r = nil
+	if r == nil {
+		return nil, time.Time{}
+	}
+	var retry time.Time
+	var events []Event
+	for i, w := range r.acks {
+		res := Result{Err: fmt.Errorf("no result")}
+		if i < len(results) {
+			res = results[i]
+		}
+		if res.Err != nil {
+			events = append(events, Event{Kind: EventWriteFailed, Instance: w.Instance, Write: w.Kind, Err: res.Err})
+			retry = r.now.Add(100 * time.Millisecond)
+			continue
+		}
+		c.stored(r, res.Lease)
+		events = append(events, Event{Kind: EventTookOver, Instance: w.Instance})
+	}
+	return events, retry
+}
+
+// stored records a Lease as written: its version counts from now.
+func (c *Core) stored(r *round, l Lease) {
+	if l.Name == "" {
+		return
+	}
+	r.leases[l.Name] = l
+	c.seen[l.Name] = seenLease{version: l.Version, at: r.now}
+}
+
+// handoffTargets keeps the previous master of each instance this member masters
+// while that process lives (its member Lease, same incarnation, not expired), and not
+// while this member hands the instance on itself: then two members could send a
+// segment neither knows back and forth.
+func (c *Core) handoffTargets(r *round, master map[string]bool) map[string][]netip.Addr {
+	out := map[string][]netip.Addr{}
+	for inst, p := range c.previous {
+		ml, ok := r.leases[MemberLeaseName(p.member)]
+		if !master[inst] || c.handover[inst] != "" || !ok || ml.Member == nil ||
+			ml.Member.Incarnation != p.incarnation || !r.now.Before(c.expiry(ml)) {
+			delete(c.previous, inst)
+			continue
+		}
+		r.soon(c.expiry(ml).Add(10 * time.Millisecond))
+		if len(ml.Member.Addresses) > 0 {
+			out[inst] = slices.Clone(ml.Member.Addresses)
+		}
+	}
+	return out
+}
+
+// Release returns the writes that give up, at shutdown, every instance Lease this
+// member still holds, so its next master need not wait for expiry. Their results
+// need not be fed back: the Core is done.
+func (c *Core) Release(leases []Lease) []Write {
+	var out []Write
+	for _, l := range leases {
+		if l.Holder != c.cfg.Me || IsMemberLease(l.Name) || !strings.HasPrefix(l.Name, instanceLeasePrefix) {
+			continue
+		}
+		inst := strings.TrimPrefix(l.Name, instanceLeasePrefix)
+		out = append(out, Write{Kind: KindRelease, Instance: inst, Base: l.Version, Lease: Lease{Name: l.Name, Duration: time.Second}})
+	}
+	slices.SortFunc(out, func(a, b Write) int { return strings.Compare(a.Lease.Name, b.Lease.Name) })
+	c.masters = map[string]bool{}
+	return out
+}
