@@ -60,8 +60,8 @@ check-generate: generate
 lint:
 	$(GO) vet $(PKGS)
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1; }
-	@command -v staticcheck >/dev/null || $(GO) install honnef.co/go/tools/cmd/staticcheck@latest
-	staticcheck $(PKGS)
+	@$(GO) mod tidy -diff || { echo "go.mod or go.sum is not tidy (the diff above): run 'go mod tidy'"; exit 1; }
+	$(GO) tool staticcheck $(PKGS)
 
 clean:
 	rm -rf $(BIN)

@@ -113,8 +113,11 @@ type DatapathCounters struct {
 
 // FrontendCounters are one frontend's packet counters since it was programmed.
 type FrontendCounters struct {
-	Service, Frontend                   string // namespace/name; "VIP:port/proto"
-	Packets, Bytes, ReplyPackets, Flows uint64
+	Service, Frontend string // namespace/name; "VIP:port/proto"
+	// Packets and Bytes toward endpoints; ReplyPackets and ReplyBytes back to clients.
+	Packets, Bytes           uint64
+	ReplyPackets, ReplyBytes uint64
+	Flows                    uint64
 	// Handoffs are segments sent on to the previous master after a planned switch.
 	Handoffs uint64
 	// ICMPErrors are ICMP errors about the frontend's flows sent on to the host that
@@ -134,7 +137,7 @@ func newDatapathCollector(read func() DatapathCounters) *datapathCollector {
 		read:     read,
 		dropDesc: prometheus.NewDesc("shardlb_datapath_drops_total", "Packets the datapath dropped, by reason.", []string{"reason"}, nil),
 		pktDesc:  prometheus.NewDesc("shardlb_frontend_packets_total", "Packets through a frontend, by direction (to endpoints or replies).", append(fe, "direction"), nil),
-		byteDesc: prometheus.NewDesc("shardlb_frontend_bytes_total", "Bytes toward a frontend's endpoints.", fe, nil),
+		byteDesc: prometheus.NewDesc("shardlb_frontend_bytes_total", "Bytes through a frontend, by direction (to endpoints or replies).", append(fe, "direction"), nil),
 		flowDesc: prometheus.NewDesc("shardlb_frontend_flows_total", "New flows a frontend balanced.", fe, nil),
 		handoffDesc: prometheus.NewDesc("shardlb_frontend_handoff_packets_total",
 			"TCP segments of connections unknown here sent on to the frontend's previous master after a planned switch.", fe, nil),
@@ -160,7 +163,8 @@ func (c *datapathCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, f := range d.Frontends {
 		ch <- prometheus.MustNewConstMetric(c.pktDesc, prometheus.CounterValue, float64(f.Packets), f.Service, f.Frontend, "forward")
 		ch <- prometheus.MustNewConstMetric(c.pktDesc, prometheus.CounterValue, float64(f.ReplyPackets), f.Service, f.Frontend, "reply")
-		ch <- prometheus.MustNewConstMetric(c.byteDesc, prometheus.CounterValue, float64(f.Bytes), f.Service, f.Frontend)
+		ch <- prometheus.MustNewConstMetric(c.byteDesc, prometheus.CounterValue, float64(f.Bytes), f.Service, f.Frontend, "forward")
+		ch <- prometheus.MustNewConstMetric(c.byteDesc, prometheus.CounterValue, float64(f.ReplyBytes), f.Service, f.Frontend, "reply")
 		ch <- prometheus.MustNewConstMetric(c.flowDesc, prometheus.CounterValue, float64(f.Flows), f.Service, f.Frontend)
 		ch <- prometheus.MustNewConstMetric(c.handoffDesc, prometheus.CounterValue, float64(f.Handoffs), f.Service, f.Frontend)
 		ch <- prometheus.MustNewConstMetric(c.icmpDesc, prometheus.CounterValue, float64(f.ICMPErrors), f.Service, f.Frontend)

@@ -5,6 +5,7 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"reflect"
+	"slices"
 	"testing"
 )
 
@@ -79,13 +80,36 @@ func TestPlanRules(t *testing.T) {
 			}
 		}
 	})
-	t.Run("a VIP shared by two instances follows the service with the smallest key", func(t *testing.T) {
-		s := guideServices()
-		s[1].VIPs = s[0].VIPs
-		s[1].Ports[0].Port = 57003
-		p := BuildPlan(Input{Node: "master1", Roles: true, Masters: masters, Services: s})
-		if len(p.Advertisements) != 1 || p.Advertisements[0].Role != RoleMaster || p.Advertisements[0].Instance != "default" {
-			t.Fatalf("advertisements %v", p.Advertisements)
+	t.Run("a VIP shared by services of different instances follows the service with the smallest key, whatever the input order", func(t *testing.T) {
+		// Three services of three instances on one VIP, fed in every order: a rule that
+		// took the first, the last or the middle service would fail in some order.
+		vip := netip.MustParseAddr("192.168.80.250")
+		shared := []Service{
+			{Key: "default/b-lb", Instance: "llb-inst1", VIPs: []netip.Addr{vip},
+				Ports: []ServicePort{{Protocol: TCP, Port: 57003, Endpoints: guideServices()[0].Ports[0].Endpoints}}},
+			{Key: "default/a-lb", Instance: "llb-inst2", VIPs: []netip.Addr{vip},
+				Ports: []ServicePort{{Protocol: TCP, Port: 57002, Endpoints: guideServices()[1].Ports[0].Endpoints}}},
+			{Key: "default/c-lb", Instance: "default", VIPs: []netip.Addr{vip},
+				Ports: []ServicePort{{Protocol: TCP, Port: 57004, Endpoints: guideServices()[0].Ports[0].Endpoints}}},
+		}
+		masters := map[string]string{"default": "master1", "llb-inst1": "master2", "llb-inst2": "master3"}
+		for _, order := range [][]int{{0, 1, 2}, {0, 2, 1}, {1, 0, 2}, {1, 2, 0}, {2, 0, 1}, {2, 1, 0}} {
+			s := make([]Service, len(order))
+			var keys []string
+			for i, o := range order {
+				s[i] = shared[o]
+				keys = append(keys, shared[o].Key)
+			}
+			for _, node := range guideNodes {
+				p := BuildPlan(Input{Node: node, Roles: true, Masters: masters, Services: s})
+				want := Advertisement{Prefix: netip.PrefixFrom(vip, 32), Instance: "llb-inst2", Role: RoleBackup}
+				if node == masters["llb-inst2"] {
+					want.Role = RoleMaster
+				}
+				if len(p.Advertisements) != 1 || p.Advertisements[0] != want {
+					t.Errorf("services in order %v, %s announces %v, want [%v] (default/a-lb is in llb-inst2)", keys, node, p.Advertisements, want)
+				}
+			}
 		}
 	})
 	t.Run("IPv6 VIPs are announced as /128 and IPv4-mapped ones as /32", func(t *testing.T) {
@@ -119,12 +143,45 @@ func randomServices(r *rand.Rand, in Instances, n int) []Service {
 	return svcs
 }
 
+// shareVIPs makes about a third of the services share the VIP of an earlier one (shared
+// IP mode: one VIP, services of any instances, distinct ports).
+func shareVIPs(r *rand.Rand, svcs []Service) {
+	for i := 1; i < len(svcs); i++ {
+		if r.IntN(3) == 0 {
+			svcs[i].VIPs = slices.Clone(svcs[r.IntN(i)].VIPs)
+			svcs[i].Ports[0].Port = uint16(1000 + i)
+		}
+	}
+}
+
+// shuffled is a deep copy of svcs in a random order, each port's endpoints shuffled
+// too: what one node's informers might hand it.
+func shuffled(r *rand.Rand, svcs []Service) []Service {
+	out := make([]Service, len(svcs))
+	for i, s := range svcs {
+		s.VIPs = slices.Clone(s.VIPs)
+		ports := make([]ServicePort, len(s.Ports))
+		for j, p := range s.Ports {
+			p.Endpoints = slices.Clone(p.Endpoints)
+			r.Shuffle(len(p.Endpoints), func(a, b int) { p.Endpoints[a], p.Endpoints[b] = p.Endpoints[b], p.Endpoints[a] })
+			ports[j] = p
+		}
+		s.Ports = ports
+		out[i] = s
+	}
+	r.Shuffle(len(out), func(a, b int) { out[a], out[b] = out[b], out[a] })
+	return out
+}
+
 // TestEveryNodeAgreesOnOneMasterPerVIP computes the Plan from every node's point of
-// view, with the same inputs, and checks that each announced VIP has exactly one
-// master among the nodes and that all nodes program the same frontends.
+// view, each node given the same services in its own order, a third of them sharing a
+// VIP with others of any instance. All nodes must program the same frontends and
+// announce the same VIPs, each in the instance of the smallest key among its services,
+// and each VIP must have exactly one master: its instance's.
 func TestEveryNodeAgreesOnOneMasterPerVIP(t *testing.T) {
-	r := rand.New(rand.NewPCG(7, 7))
-	for round := 0; round < 100; round++ {
+	for round := range 100 {
+		seed := uint64(round)
+		r := rand.New(rand.NewPCG(seed, 7))
 		in, _ := NewInstances("llb", 1+r.IntN(8))
 		nodes := make([]string, 1+r.IntN(8))
 		for i := range nodes {
@@ -132,24 +189,66 @@ func TestEveryNodeAgreesOnOneMasterPerVIP(t *testing.T) {
 		}
 		masters := PreferredMasters(in, nodes, nil)
 		svcs := randomServices(r, in, 50)
-		masterCount := map[netip.Prefix]int{}
-		var first Plan
-		for i, node := range nodes {
-			p := BuildPlan(Input{Node: node, Roles: true, Masters: masters, Services: svcs})
-			if i == 0 {
-				first = p
-			} else if !reflect.DeepEqual(p.Frontends, first.Frontends) || len(p.Advertisements) != len(first.Advertisements) {
-				t.Fatalf("round %d: %s programs or announces differently from %s", round, node, nodes[0])
+		shareVIPs(r, svcs)
+
+		// The naive model: a VIP follows the smallest key among all its services, ready
+		// or not, and is announced while any of them has a ready endpoint.
+		owner := map[netip.Prefix]Service{}
+		ready := map[netip.Prefix]bool{}
+		for _, s := range svcs {
+			pfx := netip.PrefixFrom(s.VIPs[0], 32)
+			if o, ok := owner[pfx]; !ok || s.Key < o.Key {
+				owner[pfx] = s
 			}
-			for _, a := range p.Advertisements {
-				if a.Role == RoleMaster {
-					masterCount[a.Prefix]++
-				}
+			ready[pfx] = ready[pfx] || len(s.Ports[0].Endpoints) > 0
+		}
+		var wantVIPs []netip.Prefix
+		for pfx := range owner {
+			if ready[pfx] {
+				wantVIPs = append(wantVIPs, pfx)
 			}
 		}
-		for _, a := range first.Advertisements {
-			if masterCount[a.Prefix] != 1 {
-				t.Fatalf("round %d: VIP %s has %d masters", round, a.Prefix, masterCount[a.Prefix])
+		slices.SortFunc(wantVIPs, func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
+
+		masterOf := map[netip.Prefix][]string{}
+		var first Plan
+		for i, node := range nodes {
+			p := BuildPlan(Input{Node: node, Roles: true, Masters: masters, Services: shuffled(r, svcs)})
+			if i == 0 {
+				first = p
+			} else if !reflect.DeepEqual(p.Frontends, first.Frontends) {
+				i := 0
+				for i < min(len(p.Frontends), len(first.Frontends)) && reflect.DeepEqual(p.Frontends[i], first.Frontends[i]) {
+					i++
+				}
+				at := func(fs []Frontend) any {
+					if i < len(fs) {
+						return fs[i]
+					}
+					return "nothing"
+				}
+				t.Fatalf("round %d (seed %d): %s programs %d frontends, %s %d; first difference at %d: %+v, want %+v",
+					round, seed, node, len(p.Frontends), nodes[0], len(first.Frontends), i, at(p.Frontends), at(first.Frontends))
+			}
+			var got []netip.Prefix
+			for _, a := range p.Advertisements {
+				got = append(got, a.Prefix)
+				if want := owner[a.Prefix].Instance; a.Instance != want {
+					t.Fatalf("round %d (seed %d): %s announces %s in %s, want %s (instance of %s, the smallest key on it)",
+						round, seed, node, a.Prefix, a.Instance, want, owner[a.Prefix].Key)
+				}
+				if a.Role == RoleMaster {
+					masterOf[a.Prefix] = append(masterOf[a.Prefix], node)
+				}
+			}
+			if !slices.Equal(got, wantVIPs) {
+				t.Fatalf("round %d (seed %d): %s announces %v, want %v", round, seed, node, got, wantVIPs)
+			}
+		}
+		for _, pfx := range wantVIPs {
+			inst := owner[pfx].Instance
+			if m := masterOf[pfx]; len(m) != 1 || m[0] != masters[inst] {
+				t.Fatalf("round %d (seed %d): VIP %s of %s is mastered by %v, want [%s]", round, seed, pfx, inst, m, masters[inst])
 			}
 		}
 	}

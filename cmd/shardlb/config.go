@@ -15,44 +15,45 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/shardlb/shardlb/bgp"
+	"github.com/shardlb/shardlb/datapath"
 	"github.com/shardlb/shardlb/ipam"
 	"github.com/shardlb/shardlb/kube"
 	"github.com/shardlb/shardlb/shard"
 )
 
-// config is the typed, validated result of the command line.
+// config is the typed, validated result of the command line: each package's own
+// Config, seeded from its DefaultConfig, so a default lives in one place.
 type config struct {
-	NodeName string
-	// NodeIPv4 and NodeIPv6 are this node's addresses (--nodeIP), either may be unset.
-	NodeIPv4, NodeIPv6 netip.Addr
-	Namespace          string
-	Kubeconfig         string
-
-	Pools             []ipam.PoolSpec
-	UniqueIP          bool
-	LoadBalancerClass string
-	LBMode            shard.Mode
-
-	Instances     shard.Instances
-	Roles         bool
-	Exclude       []string
-	LeaseDuration time.Duration
-	RenewInterval time.Duration
+	// Kube is the Kubernetes side: node, namespace, services and pools, shards and
+	// roles, Leases, the local API and the drain.
+	Kube kube.Config
 
 	BGPEnabled bool
 	BGP        bgp.Config
 
-	Interfaces    []string
-	ConntrackSize int
-	// PinPath is where the datapath pins its maps and links (bpffs); empty: nothing
-	// is pinned.
-	PinPath string
+	// Datapath is attached when it has Interfaces.
+	Datapath datapath.Config
 
-	APIListen     string
-	MetricsListen string
-	LogLevel      slog.Level
-	// Drain is how long the datapath keeps serving after the routes are withdrawn.
-	Drain time.Duration
+	LogLevel slog.Level
+}
+
+// defaultConfig is what the flags start from: every package's defaults, the downward
+// API's values, and the daemon's own choices where a package leaves a setting to its
+// caller.
+func defaultConfig(env func(string) string) config {
+	c := config{
+		Kube: kube.DefaultConfig(),
+		BGP:  bgp.DefaultConfig(),
+		// The datapath has no DefaultConfig: New fills a zero field with its default.
+		Datapath: datapath.Config{ConntrackSize: datapath.DefaultConntrackSize},
+	}
+	c.Kube.NodeName, c.Kube.Kubeconfig = env("NODE_NAME"), env("KUBECONFIG")
+	c.Kube.Namespace = or(env("POD_NAMESPACE"), "kube-system")
+	// A pod accepts its routers' sessions on the BGP port and detects their loss with
+	// BFD; the package leaves both off for callers that only dial out.
+	c.BGP.ListenPort = 179
+	c.BGP.BFD.Enabled = true
+	return c
 }
 
 // flagError is a bad flag value: one line naming the flag, the value and what is expected.
@@ -79,82 +80,75 @@ type group struct {
 	fs    *pflag.FlagSet
 }
 
-// raw holds flag values before validation.
+// raw holds the values of flags that are text before validation; the other flags
+// write straight into the config.
 type raw struct {
-	nodeName, nodeIP, namespace, kubeconfig                string
-	cidrPools, cidr6Pools, lbClass, lbMode                 string
-	uniqueIP                                               bool
-	numZones                                               int
-	zone, setRoles, excludeRoles                           string
-	leaseDuration, renewInterval                           time.Duration
-	setBGP, extPeers, bfd, passwordFile, communities, grpc string
-	listenPort                                             int
-	multiHop                                               bool
-	hold, keepalive, peerWait                              time.Duration
-	localPrefMaster, localPrefBackup, medMaster, medBackup uint32
-	prepend                                                uint8
-	interfaces, pinPath                                    string
-	conntrack                                              int
-	apiListen, metricsListen, logLevel                     string
-	drain                                                  time.Duration
+	nodeIP, cidrPools, cidr6Pools, lbMode string
+	numZones, listenPort                  int
+	zone, setRoles, excludeRoles          string
+	setBGP, extPeers, bfd, communities    string
+	interfaces, logLevel                  string
 }
 
-func newFlags(r *raw, env func(string) string) (*pflag.FlagSet, []group) {
+// newFlags binds the flags to c and r; each default is the value c or r already holds,
+// so defaultConfig is the only place a package's default is read.
+func newFlags(c *config, r *raw) (*pflag.FlagSet, []group) {
 	mk := func(title string) group {
 		return group{title: title, fs: pflag.NewFlagSet(title, pflag.ContinueOnError)}
 	}
 	node, pools, shards, bgpG, dp, ops := mk("Node and Kubernetes"), mk("Services and IPAM"), mk("Sharding and roles"), mk("BGP"), mk("Datapath"), mk("API, metrics and logs")
+	k, b, d := &c.Kube, &c.BGP, &c.Datapath
 
 	f := node.fs
-	f.StringVar(&r.nodeName, "nodeName", env("NODE_NAME"), "this node's name, the member name in Leases ($NODE_NAME when set)")
-	f.StringVar(&r.nodeIP, "nodeIP", env("NODE_IP"), "this node's addresses, at most one per family, comma separated: the IPv4 one is the BGP router ID, the IPv6 one the next hop of IPv6 VIPs (IPv4 VIPs get the session's address); each is the onearm source toward endpoints and where handed-off segments go ($NODE_IP when set)")
-	f.StringVar(&r.namespace, "namespace", or(env("POD_NAMESPACE"), "kube-system"), "namespace of the Leases and the controller ($POD_NAMESPACE when set)")
-	f.StringVar(&r.kubeconfig, "kubeconfig", env("KUBECONFIG"), "kubeconfig file; empty: in-cluster configuration")
+	f.StringVar(&k.NodeName, "nodeName", k.NodeName, "this node's name, the member name in Leases ($NODE_NAME when set)")
+	f.StringVar(&r.nodeIP, "nodeIP", r.nodeIP, "this node's addresses, at most one per family, comma separated: the IPv4 one is the BGP router ID, the IPv6 one the next hop of IPv6 VIPs (IPv4 VIPs get the session's address); each is the onearm source toward endpoints and where handed-off segments go ($NODE_IP when set)")
+	f.StringVar(&k.Namespace, "namespace", k.Namespace, "namespace of the Leases and the controller ($POD_NAMESPACE when set)")
+	f.StringVar(&k.Kubeconfig, "kubeconfig", k.Kubeconfig, "kubeconfig file; empty: in-cluster configuration")
 
 	f = pools.fs
 	f.StringVar(&r.cidrPools, "cidrPools", "", "IPv4 VIP pools: name=CIDR or name=startIP-endIP, comma separated; a CIDR with host bits set starts there (defaultPool=192.168.80.250/24)")
 	f.StringVar(&r.cidr6Pools, "cidr6Pools", "", "IPv6 VIP pools, same syntax")
-	f.BoolVar(&r.uniqueIP, "setUniqueIP", false, "one VIP per service (needed for sharding); otherwise services with different ports may share one")
-	f.StringVar(&r.lbClass, "loadBalancerClass", "loxilb.io/loxilb", "spec.loadBalancerClass of the services this load balancer serves")
-	f.StringVar(&r.lbMode, "setLBMode", "default", "default NAT mode: default|onearm|fullnat (or 0..2); per service: loxilb.io/lbmode")
+	f.BoolVar(&k.UniqueIP, "setUniqueIP", k.UniqueIP, "one VIP per service (needed for sharding); otherwise services with different ports may share one")
+	f.StringVar(&k.LoadBalancerClass, "loadBalancerClass", k.LoadBalancerClass, "spec.loadBalancerClass of the services this load balancer serves")
+	f.StringVar(&r.lbMode, "setLBMode", k.DefaultMode.String(), "default NAT mode: default|onearm|fullnat (or 0..2); per service: loxilb.io/lbmode")
 
 	f = shards.fs
 	f.IntVar(&r.numZones, "numZoneInstances", 1, "number of shards: default, <zone>-inst1, ...")
 	f.StringVar(&r.zone, "zone", "llb", "prefix of the shard names")
 	f.StringVar(&r.setRoles, "setRoles", "", "turn on active-backup roles per shard (kube-loxilb takes an address here, e.g. 0.0.0.0); unset: every node announces equally (ECMP)")
 	f.Lookup("setRoles").NoOptDefVal = "0.0.0.0"
-	f.StringVar(&r.excludeRoles, "excludeRoleList", "", "comma separated node names or addresses that never become master")
-	f.DurationVar(&r.leaseDuration, "leaseDuration", 4*time.Second, "how long a member or mastership Lease lasts without renewal")
-	f.DurationVar(&r.renewInterval, "leaseRenewInterval", time.Second, "how often Leases are renewed")
+	f.StringVar(&r.excludeRoles, "excludeRoleList", strings.Join(k.Excluded, ","), "comma separated node names or addresses that never become master")
+	f.DurationVar(&k.MemberLease.Duration, "leaseDuration", k.MemberLease.Duration, "how long a member or mastership Lease lasts without renewal")
+	f.DurationVar(&k.MemberLease.Renew, "leaseRenewInterval", k.MemberLease.Renew, "how often Leases are renewed")
 
 	f = bgpG.fs
 	f.StringVar(&r.setBGP, "setBGP", "", "local AS number (asplain or asdot); unset or 0: no BGP")
 	f.StringVar(&r.extPeers, "extBGPPeers", "", "upstream routers: IP:ASN[,IP:ASN], IPv6 as [addr]:ASN")
-	f.IntVar(&r.listenPort, "listenBGPPort", 179, "TCP port for incoming BGP sessions; 0: dial out only")
-	f.BoolVar(&r.multiHop, "eBGPMultiHop", false, "allow eBGP peers that are not directly connected")
-	f.DurationVar(&r.hold, "bgpHoldTime", 9*time.Second, "BGP hold time (whole seconds, >= 3s)")
-	f.DurationVar(&r.keepalive, "bgpKeepalive", 3*time.Second, "BGP keepalive interval")
-	f.DurationVar(&r.peerWait, "bgpPeerWait", 30*time.Second, "after start, how long every peer must be up before this node may master; after it, one peer up is enough")
-	f.StringVar(&r.bfd, "bgpBFD", "300ms,3", "BFD toward every peer: INTERVAL,MULTIPLIER, or off")
-	f.StringVar(&r.passwordFile, "bgpPasswordFile", "", "file of TCP MD5 passwords: lines 'PEER-IP PASSWORD' or one 'PASSWORD' for all (mount a Secret)")
-	f.StringVar(&r.communities, "bgpCommunities", "", "communities added to every VIP: ASN:VALUE or no-export, comma separated")
-	f.Uint32Var(&r.localPrefMaster, "bgpLocalPrefMaster", 5000, "LOCAL_PREF of a shard master's VIPs (iBGP)")
-	f.Uint32Var(&r.localPrefBackup, "bgpLocalPrefBackup", 100, "LOCAL_PREF of a backup's VIPs (iBGP)")
-	f.Uint32Var(&r.medMaster, "bgpMEDMaster", 10, "MED of a master's VIPs")
-	f.Uint32Var(&r.medBackup, "bgpMEDBackup", 20, "MED of a backup's VIPs")
-	f.Uint8Var(&r.prepend, "bgpBackupPrepend", 3, "extra local-AS prepends on a backup's VIPs toward eBGP peers")
-	f.StringVar(&r.grpc, "bgpAPIListen", "127.0.0.1:50051", "GoBGP gRPC API for the gobgp CLI; empty disables")
+	f.IntVar(&r.listenPort, "listenBGPPort", int(b.ListenPort), "TCP port for incoming BGP sessions; 0: dial out only")
+	f.BoolVar(&b.EBGPMultiHop, "eBGPMultiHop", b.EBGPMultiHop, "allow eBGP peers that are not directly connected")
+	f.DurationVar(&b.HoldTime, "bgpHoldTime", b.HoldTime, "BGP hold time (whole seconds, >= 3s)")
+	f.DurationVar(&b.KeepaliveInterval, "bgpKeepalive", b.KeepaliveInterval, "BGP keepalive interval")
+	f.DurationVar(&b.PeerWait, "bgpPeerWait", b.PeerWait, "after start, how long every peer must be up before this node may master; after it, one peer up is enough")
+	f.StringVar(&r.bfd, "bgpBFD", formatBFD(b.BFD), "BFD toward every peer: INTERVAL,MULTIPLIER, or off")
+	f.StringVar(&b.PasswordFile, "bgpPasswordFile", b.PasswordFile, "file of TCP MD5 passwords: lines 'PEER-IP PASSWORD' or one 'PASSWORD' for all (mount a Secret)")
+	f.StringVar(&r.communities, "bgpCommunities", strings.Join(b.Communities, ","), "communities added to every VIP: ASN:VALUE or no-export, comma separated")
+	f.Uint32Var(&b.LocalPrefMaster, "bgpLocalPrefMaster", b.LocalPrefMaster, "LOCAL_PREF of a shard master's VIPs (iBGP)")
+	f.Uint32Var(&b.LocalPrefBackup, "bgpLocalPrefBackup", b.LocalPrefBackup, "LOCAL_PREF of a backup's VIPs (iBGP)")
+	f.Uint32Var(&b.MEDMaster, "bgpMEDMaster", b.MEDMaster, "MED of a master's VIPs")
+	f.Uint32Var(&b.MEDBackup, "bgpMEDBackup", b.MEDBackup, "MED of a backup's VIPs")
+	f.Uint8Var(&b.BackupPrepend, "bgpBackupPrepend", b.BackupPrepend, "extra local-AS prepends on a backup's VIPs toward eBGP peers")
+	f.StringVar(&b.GRPCListen, "bgpAPIListen", b.GRPCListen, "GoBGP gRPC API for the gobgp CLI; empty disables")
 
 	f = dp.fs
-	f.StringVar(&r.interfaces, "interfaces", "", "interfaces the eBPF datapath attaches to, comma separated; empty: no datapath")
-	f.StringVar(&r.pinPath, "pinPath", "", "bpffs directory where the datapath pins its maps and links, e.g. /sys/fs/bpf/shardlb: a crashed process leaves the datapath forwarding and the next one adopts its connections; empty: nothing pinned")
-	f.IntVar(&r.conntrack, "conntrackSize", 262144, "connection tracking entries of each conntrack map (IPv4 TCP, IPv4 UDP, IPv6); a flow takes two")
+	f.StringVar(&r.interfaces, "interfaces", strings.Join(d.Interfaces, ","), "interfaces the eBPF datapath attaches to, comma separated; empty: no datapath")
+	f.StringVar(&d.PinPath, "pinPath", d.PinPath, "bpffs directory where the datapath pins its maps and links, e.g. /sys/fs/bpf/shardlb: a crashed process leaves the datapath forwarding and the next one adopts its connections; empty: nothing pinned")
+	f.IntVar(&d.ConntrackSize, "conntrackSize", d.ConntrackSize, "connection tracking entries of each conntrack map (IPv4 TCP, IPv4 UDP, IPv6); a flow takes two")
 
-	f.DurationVar(&r.drain, "shutdownDrain", time.Second, "on shutdown, how long the datapath keeps serving after the routes are withdrawn")
+	f.DurationVar(&k.Drain, "shutdownDrain", k.Drain, "on shutdown, how long the datapath keeps serving after the routes are withdrawn")
 
 	f = ops.fs
-	f.StringVar(&r.apiListen, "apiListen", kube.DefaultAPIAddress, "local API used by 'shardlb get'")
-	f.StringVar(&r.metricsListen, "metricsListen", kube.DefaultMetricsAddress, "Prometheus /metrics, /healthz and /readyz; empty: on --apiListen")
+	f.StringVar(&k.APIAddress, "apiListen", k.APIAddress, "local API used by 'shardlb get'")
+	f.StringVar(&k.MetricsAddress, "metricsListen", k.MetricsAddress, "Prometheus /metrics, /healthz and /readyz; empty: on --apiListen")
 	f.StringVar(&r.logLevel, "logLevel", "info", "debug, info, warn or error")
 
 	groups := []group{node, pools, shards, bgpG, dp, ops}
@@ -184,8 +178,8 @@ func usage(w io.Writer, groups []group) {
 
 // parseConfig reads the run flags; env supplies the downward-API defaults.
 func parseConfig(args []string, env func(string) string, out io.Writer) (config, error) {
-	var r raw
-	fs, groups := newFlags(&r, env)
+	c, r := defaultConfig(env), raw{nodeIP: env("NODE_IP")}
+	fs, groups := newFlags(&c, &r)
 	fs.SetOutput(io.Discard)
 	fs.Usage = func() {}
 	if err := fs.Parse(args); err != nil {
@@ -197,23 +191,24 @@ func parseConfig(args []string, env func(string) string, out io.Writer) (config,
 	if fs.NArg() > 0 {
 		return config{}, fmt.Errorf("unexpected argument %q (flags only)", fs.Arg(0))
 	}
-	return r.validate(fs.Changed)
+	return c, r.validate(&c, fs.Changed)
 }
 
-func (r *raw) validate(changed func(string) bool) (config, error) {
-	c := config{
-		NodeName: r.nodeName, Namespace: r.namespace, Kubeconfig: r.kubeconfig,
-		UniqueIP: r.uniqueIP, LoadBalancerClass: r.lbClass,
-		LeaseDuration: r.leaseDuration, RenewInterval: r.renewInterval,
-		ConntrackSize: r.conntrack, APIListen: r.apiListen, MetricsListen: r.metricsListen,
-		Drain: r.drain,
+// validate checks c and fills it from the text flags.
+func (r *raw) validate(c *config, changed func(string) bool) error {
+	k, d := &c.Kube, &c.Datapath
+	v4, v6, err := parseNodeIPs(r.nodeIP)
+	if err != nil {
+		return &flagError{"nodeIP", r.nodeIP, "IP addresses, at most one per family, comma separated", err}
 	}
-	var err error
-	if c.NodeIPv4, c.NodeIPv6, err = parseNodeIPs(r.nodeIP); err != nil {
-		return c, &flagError{"nodeIP", r.nodeIP, "IP addresses, at most one per family, comma separated", err}
+	d.NodeIPv4, d.NodeIPv6 = v4, v6
+	for _, a := range []netip.Addr{v4, v6} {
+		if a.IsValid() {
+			k.NodeAddresses = append(k.NodeAddresses, a)
+		}
 	}
-	if r.namespace == "" {
-		return c, &flagError{"namespace", r.namespace, "a namespace name", nil}
+	if k.Namespace == "" {
+		return &flagError{"namespace", k.Namespace, "a namespace name", nil}
 	}
 	for _, p := range []struct {
 		flag, value string
@@ -221,78 +216,82 @@ func (r *raw) validate(changed func(string) bool) (config, error) {
 	}{{"cidrPools", r.cidrPools, ipam.IPv4}, {"cidr6Pools", r.cidr6Pools, ipam.IPv6}} {
 		pools, err := ipam.ParsePools(p.value)
 		if err != nil {
-			return c, &flagError{p.flag, p.value, "name=CIDR or name=startIP-endIP, comma separated", err}
+			return &flagError{p.flag, p.value, "name=CIDR or name=startIP-endIP, comma separated", err}
 		}
 		for _, pool := range pools {
 			if pool.Family() != p.fam {
-				return c, &flagError{p.flag, p.value, fmt.Sprintf("%s pools only (%s is %s)", p.fam, pool.Name, pool.Family()), nil}
+				return &flagError{p.flag, p.value, fmt.Sprintf("%s pools only (%s is %s)", p.fam, pool.Name, pool.Family()), nil}
 			}
 		}
-		c.Pools = append(c.Pools, pools...)
+		k.Pools = append(k.Pools, pools...)
 	}
-	if _, err := ipam.New(c.Pools, c.UniqueIP); err != nil {
-		return c, &flagError{"cidrPools", r.cidrPools + " " + r.cidr6Pools, "pools that do not overlap and have distinct names", err}
+	if _, err := ipam.New(k.Pools, k.UniqueIP); err != nil {
+		return &flagError{"cidrPools", r.cidrPools + " " + r.cidr6Pools, "pools that do not overlap and have distinct names", err}
 	}
-	if r.lbClass == "" || strings.ContainsAny(r.lbClass, " \t") {
-		return c, &flagError{"loadBalancerClass", r.lbClass, "a class name such as loxilb.io/loxilb", nil}
+	if k.LoadBalancerClass == "" || strings.ContainsAny(k.LoadBalancerClass, " \t") {
+		return &flagError{"loadBalancerClass", k.LoadBalancerClass, "a class name such as loxilb.io/loxilb", nil}
 	}
-	if c.LBMode, err = shard.ParseMode(r.lbMode); err != nil {
-		return c, &flagError{"setLBMode", r.lbMode, "default, onearm, fullnat or 0..2", nil}
+	if k.DefaultMode, err = shard.ParseMode(r.lbMode); err != nil {
+		return &flagError{"setLBMode", r.lbMode, "default, onearm, fullnat or 0..2", nil}
 	}
-	if c.Instances, err = shard.NewInstances(r.zone, r.numZones); err != nil {
+	if k.Instances, err = shard.NewInstances(r.zone, r.numZones); err != nil {
 		if changed("zone") {
-			return c, &flagError{"zone", r.zone, "lowercase letters, digits and '-'", nil}
+			return &flagError{"zone", r.zone, "lowercase letters, digits and '-'", nil}
 		}
-		return c, &flagError{"numZoneInstances", strconv.Itoa(r.numZones), fmt.Sprintf("a number from 1 to %d", shard.MaxInstances), nil}
+		return &flagError{"numZoneInstances", strconv.Itoa(r.numZones), fmt.Sprintf("a number from 1 to %d", shard.MaxInstances), nil}
 	}
 	if changed("setRoles") {
 		if _, err := netip.ParseAddr(r.setRoles); err != nil {
-			return c, &flagError{"setRoles", r.setRoles, "an address, as kube-loxilb takes (0.0.0.0 for all)", nil}
+			return &flagError{"setRoles", r.setRoles, "an address, as kube-loxilb takes (0.0.0.0 for all)", nil}
 		}
-		c.Roles = true
+		k.Roles = true
 	}
-	for _, e := range strings.Split(r.excludeRoles, ",") {
-		if e = strings.TrimSpace(e); e != "" {
-			c.Exclude = append(c.Exclude, e)
-		}
+	k.Excluded = splitList(r.excludeRoles)
+	if lease := k.MemberLease; lease.Duration < 2*time.Second || lease.Renew <= 0 || lease.Renew*2 > lease.Duration {
+		return &flagError{"leaseDuration", lease.Duration.String(), "at least 2s and twice --leaseRenewInterval", nil}
 	}
-	if r.leaseDuration < 2*time.Second || r.renewInterval <= 0 || r.renewInterval*2 > r.leaseDuration {
-		return c, &flagError{"leaseDuration", r.leaseDuration.String(), "at least 2s and twice --leaseRenewInterval", nil}
+	if err := r.validateBGP(c); err != nil {
+		return err
 	}
-	if err := r.validateBGP(&c); err != nil {
-		return c, err
-	}
-	for _, i := range strings.Split(r.interfaces, ",") {
-		if i = strings.TrimSpace(i); i != "" {
-			if len(i) > 15 || strings.ContainsAny(i, "/ \t") {
-				return c, &flagError{"interfaces", r.interfaces, "interface names, comma separated", nil}
-			}
-			c.Interfaces = append(c.Interfaces, i)
+	d.Interfaces = splitList(r.interfaces)
+	for _, i := range d.Interfaces {
+		if len(i) > 15 || strings.ContainsAny(i, "/ \t") {
+			return &flagError{"interfaces", r.interfaces, "interface names, comma separated", nil}
 		}
 	}
-	if r.pinPath != "" && !filepath.IsAbs(r.pinPath) {
-		return c, &flagError{"pinPath", r.pinPath, "an absolute path on bpffs", nil}
+	if d.PinPath != "" && !filepath.IsAbs(d.PinPath) {
+		return &flagError{"pinPath", d.PinPath, "an absolute path on bpffs", nil}
 	}
-	c.PinPath = r.pinPath
-	if r.conntrack < 1024 || r.conntrack > 1<<26 {
-		return c, &flagError{"conntrackSize", strconv.Itoa(r.conntrack), "a number from 1024 to 67108864", nil}
+	if d.ConntrackSize < 1024 || d.ConntrackSize > 1<<26 {
+		return &flagError{"conntrackSize", strconv.Itoa(d.ConntrackSize), "a number from 1024 to 67108864", nil}
 	}
 	if err := c.LogLevel.UnmarshalText([]byte(r.logLevel)); err != nil {
-		return c, &flagError{"logLevel", r.logLevel, "debug, info, warn or error", nil}
+		return &flagError{"logLevel", r.logLevel, "debug, info, warn or error", nil}
 	}
-	if r.drain < 0 || r.drain > time.Minute {
-		return c, &flagError{"shutdownDrain", r.drain.String(), "a duration from 0 to 1m", nil}
+	if k.Drain < 0 || k.Drain > time.Minute {
+		return &flagError{"shutdownDrain", k.Drain.String(), "a duration from 0 to 1m", nil}
 	}
-	if r.apiListen != "" {
-		if _, err := netip.ParseAddrPort(r.apiListen); err != nil {
-			return c, &flagError{"apiListen", r.apiListen, "ADDRESS:PORT", err}
+	if k.APIAddress != "" {
+		if _, err := netip.ParseAddrPort(k.APIAddress); err != nil {
+			return &flagError{"apiListen", k.APIAddress, "ADDRESS:PORT", err}
 		}
 	}
-	return c, nil
+	return nil
+}
+
+// splitList reads a comma separated flag: nil when empty, blanks trimmed.
+func splitList(s string) []string {
+	var out []string
+	for _, e := range strings.Split(s, ",") {
+		if e = strings.TrimSpace(e); e != "" {
+			out = append(out, e)
+		}
+	}
+	return out
 }
 
 func (r *raw) validateBGP(c *config) error {
-	b := bgp.DefaultConfig()
+	b := &c.BGP
 	if r.setBGP != "" && r.setBGP != "0" {
 		asn, err := bgp.ParseASN(r.setBGP)
 		if err != nil {
@@ -313,50 +312,38 @@ func (r *raw) validateBGP(c *config) error {
 		return &flagError{"listenBGPPort", strconv.Itoa(r.listenPort), "a port from 0 to 65535", nil}
 	}
 	b.ListenPort = int32(r.listenPort)
-	b.EBGPMultiHop = r.multiHop
-	if r.hold < 3*time.Second || r.hold%time.Second != 0 {
-		return &flagError{"bgpHoldTime", r.hold.String(), "whole seconds, at least 3s", nil}
+	if b.HoldTime < 3*time.Second || b.HoldTime%time.Second != 0 {
+		return &flagError{"bgpHoldTime", b.HoldTime.String(), "whole seconds, at least 3s", nil}
 	}
-	if r.keepalive < time.Second || r.keepalive > r.hold/3 {
-		return &flagError{"bgpKeepalive", r.keepalive.String(), "at least 1s and at most a third of the hold time", nil}
+	if b.KeepaliveInterval < time.Second || b.KeepaliveInterval > b.HoldTime/3 {
+		return &flagError{"bgpKeepalive", b.KeepaliveInterval.String(), "at least 1s and at most a third of the hold time", nil}
 	}
-	b.HoldTime, b.KeepaliveInterval = r.hold, r.keepalive
-	if r.peerWait < 0 {
-		return &flagError{"bgpPeerWait", r.peerWait.String(), "a duration, 0 or more", nil}
+	if b.PeerWait < 0 {
+		return &flagError{"bgpPeerWait", b.PeerWait.String(), "a duration, 0 or more", nil}
 	}
-	b.PeerWait = r.peerWait
 	if b.BFD, err = parseBFD(r.bfd); err != nil {
 		return &flagError{"bgpBFD", r.bfd, "INTERVAL,MULTIPLIER such as 300ms,3, or off", err}
 	}
-	if r.passwordFile != "" {
-		if _, err := os.Stat(r.passwordFile); err != nil {
-			return &flagError{"bgpPasswordFile", r.passwordFile, "a readable file", err}
+	if b.PasswordFile != "" {
+		if _, err := os.Stat(b.PasswordFile); err != nil {
+			return &flagError{"bgpPasswordFile", b.PasswordFile, "a readable file", err}
 		}
 	}
-	b.PasswordFile = r.passwordFile
-	for _, s := range strings.Split(r.communities, ",") {
-		if s = strings.TrimSpace(s); s != "" {
-			b.Communities = append(b.Communities, s)
+	b.Communities = splitList(r.communities)
+	if b.LocalPrefMaster <= b.LocalPrefBackup {
+		return &flagError{"bgpLocalPrefMaster", strconv.FormatUint(uint64(b.LocalPrefMaster), 10), "more than --bgpLocalPrefBackup", nil}
+	}
+	if b.MEDMaster >= b.MEDBackup {
+		return &flagError{"bgpMEDMaster", strconv.FormatUint(uint64(b.MEDMaster), 10), "less than --bgpMEDBackup", nil}
+	}
+	if b.GRPCListen != "" {
+		if _, err := netip.ParseAddrPort(b.GRPCListen); err != nil {
+			return &flagError{"bgpAPIListen", b.GRPCListen, "ADDRESS:PORT or empty", err}
 		}
 	}
-	b.LocalPrefMaster, b.LocalPrefBackup = r.localPrefMaster, r.localPrefBackup
-	b.MEDMaster, b.MEDBackup, b.BackupPrepend = r.medMaster, r.medBackup, r.prepend
-	if r.localPrefMaster <= r.localPrefBackup {
-		return &flagError{"bgpLocalPrefMaster", strconv.Itoa(int(r.localPrefMaster)), "more than --bgpLocalPrefBackup", nil}
-	}
-	if r.medMaster >= r.medBackup {
-		return &flagError{"bgpMEDMaster", strconv.Itoa(int(r.medMaster)), "less than --bgpMEDBackup", nil}
-	}
-	if r.grpc != "" {
-		if _, err := netip.ParseAddrPort(r.grpc); err != nil {
-			return &flagError{"bgpAPIListen", r.grpc, "ADDRESS:PORT or empty", err}
-		}
-	}
-	b.GRPCListen = r.grpc
-	b.RouterID = c.NodeIPv4
+	b.RouterID = c.Datapath.NodeIPv4
 	// An IPv6 VIP announced over an IPv4 session needs an IPv6 next hop of its own.
-	b.NextHop6 = c.NodeIPv6
-	c.BGP = b
+	b.NextHop6 = c.Datapath.NodeIPv6
 	return nil
 }
 
@@ -384,6 +371,14 @@ func parseNodeIPs(s string) (v4, v6 netip.Addr, err error) {
 		*slot = a
 	}
 	return v4, v6, nil
+}
+
+// formatBFD writes c as --bgpBFD takes it.
+func formatBFD(c bgp.BFDConfig) string {
+	if !c.Enabled {
+		return "off"
+	}
+	return fmt.Sprintf("%v,%d", c.Interval, c.Multiplier)
 }
 
 func parseBFD(s string) (bgp.BFDConfig, error) {

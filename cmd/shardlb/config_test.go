@@ -5,9 +5,14 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"reflect"
+	"slices"
 	"strings"
 	"testing"
 
+	"github.com/shardlb/shardlb/bgp"
+	"github.com/shardlb/shardlb/datapath"
+	"github.com/shardlb/shardlb/kube"
 	"github.com/shardlb/shardlb/shard"
 )
 
@@ -22,27 +27,27 @@ func TestTheGuidesFlagsParse(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !cfg.UniqueIP || !cfg.Roles || cfg.Instances.Count() != 3 || !cfg.BGPEnabled {
+	if !cfg.Kube.UniqueIP || !cfg.Kube.Roles || cfg.Kube.Instances.Count() != 3 || !cfg.BGPEnabled {
 		t.Fatalf("config %+v", cfg)
 	}
-	if cfg.Pools[0].First != netip.MustParseAddr("192.168.80.250") {
-		t.Errorf("pool starts at %v, want 192.168.80.250", cfg.Pools[0].First)
+	if cfg.Kube.Pools[0].First != netip.MustParseAddr("192.168.80.250") {
+		t.Errorf("pool starts at %v, want 192.168.80.250", cfg.Kube.Pools[0].First)
 	}
 	if cfg.BGP.LocalASN != 64512 || len(cfg.BGP.Peers) != 2 || cfg.BGP.RouterID != netip.MustParseAddr("10.0.0.11") {
 		t.Errorf("bgp config %+v", cfg.BGP)
 	}
-	if cfg.LoadBalancerClass != "loxilb.io/loxilb" || cfg.LBMode != shard.ModeDefault {
-		t.Errorf("defaults: class %q mode %v", cfg.LoadBalancerClass, cfg.LBMode)
+	if cfg.Kube.LoadBalancerClass != "loxilb.io/loxilb" || cfg.Kube.DefaultMode != shard.ModeDefault {
+		t.Errorf("defaults: class %q mode %v", cfg.Kube.LoadBalancerClass, cfg.Kube.DefaultMode)
 	}
 }
 
 func TestSetRolesWithoutValueTurnsRolesOn(t *testing.T) {
 	cfg, err := parseConfig([]string{"--setRoles"}, noEnv, os.Stdout)
-	if err != nil || !cfg.Roles {
-		t.Fatalf("roles %v, err %v", cfg.Roles, err)
+	if err != nil || !cfg.Kube.Roles {
+		t.Fatalf("roles %v, err %v", cfg.Kube.Roles, err)
 	}
 	cfg, _ = parseConfig(nil, noEnv, os.Stdout)
-	if cfg.Roles {
+	if cfg.Kube.Roles {
 		t.Fatal("roles on without --setRoles")
 	}
 }
@@ -53,7 +58,7 @@ func TestDownwardAPIEnvironmentGivesDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cfg.NodeName != "worker1" || cfg.NodeIPv4 != netip.MustParseAddr("10.0.0.5") || cfg.Namespace != "lb" {
+	if cfg.Kube.NodeName != "worker1" || cfg.Datapath.NodeIPv4 != netip.MustParseAddr("10.0.0.5") || cfg.Kube.Namespace != "lb" {
 		t.Fatalf("config %+v", cfg)
 	}
 }
@@ -169,8 +174,17 @@ func TestNodeIPTakesOneAddressPerFamily(t *testing.T) {
 			t.Errorf("--nodeIP=%s: %v", c.value, err)
 			continue
 		}
-		if cfg.NodeIPv4 != c.v4 || cfg.NodeIPv6 != c.v6 {
-			t.Errorf("--nodeIP=%s: IPv4 %v IPv6 %v, want %v %v", c.value, cfg.NodeIPv4, cfg.NodeIPv6, c.v4, c.v6)
+		if cfg.Datapath.NodeIPv4 != c.v4 || cfg.Datapath.NodeIPv6 != c.v6 {
+			t.Errorf("--nodeIP=%s: IPv4 %v IPv6 %v, want %v %v", c.value, cfg.Datapath.NodeIPv4, cfg.Datapath.NodeIPv6, c.v4, c.v6)
+		}
+		var want []netip.Addr
+		for _, a := range []netip.Addr{c.v4, c.v6} {
+			if a.IsValid() {
+				want = append(want, a)
+			}
+		}
+		if !slices.Equal(cfg.Kube.NodeAddresses, want) {
+			t.Errorf("--nodeIP=%s: published node addresses %v, want %v", c.value, cfg.Kube.NodeAddresses, want)
 		}
 		// The IPv4 address is the router ID; the IPv6 one the next hop of IPv6 VIPs.
 		if cfg.BGP.RouterID != c.v4 || cfg.BGP.NextHop6 != c.v6 {
@@ -182,6 +196,49 @@ func TestNodeIPTakesOneAddressPerFamily(t *testing.T) {
 		var fe *flagError
 		if !errors.As(err, &fe) || fe.flag != "nodeIP" {
 			t.Errorf("--nodeIP=%s: error %v, want a nodeIP flag error", bad, err)
+		}
+	}
+}
+
+// TestFlagDefaultsAreThePackagesDefaults parses no flags and compares every field of
+// each package's resulting Config with the package's DefaultConfig: a flag whose
+// default is written anywhere but the package fails here. The few values the daemon
+// chooses itself are listed, with why.
+func TestFlagDefaultsAreThePackagesDefaults(t *testing.T) {
+	cfg, err := parseConfig(nil, noEnv, os.Stdout)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	wantKube := kube.DefaultConfig()
+	// DefaultConfig leaves the namespace and the shards to the caller.
+	wantKube.Namespace = "kube-system"
+	wantKube.Instances, _ = shard.NewInstances("llb", 1)
+	sameFields(t, "kube.Config", cfg.Kube, wantKube)
+
+	wantBGP := bgp.DefaultConfig()
+	// A pod accepts its routers' sessions and detects their loss with BFD; the
+	// package leaves both off.
+	wantBGP.ListenPort = 179
+	wantBGP.BFD.Enabled = true
+	sameFields(t, "bgp.Config", cfg.BGP, wantBGP)
+
+	// The datapath has no DefaultConfig: New defaults the zero fields, and the one a
+	// flag sets must show the same default.
+	sameFields(t, "datapath.Config", cfg.Datapath, datapath.Config{ConntrackSize: datapath.DefaultConntrackSize})
+}
+
+// sameFields reports each exported field of got that differs from want.
+func sameFields(t *testing.T, name string, got, want any) {
+	t.Helper()
+	g, w := reflect.ValueOf(got), reflect.ValueOf(want)
+	for i := range g.NumField() {
+		f := g.Type().Field(i)
+		if !f.IsExported() {
+			continue
+		}
+		if !reflect.DeepEqual(g.Field(i).Interface(), w.Field(i).Interface()) {
+			t.Errorf("with no flags %s.%s is %+v, want %+v from the package's defaults", name, f.Name, g.Field(i).Interface(), w.Field(i).Interface())
 		}
 	}
 }

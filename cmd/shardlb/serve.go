@@ -35,15 +35,13 @@ func serve(cfg config, stderr io.Writer) int {
 }
 
 func runServe(ctx context.Context, cfg config, log *slog.Logger) error {
-	if cfg.NodeName == "" {
+	if cfg.Kube.NodeName == "" {
 		return errors.New("no node name: set --nodeName or $NODE_NAME")
 	}
 	deps := kube.Deps{Logger: log, Router: noRouter{}, Datapath: noDatapath{}}
 
-	if len(cfg.Interfaces) > 0 {
-		dcfg := datapath.Config{Interfaces: cfg.Interfaces, ConntrackSize: cfg.ConntrackSize,
-			NodeIPv4: cfg.NodeIPv4, NodeIPv6: cfg.NodeIPv6, PinPath: cfg.PinPath}
-		dp, err := datapath.New(dcfg, log.With("part", "datapath"))
+	if len(cfg.Datapath.Interfaces) > 0 {
+		dp, err := datapath.New(cfg.Datapath, log.With("part", "datapath"))
 		if err != nil {
 			return err
 		}
@@ -53,7 +51,7 @@ func runServe(ctx context.Context, cfg config, log *slog.Logger) error {
 			// it keeps forwarding with no process, and the next one (a restart, an
 			// upgrade) adopts it with its connections; `shardlb cleanup` removes it.
 			end, what := dp.Close, "detach datapath"
-			if cfg.PinPath != "" {
+			if cfg.Datapath.PinPath != "" {
 				end, what = dp.Release, "release the pinned datapath"
 			}
 			if err := end(); err != nil {
@@ -82,21 +80,7 @@ func runServe(ctx context.Context, cfg config, log *slog.Logger) error {
 		deps.Router = sp
 		deps.BGPPeers = func() []kube.BGPPeer { return peerRows(sp.Peers()) }
 	}
-
-	kcfg := kube.DefaultConfig()
-	kcfg.NodeName, kcfg.Namespace, kcfg.Kubeconfig = cfg.NodeName, cfg.Namespace, cfg.Kubeconfig
-	kcfg.LoadBalancerClass = cfg.LoadBalancerClass
-	kcfg.Instances, kcfg.Roles, kcfg.Excluded = cfg.Instances, cfg.Roles, cfg.Exclude
-	kcfg.Pools, kcfg.UniqueIP, kcfg.DefaultMode = cfg.Pools, cfg.UniqueIP, cfg.LBMode
-	kcfg.MemberLease.Duration, kcfg.MemberLease.Renew = cfg.LeaseDuration, cfg.RenewInterval
-	kcfg.APIAddress, kcfg.MetricsAddress = cfg.APIListen, cfg.MetricsListen
-	kcfg.Drain = cfg.Drain
-	for _, a := range []netip.Addr{cfg.NodeIPv4, cfg.NodeIPv6} {
-		if a.IsValid() {
-			kcfg.NodeAddresses = append(kcfg.NodeAddresses, a)
-		}
-	}
-	return kube.Run(ctx, kcfg, deps)
+	return kube.Run(ctx, cfg.Kube, deps)
 }
 
 // peerRows adapts the speaker's session states to the CLI's rows.
@@ -119,8 +103,8 @@ func counters(st datapath.Stats) kube.DatapathCounters {
 		c.Frontends = append(c.Frontends, kube.FrontendCounters{
 			Service:  s.Service,
 			Frontend: fmt.Sprintf("%s/%s", netip.AddrPortFrom(s.VIP, s.Port), s.Protocol),
-			Packets:  s.Packets, Bytes: s.Bytes, ReplyPackets: s.ReplyPackets, Flows: s.NewFlows,
-			Handoffs: s.HandoffPackets, ICMPErrors: s.ICMPErrors,
+			Packets:  s.Packets, Bytes: s.Bytes, ReplyPackets: s.ReplyPackets, ReplyBytes: s.ReplyBytes,
+			Flows: s.NewFlows, Handoffs: s.HandoffPackets, ICMPErrors: s.ICMPErrors,
 		})
 	}
 	return c

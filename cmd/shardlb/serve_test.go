@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"net/netip"
 	"path/filepath"
+	"reflect"
 	"testing"
 
 	"github.com/shardlb/shardlb/datapath"
@@ -11,24 +12,75 @@ import (
 	"github.com/shardlb/shardlb/shard"
 )
 
+// carried names, for each counter of a datapath frontend, the field of the metrics'
+// counters that carries it.
+var carried = map[string]string{
+	"Packets": "Packets", "Bytes": "Bytes", "ReplyPackets": "ReplyPackets", "ReplyBytes": "ReplyBytes",
+	"NewFlows": "Flows", "HandoffPackets": "Handoffs", "ICMPErrors": "ICMPErrors",
+}
+
+// TestCountersCarryEveryFrontendCounter fills every counter of a datapath frontend
+// with its own value, by reflection, and checks that each reaches its field of the
+// metrics' counters and that every field there is filled: a counter added on either
+// side and not carried fails here.
 func TestCountersCarryEveryFrontendCounter(t *testing.T) {
-	st := datapath.Stats{
-		Drops: map[string]uint64{"truncated": 1},
-		Services: []datapath.ServiceStats{{
-			Service: "default/tcp-lb", VIP: netip.MustParseAddr("192.168.80.250"), Port: 57002, Protocol: shard.TCP,
-			Packets: 2, Bytes: 3, ReplyPackets: 4, ReplyBytes: 5, NewFlows: 6, HandoffPackets: 7, ICMPErrors: 8,
-		}},
+	in := datapath.ServiceStats{
+		Service: "default/tcp-lb", VIP: netip.MustParseAddr("192.168.80.250"), Port: 57002, Protocol: shard.TCP,
 	}
-	got := counters(st)
-	want := kube.FrontendCounters{
-		Service: "default/tcp-lb", Frontend: "192.168.80.250:57002/TCP",
-		Packets: 2, Bytes: 3, ReplyPackets: 4, Flows: 6, Handoffs: 7, ICMPErrors: 8,
+	identity := map[string]bool{"Service": true, "VIP": true, "Port": true, "Protocol": true}
+	src := reflect.ValueOf(&in).Elem()
+	sent := map[string]uint64{} // metrics' field -> value it must carry
+	for i := range src.NumField() {
+		f := src.Type().Field(i)
+		if identity[f.Name] {
+			continue
+		}
+		to, ok := carried[f.Name]
+		if !ok || f.Type.Kind() != reflect.Uint64 {
+			t.Errorf("datapath.ServiceStats.%s (%s) is not carried to kube.FrontendCounters", f.Name, f.Type)
+			continue
+		}
+		v := uint64(100 + i)
+		src.Field(i).SetUint(v)
+		sent[to] = v
 	}
-	if len(got.Frontends) != 1 || got.Frontends[0] != want {
-		t.Errorf("frontend counters %+v, want %+v", got.Frontends, want)
+
+	got := counters(datapath.Stats{Drops: map[string]uint64{"truncated": 1}, Services: []datapath.ServiceStats{in}})
+	if len(got.Frontends) != 1 {
+		t.Fatalf("frontend counters %+v, want one", got.Frontends)
+	}
+	fc := got.Frontends[0]
+	if fc.Service != "default/tcp-lb" || fc.Frontend != "192.168.80.250:57002/TCP" {
+		t.Errorf("frontend %q %q, want default/tcp-lb 192.168.80.250:57002/TCP", fc.Service, fc.Frontend)
+	}
+	dst := reflect.ValueOf(fc)
+	for i := range dst.NumField() {
+		f := dst.Type().Field(i)
+		if f.Name == "Service" || f.Name == "Frontend" {
+			continue
+		}
+		want, ok := sent[f.Name]
+		if !ok || f.Type.Kind() != reflect.Uint64 {
+			t.Errorf("kube.FrontendCounters.%s (%s) carries no datapath counter", f.Name, f.Type)
+			continue
+		}
+		if got := dst.Field(i).Uint(); got != want {
+			t.Errorf("kube.FrontendCounters.%s = %d, want %d", f.Name, got, want)
+		}
 	}
 	if got.Drops["truncated"] != 1 {
 		t.Errorf("drops %v, want truncated=1", got.Drops)
+	}
+	// Beside the frontends' counters, the drops are all there is on either side.
+	for _, v := range []any{datapath.Stats{}, kube.DatapathCounters{}} {
+		typ := reflect.TypeOf(v)
+		for i := range typ.NumField() {
+			switch name := typ.Field(i).Name; name {
+			case "Services", "Frontends", "Drops":
+			default:
+				t.Errorf("%s.%s is not carried", typ, name)
+			}
+		}
 	}
 }
 
