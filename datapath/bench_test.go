@@ -165,7 +165,7 @@ func BenchmarkTestRun(b *testing.B) {
 					b.Fatalf("%d of %d return-path packets were translated", got, calls*repeats)
 				}
 			}},
-		{name: "unknown-vip", prog: h.d.objs.LbIngress, in: same(unknown), action: actOK},
+		{name: "unknown-vip", prog: h.d.objs.LbIngress, in: same(unknown), action: actPass},
 		{name: "new-flow", prog: h.d.objs.LbIngress, action: actRedirect,
 			in: func(call int) []byte {
 				return pkt{src: netip.AddrPortFrom(node, chains[call%len(chains)]), dst: vip, proto: shard.UDP, ttl: 255}.bytes()

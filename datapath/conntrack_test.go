@@ -149,7 +149,7 @@ func TestOtherHostFrames(t *testing.T) {
 	})
 	other := pkt{src: netip.AddrPortFrom(f.client, cliPort), dst: vip, proto: shard.TCP, dstMAC: [6]byte{0x02, 0, 0, 0, 0, 0x99}}.bytes()
 	ret, out := h.lb(other)
-	if ret != actOK || !bytes.Equal(out, other) {
+	if ret != actPass || !bytes.Equal(out, other) {
 		t.Fatalf("frame for another host: action %d, changed %v, want passed untouched", ret, !bytes.Equal(out, other))
 	}
 	if st := h.d.Stats().Services; len(st) != 1 || st[0].NewFlows != 0 {
@@ -197,7 +197,7 @@ func TestProtocolsTrackedApart(t *testing.T) {
 				// flow of that protocol went there, so the packet passes untouched.
 				in := pkt{src: want[proto], dst: client, proto: other, tcpFlags: 0x10}.bytes()
 				ret, out := h.lb(in)
-				if ret != actOK || !bytes.Equal(out, in) {
+				if ret != actPass || !bytes.Equal(out, in) {
 					t.Errorf("a %s packet from the %s endpoint was changed (action %d)\n%s", other, proto, ret, dumpPair(out, in))
 				}
 				reply := pkt{src: want[proto], dst: client, proto: proto, tcpFlags: 0x10}.bytes()

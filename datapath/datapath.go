@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/netip"
 	"path/filepath"
 	"runtime"
@@ -53,6 +52,12 @@ type Config struct {
 	// Keep them outside the node's ip_local_port_range.
 	SNATPortMin, SNATPortMax uint16
 
+	// AttachMode is the kernel hook the program runs at on Interfaces: AttachTCX (a tcx
+	// link, Linux 6.6 or later), AttachTC (a direct-action bpf filter on a clsact qdisc)
+	// or AttachAuto, the default (empty), which takes tcx when the kernel has it and tc
+	// otherwise. ParseAttachMode reads it from text.
+	AttachMode AttachMode
+
 	// PinPath, when set, is a directory on bpffs (for example /sys/fs/bpf/shardlb)
 	// where the maps and the interfaces' links are pinned, so that the datapath
 	// outlives the process: Release leaves it forwarding, and the next New with the
@@ -63,6 +68,9 @@ type Config struct {
 	// closingTimeout, in jiffies, replaces the program's CT_CLOSING_TIMEOUT when not
 	// zero: tests shorten it so closed flows expire without waiting seconds.
 	closingTimeout uint64
+	// probeTCX, when set, replaces the kernel probe AttachAuto decides by: tests make it
+	// report tcx unsupported.
+	probeTCX func(*ebpf.Program) error
 }
 
 func (c *Config) setDefaults() {
@@ -81,15 +89,20 @@ func (c *Config) setDefaults() {
 	if c.SNATPortMin == 0 && c.SNATPortMax == 0 {
 		c.SNATPortMin, c.SNATPortMax = DefaultSNATPortMin, DefaultSNATPortMax
 	}
+	if c.AttachMode == "" {
+		c.AttachMode = AttachAuto
+	}
 }
 
 // Datapath is the loaded program, its maps and its attachments.
 type Datapath struct {
-	log   *slog.Logger
-	cfg   Config
-	objs  lbObjects
-	links []link.Link
-	pins  *pinDir // nil without Config.PinPath
+	log     *slog.Logger
+	cfg     Config
+	objs    lbObjects
+	hook    hook        // where the program runs on Config.Interfaces
+	links   []link.Link // tcx
+	filters []tcFilter  // tc
+	pins    *pinDir     // nil without Config.PinPath
 
 	mu      sync.Mutex
 	closed  bool
@@ -102,7 +115,9 @@ type Datapath struct {
 }
 
 // New loads the program and maps sized by cfg and attaches the program to cfg's
-// interfaces at tcx ingress. Close undoes both.
+// interfaces at the ingress hook cfg.AttachMode selects (logged with the reason). Close
+// undoes both. It fails with ErrNoInterface, before loading anything, when an interface
+// of cfg.Interfaces does not exist.
 //
 // With cfg.PinPath, New first adopts what an earlier Datapath left pinned there: maps
 // of the same layout and capacities are kept (conntrack, rings, endpoints, counters)
@@ -116,8 +131,14 @@ func New(cfg Config, log *slog.Logger) (*Datapath, error) {
 	if cfg.SNATPortMax < cfg.SNATPortMin {
 		return nil, fmt.Errorf("load datapath: SNAT port range %d-%d is empty", cfg.SNATPortMin, cfg.SNATPortMax)
 	}
+	if _, err := ParseAttachMode(string(cfg.AttachMode)); err != nil {
+		return nil, fmt.Errorf("load datapath: %w", err)
+	}
 	if cfg.RingSlots%2 != 0 {
 		cfg.RingSlots++
+	}
+	if err := checkInterfaces(cfg); err != nil {
+		return nil, fmt.Errorf("load datapath: %w", err)
 	}
 	spec, err := loadLb()
 	if err != nil {
@@ -170,8 +191,9 @@ func New(cfg Config, log *slog.Logger) (*Datapath, error) {
 		return d, nil
 	}
 	if err := spec.LoadAndAssign(&d.objs, nil); err != nil {
-		return nil, fmt.Errorf("load datapath program: %w", err)
+		return nil, loadError(err)
 	}
+	d.chooseHook()
 	if err := d.attach(); err != nil {
 		_ = d.Close()
 		return nil, err
@@ -198,7 +220,7 @@ func (d *Datapath) loadPinned(spec *ebpf.CollectionSpec) error {
 	}
 	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: filepath.Join(d.cfg.PinPath, pinMaps)}}
 	if err := spec.LoadAndAssign(&d.objs, opts); err != nil {
-		return fmt.Errorf("load datapath program: %w", err)
+		return loadError(err)
 	}
 	if r == nil {
 		if err := d.writeLayout(spec); err != nil {
@@ -207,22 +229,42 @@ func (d *Datapath) loadPinned(spec *ebpf.CollectionSpec) error {
 	} else {
 		d.applied, d.rings, d.epIDs, d.epGen, d.svcIDs, d.vipRefs = r.applied, r.rings, r.epIDs, r.epGen, r.svcIDs, r.vipRefs
 	}
+	d.chooseHook()
 	return d.attachPinned()
 }
 
-// attach links the program to every configured interface, inside cfg.NetNS if set.
+// loadError explains a program the kernel refuses for want of a feature.
+func loadError(err error) error {
+	if errors.Is(err, ebpf.ErrNotSupported) {
+		return fmt.Errorf("load datapath program: %w (the program needs Linux %s or later)", err, minKernelProgram)
+	}
+	return fmt.Errorf("load datapath program: %w", err)
+}
+
+// attach hooks the program to every configured interface, inside cfg.NetNS if set.
 func (d *Datapath) attach() error {
 	return d.inNetNS(func() error {
 		for _, name := range d.cfg.Interfaces {
-			ifc, err := net.InterfaceByName(name)
+			ifindex, err := interfaceIndex(name, d.cfg.NetNS)
 			if err != nil {
-				return fmt.Errorf("attach to %s: %w", name, err)
+				return err
 			}
-			l, err := d.attachLink(name, ifc.Index)
+			if d.hook == hookTC {
+				f, err := d.attachTC(name, ifindex, nil)
+				if err != nil {
+					return err
+				}
+				d.filters = append(d.filters, f)
+				continue
+			}
+			l, err := d.attachLink(name, ifindex)
 			if err != nil {
 				return err
 			}
 			d.links = append(d.links, l)
+			if err := d.removeStaleFilter(name, ifindex); err != nil {
+				return err
+			}
 		}
 		return nil
 	})
@@ -235,52 +277,63 @@ func (d *Datapath) attachLink(name string, ifindex int) (link.Link, error) {
 		Program:   d.objs.LbIngress,
 		Attach:    ebpf.AttachTCXIngress,
 	})
+	if errors.Is(err, ebpf.ErrNotSupported) {
+		return nil, fmt.Errorf("attach tcx ingress to %s: %w (attach mode %s or %s uses a tc filter instead)", name, err, AttachAuto, AttachTC)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("attach tcx ingress to %s: %w", name, err)
 	}
-	d.log.Info("datapath attached", "interface", name, "hook", "tcx-ingress")
+	d.log.Info("datapath attached", "interface", name, "hook", hookTCX)
 	return l, nil
 }
 
 // inNetNS runs fn inside cfg.NetNS if set; with no interface to attach and no pinned
-// link to look at, it does nothing. The thread is locked while it sits in another
-// namespace so no other goroutine runs there by accident.
+// link to look at, it does nothing.
 func (d *Datapath) inNetNS(fn func() error) error {
 	if len(d.cfg.Interfaces) == 0 && d.pins == nil {
 		return nil
 	}
-	if d.cfg.NetNS == "" {
+	return inNetNSPath(d.cfg.NetNS, fn)
+}
+
+// inNetNSPath runs fn inside the network namespace at path, or where the caller is when
+// path is empty. The thread is locked while it sits in another namespace so no other
+// goroutine runs there by accident.
+func inNetNSPath(path string, fn func() error) (err error) {
+	if path == "" {
 		return fn()
 	}
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 	orig, err := netns.Get()
 	if err != nil {
-		return fmt.Errorf("attach: get current netns: %w", err)
+		return fmt.Errorf("get current netns: %w", err)
 	}
 	defer orig.Close()
-	target, err := netns.GetFromPath(d.cfg.NetNS)
+	target, err := netns.GetFromPath(path)
 	if err != nil {
-		return fmt.Errorf("attach: open netns %s: %w", d.cfg.NetNS, err)
+		return fmt.Errorf("open netns %s: %w", path, err)
 	}
 	defer target.Close()
 	if err := netns.Set(target); err != nil {
-		return fmt.Errorf("attach: enter netns %s: %w", d.cfg.NetNS, err)
+		return fmt.Errorf("enter netns %s: %w", path, err)
 	}
 	defer func() {
-		if err := netns.Set(orig); err != nil {
+		if rerr := netns.Set(orig); rerr != nil {
 			// The thread is unusable in the wrong namespace: let it die with the
 			// goroutine rather than return it to the scheduler.
-			d.log.Error("restore network namespace", "err", err)
 			runtime.LockOSThread()
+			err = errors.Join(err, fmt.Errorf("restore network namespace: %w", rerr))
 		}
 	}()
 	return fn()
 }
 
-// Close detaches the program from every interface it was attached to and releases the
-// maps. Established flows stop being translated. With a PinPath it also removes
-// everything pinned there: it is a real stop (uninstall), not a restart; see Release.
+// Close detaches the program from every interface it was attached to (in tc mode it
+// removes its own filters, and a clsact qdisc it added when nothing else uses it) and
+// releases the maps. Established flows stop being translated. With a PinPath it also
+// removes everything pinned there: it is a real stop (uninstall), not a restart; see
+// Release.
 func (d *Datapath) Close() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -288,7 +341,12 @@ func (d *Datapath) Close() error {
 		return nil
 	}
 	d.closed = true
-	errs := []error{d.closeFDs()}
+	var errs []error
+	if len(d.filters) > 0 {
+		// Unlike a link, a filter stays when the process's descriptors close.
+		errs = append(errs, d.inNetNS(d.removeFilters))
+	}
+	errs = append(errs, d.closeFDs())
 	if d.pins != nil {
 		// The pins kept the links attached after their descriptors closed: removing
 		// them detaches.
@@ -301,10 +359,10 @@ func (d *Datapath) Close() error {
 }
 
 // Release ends this Datapath but not the datapath: with a PinPath it closes the
-// process's descriptors and leaves the maps and links pinned, so the program keeps
-// forwarding (services, endpoints and flows as they are) with no process at all, until
-// a New with the same PinPath adopts it or Cleanup removes it. Without a PinPath,
-// nothing could outlive the descriptors and Release is Close.
+// process's descriptors and leaves the maps and links pinned (tc filters attached and
+// recorded), so the program keeps forwarding (services, endpoints and flows as they
+// are) with no process at all, until a New with the same PinPath adopts it or Cleanup
+// removes it. Without a PinPath nothing would find what is left, and Release is Close.
 func (d *Datapath) Release() error {
 	if d.pins == nil {
 		return d.Close()
@@ -320,7 +378,8 @@ func (d *Datapath) Release() error {
 	return err
 }
 
-// closeFDs closes the links (detaching those not pinned) and the program and maps.
+// closeFDs closes the links (detaching those not pinned) and the program and maps. The
+// tc filters keep the program they hold.
 func (d *Datapath) closeFDs() error {
 	var errs []error
 	for i := len(d.links) - 1; i >= 0; i-- {
@@ -329,6 +388,7 @@ func (d *Datapath) closeFDs() error {
 		}
 	}
 	d.links = nil
+	d.filters = nil
 	if err := d.objs.Close(); err != nil {
 		errs = append(errs, fmt.Errorf("close maps and program: %w", err))
 	}

@@ -2,13 +2,58 @@
 // (VIP, port, protocol), Maglev rings computed in Go, conntrack in both directions and
 // the default, onearm and fullnat NAT modes, for IPv4 and IPv6.
 //
-// # Hook and forwarding
+// # Hooks, kernels and other programs
 //
-// The program runs at tcx ingress (bpf_link, no qdisc) with direct packet access and
-// incremental checksums, then looks the rewritten packet's next hop up with
-// bpf_fib_lookup and redirects it (bpf_redirect with the neighbour's MAC, or
-// bpf_redirect_neigh when the neighbour is not resolved yet); when the lookup fails, or
-// the TTL would expire, the rewritten packet goes to the kernel's own forwarding. This
+// The program runs at the ingress of each of Config.Interfaces (New fails with
+// ErrNoInterface, naming every missing one, before loading anything), at one of two
+// hooks chosen by Config.AttachMode; New logs which one and why:
+//
+//   - tcx: a bpf_link per interface, no qdisc. Linux 6.6 or later. AttachAuto (the
+//     default) takes it when the kernel has it, probed by asking for a tcx link on an
+//     interface index no interface has: a kernel with tcx answers ENODEV.
+//   - tc: a direct-action bpf filter on the interface's clsact qdisc, which is added
+//     when the interface has none (an existing clsact or ingress qdisc is used as it
+//     is). AttachAuto takes it when the kernel has no tcx; AttachTC forces it on any
+//     kernel (the tests run it on one with tcx).
+//
+// The program itself needs Linux 6.2 at either hook: it reads the skb's checksum state
+// through the bpf_cast_to_kern_ctx kfunc (see Offloads). So tc mode serves kernels 6.2
+// to 6.5, and an older kernel refuses the program at load, whatever the hook, with an
+// error that names the version needed.
+//
+// Verdicts mean the same at both hooks (TC_ACT_UNSPEC, OK, SHOT, REDIRECT are TCX_NEXT,
+// PASS, DROP, REDIRECT). A packet that is none of the program's business (not to a VIP,
+// not of a tracked flow, not an ICMP error about one, not for this host) passes on
+// untouched with TC_ACT_UNSPEC, so whatever runs after the program still sees it: later
+// tcx programs and every clsact filter at tcx, later filters in tc mode. A packet the
+// program translated, redirected or dropped gets a final verdict (TC_ACT_OK for one
+// left to the kernel's forwarding): no later program sees a packet rewritten toward an
+// endpoint as if it had arrived so. TestRealTraffic checks, at both hooks, that a
+// filter after the program still counts traffic to the node's own address.
+//
+// At tcx the link goes after the programs already attached. In tc mode the filter has
+// priority 2 and handle 0x5b1b, for every protocol, named "shardlb"; lower priorities
+// run first. Priority 1 is left to what must run before a load balancer (a firewall, a
+// DDoS filter); it is also what Cilium's tc programs take by default on kernels without
+// tcx, and a filter there that ends VIP packets or endpoint replies with TC_ACT_OK hides
+// them from the program: New logs a warning naming every filter at a lower priority
+// (with Cilium, set its bpf-filter-priority above 2). A priority of its own rather than
+// a shared one: the kernel runs the filters of one priority newest first, so the order
+// would depend on who attached last, and another party's "tc filter del ... pref N"
+// would take shardlb's filter with its own. Another party's bpf filter for every
+// protocol may still share priority 2 under another handle; a filter of another kind or
+// protocol there, or another party's filter at handle 0x5b1b, makes New fail naming it.
+// shardlb knows its filter by priority, handle, filter name and program name
+// (lb_ingress), and only ever replaces or removes that one; it removes the clsact qdisc
+// only when it added it and no filter is left on it in either direction.
+//
+// # Forwarding
+//
+// The program rewrites packets with direct packet access and incremental checksums,
+// then looks the rewritten packet's next hop up with bpf_fib_lookup and redirects it
+// (bpf_redirect with the neighbour's MAC, or bpf_redirect_neigh when the neighbour is
+// not resolved yet); when the lookup fails, or the TTL would expire, the rewritten
+// packet goes to the kernel's own forwarding. This
 // was measured on veth (lab notes): XDP pays a copy per packet on veth, and handing
 // packets back to the kernel's forwarding path costs more than the whole translation,
 // while tcx plus route lookup plus redirect used the least CPU per packet. Packets
@@ -97,7 +142,8 @@
 // ErrNotBPFFS otherwise) the state is pinned: PinPath/maps/ holds services, vips,
 // ring_slots, endpoints, the three conntrack maps, service_stats and drops, plus
 // layout, a small map recording each one's layout digest; PinPath/links/IFNAME holds
-// the tcx link of each interface, which keeps the program attached. The per-CPU
+// the tcx link of each interface, which keeps the program attached; in tc mode
+// PinPath/tc/IFNAME records the filter of each interface instead (see below). The per-CPU
 // scratch entry and next-hop cache (new_entry, endpoint_nhs) belong to one program and
 // are not pinned. One Datapath at a time holds a pin path (an flock on the directory;
 // another New or a Cleanup gets ErrPinPathInUse).
@@ -133,13 +179,29 @@
 // attached and their links pinned; pins of links whose interface went away are
 // dropped; links pinned for interfaces no longer in Config.Interfaces are detached.
 //
+// In tc mode the filter needs no pin to stay attached: it holds the program. The pin
+// path records each filter instead (PinPath/tc/IFNAME, a one-entry map: interface
+// index, priority, handle, whether shardlb added the clsact qdisc, and the network
+// namespace by path, device and inode) for the next process and for Cleanup. A New
+// with the same PinPath finds its filter on each configured interface and replaces the
+// program in it with a netlink replace: atomic as BPF_LINK_UPDATE is, with no second
+// filter and no moment without a program (TestTCPinnedDatapathTraffic watches
+// rtnetlink for a deletion). Release leaves the filters attached, Close removes them,
+// Cleanup removes them in the namespace recorded. When the attach mode changed between
+// two processes, the new one attaches at its hook first, then removes what the old one
+// left at the other. Without a PinPath a filter still outlives a killed process, with
+// the state it had: the next New replaces the program in it, or removes it when it
+// attaches at tcx.
+//
 // Three ways to end. Close detaches and removes everything pinned: a real stop.
 // Release closes the process's descriptors and leaves the pins: the program keeps
 // forwarding with the services last set, and no process at all, until the next New
-// adopts it. Cleanup(pinPath) is the uninstall (shardlb --cleanup) after a Release:
+// adopts it. Cleanup(pinPath) is the uninstall (shardlb cleanup) after a Release:
 // it detaches each pinned link with BPF_LINK_DETACH (only dropping the pin releases the
 // link from a kernel work queue, and the program was seen still attached right after),
-// then unpins the maps and removes the directories; files it did not create are left.
+// removes each recorded tc filter (entering the namespace recorded by path; a record
+// of the caller's namespace made without a path must be cleaned up from there), then
+// unpins the maps and removes the directories; files it did not create are left.
 // bpffs lives in memory, so nothing survives a reboot; in a pod, PinPath must be on
 // the host's bpffs (a hostPath mount of /sys/fs/bpf), or the pins go with the pod.
 //

@@ -15,7 +15,7 @@ import (
 type fixture struct {
 	name       string
 	in         pkt
-	wantAction uint32
+	wantAction uint32 // actOK unless set
 	want       *pkt   // expected output; nil means the input, untouched
 	wantDrop   string // drop counter that must go up by one, if any
 }
@@ -99,13 +99,13 @@ func fixturesFor(m shard.Mode, f ipFamily, proto shard.Protocol) []fixture {
 		{name: "a new flow is translated to the endpoint", in: fwd, want: &fwdOut},
 		{name: "a reply is translated back to come from the VIP", in: reply, want: &replyOut},
 		{name: "an established flow keeps its translation", in: data, want: &dataOut},
-		{name: "a packet to an unknown VIP passes untouched", in: pkt{src: client, dst: netip.AddrPortFrom(f.other, vipPort), proto: proto}},
-		{name: "a packet to another port of the VIP passes untouched", in: pkt{src: client, dst: netip.AddrPortFrom(f.vip, 81), proto: proto}},
-		{name: "a packet between two other hosts passes untouched", in: pkt{src: netip.AddrPortFrom(f.stranger, 5000), dst: netip.AddrPortFrom(f.epPeer, 80), proto: proto}},
+		{name: "a packet to an unknown VIP passes untouched", in: pkt{src: client, dst: netip.AddrPortFrom(f.other, vipPort), proto: proto}, wantAction: actPass},
+		{name: "a packet to another port of the VIP passes untouched", in: pkt{src: client, dst: netip.AddrPortFrom(f.vip, 81), proto: proto}, wantAction: actPass},
+		{name: "a packet between two other hosts passes untouched", in: pkt{src: netip.AddrPortFrom(f.stranger, 5000), dst: netip.AddrPortFrom(f.epPeer, 80), proto: proto}, wantAction: actPass},
 		{name: "a truncated packet to the VIP is dropped and counted", in: withTruncate(fwd, 14+ipHeaderLen(f)+6), wantAction: actShot, wantDrop: "truncated"},
-		{name: "a truncated packet to another host passes untouched", in: withTruncate(pkt{src: client, dst: netip.AddrPortFrom(f.other, vipPort), proto: proto}, 14+ipHeaderLen(f)+6)},
+		{name: "a truncated packet to another host passes untouched", in: withTruncate(pkt{src: client, dst: netip.AddrPortFrom(f.other, vipPort), proto: proto}, 14+ipHeaderLen(f)+6), wantAction: actPass},
 		{name: "a fragment to the VIP is dropped and counted", in: withFragment(fwd), wantAction: actShot, wantDrop: "fragment"},
-		{name: "a fragment to another host passes untouched", in: withFragment(pkt{src: client, dst: netip.AddrPortFrom(f.other, vipPort), proto: proto})},
+		{name: "a fragment to another host passes untouched", in: withFragment(pkt{src: client, dst: netip.AddrPortFrom(f.other, vipPort), proto: proto}), wantAction: actPass},
 	}
 	if f.client.Is4() {
 		c2 := netip.AddrPortFrom(f.client2, cliPort2)

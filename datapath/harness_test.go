@@ -20,6 +20,9 @@ const (
 	actOK       = 0
 	actShot     = 2
 	actRedirect = 7
+	// actPass is TC_ACT_UNSPEC (-1): a packet none of the program's business, handed
+	// on untouched to what runs after the program.
+	actPass = ^uint32(0)
 )
 
 // harness is a loaded but unattached datapath whose program runs test packets through

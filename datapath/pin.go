@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -25,11 +24,13 @@ var (
 	ErrPinPathInUse = errors.New("pin path in use by another datapath")
 )
 
-// Under Config.PinPath: maps/NAME for each map in pinnedMaps plus maps/layout, and
-// links/IFNAME for the tcx link of each interface.
+// Under Config.PinPath: maps/NAME for each map in pinnedMaps plus maps/layout,
+// links/IFNAME for the tcx link of each interface, and tc/IFNAME for the record of each
+// interface's tc filter (tcRecord).
 const (
 	pinMaps   = "maps"
 	pinLinks  = "links"
+	pinTC     = "tc"
 	pinLayout = "layout"
 
 	// layoutVersion is part of every pinned map's layout digest. Bump it when the
@@ -71,7 +72,7 @@ func openPinDir(path string, create bool) (*pinDir, error) {
 		return nil, err
 	}
 	if create {
-		for _, dir := range []string{path, filepath.Join(path, pinMaps), filepath.Join(path, pinLinks)} {
+		for _, dir := range []string{path, filepath.Join(path, pinMaps), filepath.Join(path, pinLinks), filepath.Join(path, pinTC)} {
 			if err := os.MkdirAll(dir, 0o700); err != nil {
 				return nil, fmt.Errorf("pin path: %w", err)
 			}
@@ -170,9 +171,9 @@ func (p *pinDir) removeLink(ifc string) error {
 	return nil
 }
 
-// removeAll detaches every pinned link, then unpins the maps and removes the
-// directories. Files in the pin path that shardlb did not create are left, and so is the
-// path itself then.
+// removeAll detaches every pinned link, removes every recorded tc filter, then unpins
+// the maps and removes the directories. Files in the pin path that shardlb did not
+// create are left, and so is the path itself then.
 func (p *pinDir) removeAll() error {
 	var errs []error
 	for _, ifc := range p.entries(pinLinks) {
@@ -180,10 +181,15 @@ func (p *pinDir) removeAll() error {
 			errs = append(errs, err)
 		}
 	}
+	for _, ifc := range p.entries(pinTC) {
+		if err := p.removeTC(ifc); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	if err := p.removeMaps(); err != nil {
 		errs = append(errs, err)
 	}
-	for _, dir := range []string{filepath.Join(p.path, pinLinks), filepath.Join(p.path, pinMaps), p.path} {
+	for _, dir := range []string{filepath.Join(p.path, pinLinks), filepath.Join(p.path, pinTC), filepath.Join(p.path, pinMaps), p.path} {
 		err := os.Remove(dir)
 		// EBUSY: the pin path is itself a bpffs mount point, which stays.
 		if err != nil && !errors.Is(err, fs.ErrNotExist) && !errors.Is(err, syscall.EBUSY) {
@@ -194,9 +200,11 @@ func (p *pinDir) removeAll() error {
 }
 
 // Cleanup removes what a Datapath pinned under pinPath: it detaches the program from
-// every interface it is pinned to, then unpins the maps (conntrack included) and removes
-// the directory. It is the uninstall path after Release; a pin path that does not exist
-// is not an error. It fails with ErrPinPathInUse while a Datapath holds the pin path.
+// every interface it is pinned to (tcx links) or recorded on (tc filters, removed in the
+// network namespace they were attached in), then unpins the maps (conntrack included)
+// and removes the directory. It is the uninstall path after Release; a pin path that
+// does not exist is not an error. It fails with ErrPinPathInUse while a Datapath holds
+// the pin path.
 func Cleanup(pinPath string) error {
 	if _, err := os.Stat(pinPath); errors.Is(err, fs.ErrNotExist) {
 		return nil
@@ -405,32 +413,33 @@ func clen(b []byte) int {
 	return len(b)
 }
 
-// attachPinned gives every configured interface the program through a pinned tcx
-// link: a link pinned by an earlier process that is still attached to that interface
-// has its program replaced atomically (packets meet either program, never none); a
-// missing or stale one is attached anew and pinned. Links pinned for interfaces that
-// are no longer configured are detached.
+// attachPinned gives every configured interface the program at the chosen hook.
+//
+// tcx: a link pinned by an earlier process that is still attached to that interface has
+// its program replaced atomically (packets meet either program, never none); a missing
+// or stale one is attached anew and pinned.
+//
+// tc: the filter an earlier process left (it needs no pin to stay) gets the new program
+// in place, also atomically, and the pin path records where it is.
+//
+// What an earlier process left at the other hook (the attach mode changed) is removed
+// once the program is at the new one; links and filters of interfaces that are no
+// longer configured are removed.
 func (d *Datapath) attachPinned() error {
 	return d.inNetNS(func() error {
 		for _, name := range d.cfg.Interfaces {
-			ifc, err := net.InterfaceByName(name)
-			if err != nil {
-				return fmt.Errorf("attach to %s: %w", name, err)
-			}
-			l, err := d.adoptLink(name, ifc.Index)
+			ifindex, err := interfaceIndex(name, d.cfg.NetNS)
 			if err != nil {
 				return err
 			}
-			if l == nil {
-				if l, err = d.attachLink(name, ifc.Index); err != nil {
-					return err
-				}
-				if err := l.Pin(d.pins.linkPath(name)); err != nil {
-					l.Close()
-					return fmt.Errorf("pin link of %s: %w", name, err)
-				}
+			if d.hook == hookTC {
+				err = d.attachPinnedTC(name, ifindex)
+			} else {
+				err = d.attachPinnedTCX(name, ifindex)
 			}
-			d.links = append(d.links, l)
+			if err != nil {
+				return err
+			}
 		}
 		for _, name := range d.pins.entries(pinLinks) {
 			if slices.Contains(d.cfg.Interfaces, name) {
@@ -439,10 +448,68 @@ func (d *Datapath) attachPinned() error {
 			if err := d.pins.removeLink(name); err != nil {
 				return err
 			}
-			d.log.Info("datapath detached", "interface", name, "reason", "no longer configured")
+			d.log.Info("datapath detached", "interface", name, "hook", hookTCX, "reason", "no longer configured")
+		}
+		for _, name := range d.pins.entries(pinTC) {
+			if slices.Contains(d.cfg.Interfaces, name) {
+				continue
+			}
+			if err := d.pins.removeTC(name); err != nil {
+				return err
+			}
+			d.log.Info("datapath detached", "interface", name, "hook", hookTC, "reason", "no longer configured")
 		}
 		return nil
 	})
+}
+
+func (d *Datapath) attachPinnedTCX(name string, ifindex int) error {
+	l, err := d.adoptLink(name, ifindex)
+	if err != nil {
+		return err
+	}
+	if l == nil {
+		if l, err = d.attachLink(name, ifindex); err != nil {
+			return err
+		}
+		if err := l.Pin(d.pins.linkPath(name)); err != nil {
+			l.Close()
+			return fmt.Errorf("pin link of %s: %w", name, err)
+		}
+	}
+	d.links = append(d.links, l)
+	if r, _ := d.pins.readTC(name); r != nil {
+		if err := d.pins.removeTC(name); err != nil {
+			return err
+		}
+		d.log.Info("datapath detached", "interface", name, "hook", hookTC, "reason", "the program is at tcx now")
+	}
+	return d.removeStaleFilter(name, ifindex)
+}
+
+func (d *Datapath) attachPinnedTC(name string, ifindex int) error {
+	var prev *tcFilter
+	if r, err := d.pins.readTC(name); err != nil {
+		return err
+	} else if r != nil {
+		f := r.filter(name)
+		prev = &f
+	}
+	f, err := d.attachTC(name, ifindex, prev)
+	if err != nil {
+		return err
+	}
+	d.filters = append(d.filters, f)
+	if err := d.pins.writeTC(f, d.cfg.NetNS); err != nil {
+		return err
+	}
+	if _, err := os.Lstat(d.pins.linkPath(name)); err == nil {
+		if err := d.pins.removeLink(name); err != nil {
+			return err
+		}
+		d.log.Info("datapath detached", "interface", name, "hook", hookTCX, "reason", "the program is at tc now")
+	}
+	return nil
 }
 
 // adoptLink returns the link pinned for interface name after replacing its program,
@@ -469,7 +536,7 @@ func (d *Datapath) adoptLink(name string, ifindex int) (link.Link, error) {
 		l.Close()
 		return nil, fmt.Errorf("replace program on %s: %w", name, err)
 	}
-	d.log.Info("datapath program replaced in place", "interface", name, "hook", "tcx-ingress")
+	d.log.Info("datapath program replaced in place", "interface", name, "hook", hookTCX)
 	return l, nil
 }
 

@@ -144,9 +144,17 @@ func get(c *http.Client) (string, error) {
 	return string(b), err
 }
 
+// TestRealTraffic runs HTTP through the VIP with the program at each hook: a tcx link,
+// and a tc filter (forced here, where auto would take tcx).
 func TestRealTraffic(t *testing.T) {
+	for _, mode := range []AttachMode{AttachTCX, AttachTC} {
+		t.Run("attach mode "+string(mode), func(t *testing.T) { testRealTraffic(t, mode) })
+	}
+}
+
+func testRealTraffic(t *testing.T, mode AttachMode) {
 	l := newLab(t)
-	d := attached(t, Config{Interfaces: l.lbIfs, NetNS: l.lbPath, NodeIPv4: netip.MustParseAddr("10.10.1.1")})
+	d := attached(t, Config{Interfaces: l.lbIfs, NetNS: l.lbPath, NodeIPv4: netip.MustParseAddr("10.10.1.1"), AttachMode: mode})
 	frontend := func(m shard.Mode, eps []shard.Endpoint) shard.Frontend {
 		return shard.Frontend{Service: "ns/web", VIP: labVIP, Port: 80, Protocol: shard.TCP, Mode: m, Endpoints: eps}
 	}
@@ -200,6 +208,19 @@ func TestRealTraffic(t *testing.T) {
 			if body != first {
 				t.Fatalf("request %d answered by %s, the connection started on %s", i, body, first)
 			}
+		}
+	})
+
+	t.Run("a program after the datapath's still sees the traffic that is not the datapath's", func(t *testing.T) {
+		// A tc filter at a later priority: after the tcx program, or after the datapath's
+		// own filter. The datapath hands packets it does not handle on (TC_ACT_UNSPEC).
+		c := newCounter(t)
+		c.attach(t, l.lbPath, "l0", 100, 1, "later")
+		const n = 20
+		before := c.count(t)
+		sendUDP(t, l.client, netip.MustParseAddrPort("10.10.1.1:9"), n)
+		if got := c.count(t) - before; got < n {
+			t.Errorf("the later program saw %d packets of %d sent to the node's own address", got, n)
 		}
 	})
 

@@ -177,7 +177,7 @@ static __noinline int new_flow(const struct flow *f, const struct service *svc, 
 	return NEW_FLOW;
 }
 
-/* balance decides flow f: TC_ACT_OK when it is not load-balanced traffic, a drop or a
+/* balance decides flow f: NOT_OURS when it is not load-balanced traffic, a drop or a
  * redirect (a segment handed off to the service's previous master, handoff.h),
  * FURTHER_PROCESSING with *entry pointing at the flow's conntrack entry, used in place
  * (not copied) so that translate can cache the next hop in it, or NEW_FLOW with *entry
@@ -207,7 +207,7 @@ static __always_inline int balance(struct __sk_buff *skb, const struct flow *f, 
 	k.family = f->family;
 	struct service *svc = bpf_map_lookup_elem(&services, &k);
 	if (!svc)
-		return TC_ACT_OK;
+		return NOT_OURS;
 	if (wants_handoff(f, svc, l4, data_end)) {
 		int ret = handoff(skb, f, svc->handoff, svc->id);
 		if (ret != FURTHER_PROCESSING)

@@ -16,21 +16,34 @@
 #define IP_MF 0x2000
 #define IP_OFFSET 0x1FFF
 
-/* tc verdicts (linux/pkt_cls.h) */
+/* tc verdicts (linux/pkt_cls.h). They mean the same at tcx (TCX_NEXT, TCX_PASS,
+ * TCX_DROP, TCX_REDIRECT) and from a direct-action tc filter: TC_ACT_UNSPEC hands the
+ * packet on to the hook's next program (tcx, then the clsact filters) or next filter
+ * (tc), and to the stack when none is left; TC_ACT_OK hands it to the stack at once,
+ * and no program or filter after this one sees it. */
+#define TC_ACT_UNSPEC -1
 #define TC_ACT_OK 0
 #define TC_ACT_SHOT 2
 #define TC_ACT_REDIRECT 7
 
+/* The verdict of a packet that is none of the program's business (not to a VIP, not of
+ * a tracked flow, not an ICMP error about one, not for this host): untouched, it goes
+ * on to whatever is attached after the program, as if the program were not there. A
+ * packet the program decided (translated, dropped, redirected, or of a tracked flow)
+ * gets a final verdict: TC_ACT_OK, TC_ACT_SHOT or TC_ACT_REDIRECT. */
+#define NOT_OURS TC_ACT_UNSPEC
+
 /* Helpers return FURTHER_PROCESSING when the packet is not decided yet (Katran's
- * convention), any other value is the final tc verdict. */
-#define FURTHER_PROCESSING -1
+ * convention), any other value is the final tc verdict. These answers lie outside the
+ * verdicts' numbers (TC_ACT_UNSPEC is -1). */
+#define FURTHER_PROCESSING -16
 /* balance's answer for the first packet of a flow: translate it, then record the flow. */
-#define NEW_FLOW -2
+#define NEW_FLOW -17
 /* The parsers' answer for ICMP and ICMPv6: maybe an error about a translated flow. */
-#define ICMP_MESSAGE -3
+#define ICMP_MESSAGE -18
 /* translate's answer for a packet too big for its next hop that must not be
  * fragmented: its sender is to be told (icmp.h). */
-#define TOO_BIG -4
+#define TOO_BIG -19
 
 #ifndef MAX_SERVICES
 #define MAX_SERVICES 16384

@@ -114,7 +114,8 @@ static __always_inline int icmp_send_on(struct ethhdr *eth, struct bpf_fib_looku
 
 /* icmp4_error translates an ICMPv4 destination unreachable, time exceeded or parameter
  * problem quoting a packet of a tracked flow, and sends it to that packet's sender; any
- * other ICMP passes untouched. Outer and quoted IP headers with options pass too. */
+ * other ICMP passes on untouched (NOT_OURS), as do outer and quoted IP headers with
+ * options. */
 static __noinline int icmp4_error(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
@@ -129,15 +130,15 @@ static __noinline int icmp4_error(struct __sk_buff *skb)
 	int rc;
 
 	if ((void *)(q + 1) > data_end)
-		return TC_ACT_OK;
+		return NOT_OURS;
 	if (iph->ihl != 5 || (iph->frag_off & bpf_htons(IP_MF | IP_OFFSET)) || iph->ttl <= 1)
-		return TC_ACT_OK;
+		return NOT_OURS;
 	if (ic->type != ICMP4_DEST_UNREACH && ic->type != ICMP4_TIME_EXCEEDED && ic->type != ICMP4_PARAMETER_PROBLEM)
-		return TC_ACT_OK;
+		return NOT_OURS;
 	/* The error goes to the quoted packet's source; anything else is not about a packet
 	 * this node sent. */
 	if (in->ihl != 5 || (in->protocol != IPPROTO_TCP && in->protocol != IPPROTO_UDP) || in->saddr != iph->daddr)
-		return TC_ACT_OK;
+		return NOT_OURS;
 	k.saddr[0] = in->daddr;
 	k.daddr[0] = in->saddr;
 	k.sport = q->dport;
@@ -146,7 +147,7 @@ static __noinline int icmp4_error(struct __sk_buff *skb)
 	k.family = AF_INET;
 	struct ct_entry *t = ct_lookup(&k);
 	if (!t)
-		return TC_ACT_OK;
+		return NOT_OURS;
 	__be32 sender = t->daddr[0], peer = t->saddr[0];
 	__be16 sender_port = t->dport, peer_port = t->sport;
 	__u32 service_id = t->service_id;
@@ -159,7 +160,7 @@ static __noinline int icmp4_error(struct __sk_buff *skb)
 	fib.ipv4_dst = sender;
 	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
-		return TC_ACT_OK;
+		return NOT_OURS;
 
 	/* The quoted header: addresses, its checksum, ports and L4 checksum. */
 	__u64 addr_diff = csum_diff32(0, in->saddr, sender);
@@ -196,26 +197,26 @@ static __noinline int icmp6_error(struct __sk_buff *skb)
 	int rc, i;
 
 	if ((void *)(q + 1) > data_end)
-		return TC_ACT_OK;
+		return NOT_OURS;
 	if (ip6->nexthdr != IPPROTO_ICMPV6 || ip6->hop_limit <= 1)
-		return TC_ACT_OK;
+		return NOT_OURS;
 	if (ic->type != ICMP6_DEST_UNREACH && ic->type != ICMP6_PACKET_TOO_BIG && ic->type != ICMP6_TIME_EXCEEDED &&
 	    ic->type != ICMP6_PARAMETER_PROBLEM)
-		return TC_ACT_OK;
+		return NOT_OURS;
 	if (in->nexthdr != IPPROTO_TCP && in->nexthdr != IPPROTO_UDP)
-		return TC_ACT_OK;
+		return NOT_OURS;
 	__builtin_memcpy(k.saddr, &in->daddr, 16);
 	__builtin_memcpy(k.daddr, &in->saddr, 16);
 	if (k.daddr[0] != ip6->daddr.in6_u.u6_addr32[0] || k.daddr[1] != ip6->daddr.in6_u.u6_addr32[1] ||
 	    k.daddr[2] != ip6->daddr.in6_u.u6_addr32[2] || k.daddr[3] != ip6->daddr.in6_u.u6_addr32[3])
-		return TC_ACT_OK;
+		return NOT_OURS;
 	k.sport = q->dport;
 	k.dport = q->sport;
 	k.proto = in->nexthdr;
 	k.family = AF_INET6;
 	struct ct_entry *t = ct_lookup(&k);
 	if (!t)
-		return TC_ACT_OK;
+		return NOT_OURS;
 	__builtin_memcpy(sender, t->daddr, 16);
 	__builtin_memcpy(peer, t->saddr, 16);
 	__be16 sender_port = t->dport, peer_port = t->sport;
@@ -229,7 +230,7 @@ static __noinline int icmp6_error(struct __sk_buff *skb)
 	__builtin_memcpy(fib.ipv6_dst, sender, 16);
 	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
-		return TC_ACT_OK;
+		return NOT_OURS;
 
 	/* No IPv6 header checksum: the quoted addresses count in the quoted L4 checksum's
 	 * pseudo-header, and with the outer destination in the ICMPv6 checksum's. */

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
-/* shardlb's ingress program (tcx): load-balances packets to a service's VIP over its
- * endpoints, translates the replies back, and forwards both itself after a route lookup
- * when the kernel knows the next hop; everything else passes untouched. */
+/* shardlb's ingress program (tcx, or a direct-action tc filter): load-balances packets
+ * to a service's VIP over its endpoints, translates the replies back, and forwards both
+ * itself after a route lookup when the kernel knows the next hop; everything else passes
+ * on untouched (NOT_OURS). */
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -327,9 +328,9 @@ int lb_ingress(struct __sk_buff *skb)
 	 * of ours: translating them would give the endpoint one copy per node. VIP traffic
 	 * is sent to this node's MAC as next hop, and replies are addressed to the node. */
 	if (skb->pkt_type != PACKET_HOST)
-		return TC_ACT_OK;
+		return NOT_OURS;
 	if ((void *)(eth + 1) > data_end)
-		return TC_ACT_OK;
+		return NOT_OURS;
 	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
 		ret = parse_ipv4(skb, (void *)(eth + 1), data_end, &f, &l4);
 		if (ret == ICMP_MESSAGE)
@@ -339,7 +340,7 @@ int lb_ingress(struct __sk_buff *skb)
 		if (ret == ICMP_MESSAGE)
 			return icmp6_error(skb);
 	} else {
-		return TC_ACT_OK;
+		return NOT_OURS;
 	}
 	if (ret != FURTHER_PROCESSING)
 		return ret;

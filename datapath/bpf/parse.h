@@ -24,7 +24,7 @@ static __always_inline void count_drop(__u32 reason)
 
 /* not_balanceable decides a packet that cannot be load-balanced: to a VIP it is dropped
  * and counted (forwarding it untranslated would hand it to the wrong host); to anything
- * else it is none of our business and passes untouched. */
+ * else it is none of our business and passes on untouched (NOT_OURS). */
 static __always_inline int not_balanceable(const struct flow *f, __u32 reason)
 {
 	struct vip_key k = {};
@@ -32,7 +32,7 @@ static __always_inline int not_balanceable(const struct flow *f, __u32 reason)
 	__builtin_memcpy(k.addr, f->daddr, sizeof(k.addr));
 	k.family = f->family;
 	if (!bpf_map_lookup_elem(&vips, &k))
-		return TC_ACT_OK;
+		return NOT_OURS;
 	count_drop(reason);
 	return TC_ACT_SHOT;
 }
@@ -50,13 +50,13 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct iphdr *iph, 
 				      struct flow *f, void **l4)
 {
 	if ((void *)(iph + 1) > data_end)
-		return TC_ACT_OK;
+		return NOT_OURS;
 	if (iph->version != 4 || iph->ihl < 5)
-		return TC_ACT_OK;
+		return NOT_OURS;
 	if (iph->protocol == IPPROTO_ICMP)
 		return ICMP_MESSAGE;
 	if (iph->protocol != IPPROTO_TCP && iph->protocol != IPPROTO_UDP)
-		return TC_ACT_OK;
+		return NOT_OURS;
 	f->saddr[0] = iph->saddr;
 	f->daddr[0] = iph->daddr;
 	f->proto = iph->protocol;
@@ -84,9 +84,9 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct ipv6hdr *ip6
 				      struct flow *f, void **l4)
 {
 	if ((void *)(ip6 + 1) > data_end)
-		return TC_ACT_OK;
+		return NOT_OURS;
 	if (ip6->version != 6)
-		return TC_ACT_OK;
+		return NOT_OURS;
 	__builtin_memcpy(f->saddr, &ip6->saddr, 16);
 	__builtin_memcpy(f->daddr, &ip6->daddr, 16);
 	f->family = AF_INET6;
@@ -104,7 +104,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct ipv6hdr *ip6
 	case IPPROTO_DSTOPTS:
 		return not_balanceable(f, DROP_IPV6_EXT_HEADER);
 	default:
-		return TC_ACT_OK;
+		return NOT_OURS;
 	}
 
 	void *p = ip6 + 1;
