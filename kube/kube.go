@@ -84,7 +84,7 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 		if ctl != nil {
 			ctl.enqueue(key)
 		}
-		nd.poke()
+		nd.touch(key)
 	}
 	svcStore, svcInformer := cache.NewInformerWithOptions(cache.InformerOptions{
 		ListerWatcher: cache.NewListWatchFromClient(client.CoreV1().RESTClient(), "services", corev1.NamespaceAll, fields.Everything()),
@@ -97,7 +97,7 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 		ObjectType:    &discoveryv1.EndpointSlice{},
 		Transform:     toEndpointSlice,
 		Indexers:      cache.Indexers{indexByService: sliceServiceIndex},
-		Handler:       cache.ResourceEventHandlerFuncs{AddFunc: func(any) { nd.poke() }, UpdateFunc: func(_, _ any) { nd.poke() }, DeleteFunc: func(any) { nd.poke() }},
+		Handler:       sliceHandler(func(key string) { nd.touch(key) }),
 	})
 	leaseLW := cache.NewFilteredListWatchFromClient(client.CoordinationV1().RESTClient(), "leases", cfg.Namespace, func(o *metav1.ListOptions) {
 		o.LabelSelector = labels.SelectorFromSet(labels.Set{labelPartOf: "shardlb"}).String()
