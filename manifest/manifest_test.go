@@ -5,6 +5,7 @@ import (
 	"io/fs"
 	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/client-go/kubernetes"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -125,6 +126,56 @@ func TestDaemonSetRunsAsTheGuideSaysWithNamedCapabilitiesOnly(t *testing.T) {
 		if !slices.Contains(c.Args, want) {
 			t.Errorf("args %v lack the guide's %s", c.Args, want)
 		}
+	}
+}
+
+// TestImageIsPinnedToARelease: with a moving tag such as latest, nodes restarted at
+// different times run different builds, and the kubelet pulls on every start
+// (imagePullPolicy defaults to Always), so an image imported on a node without a
+// registry is not used.
+func TestImageIsPinnedToARelease(t *testing.T) {
+	const repo = "ghcr.io/shardlb/shardlb"
+	release := regexp.MustCompile(`^v[0-9]+\.[0-9]+\.[0-9]+$`)
+	image := daemonSet(t).Spec.Template.Spec.Containers[0].Image
+	name, tag, _ := strings.Cut(image, ":")
+	if name != repo || !release.MatchString(tag) {
+		t.Errorf("daemonset.yaml image %q, want %s:vX.Y.Z, a release tag", image, repo)
+	}
+
+	data, err := fs.ReadFile(manifest.FS, "kustomization.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var k struct {
+		Images []struct {
+			Name    string `json:"name"`
+			NewName string `json:"newName"`
+			NewTag  string `json:"newTag"`
+			Digest  string `json:"digest"`
+		} `json:"images"`
+	}
+	if err := yaml.Unmarshal(data, &k); err != nil {
+		t.Fatalf("kustomization.yaml: %v", err)
+	}
+	if len(k.Images) != 1 || k.Images[0].Name != repo || k.Images[0].NewName != "" || k.Images[0].NewTag != tag {
+		t.Errorf("kustomization.yaml images %+v, want %s with newTag %s, the DaemonSet's", k.Images, repo, tag)
+	}
+
+	err = fs.WalkDir(manifest.FS, ".", func(p string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		data, err := fs.ReadFile(manifest.FS, p)
+		if err != nil {
+			return err
+		}
+		if strings.Contains(string(data), ":latest") {
+			t.Errorf("%s names a :latest image", p)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
 }
 

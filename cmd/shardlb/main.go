@@ -10,21 +10,20 @@ import (
 	"os"
 )
 
-var version = "dev"
-
 func main() {
 	os.Exit(run(os.Args[1:], os.Getenv, os.Stdout, os.Stderr))
 }
 
 // run dispatches the subcommands and returns the exit code: 2 for bad usage.
 func run(args []string, env func(string) string, stdout, stderr io.Writer) int {
+	// Flags go to run, except --version.
 	cmd := "run"
-	if len(args) > 0 && args[0] != "" && args[0][0] != '-' {
+	if len(args) > 0 && (args[0] == "--version" || (args[0] != "" && args[0][0] != '-')) {
 		cmd, args = args[0], args[1:]
 	}
 	switch cmd {
-	case "version":
-		fmt.Fprintln(stdout, "shardlb", version)
+	case "version", "--version":
+		printVersion(stdout)
 		return 0
 	case "run":
 		cfg, err := parseConfig(args, env, stdout)
