@@ -22,11 +22,15 @@ type route struct {
 	Attrs  attrs
 }
 
-// attrsFor maps a role to the attributes of DESIGN.md's table.
-func (c *Config) attrsFor(prefix netip.Prefix, role shard.Role, communities []uint32) attrs {
+// attrsFor maps an advertisement's role to the attributes of DESIGN.md's table; a
+// backup that is its instance's successor gets the successor's.
+func (c *Config) attrsFor(prefix netip.Prefix, role shard.Role, successor bool, communities []uint32) attrs {
 	a := attrs{LocalPref: c.LocalPrefMaster, MED: c.MEDMaster, Communities: communities}
 	if role == shard.RoleBackup {
 		a.LocalPref, a.MED = c.LocalPrefBackup, c.MEDBackup
+		if successor {
+			a.LocalPref, a.MED = c.LocalPrefSuccessor, c.MEDSuccessor
+		}
 	}
 	switch {
 	case prefix.Addr().Is4() && c.NextHop4.IsValid():

@@ -79,6 +79,12 @@ type Config struct {
 	// BackupPrepend is how many extra times the local AS is prepended toward eBGP
 	// peers on backup announcements.
 	BackupPrepend uint8
+	// The successor of an instance (shard.Advertisement.Successor: the backup that
+	// takes over if the master fails) is announced between master and backup:
+	// LOCAL_PREF and MED between theirs, fewer prepends than a backup, so a router
+	// that loses the master falls back to exactly the member that becomes master.
+	LocalPrefSuccessor, MEDSuccessor uint32
+	SuccessorPrepend                 uint8
 	// GRPCListen is where GoBGP's gRPC API (the gobgp CLI) listens; empty disables it.
 	GRPCListen string
 	// ShutdownFlush bounds how long Shutdown waits for the withdrawals to leave
@@ -106,6 +112,9 @@ func DefaultConfig() Config {
 		MEDMaster:          10,
 		MEDBackup:          20,
 		BackupPrepend:      3,
+		LocalPrefSuccessor: 200,
+		MEDSuccessor:       15,
+		SuccessorPrepend:   2,
 		GRPCListen:         "127.0.0.1:50051",
 		ShutdownFlush:      time.Second,
 		PeerWait:           30 * time.Second,
@@ -217,6 +226,19 @@ func (c *Config) validate() error {
 	if c.LocalPrefBackup == 0 || c.LocalPrefBackup == c.LocalPrefMaster {
 		// The eBGP prepend is keyed on the backup's LOCAL_PREF (see exportPolicy).
 		bad("LOCAL_PREF backup %d: must be non-zero and differ from master %d", c.LocalPrefBackup, c.LocalPrefMaster)
+	}
+	between := func(v, a, b uint32) bool { return min(a, b) <= v && v <= max(a, b) }
+	if c.LocalPrefSuccessor == c.LocalPrefMaster || c.LocalPrefSuccessor == c.LocalPrefBackup ||
+		!between(c.LocalPrefSuccessor, c.LocalPrefMaster, c.LocalPrefBackup) {
+		// The eBGP prepend is keyed on LOCAL_PREF, and routers must rank successor
+		// between master and backup.
+		bad("LOCAL_PREF successor %d: must lie strictly between master %d and backup %d", c.LocalPrefSuccessor, c.LocalPrefMaster, c.LocalPrefBackup)
+	}
+	if !between(c.MEDSuccessor, c.MEDMaster, c.MEDBackup) {
+		bad("MED successor %d: must lie between master %d and backup %d", c.MEDSuccessor, c.MEDMaster, c.MEDBackup)
+	}
+	if c.SuccessorPrepend > c.BackupPrepend {
+		bad("successor prepend %d: must not exceed the backup prepend %d", c.SuccessorPrepend, c.BackupPrepend)
 	}
 	if _, err := parseCommunities(c.Communities); err != nil {
 		errs = append(errs, err)

@@ -159,19 +159,22 @@ func TestAttributesByRole(t *testing.T) {
 	v4 := netip.MustParsePrefix("10.96.0.1/32")
 	v6 := netip.MustParsePrefix("fd00::1/128")
 	cases := []struct {
-		name   string
-		prefix netip.Prefix
-		role   shard.Role
-		want   attrs
+		name      string
+		prefix    netip.Prefix
+		role      shard.Role
+		successor bool
+		want      attrs
 	}{
-		{"a master announces LOCAL_PREF 5000 and MED 10", v4, shard.RoleMaster, attrs{LocalPref: 5000, MED: 10, NextHop: cfg.NextHop4}},
-		{"a backup announces LOCAL_PREF 100 and MED 20", v4, shard.RoleBackup, attrs{LocalPref: 100, MED: 20, NextHop: cfg.NextHop4}},
-		{"equal roles announce the master's values", v4, shard.RoleEqual, attrs{LocalPref: 5000, MED: 10, NextHop: cfg.NextHop4}},
-		{"an IPv6 VIP without NextHop6 uses next hop self", v6, shard.RoleMaster, attrs{LocalPref: 5000, MED: 10, NextHop: netip.IPv6Unspecified()}},
+		{"a master announces LOCAL_PREF 5000 and MED 10", v4, shard.RoleMaster, false, attrs{LocalPref: 5000, MED: 10, NextHop: cfg.NextHop4}},
+		{"a backup announces LOCAL_PREF 100 and MED 20", v4, shard.RoleBackup, false, attrs{LocalPref: 100, MED: 20, NextHop: cfg.NextHop4}},
+		{"a successor announces LOCAL_PREF 200 and MED 15", v4, shard.RoleBackup, true, attrs{LocalPref: 200, MED: 15, NextHop: cfg.NextHop4}},
+		{"a master is a master whatever the successor flag says", v4, shard.RoleMaster, true, attrs{LocalPref: 5000, MED: 10, NextHop: cfg.NextHop4}},
+		{"equal roles announce the master's values", v4, shard.RoleEqual, false, attrs{LocalPref: 5000, MED: 10, NextHop: cfg.NextHop4}},
+		{"an IPv6 VIP without NextHop6 uses next hop self", v6, shard.RoleMaster, false, attrs{LocalPref: 5000, MED: 10, NextHop: netip.IPv6Unspecified()}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			got := cfg.attrsFor(tc.prefix, tc.role, nil)
+			got := cfg.attrsFor(tc.prefix, tc.role, tc.successor, nil)
 			if got.LocalPref != tc.want.LocalPref || got.MED != tc.want.MED || got.NextHop != tc.want.NextHop {
 				t.Fatalf("attrsFor = %+v, want %+v", got, tc.want)
 			}

@@ -20,6 +20,13 @@ func labAdv(role shard.Role) shard.Advertisement {
 	return shard.Advertisement{Prefix: labVIP, Role: role, Instance: "default"}
 }
 
+// labSuccessor is a backup that takes over if the master fails.
+func labSuccessor() shard.Advertisement {
+	a := labAdv(shard.RoleBackup)
+	a.Successor = true
+	return a
+}
+
 func (l *lab) paths(t testing.TB, ctx context.Context) map[netip.Addr]frr.Path {
 	t.Helper()
 	ps, err := l.router.Paths(ctx, labVIP)
@@ -85,8 +92,18 @@ func TestFRRIBGP(t *testing.T) {
 	s2.set(t, labAdv(shard.RoleBackup))
 	s3.set(t, labAdv(shard.RoleBackup))
 	l.eventually(t, 10*time.Second, "three paths in FRR", func(ctx context.Context) bool { return len(l.paths(t, ctx)) == 3 })
+	defer s3.set(t, labAdv(shard.RoleBackup))
 
 	t.Run("FRR's best path is the master's with LOCAL_PREF 5000 and the backups' are present with 100", func(t *testing.T) {
+		// FRR lists a received path before its best-path run has looked at it.
+		l.eventually(t, 5*time.Second, "a best path", func(ctx context.Context) bool {
+			for _, p := range l.paths(t, ctx) {
+				if p.Best {
+					return true
+				}
+			}
+			return false
+		})
 		ps := l.paths(t, ctx)
 		if best := ps[s1.addr]; !best.Best || best.LocalPref != 5000 || best.MED != 10 || best.NextHop != s1.addr {
 			t.Fatalf("master path = %+v, want best with LOCAL_PREF 5000, MED 10, next hop %v", best, s1.addr)
@@ -129,6 +146,44 @@ func TestFRRIBGP(t *testing.T) {
 		l.waitEstablished(t, s2)
 		l.waitRoute(t, labVIP, 10*time.Second, s2.addr)
 	})
+	t.Run("with a successor ranked, a master's loss moves the route to the successor alone", func(t *testing.T) {
+		s3.set(t, labSuccessor())
+		l.eventually(t, 10*time.Second, "the successor's path with LOCAL_PREF 200, MED 15", func(ctx context.Context) bool {
+			p := l.paths(t, ctx)[s3.addr]
+			return p.LocalPref == 200 && p.MED == 15 && !p.Best
+		})
+		// The route must go from the master to the successor, never through a spread
+		// over both backups.
+		var spread, polls int
+		stop := make(chan struct{})
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			for {
+				if hops, err := l.router.KernelRoute(labVIP); err == nil && len(hops) > 1 {
+					spread++
+				}
+				polls++
+				select {
+				case <-stop:
+					return
+				case <-time.After(time.Millisecond):
+				}
+			}
+		}()
+		s2.setLink(t, false)
+		l.waitRoute(t, labVIP, 5*time.Second, s3.addr)
+		time.Sleep(300 * time.Millisecond)
+		close(stop)
+		<-done
+		if spread > 0 {
+			t.Fatalf("kernel route had several next hops in %d of %d polls after the master's loss", spread, polls)
+		}
+		s2.setLink(t, true)
+		l.waitEstablished(t, s2)
+		l.waitRoute(t, labVIP, 10*time.Second, s2.addr)
+		s3.set(t, labAdv(shard.RoleBackup))
+	})
 	t.Run("a clean stop of the master moves the route to a backup", func(t *testing.T) {
 		s2.signal(t, syscall.SIGTERM)
 		s2.wait(t)
@@ -168,6 +223,18 @@ func TestFRREBGP(t *testing.T) {
 		if b := ps[speakerAddr(0)]; b.Best || !slices.Equal(b.ASPath, want) || b.MED != 20 {
 			t.Fatalf("backup path = %+v, want AS path %v, MED 20", b, want)
 		}
+	})
+	t.Run("a successor is prepended less than a backup and wins when the master goes", func(t *testing.T) {
+		a := labAdv(shard.RoleBackup)
+		a.Successor = true
+		l.speakers[2].set(t, a)
+		want := []uint32{65000, 65000, 65000}
+		l.eventually(t, 10*time.Second, "the successor's path prepended twice", func(ctx context.Context) bool {
+			p := l.paths(t, ctx)[speakerAddr(2)]
+			return slices.Equal(p.ASPath, want) && p.MED == 15
+		})
+		l.speakers[1].set(t)
+		l.waitRoute(t, labVIP, 10*time.Second, speakerAddr(2))
 	})
 }
 

@@ -124,7 +124,7 @@ func (r *gobgpRouter) setPolicies(ctx context.Context, cfg *Config) error {
 			ebgp = append(ebgp, netip.PrefixFrom(p.Addr, p.Addr.BitLen()).String())
 		}
 	}
-	if len(ebgp) == 0 || cfg.BackupPrepend == 0 {
+	if len(ebgp) == 0 || cfg.BackupPrepend == 0 && cfg.SuccessorPrepend == 0 {
 		return nil
 	}
 	err = r.srv.AddDefinedSet(ctx, &api.AddDefinedSetRequest{DefinedSet: &api.DefinedSet{
@@ -135,19 +135,31 @@ func (r *gobgpRouter) setPolicies(ctx context.Context, cfg *Config) error {
 	if err != nil {
 		return fmt.Errorf("define eBGP peer set: %w", err)
 	}
-	err = r.srv.AddPolicy(ctx, &api.AddPolicyRequest{Policy: &api.Policy{
-		Name: backupPrependPolicy,
-		Statements: []*api.Statement{{
-			Name: backupPrependPolicy,
+	// Backups and successors, told apart by their LOCAL_PREF, get their prepends.
+	var statements []*api.Statement
+	for _, st := range []struct {
+		name   string
+		lp     uint32
+		repeat uint8
+	}{{backupPrependPolicy, cfg.LocalPrefBackup, cfg.BackupPrepend}, {backupPrependPolicy + "-successor", cfg.LocalPrefSuccessor, cfg.SuccessorPrepend}} {
+		if st.repeat == 0 {
+			continue
+		}
+		statements = append(statements, &api.Statement{
+			Name: st.name,
 			Conditions: &api.Conditions{
 				NeighborSet: &api.MatchSet{Type: api.MatchSet_TYPE_ANY, Name: ebgpPeerSet},
-				LocalPrefEq: &api.LocalPrefEq{Value: cfg.LocalPrefBackup},
+				LocalPrefEq: &api.LocalPrefEq{Value: st.lp},
 			},
 			Actions: &api.Actions{
 				RouteAction: api.RouteAction_ROUTE_ACTION_ACCEPT,
-				AsPrepend:   &api.AsPrependAction{Asn: cfg.LocalASN, Repeat: uint32(cfg.BackupPrepend)},
+				AsPrepend:   &api.AsPrependAction{Asn: cfg.LocalASN, Repeat: uint32(st.repeat)},
 			},
-		}},
+		})
+	}
+	err = r.srv.AddPolicy(ctx, &api.AddPolicyRequest{Policy: &api.Policy{
+		Name:       backupPrependPolicy,
+		Statements: statements,
 	}})
 	if err != nil {
 		return fmt.Errorf("add backup prepend policy: %w", err)

@@ -132,8 +132,8 @@ func (s *Speaker) SetAdvertisements(ctx context.Context, desired []shard.Adverti
 	}
 	var announce, withdraw []route
 	for p, a := range want {
-		rt := route{Prefix: p, Attrs: s.cfg.attrsFor(p, a.Role, s.communities)}
-		if cur, ok := s.applied[p]; ok && cur.adv.Role == a.Role {
+		rt := route{Prefix: p, Attrs: s.cfg.attrsFor(p, a.Role, a.Successor, s.communities)}
+		if cur, ok := s.applied[p]; ok && cur.adv.Role == a.Role && cur.adv.Successor == a.Successor {
 			s.applied[p] = applied{adv: a, route: cur.route}
 			continue
 		}

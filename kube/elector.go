@@ -83,10 +83,17 @@ type elector struct {
 	wake    chan struct{}
 	leaving atomic.Bool
 
-	mu       sync.Mutex // guards master, holders and handoffs, read by the node loop and the API
-	master   map[string]bool
+	mu     sync.Mutex // guards master, holders and handoffs, read by the node loop and the API
+	master map[string]bool
+	// until is when each of master stops counting (its Lease's expiry in this pod's
+	// view): Masters and IsMaster drop it then, and a timer asks the node loop to
+	// apply, even while the loop is blocked in a round of slow writes.
+	until    map[string]time.Time
+	untilT   clock.Timer
 	holders  map[string]string       // instance -> holder of its fresh Lease
 	handoffs map[string][]netip.Addr // instance -> addresses of its previous master
+	// successors is instance -> the member that takes it over if its master fails.
+	successors map[string]string
 
 	// own is what this pod wrote last, by Lease name; owned by the loop goroutine.
 	own map[string]*coordinationv1.Lease
@@ -130,7 +137,39 @@ func (e *elector) leave() {
 func (e *elector) Holding() int {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	return len(e.master)
+	return len(e.mastersNow())
+}
+
+// mastersNow is master without the instances whose Lease expired since; e.mu held.
+func (e *elector) mastersNow() map[string]bool {
+	now := e.clock.Now()
+	out := make(map[string]bool, len(e.master))
+	for inst := range e.master {
+		if u, ok := e.until[inst]; !ok || now.Before(u) {
+			out[inst] = true
+		}
+	}
+	return out
+}
+
+// armExpiry asks the node loop to apply when the first mastership expires, should
+// the elector not have stepped by then; e.mu held.
+func (e *elector) armExpiry() {
+	if e.untilT != nil {
+		e.untilT.Stop()
+		e.untilT = nil
+	}
+	var first time.Time
+	for _, u := range e.until {
+		if first.IsZero() || u.Before(first) {
+			first = u
+		}
+	}
+	dc, ok := e.clock.(clock.WithDelayedExecution)
+	if first.IsZero() || !ok {
+		return
+	}
+	e.untilT = dc.AfterFunc(first.Sub(e.clock.Now())+time.Millisecond, func() { e.changed() })
 }
 
 // Handoffs is instance -> the node addresses of the pod that handed it to this one in
@@ -140,6 +179,14 @@ func (e *elector) Handoffs() map[string][]netip.Addr {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return maps.Clone(e.handoffs)
+}
+
+// Successors is instance -> the member that takes it over if its master fails, the
+// same on every node (shard.Input.Successors).
+func (e *elector) Successors() map[string]string {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return maps.Clone(e.successors)
 }
 
 // poke wakes the loop; informer handlers call it.
@@ -161,7 +208,7 @@ func (e *elector) Masters() map[string]string {
 			out[inst] = h
 		}
 	}
-	for inst := range e.master {
+	for inst := range e.mastersNow() {
 		out[inst] = e.me
 	}
 	return out
@@ -171,7 +218,7 @@ func (e *elector) Masters() map[string]string {
 func (e *elector) IsMaster(inst string) bool {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	return e.master[inst]
+	return e.mastersNow()[inst]
 }
 
 func (e *elector) run(ctx context.Context) {
@@ -228,11 +275,13 @@ func (e *elector) evaluate(ctx context.Context) time.Time {
 	writes := e.core.Step(mastership.Input{Now: now, Leases: leases, Local: mastership.Local{
 		Leaving: e.leaving.Load(), Announcing: e.router.Announcing(), Maintenance: e.maintenance(),
 	}})
-	out := e.core.Advance(e.execute(ctx, now, writes, objs))
+	results := e.execute(ctx, now, writes, objs)
+	out := e.core.Advance(e.clock.Now(), results)
 	e.report(out.Events)
 
 	e.mu.Lock()
-	e.master, e.holders, e.handoffs = out.Masters, out.Holders, out.Handoffs
+	e.master, e.until, e.holders, e.handoffs, e.successors = out.Masters, out.Until, out.Holders, out.Handoffs, out.Successors
+	e.armExpiry()
 	e.mu.Unlock()
 
 	next := out.Next
@@ -309,13 +358,14 @@ func (e *elector) execute(ctx context.Context, now time.Time, writes []mastershi
 				continue
 			}
 		}
+		sent := e.clock.Now()
 		l, err := e.put(ctx, w.Lease.Name, base, func(l *coordinationv1.Lease) { applyWrite(l, w, now) })
 		if err != nil {
-			out = append(out, mastership.Result{Err: err})
+			out = append(out, mastership.Result{Err: err, At: sent})
 			continue
 		}
 		objs[l.Name] = l
-		out = append(out, mastership.Result{Lease: fromLease(l)})
+		out = append(out, mastership.Result{Lease: fromLease(l), At: sent})
 	}
 	return out
 }
@@ -402,9 +452,12 @@ func (e *elector) put(ctx context.Context, name string, base *coordinationv1.Lea
 		out, err = e.api.Update(ctx, l, metav1.UpdateOptions{FieldManager: "shardlb"})
 	}
 	if err != nil {
-		if apierrors.IsConflict(err) || apierrors.IsAlreadyExists(err) || apierrors.IsNotFound(err) {
-			delete(e.own, name) // our copy is stale: read the cache next round
+		if apierrors.IsNotFound(err) {
+			delete(e.own, name) // deleted: our copy would keep it alive
 		}
+		// On a conflict our copy is stale, but the cache may be staler still: observe
+		// keeps whichever is newer, so a version never goes back (which would restart
+		// its expiry clock).
 		return nil, fmt.Errorf("lease %s: %w", name, err)
 	}
 	out.ManagedFields = nil
@@ -425,6 +478,9 @@ func (e *elector) release(ctx context.Context) {
 	}
 	e.mu.Lock()
 	e.master = map[string]bool{}
+	if e.untilT != nil {
+		e.untilT.Stop()
+	}
 	e.mu.Unlock()
 }
 

@@ -130,6 +130,7 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	el = newElector(&cfg, log.With("part", "elector"), client.CoordinationV1().Leases(cfg.Namespace), leaseStore, deps.Router, maintenance, clk)
 	nd = newNode(&cfg, log.With("part", "node"), deps.Router, deps.Datapath, svcStore, sliceIndexer, el.Masters, clk, m)
 	nd.handoffs = el.Handoffs
+	nd.successors = el.Successors
 	el.changed = nd.poke
 	el.applyNow = nd.apply
 

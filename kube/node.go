@@ -44,8 +44,11 @@ type node struct {
 	slices   cache.Indexer
 	masters  func() map[string]string
 	handoffs func() map[string][]netip.Addr // nil: none
-	clock    clock.Clock
-	metrics  *metrics
+	// successors is instance -> the member that takes it over if its master fails
+	// (nil: none).
+	successors func() map[string]string
+	clock      clock.Clock
+	metrics    *metrics
 
 	trigger chan struct{}
 
@@ -173,6 +176,9 @@ func (n *node) apply(ctx context.Context) error {
 		handoffs = n.handoffs()
 	}
 	n.planner.SetMasters(n.masters(), handoffs)
+	if n.successors != nil {
+		n.planner.SetSuccessors(n.successors())
+	}
 	plan, delta := n.planner.Plan()
 
 	var errs []error

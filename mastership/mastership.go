@@ -189,10 +189,12 @@ func (w Write) String() string {
 }
 
 // Result is the outcome of a Write: the Lease as stored (with its new Version), or
-// the error.
+// the error. At is when the write was sent (zero: when Step was called): the Lease's
+// new version counts from then, which is before any other member can have seen it.
 type Result struct {
 	Lease Lease
 	Err   error
+	At    time.Time
 }
 
 // Local is this member's own state, sampled each step.
@@ -275,11 +277,20 @@ func (e Event) String() string {
 type Outcome struct {
 	// Masters are the instances to announce as master now.
 	Masters map[string]bool
+	// Until is, for each of Masters, when its Lease expires in this member's view:
+	// the caller stops announcing it then even if it cannot step (a round blocked on
+	// a slow API server), as others may take it from that moment.
+	Until map[string]time.Time
 	// Holders is instance -> holder of its unexpired Lease (this member included).
 	Holders map[string]string
 	// Handoffs is instance -> the node addresses of the member that handed it to this
 	// one, while that member's process lives (shard.Input.Handoffs).
 	Handoffs map[string][]netip.Addr
+	// Successors is instance -> the member that takes the instance over if its
+	// current master fails (its master if it has none yet): the backup routers should
+	// prefer, so that a failover moves traffic once. Every member computes the same
+	// map from the same Leases.
+	Successors map[string]string
 	// Acks are writes to make only once Masters are applied and the master routes
 	// left for the routers; then call Acknowledged with their results.
 	Acks []Write
@@ -314,6 +325,10 @@ type Core struct {
 	previous      map[string]previousMaster
 	masters       map[string]bool
 	handoffs      map[string][]netip.Addr
+	// lastSuccessors is the last Outcome's; succMemo caches successors by their inputs.
+	lastSuccessors map[string]string
+	succKey        string
+	succMemo       map[string]string
 
 	r *round // the step in progress
 }
@@ -330,8 +345,11 @@ type round struct {
 	acks    []Write
 	events  []Event
 	meLive  bool
+	done    time.Time       // when the writes were done (Advance)
 	targets map[int]string  // write index -> member handed to
 	handed  map[string]bool // instances handed over in this round
+	// successors is instance -> the member that would master it if its master failed.
+	successors map[string]string
 }
 
 // New returns a Core for cfg.
@@ -375,15 +393,15 @@ func (r *round) write(w Write) int {
 // pause of this member (a gap between steps of more than two renew periods, or its
 // clock going back), what it saw before says nothing of what happened meanwhile: the
 // Leases of other holders count as seen now, so a paused member does not take Leases
-// that are renewed, only not yet observed. Its own keep their times: they expired if
-// it was away too long.
+// that are renewed, only not yet observed. Its own, and those it handed over, keep
+// their times: they expired if it was away too long.
 func (c *Core) observe(now time.Time, leases []Lease) map[string]Lease {
 	paused := !c.lastStep.IsZero() && (now.Before(c.lastStep) || now.Sub(c.lastStep) > 2*c.cfg.Renew)
 	c.lastStep = now
 	out := make(map[string]Lease, len(leases))
 	for _, l := range leases {
 		out[l.Name] = l
-		if s, ok := c.seen[l.Name]; !ok || s.version != l.Version || paused && l.Holder != c.cfg.Me {
+		if s, ok := c.seen[l.Name]; !ok || s.version != l.Version || paused && l.Holder != c.cfg.Me && l.HandoverFrom != c.cfg.Me {
 			c.seen[l.Name] = seenLease{version: l.Version, at: now}
 		}
 	}
@@ -482,6 +500,7 @@ func (c *Core) Step(in Input) []Write {
 		}
 	}
 	pref := shard.Rebalance(c.cfg.Instances, members, c.excluded, current)
+	r.successors = c.successors(members, current, pref)
 
 	for _, inst := range names {
 		name := InstanceLeaseName(inst)
@@ -583,13 +602,20 @@ func (c *Core) Step(in Input) []Write {
 }
 
 // Advance takes the results of the writes Step returned, in the same order (a
-// missing result counts as failed), and says what to announce.
-func (c *Core) Advance(results []Result) Outcome {
+// missing result counts as failed), and says what to announce. now is the time the
+// writes are done: a round can last longer than a Lease (a slow API server, a busy
+// node), so every mastership is judged again at now, and one whose Lease has expired
+// meanwhile in this member's view is not announced (others may hold it by now).
+func (c *Core) Advance(now time.Time, results []Result) Outcome {
 	r := c.r
 	if r == nil {
 		return Outcome{Masters: maps.Clone(c.masters), Handoffs: maps.Clone(c.handoffs)}
 	}
-	now, me := r.now, c.cfg.Me
+	me := c.cfg.Me
+	if now.Before(r.now) {
+		now = r.now
+	}
+	r.done = now
 	for i, w := range r.writes {
 		res := Result{Err: fmt.Errorf("no result")}
 		if i < len(results) {
@@ -598,7 +624,7 @@ func (c *Core) Advance(results []Result) Outcome {
 		if res.Err != nil {
 			r.events = append(r.events, Event{Kind: EventWriteFailed, Instance: w.Instance, Write: w.Kind, Err: res.Err})
 		} else {
-			c.stored(r, res.Lease)
+			c.stored(r, res)
 		}
 		switch w.Kind {
 		case KindMember:
@@ -606,7 +632,7 @@ func (c *Core) Advance(results []Result) Outcome {
 				continue
 			}
 			wasLive := r.meLive
-			c.memberRenewed = now
+			c.memberRenewed = sentAt(r, res)
 			if w.Lease.Member.Announcing != c.written.Announcing {
 				r.events = append(r.events, Event{Kind: EventAnnouncing, Member: fmt.Sprint(w.Lease.Member.Announcing)})
 			}
@@ -615,7 +641,7 @@ func (c *Core) Advance(results []Result) Outcome {
 			}
 			c.written = Local{Leaving: w.Lease.Member.Leaving, Announcing: w.Lease.Member.Announcing, Maintenance: w.Lease.Member.Maintenance}
 			if !wasLive {
-				r.next = now // decisions waited for this member to be live
+				r.next = r.now // decisions waited for this member to be live
 			}
 		case KindTake:
 			if res.Err == nil {
@@ -639,7 +665,12 @@ func (c *Core) Advance(results []Result) Outcome {
 		if r.handed[inst] || !r.master[inst] {
 			continue // handed over (announce until acknowledged) or released
 		}
-		if l, ok := r.leases[InstanceLeaseName(inst)]; !ok || l.Holder != me || !now.Before(c.expiry(l)) {
+		if l, ok := r.leases[InstanceLeaseName(inst)]; !ok || l.Holder != me {
+			r.master[inst] = false
+		}
+	}
+	for inst, m := range r.master {
+		if l, ok := r.leases[InstanceLeaseName(inst)]; m && (!ok || !now.Before(c.expiry(l))) {
 			r.master[inst] = false
 		}
 	}
@@ -650,18 +681,21 @@ func (c *Core) Advance(results []Result) Outcome {
 		}
 	}
 	master := map[string]bool{}
+	until := map[string]time.Time{}
 	for inst, m := range r.master {
 		if m {
 			master[inst] = true
+			until[inst] = c.expiry(r.leases[InstanceLeaseName(inst)])
 		}
 	}
 	handoffs := c.handoffTargets(r, master)
 	out := Outcome{
-		Masters: master, Holders: holders, Handoffs: handoffs, Acks: r.acks,
-		Changed: !maps.Equal(c.masters, master) || !maps.EqualFunc(c.handoffs, handoffs, slices.Equal),
-		Next:    r.next, Events: r.events,
+		Masters: master, Until: until, Holders: holders, Handoffs: handoffs, Successors: r.successors, Acks: r.acks,
+		Changed: !maps.Equal(c.masters, master) || !maps.EqualFunc(c.handoffs, handoffs, slices.Equal) ||
+			!maps.Equal(c.lastSuccessors, r.successors),
+		Next: r.next, Events: r.events,
 	}
-	c.masters, c.handoffs = master, handoffs
+	c.masters, c.handoffs, c.lastSuccessors = master, handoffs, r.successors
 	if len(r.acks) > 0 {
 		r.events = nil // Acknowledged reports its own
 	} else {
@@ -673,6 +707,7 @@ func (c *Core) Advance(results []Result) Outcome {
 // Acknowledged takes the results of an Outcome's Acks, in order, and says when to
 // step again at the latest (zero: no sooner than the Outcome's Next).
 func (c *Core) Acknowledged(results []Result) ([]Event, time.Time) {
+	// The Masters of the Outcome stand: an acknowledgement only renews.
 	r := c.r
 	c.r = nil
 	if r == nil {
@@ -690,19 +725,26 @@ func (c *Core) Acknowledged(results []Result) ([]Event, time.Time) {
 			retry = r.now.Add(100 * time.Millisecond)
 			continue
 		}
-		c.stored(r, res.Lease)
+		c.stored(r, res)
 		events = append(events, Event{Kind: EventTookOver, Instance: w.Instance})
 	}
 	return events, retry
 }
 
-// stored records a Lease as written: its version counts from now.
-func (c *Core) stored(r *round, l Lease) {
-	if l.Name == "" {
+// stored records a Lease as written: its version counts from when it was sent.
+func (c *Core) stored(r *round, res Result) {
+	if res.Lease.Name == "" {
 		return
 	}
-	r.leases[l.Name] = l
-	c.seen[l.Name] = seenLease{version: l.Version, at: r.now}
+	r.leases[res.Lease.Name] = res.Lease
+	c.seen[res.Lease.Name] = seenLease{version: res.Lease.Version, at: sentAt(r, res)}
+}
+
+func sentAt(r *round, res Result) time.Time {
+	if res.At.IsZero() || res.At.Before(r.now) {
+		return r.now
+	}
+	return res.At
 }
 
 // handoffTargets keeps the previous master of each instance this member masters
@@ -723,6 +765,58 @@ func (c *Core) handoffTargets(r *round, master map[string]bool) map[string][]net
 			out[inst] = slices.Clone(ml.Member.Addresses)
 		}
 	}
+	return out
+}
+
+// successors says, for each instance, who would master it if its current master
+// failed: Rebalance over the members without that master, the other masters keeping
+// their instances: exactly what every member computes once that master's Leases
+// expired, so the member routers prefer among the backups is the one that takes over.
+// An instance without a master goes to its preferred member. The result only changes
+// with members and masters, so it is cached on them.
+func (c *Core) successors(members []string, current, pref map[string]string) map[string]string {
+	members = slices.Sorted(slices.Values(members))
+	var key strings.Builder
+	key.WriteString(strings.Join(members, ","))
+	names := c.cfg.Instances.Names()
+	for _, inst := range names {
+		key.WriteString("|" + current[inst] + ">" + pref[inst])
+	}
+	if c.succMemo != nil && key.String() == c.succKey {
+		return c.succMemo
+	}
+	out := map[string]string{}
+	without := map[string]map[string]string{} // failed master -> Rebalance without it
+	for _, inst := range names {
+		m, ok := current[inst]
+		if !ok {
+			if p := pref[inst]; p != "" {
+				out[inst] = p
+			}
+			continue
+		}
+		after, ok := without[m]
+		if !ok {
+			rest := make([]string, 0, len(members))
+			for _, o := range members {
+				if o != m {
+					rest = append(rest, o)
+				}
+			}
+			kept := map[string]string{}
+			for i, h := range current {
+				if h != m {
+					kept[i] = h
+				}
+			}
+			after = shard.Rebalance(c.cfg.Instances, rest, c.excluded, kept)
+			without[m] = after
+		}
+		if s := after[inst]; s != "" {
+			out[inst] = s
+		}
+	}
+	c.succKey, c.succMemo = key.String(), out
 	return out
 }
 

@@ -26,6 +26,9 @@ type sim struct {
 	members    map[string]*simMember
 	violations []string
 	watchDelay time.Duration
+	// predicted is instance -> the successor the other members announced when its
+	// master was killed: the member that must take it over.
+	predicted map[string]string
 }
 
 type simMember struct {
@@ -39,6 +42,8 @@ type simMember struct {
 	frozen       []Lease // what a partitioned member still sees
 	flushBlocked bool
 	masters      map[string]bool
+	successors   map[string]string
+	latency      time.Duration // how long a round of this member's writes takes
 	incarnations int
 }
 
@@ -49,7 +54,7 @@ func newSim(t *testing.T) *sim {
 		t.Fatal(err)
 	}
 	return &sim{
-		t: t, start: start, now: start, store: map[string]Lease{}, members: map[string]*simMember{},
+		t: t, start: start, now: start, store: map[string]Lease{}, members: map[string]*simMember{}, predicted: map[string]string{},
 		cfg:        Config{Instances: in, Renew: time.Second, Duration: 4 * time.Second, Grace: time.Second},
 		watchDelay: 10 * time.Millisecond,
 	}
@@ -102,7 +107,22 @@ func (s *sim) exec(cmd string, args []string) (string, error) {
 			}
 			m.alive, m.masters = false, map[string]bool{} // its routes vanish with its sessions
 		}
-		return "", nil
+		// The routers now prefer, for each instance the killed members mastered, the
+		// backup the others rank first: it must be the one that takes over.
+		var b strings.Builder
+		for _, inst := range s.cfg.Instances.Names() {
+			h := s.store[InstanceLeaseName(inst)].Holder
+			if !slices.Contains(rest, h) {
+				continue
+			}
+			succ, agree := s.successor(inst)
+			if !agree {
+				s.violations = append(s.violations, fmt.Sprintf("%s: members disagree on the successor of %s", s.at(), inst))
+			}
+			s.predicted[inst] = succ
+			fmt.Fprintf(&b, "%s: routers fall back to %s\n", inst, succ)
+		}
+		return b.String(), nil
 	case "set":
 		m, err := s.member(rest[0])
 		if err != nil {
@@ -129,6 +149,15 @@ func (s *sim) exec(cmd string, args []string) (string, error) {
 		}
 		m.partitioned = cmd == "partition"
 		m.frozen = s.snapshot(nil)
+		return "", nil
+	case "slow":
+		m, err := s.member(rest[0])
+		if err != nil {
+			return "", err
+		}
+		if m.latency, err = time.ParseDuration(rest[1]); err != nil {
+			return "", err
+		}
 		return "", nil
 	case "flush":
 		m, err := s.member(rest[0])
@@ -295,12 +324,25 @@ func (s *sim) step(names []string) string {
 		ps = append(ps, pending{m, m.core.Step(Input{Now: s.now.Add(m.offset), Leases: s.snapshot(m), Local: m.local})})
 	}
 	results := make([][]Result, len(ps))
+	var slow time.Duration
+	busy := map[string]bool{}
 	for i, p := range ps {
 		for _, w := range p.writes {
 			res := s.apply(p.m, w)
+			res.At = s.now.Add(p.m.offset)
 			results[i] = append(results[i], res)
 			fmt.Fprintf(&b, "%s: %s -> %s\n", p.m.name, w, resultString(res))
 		}
+		slow = max(slow, p.m.latency)
+		busy[p.m.name] = true
+	}
+	if slow > 0 {
+		// The round lasts: the others go on meanwhile.
+		out, err := s.runExcept(slow, busy)
+		if err != nil {
+			s.t.Fatal(err)
+		}
+		b.WriteString(out)
 	}
 	for i, p := range ps {
 		b.WriteString(s.finish(p.m, results[i], true))
@@ -317,7 +359,7 @@ func (s *sim) finish(m *simMember, results []Result, verbose bool) string {
 	if !verbose {
 		prefix = s.at() + " " + prefix
 	}
-	out := m.core.Advance(results)
+	out := m.core.Advance(s.now.Add(m.offset), results)
 	events := out.Events
 	next := out.Next
 	prev := m.masters
@@ -343,9 +385,16 @@ func (s *sim) finish(m *simMember, results []Result, verbose bool) string {
 			}
 		}
 	}
+	m.successors = out.Successors
 	for _, e := range events {
 		if !verbose && e.Kind == EventWriteFailed && e.Write == KindMember {
 			continue
+		}
+		if p, ok := s.predicted[e.Instance]; ok && e.Kind == EventTook {
+			if p != m.name {
+				s.violations = append(s.violations, fmt.Sprintf("%s: %s took %s, the routers preferred %s", s.at(), m.name, e.Instance, p))
+			}
+			delete(s.predicted, e.Instance)
 		}
 		fmt.Fprintf(&b, "%s%s\n", prefix, e)
 	}
@@ -360,7 +409,9 @@ func (s *sim) finish(m *simMember, results []Result, verbose bool) string {
 }
 
 // run steps every running member whenever it asked to be woken, for d.
-func (s *sim) run(d time.Duration) (string, error) {
+func (s *sim) run(d time.Duration) (string, error) { return s.runExcept(d, nil) }
+
+func (s *sim) runExcept(d time.Duration, except map[string]bool) (string, error) {
 	end := s.now.Add(d)
 	var b strings.Builder
 	for steps := 0; ; steps++ {
@@ -369,7 +420,7 @@ func (s *sim) run(d time.Duration) (string, error) {
 		}
 		var m *simMember
 		for _, name := range s.names() {
-			if o := s.members[name]; o.alive && (m == nil || o.next.Before(m.next)) {
+			if o := s.members[name]; o.alive && !except[name] && (m == nil || o.next.Before(m.next)) {
 				m = o
 			}
 		}
@@ -383,7 +434,9 @@ func (s *sim) run(d time.Duration) (string, error) {
 		writes := m.core.Step(Input{Now: s.now.Add(m.offset), Leases: s.snapshot(m), Local: m.local})
 		results := make([]Result, 0, len(writes))
 		for _, w := range writes {
-			results = append(results, s.apply(m, w))
+			res := s.apply(m, w)
+			res.At = s.now.Add(m.offset)
+			results = append(results, res)
 		}
 		b.WriteString(s.finish(m, results, false))
 		s.check()
@@ -418,6 +471,26 @@ func (s *sim) check() {
 	}
 }
 
+// successor is the successor of inst the running members announce, and whether
+// they all agree.
+func (s *sim) successor(inst string) (string, bool) {
+	var got []string
+	for _, name := range s.names() {
+		if m := s.members[name]; m.alive && m.successors != nil {
+			got = append(got, m.successors[inst])
+		}
+	}
+	if len(got) == 0 {
+		return "", true
+	}
+	for _, g := range got[1:] {
+		if g != got[0] {
+			return strings.Join(got, "/"), false
+		}
+	}
+	return got[0], true
+}
+
 func (s *sim) state() string {
 	var b strings.Builder
 	for _, inst := range s.cfg.Instances.Names() {
@@ -428,13 +501,14 @@ func (s *sim) state() string {
 				announcers = append(announcers, name)
 			}
 		}
+		succ, _ := s.successor(inst)
 		switch {
 		case !ok:
-			fmt.Fprintf(&b, "%s: no lease, masters %v\n", inst, announcers)
+			fmt.Fprintf(&b, "%s: no lease, masters %v, successor %q\n", inst, announcers, succ)
 		case l.HandoverFrom != "":
-			fmt.Fprintf(&b, "%s: holder %s (from %s), masters %v\n", inst, l.Holder, l.HandoverFrom, announcers)
+			fmt.Fprintf(&b, "%s: holder %s (from %s), masters %v, successor %q\n", inst, l.Holder, l.HandoverFrom, announcers, succ)
 		default:
-			fmt.Fprintf(&b, "%s: holder %q, masters %v\n", inst, l.Holder, announcers)
+			fmt.Fprintf(&b, "%s: holder %q, masters %v, successor %q\n", inst, l.Holder, announcers, succ)
 		}
 	}
 	return b.String()

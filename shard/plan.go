@@ -15,7 +15,11 @@ type Input struct {
 	// Handoffs are, for instances this node masters after a planned switch, the
 	// previous master's node addresses (Frontend.Handoff).
 	Handoffs map[string][]netip.Addr
-	Services []Service // with ready endpoints only
+	// Successors is instance -> the member that takes it over if its master fails
+	// (mastership.Outcome.Successors); this node's backups of those instances are
+	// announced as Advertisement.Successor.
+	Successors map[string]string
+	Services   []Service // with ready endpoints only
 }
 
 // BuildPlan computes what one node announces and programs.
@@ -93,6 +97,7 @@ func BuildPlan(in Input) Plan {
 		}
 		plan.Advertisements = append(plan.Advertisements, Advertisement{
 			Prefix: netip.PrefixFrom(vip, vip.BitLen()), Role: role, Instance: v.instance,
+			Successor: role == RoleBackup && in.Successors[v.instance] == in.Node,
 		})
 	}
 	slices.SortFunc(plan.Advertisements, func(a, b Advertisement) int {

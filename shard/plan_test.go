@@ -322,3 +322,30 @@ func TestPlanHandoff(t *testing.T) {
 		}
 	}
 }
+
+func TestOnlyTheSuccessorsBackupIsMarked(t *testing.T) {
+	vip := netip.MustParseAddr("192.168.80.250")
+	svc := Service{Key: "ns/a", Instance: "default", VIPs: []netip.Addr{vip},
+		Ports: []ServicePort{{Protocol: TCP, Port: 80, Endpoints: []Endpoint{{Addr: netip.MustParseAddr("10.0.0.1"), Port: 80}}}}}
+	for _, tc := range []struct {
+		name, node string
+		roles      bool
+		want       Advertisement
+	}{
+		{"the master is not a successor even when named one", "node-a", true, Advertisement{Role: RoleMaster}},
+		{"the successor's backup is marked", "node-b", true, Advertisement{Role: RoleBackup, Successor: true}},
+		{"another backup is not", "node-c", true, Advertisement{Role: RoleBackup}},
+		{"without roles nobody is", "node-b", false, Advertisement{Role: RoleEqual}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := BuildPlan(Input{Node: tc.node, Roles: tc.roles, Services: []Service{svc},
+				Masters: map[string]string{"default": "node-a"}, Successors: map[string]string{"default": "node-b"}})
+			if len(p.Advertisements) != 1 {
+				t.Fatalf("advertisements %v, want one", p.Advertisements)
+			}
+			if a := p.Advertisements[0]; a.Role != tc.want.Role || a.Successor != tc.want.Successor {
+				t.Fatalf("advertisement %+v, want role %v successor %v", a, tc.want.Role, tc.want.Successor)
+			}
+		})
+	}
+}

@@ -26,8 +26,9 @@ type Planner struct {
 	node  string
 	roles bool
 
-	masters  map[string]string
-	handoffs map[string][]netip.Addr
+	masters    map[string]string
+	handoffs   map[string][]netip.Addr
+	successors map[string]string
 
 	services map[string]*planned
 	vips     map[netip.Addr]*vipState
@@ -204,6 +205,28 @@ func (p *Planner) SetMasters(masters map[string]string, handoffs map[string][]ne
 	}
 }
 
+// SetSuccessors sets Input.Successors; like SetMasters, only the instances whose
+// successor flag on this node changed are replanned.
+func (p *Planner) SetSuccessors(successors map[string]string) {
+	changed := map[string]bool{}
+	for _, m := range []map[string]string{p.successors, successors} {
+		for inst := range m {
+			if (p.successors[inst] == p.node) != (successors[inst] == p.node) {
+				changed[inst] = true
+			}
+		}
+	}
+	p.successors = maps.Clone(successors)
+	if len(changed) == 0 {
+		return
+	}
+	for vip, v := range p.vips {
+		if changed[v.instance] {
+			p.dirtyVIPs[vip] = struct{}{}
+		}
+	}
+}
+
 // masterOf is whether this node masters inst, as BuildPlan reads it for roles.
 func (p *Planner) masterOf(masters map[string]string, inst string) bool {
 	m, ok := masters[inst]
@@ -255,7 +278,8 @@ func (p *Planner) Plan() (Plan, Delta) {
 						role = RoleMaster
 					}
 				}
-				adv = Advertisement{Prefix: netip.PrefixFrom(vip, vip.BitLen()), Role: role, Instance: inst}
+				adv = Advertisement{Prefix: netip.PrefixFrom(vip, vip.BitLen()), Role: role, Instance: inst,
+					Successor: role == RoleBackup && p.successors[inst] == p.node}
 				advertised = true
 			}
 		}

@@ -179,13 +179,14 @@ func TestPlannerAgreesWithBuildPlan(t *testing.T) {
 		model := map[string]Service{}
 		var masters map[string]string
 		var handoffs map[string][]netip.Addr
+		var successors map[string]string
 		var history []string
 		var prev Plan
 
 		check := func(step int) {
 			t.Helper()
 			got, d := p.Plan()
-			in := Input{Node: node, Roles: roles, Masters: masters, Handoffs: handoffs}
+			in := Input{Node: node, Roles: roles, Masters: masters, Handoffs: handoffs, Successors: successors}
 			for _, k := range slices.Sorted(maps.Keys(model)) {
 				in.Services = append(in.Services, model[k])
 			}
@@ -232,6 +233,16 @@ func TestPlannerAgreesWithBuildPlan(t *testing.T) {
 				delete(model, k)
 				p.Remove(k)
 				history = append(history, "Remove "+k)
+			case op < 15:
+				successors = map[string]string{}
+				for i := range w.insts.Count() {
+					if r.IntN(3) > 0 {
+						successors[w.insts.Name(i)] = w.nodes[r.IntN(len(w.nodes))]
+					}
+				}
+				p.SetSuccessors(successors)
+				successors = maps.Clone(successors)
+				history = append(history, fmt.Sprintf("SetSuccessors %v", successors))
 			case op < 16:
 				masters, handoffs = w.masters()
 				p.SetMasters(masters, handoffs)

@@ -136,6 +136,10 @@ type Advertisement struct {
 	Prefix   netip.Prefix // /32 or /128
 	Role     Role
 	Instance string
+	// Successor marks a backup that takes the instance over if its master fails
+	// (Input.Successors): announced with attributes between master and backup, so
+	// routers fall back to it and a failover moves traffic once.
+	Successor bool
 }
 
 // Frontend is one (VIP, port, protocol) the datapath serves, with its endpoints.

@@ -87,7 +87,7 @@ type raw struct {
 	numZones, listenPort                  int
 	zone, setRoles, excludeRoles          string
 	setBGP, extPeers, bfd, communities    string
-	interfaces, logLevel                  string
+	interfaces, logLevel, attachMode      string
 }
 
 // newFlags binds the flags to c and r; each default is the value c or r already holds,
@@ -137,10 +137,14 @@ func newFlags(c *config, r *raw) (*pflag.FlagSet, []group) {
 	f.Uint32Var(&b.MEDMaster, "bgpMEDMaster", b.MEDMaster, "MED of a master's VIPs")
 	f.Uint32Var(&b.MEDBackup, "bgpMEDBackup", b.MEDBackup, "MED of a backup's VIPs")
 	f.Uint8Var(&b.BackupPrepend, "bgpBackupPrepend", b.BackupPrepend, "extra local-AS prepends on a backup's VIPs toward eBGP peers")
+	f.Uint32Var(&b.LocalPrefSuccessor, "bgpLocalPrefSuccessor", b.LocalPrefSuccessor, "LOCAL_PREF of the VIPs of a shard this node takes over if its master fails (iBGP); between backup and master")
+	f.Uint32Var(&b.MEDSuccessor, "bgpMEDSuccessor", b.MEDSuccessor, "MED of the VIPs of a shard this node takes over if its master fails; between master and backup")
+	f.Uint8Var(&b.SuccessorPrepend, "bgpSuccessorPrepend", b.SuccessorPrepend, "extra local-AS prepends toward eBGP peers on the VIPs of a shard this node takes over if its master fails; at most --bgpBackupPrepend")
 	f.StringVar(&b.GRPCListen, "bgpAPIListen", b.GRPCListen, "GoBGP gRPC API for the gobgp CLI; empty disables")
 
 	f = dp.fs
 	f.StringVar(&r.interfaces, "interfaces", strings.Join(d.Interfaces, ","), "interfaces the eBPF datapath attaches to, comma separated; empty: no datapath")
+	f.StringVar(&r.attachMode, "attachMode", "auto", "datapath hook: auto (tcx where the kernel has it, Linux 6.6+, else tc), tcx, or tc (a clsact direct-action filter at priority 2)")
 	f.StringVar(&d.PinPath, "pinPath", d.PinPath, "bpffs directory where the datapath pins its maps and links, e.g. /sys/fs/bpf/shardlb: a crashed process leaves the datapath forwarding and the next one adopts its connections; empty: nothing pinned")
 	f.IntVar(&d.ConntrackSize, "conntrackSize", d.ConntrackSize, "connection tracking entries of each conntrack map (IPv4 TCP, IPv4 UDP, IPv6); a flow takes two")
 
@@ -259,6 +263,11 @@ func (r *raw) validate(c *config, changed func(string) bool) error {
 			return &flagError{"interfaces", r.interfaces, "interface names, comma separated", nil}
 		}
 	}
+	mode, err := datapath.ParseAttachMode(r.attachMode)
+	if err != nil {
+		return &flagError{"attachMode", r.attachMode, "auto, tcx or tc", err}
+	}
+	d.AttachMode = mode
 	if d.PinPath != "" && !filepath.IsAbs(d.PinPath) {
 		return &flagError{"pinPath", d.PinPath, "an absolute path on bpffs", nil}
 	}
@@ -335,6 +344,15 @@ func (r *raw) validateBGP(c *config) error {
 	}
 	if b.MEDMaster >= b.MEDBackup {
 		return &flagError{"bgpMEDMaster", strconv.FormatUint(uint64(b.MEDMaster), 10), "less than --bgpMEDBackup", nil}
+	}
+	if b.LocalPrefSuccessor <= b.LocalPrefBackup || b.LocalPrefSuccessor >= b.LocalPrefMaster {
+		return &flagError{"bgpLocalPrefSuccessor", strconv.FormatUint(uint64(b.LocalPrefSuccessor), 10), "more than --bgpLocalPrefBackup and less than --bgpLocalPrefMaster", nil}
+	}
+	if b.MEDSuccessor < b.MEDMaster || b.MEDSuccessor > b.MEDBackup {
+		return &flagError{"bgpMEDSuccessor", strconv.FormatUint(uint64(b.MEDSuccessor), 10), "between --bgpMEDMaster and --bgpMEDBackup", nil}
+	}
+	if b.SuccessorPrepend > b.BackupPrepend {
+		return &flagError{"bgpSuccessorPrepend", strconv.FormatUint(uint64(b.SuccessorPrepend), 10), "at most --bgpBackupPrepend", nil}
 	}
 	if b.GRPCListen != "" {
 		if _, err := netip.ParseAddrPort(b.GRPCListen); err != nil {

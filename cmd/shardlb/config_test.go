@@ -82,7 +82,12 @@ func TestBadFlagsNameTheFlag(t *testing.T) {
 		{"--bgpHoldTime=1s", "bgpHoldTime"},
 		{"--bgpBFD=fast", "bgpBFD"},
 		{"--bgpPeerWait=-1s", "bgpPeerWait"},
+		{"--bgpLocalPrefSuccessor=100", "bgpLocalPrefSuccessor"},
+		{"--bgpLocalPrefSuccessor=5000", "bgpLocalPrefSuccessor"},
+		{"--bgpMEDSuccessor=25", "bgpMEDSuccessor"},
+		{"--bgpSuccessorPrepend=4", "bgpSuccessorPrepend"},
 		{"--pinPath=sys/fs/bpf", "pinPath"},
+		{"--attachMode=xdp", "attachMode"},
 		{"--bgpPasswordFile=" + filepath.Join(dir, "missing"), "bgpPasswordFile"},
 		{"--nodeIP=node1", "nodeIP"},
 		{"--interfaces=eth0,a/b", "interfaces"},
@@ -225,7 +230,8 @@ func TestFlagDefaultsAreThePackagesDefaults(t *testing.T) {
 
 	// The datapath has no DefaultConfig: New defaults the zero fields, and the one a
 	// flag sets must show the same default.
-	sameFields(t, "datapath.Config", cfg.Datapath, datapath.Config{ConntrackSize: datapath.DefaultConntrackSize})
+	// --attachMode names auto, which the zero AttachMode means.
+	sameFields(t, "datapath.Config", cfg.Datapath, datapath.Config{ConntrackSize: datapath.DefaultConntrackSize, AttachMode: datapath.AttachAuto})
 }
 
 // sameFields reports each exported field of got that differs from want.

@@ -156,14 +156,25 @@ func TestGuideEndToEnd(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
+			// One backup, the instance's successor, is ranked between master and the
+			// other backups: the router falls back to it alone.
+			successors := 0
 			for _, p := range paths {
 				fromMaster := p.NextHop == masters[inst].ip
 				if p.Best != fromMaster {
 					t.Errorf("%s: path via %s best=%v, want best only via the master %s", vip, p.NextHop, p.Best, masters[inst].name)
 				}
-				if wantLP := map[bool]uint32{true: 5000, false: 100}[fromMaster]; p.LocalPref != wantLP {
-					t.Errorf("%s: path via %s has LOCAL_PREF %d, want %d", vip, p.NextHop, p.LocalPref, wantLP)
+				switch {
+				case fromMaster && p.LocalPref != 5000:
+					t.Errorf("%s: master path via %s has LOCAL_PREF %d, want 5000", vip, p.NextHop, p.LocalPref)
+				case !fromMaster && p.LocalPref == 200:
+					successors++
+				case !fromMaster && p.LocalPref != 100:
+					t.Errorf("%s: backup path via %s has LOCAL_PREF %d, want 200 (successor) or 100", vip, p.NextHop, p.LocalPref)
 				}
+			}
+			if successors != 1 {
+				t.Errorf("%s: %d paths with the successor's LOCAL_PREF 200, want exactly 1", vip, successors)
 			}
 		}
 	})
