@@ -129,6 +129,9 @@ type Service struct {
 	Ports    []ServicePort
 	Mode     Mode
 	Select   Select
+	// SourceRanges are the client prefixes allowed through the VIPs
+	// (spec.loadBalancerSourceRanges); empty allows every client.
+	SourceRanges []netip.Prefix
 }
 
 // Advertisement is one VIP prefix a node announces, and with which role.
@@ -155,6 +158,10 @@ type Frontend struct {
 	// the previous master's node address: segments of TCP connections this node has no
 	// state for are sent there (modes with SNAT only; see datapath). Zero = none.
 	Handoff netip.Addr
+	// SourceRanges are the client prefixes allowed (Service.SourceRanges, sorted and
+	// without duplicates); empty allows every client. Packets from elsewhere are dropped
+	// and counted.
+	SourceRanges []netip.Prefix
 }
 
 // Plan is what one node must announce and program. Both slices are sorted, so equal
