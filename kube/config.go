@@ -11,6 +11,7 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/shardlb/shardlb/ipam"
+	"github.com/shardlb/shardlb/mastership"
 	"github.com/shardlb/shardlb/shard"
 )
 
@@ -53,6 +54,16 @@ type Config struct {
 	ControllerLease LeaderTimings
 	// MemberLease times the member and instance mastership Leases.
 	MemberLease LeaseTimings
+	// LeaseProtocol says how instance Leases stay held (mastership.Protocol): bound
+	// to their holder's member Lease, with peers probing masters (the default), or
+	// renewed every MemberLease.Renew on their own.
+	LeaseProtocol mastership.Protocol
+	// HandoverAck bounds how long a handover waits for the new master's
+	// acknowledgement before the old master takes the instance back.
+	HandoverAck time.Duration
+	// PeerProbe times the liveness probes of masters by the members that would take
+	// their instances over (LeaseProtocol member-bound).
+	PeerProbe ProbeTimings
 	// ControllerWorkers write allocations to the API in parallel; decisions stay
 	// serial. Default 8.
 	ControllerWorkers int
@@ -96,6 +107,13 @@ type LeaseTimings struct {
 	Grace time.Duration
 }
 
+// ProbeTimings time the liveness probes of peers: a peer whose /healthz (on its
+// metrics address) fails Failures times in a row, Interval apart, is taken for dead.
+type ProbeTimings struct {
+	Interval time.Duration
+	Failures int
+}
+
 // Default addresses.
 const (
 	DefaultAPIAddress     = "127.0.0.1:11118"
@@ -112,7 +130,10 @@ func DefaultConfig() Config {
 		LoadBalancerClass: DefaultClass,
 		Controller:        true,
 		ControllerLease:   LeaderTimings{LeaseDuration: 15 * time.Second, RenewDeadline: 10 * time.Second, RetryPeriod: 2 * time.Second},
-		MemberLease:       LeaseTimings{Duration: 4 * time.Second, Renew: time.Second, Grace: time.Second},
+		MemberLease:       LeaseTimings{Duration: 40 * time.Second, Renew: 10 * time.Second, Grace: time.Second},
+		LeaseProtocol:     mastership.ProtocolMemberBound,
+		HandoverAck:       4 * time.Second,
+		PeerProbe:         ProbeTimings{Interval: 500 * time.Millisecond, Failures: 3},
 		ControllerWorkers: 8,
 		Debounce:          20 * time.Millisecond,
 		Handover:          3 * time.Second,
@@ -143,6 +164,8 @@ func (c *Config) Validate() error {
 		return bad("member lease duration %v must exceed its renew interval %v", c.MemberLease.Duration, c.MemberLease.Renew)
 	case c.MemberLease.Grace < 0:
 		return bad("member lease grace %v is negative", c.MemberLease.Grace)
+	case c.LeaseProtocol == mastership.ProtocolMemberBound && (c.HandoverAck <= 0 || c.PeerProbe.Interval <= 0 || c.PeerProbe.Failures < 1):
+		return bad("handover acknowledgement %v and peer probes every %v, %d failures, must be positive", c.HandoverAck, c.PeerProbe.Interval, c.PeerProbe.Failures)
 	case c.Controller && (c.ControllerLease.LeaseDuration <= c.ControllerLease.RenewDeadline ||
 		c.ControllerLease.RenewDeadline <= c.ControllerLease.RetryPeriod || c.ControllerLease.RetryPeriod <= 0):
 		return bad("controller lease timings want duration > renew deadline > retry period > 0, got %v/%v/%v",

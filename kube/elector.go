@@ -1,18 +1,24 @@
 package kube
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"maps"
+	"net"
+	"net/http"
 	"net/netip"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	coordinationv1 "k8s.io/api/coordination/v1"
@@ -49,7 +55,15 @@ const (
 	// cordoned or labelled out of external load balancers): it hands its instances
 	// over make-before-break and stays a backup.
 	annotationMaintenance = "shardlb.io/maintenance"
-	labelPartOf           = "app.kubernetes.io/part-of"
+	// annotationProbe is where peers probe a member's liveness (its /healthz);
+	// annotationDead lists the members its probes found dead
+	// (member@incarnation@version, comma separated).
+	annotationProbe = "shardlb.io/probe"
+	annotationDead  = "shardlb.io/dead"
+	// annotationHolderIncarnation, on an instance Lease, is its holder's process
+	// incarnation: the Lease counts while that process's member Lease does.
+	annotationHolderIncarnation = "shardlb.io/holder-incarnation"
+	labelPartOf                 = "app.kubernetes.io/part-of"
 )
 
 // MemberLeaseName is the Lease through which a member shows it is alive.
@@ -97,6 +111,11 @@ type elector struct {
 
 	// own is what this pod wrote last, by Lease name; owned by the loop goroutine.
 	own map[string]*coordinationv1.Lease
+
+	// probe are the members to probe (the Core's Outcome.Probe); suspects are those
+	// found dead: member -> incarnation. Both guarded by mu.
+	probe    []string
+	suspects map[string]string
 }
 
 func newElector(cfg *Config, log *slog.Logger, api coordclient.LeaseInterface, leases cache.Store, r Router, maintenance func() string, clk clock.Clock) *elector {
@@ -107,6 +126,7 @@ func newElector(cfg *Config, log *slog.Logger, api coordclient.LeaseInterface, l
 	core := mastership.New(mastership.Config{
 		Me: cfg.NodeName, Instances: cfg.Instances, Excluded: cfg.Excluded,
 		Renew: cfg.MemberLease.Renew, Duration: cfg.MemberLease.Duration, Grace: cfg.MemberLease.Grace,
+		Protocol: cfg.LeaseProtocol, HandoverTimeout: cfg.HandoverAck, Probe: probeAddress(cfg),
 		Addresses: cfg.NodeAddresses, Incarnation: inc,
 	})
 	return &elector{
@@ -222,6 +242,9 @@ func (e *elector) IsMaster(inst string) bool {
 }
 
 func (e *elector) run(ctx context.Context) {
+	if e.cfg.LeaseProtocol == mastership.ProtocolMemberBound {
+		go e.probeLoop(ctx)
+	}
 	timer := e.clock.NewTimer(0)
 	defer timer.Stop()
 	for {
@@ -272,8 +295,12 @@ func (e *elector) evaluate(ctx context.Context) time.Time {
 		return now.Add(e.cfg.MemberLease.Renew) // shutting down: release does the last writes
 	}
 	leases, objs := e.observe()
+	e.mu.Lock()
+	suspects := maps.Clone(e.suspects)
+	e.mu.Unlock()
 	writes := e.core.Step(mastership.Input{Now: now, Leases: leases, Local: mastership.Local{
 		Leaving: e.leaving.Load(), Announcing: e.router.Announcing(), Maintenance: e.maintenance(),
+		Suspects: suspects,
 	}})
 	results := e.execute(ctx, now, writes, objs)
 	out := e.core.Advance(e.clock.Now(), results)
@@ -281,6 +308,7 @@ func (e *elector) evaluate(ctx context.Context) time.Time {
 
 	e.mu.Lock()
 	e.master, e.until, e.holders, e.handoffs, e.successors = out.Masters, out.Until, out.Holders, out.Handoffs, out.Successors
+	e.probe = out.Probe
 	e.armExpiry()
 	e.mu.Unlock()
 
@@ -375,6 +403,7 @@ func fromLease(l *coordinationv1.Lease) mastership.Lease {
 	out := mastership.Lease{
 		Name: l.Name, Version: l.ResourceVersion, Holder: ptr.Deref(l.Spec.HolderIdentity, ""),
 		HandoverFrom: l.Annotations[annotationHandoverFrom],
+		Incarnation:  l.Annotations[annotationHolderIncarnation],
 	}
 	if l.Spec.LeaseDurationSeconds != nil {
 		out.Duration = time.Duration(*l.Spec.LeaseDurationSeconds) * time.Second
@@ -385,6 +414,10 @@ func fromLease(l *coordinationv1.Lease) mastership.Lease {
 			Leaving:     l.Annotations[annotationLeaving] != "",
 			Announcing:  l.Annotations[annotationAnnouncing] != "false",
 			Maintenance: l.Annotations[annotationMaintenance],
+			Probe:       l.Annotations[annotationProbe],
+		}
+		if d := l.Annotations[annotationDead]; d != "" {
+			m.Dead = strings.Split(d, ",")
 		}
 		for _, f := range strings.Split(l.Annotations[annotationAddresses], ",") {
 			if a, err := netip.ParseAddr(strings.TrimSpace(f)); err == nil {
@@ -419,6 +452,7 @@ func applyWrite(l *coordinationv1.Lease, w mastership.Write, now time.Time) {
 		}
 	}
 	set(annotationHandoverFrom, w.Lease.HandoverFrom)
+	set(annotationHolderIncarnation, w.Lease.Incarnation)
 	if m := w.Lease.Member; m != nil {
 		addrs := make([]string, 0, len(m.Addresses))
 		for _, a := range m.Addresses {
@@ -429,6 +463,8 @@ func applyWrite(l *coordinationv1.Lease, w mastership.Write, now time.Time) {
 		set(annotationLeaving, map[bool]string{true: "true"}[m.Leaving])
 		set(annotationAnnouncing, map[bool]string{false: "false"}[m.Announcing])
 		set(annotationMaintenance, m.Maintenance)
+		set(annotationProbe, m.Probe)
+		set(annotationDead, strings.Join(m.Dead, ","))
 	}
 }
 
@@ -501,4 +537,114 @@ func rvLess(a, b string) bool {
 	x, err1 := strconv.ParseUint(a, 10, 64)
 	y, err2 := strconv.ParseUint(b, 10, 64)
 	return err1 == nil && err2 == nil && x < y
+}
+
+// probeAddress is where peers probe this member: the metrics address (or the API
+// address serving the probes when it is empty), with this node's first address
+// when it listens on every address. "" when there is none.
+func probeAddress(cfg *Config) string {
+	addr := cmp.Or(cfg.MetricsAddress, cfg.APIAddress)
+	host, port, err := net.SplitHostPort(addr)
+	if addr == "" || err != nil {
+		return ""
+	}
+	if ip, err := netip.ParseAddr(host); host == "" || err == nil && ip.IsUnspecified() {
+		if len(cfg.NodeAddresses) == 0 {
+			return ""
+		}
+		return net.JoinHostPort(cfg.NodeAddresses[0].String(), port)
+	}
+	return addr
+}
+
+// probeLoop probes, every PeerProbe.Interval, the masters this pod would take over
+// (the Core's Outcome.Probe) at the address on their member Lease: GET /healthz,
+// answered within the interval. PeerProbe.Failures failures in a row of one process
+// (incarnation), or one refused connection (its node is up, the process is not),
+// make it a suspect, which the next step takes for dead; one answer clears it.
+func (e *elector) probeLoop(ctx context.Context) {
+	client := &http.Client{Timeout: e.cfg.PeerProbe.Interval}
+	type target struct{ incarnation, addr string }
+	failures := map[string]int{}  // member -> failures in a row
+	probed := map[string]target{} // member -> what was probed
+	next := e.clock.Now()
+	for {
+		// A round every interval, however long the probes took (at most an interval).
+		next = next.Add(e.cfg.PeerProbe.Interval)
+		if now := e.clock.Now(); next.Before(now) {
+			next = now
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-e.clock.After(next.Sub(e.clock.Now())):
+		}
+		e.mu.Lock()
+		names := slices.Clone(e.probe)
+		e.mu.Unlock()
+		targets := map[string]target{}
+		for _, m := range names {
+			o, ok, _ := e.leases.GetByKey(e.cfg.Namespace + "/" + MemberLeaseName(m))
+			if !ok {
+				continue
+			}
+			if l, ok := o.(*coordinationv1.Lease); ok && l.Annotations[annotationProbe] != "" {
+				targets[m] = target{l.Annotations[annotationIncarnation], l.Annotations[annotationProbe]}
+			}
+		}
+		var wg sync.WaitGroup
+		var mu sync.Mutex
+		for m, t := range targets {
+			if probed[m] != t {
+				failures[m], probed[m] = 0, t
+			}
+			wg.Go(func() {
+				pctx, cancel := context.WithTimeout(ctx, e.cfg.PeerProbe.Interval)
+				defer cancel()
+				ok, refused := false, false
+				if req, err := http.NewRequestWithContext(pctx, http.MethodGet, "http://"+t.addr+"/healthz", nil); err == nil {
+					resp, err := client.Do(req)
+					if err == nil {
+						_, _ = io.Copy(io.Discard, resp.Body)
+						_ = resp.Body.Close()
+						ok = resp.StatusCode == http.StatusOK
+					}
+					refused = errors.Is(err, syscall.ECONNREFUSED)
+				}
+				mu.Lock()
+				switch {
+				case ok:
+					failures[m] = 0
+				case refused:
+					// Its node answers that nothing listens: that process is gone.
+					failures[m] = e.cfg.PeerProbe.Failures
+				default:
+					failures[m]++
+				}
+				mu.Unlock()
+			})
+		}
+		wg.Wait()
+		suspects := map[string]string{}
+		for m := range failures {
+			if _, ok := targets[m]; !ok {
+				delete(failures, m)
+				delete(probed, m)
+				continue
+			}
+			if failures[m] >= e.cfg.PeerProbe.Failures {
+				suspects[m] = targets[m].incarnation
+			}
+		}
+		e.mu.Lock()
+		changed := !maps.Equal(e.suspects, suspects)
+		e.suspects = suspects
+		e.mu.Unlock()
+		if changed {
+			for m := range suspects {
+				e.log.Warn("elector: peer probes fail, taking it for dead", "member", m, "probe", targets[m].addr)
+			}
+			e.poke()
+		}
+	}
 }

@@ -46,7 +46,7 @@ var haInstanceNames = []string{"default", "llb-inst1", "llb-inst2"}
 func (c *cluster) start(name string, env ...string) *nodeProc {
 	c.t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(c.e.nodeEnv(name, haInstances, "defaultPool=192.168.90.250/24", "", ""), env...)
+	cmd.Env = append(c.e.nodeEnv(name, haInstances, "defaultPool=192.168.90.250/24", "", freeAddr(c.t)), env...)
 	p := &nodeProc{name: name, started: time.Now().UnixNano(), cmd: cmd, done: make(chan struct{})}
 	cmd.Stderr = &lockedWriter{w: &p.stderr}
 	out, err := cmd.StdoutPipe()
@@ -277,13 +277,17 @@ func TestThreeNodesFailoverAndRebalance(t *testing.T) {
 		return false
 	})
 	t.Logf("%s: new master %s, %v after SIGKILL", lost, newMaster, time.Since(killedAt).Round(time.Millisecond))
-	d := DefaultConfig().MemberLease.Duration
-	lastRenew, acquired, by := leases.takeover(InstanceLeaseName(lost), "node-c")
+	// The member that takes node-c's instances over probes it (/healthz on the API
+	// address the node processes serve): it must find it dead within its probes'
+	// failures, long before node-c's member Lease expires.
+	probe := DefaultConfig().PeerProbe
+	limit := time.Duration(probe.Failures)*probe.Interval + time.Second
+	_, acquired, by := leases.takeover(InstanceLeaseName(lost), "node-c")
 	if by != newMaster {
 		t.Errorf("lease history: %s taken by %q, want %s", lost, by, newMaster)
-	} else if gap := acquired.Sub(lastRenew); gap > d+time.Second {
+	} else if gap := acquired.Sub(killedAt); gap > limit {
 		// Lease timestamps are the protocol's own record of the takeover.
-		t.Errorf("%s: taken %v after node-c's last renewal, want at most %v", lost, gap, d+time.Second)
+		t.Errorf("%s: taken %v after node-c's SIGKILL, want at most %v (probes every %v, %d failures)", lost, gap, limit, probe.Interval, probe.Failures)
 	}
 
 	returnedAt := time.Now().UnixNano()
@@ -515,4 +519,56 @@ func TestMaintenanceMovesMastershipAway(t *testing.T) {
 		})
 		neverOrphaned(from)
 	}
+}
+
+// A master that stops answering without dying (SIGSTOP: its socket still accepts
+// connections, nothing answers, as with a hung node) is found dead by the probes of
+// the member that would take its instance over, which takes it within
+// PeerProbe.Failures probes, long before its member Lease (40 s) expires; resumed
+// (SIGCONT), it stops announcing the instance it lost, its next member renewal clears
+// the suspicion and it gets its share back, make-before-break.
+func TestAFrozenMasterIsTakenOverByProbes(t *testing.T) {
+	e := newEnv(t, "frozen")
+	leases := watchLeases(t, e)
+	c := newHACluster(t, e)
+	for _, n := range []string{"node-a", "node-b", "node-c"} {
+		c.start(n)
+	}
+	waitFor(t, 30*time.Second, "one master per instance and one instance per node", func() bool {
+		m := c.masters()
+		return len(m) == 3 && balanced(m)
+	})
+	victim := c.procs["node-c"]
+	lost := c.masters()["node-c"][0]
+	frozenAt := time.Now()
+	if err := victim.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	resumed := false
+	resume := func() {
+		if !resumed {
+			resumed = true
+			_ = victim.cmd.Process.Signal(syscall.SIGCONT)
+		}
+	}
+	defer resume()
+	probe := DefaultConfig().PeerProbe
+	// Probes, each up to an interval long, then the step and the write.
+	limit := time.Duration(probe.Failures+1)*probe.Interval + time.Second
+	var by string
+	waitFor(t, 15*time.Second, lost+" taken from the frozen node-c", func() bool {
+		_, _, by = leases.takeover(InstanceLeaseName(lost), "node-c")
+		return by != ""
+	})
+	_, acquired, _ := leases.takeover(InstanceLeaseName(lost), "node-c")
+	if gap := acquired.Sub(frozenAt); gap > limit {
+		t.Errorf("%s taken by %s %v after node-c froze, want at most %v (probes every %v, %d failures)", lost, by, gap, limit, probe.Interval, probe.Failures)
+	} else {
+		t.Logf("%s taken by %s %v after node-c froze", lost, by, gap.Round(time.Millisecond))
+	}
+	resume()
+	waitFor(t, 2*DefaultConfig().MemberLease.Renew+10*time.Second, "node-c to get an instance back", func() bool {
+		m := c.masters()
+		return len(m) == 3 && balanced(m) && len(m["node-c"]) == 1
+	})
 }

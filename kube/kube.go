@@ -5,6 +5,61 @@
 //
 // Run is the whole of `shardlb run` apart from flag parsing and the concrete speaker
 // and datapath, which cmd/shardlb passes in through Deps.
+//
+// # Lease traffic at cluster scale
+//
+// shardlb runs on every node, so what its Leases cost grows with the cluster. Every
+// pod watches every shardlb Lease, so each Lease write is delivered to every pod.
+// With every holder renewing each mastership Lease every second (Leases of 4 s,
+// --leaseProtocol=renewed), 100 nodes and 64 shards write about 164 Leases per second
+// and the apiserver delivers about 16,000 watch events per second. Yet failover of
+// traffic never waited for Leases: routers already hold every backup's route (and
+// prefer the successor's) and move on the BGP/BFD signal. A Lease only decides who
+// announces the master attributes next.
+//
+// So by default (--leaseProtocol=member-bound, mastership.ProtocolMemberBound) a
+// mastership Lease is written only when it changes hands (take, handover and its
+// acknowledgement, release) and counts as held while its holder's member Lease does,
+// with the holder's process incarnation recorded on it. Pods renew only their member
+// Lease, every 10 s, counted for 40 s, as kubelets renew node Leases: the cluster writes
+// members/10 Leases per second whatever the number of shards (10/s at 100 nodes,
+// about 1,000 watch events/s delivered). A dead master must still be replaced fast, so
+// the member that would take a master's shards over (its successor, the backup routers
+// already prefer) probes it: GET /healthz on the metrics address it publishes on its
+// member Lease, every 500 ms. A refused connection (its node is up, the process is
+// gone) or three unanswered probes (a dead or hung node) make it dead in the prober's
+// view, and the prober publishes that on its own member Lease (member, incarnation,
+// member Lease version), so every pod counts that process as gone until its member
+// Lease changes: the successor takes the shards at once: within a probe or two
+// after a process dies, three after a node hangs, where the renewed protocol waited
+// for a Lease to expire (BenchmarkLeaseTraffic measures both, in one run). A member that renews its member Lease is alive again, whatever was said.
+//
+// Trade-offs, weighed against the alternatives:
+//   - Gossip (hashicorp/memberlist's SWIM, as MetalLB uses) would detect failures
+//     without the apiserver too, but every pod would probe and be probed by a
+//     random subset continuously, on a port of its own, and gossip its own view of
+//     membership beside the Leases'. Here only successors probe, only masters are
+//     probed (at most one prober per shard), over the metrics port that already
+//     exists, and the Leases stay the only membership and the arbiter of mastership:
+//     every take is still a compare-and-swap.
+//   - Members known from the DaemonSet's Pods' readiness would cost no writes, but a
+//     node that dies is marked only by the node lifecycle controller after its grace
+//     period (40 s and more), and readiness says nothing about BGP.
+//   - A probe is one pod's view. If a successor cannot reach a live master (a partition
+//     between the two, a pod starved past three probe intervals), it takes the
+//     master's shards; the master sees the Lease change on its watch and stops
+//     announcing (a brief overlap of two master routes, spread by ECMP), and its next
+//     member renewal (within 10 s) clears the verdict, after which the shards are
+//     rebalanced make-before-break. Routers fall back to the successor on a real
+//     failure first anyway, so the probe only decides who announces next.
+//   - A backup that dies is not probed: it is counted live until its member Lease
+//     expires (40 s), so the successor of a shard can be a dead pod meanwhile; if the
+//     master then fails too, routers spread the VIP over the remaining backups and
+//     the shard is taken over when the master's member Lease expires. Two failures
+//     within 40 s degrade to that.
+//   - The metrics address must be reachable from the other nodes (--metricsListen
+//     default :9478 on the host network); a pod whose probe address is not reachable
+//     is replaced when its member Lease expires.
 package kube
 
 import (

@@ -18,9 +18,17 @@
 // shard.Rebalance over them says who should master each instance; every member
 // computes the same answer.
 //
-//   - An instance Lease that expired (its holder stopped renewing for Config.Duration)
-//     or was never created is taken by its preferred member at once, by any eligible
-//     member after Config.Grace more.
+//   - How an instance Lease stays held is the Protocol's. ProtocolMemberBound (the
+//     default): it is written only when it changes hands and counts while its
+//     holder's member Lease does, with the holder's incarnation; the members that
+//     would take a master's instances over probe it (Outcome.Probe, Local.Suspects)
+//     and publish what they find dead on their member Lease (Member.Dead), so a dead
+//     master is replaced long before its member Lease expires. ProtocolRenewed: its
+//     holder renews it every Config.Renew and it counts until Config.Duration after
+//     its last observed change.
+//   - An instance Lease no longer held (expired, its holder gone or found dead) or
+//     never created is taken by its preferred member at once, by any eligible member
+//     after Config.Grace more.
 //   - A holder that is not the preferred member any more hands the instance over,
 //     make-before-break: it writes the preferred member as holder with HandoverFrom set
 //     to itself and keeps announcing as master; the new holder announces as master,
@@ -82,11 +90,44 @@ type Config struct {
 	// Lease counts as expired; Grace is how long an expired Lease waits for its
 	// preferred member before any eligible member may take it.
 	Renew, Duration, Grace time.Duration
+	// Protocol says how an instance Lease stays held: bound to its holder's member
+	// Lease (the default) or renewed on its own.
+	Protocol Protocol
+	// HandoverTimeout bounds how long a handover waits for its acknowledgement
+	// (ProtocolMemberBound; ProtocolRenewed uses Duration).
+	HandoverTimeout time.Duration
+	// Probe is where peers probe this member's liveness (published on its member
+	// Lease; "" for none): see Local.Suspects.
+	Probe string
 	// Addresses and Incarnation are published on the member Lease: a member that takes
 	// over one of this member's instances in a planned switch hands off segments of
 	// connections it does not know to these addresses while this incarnation lives.
 	Addresses   []netip.Addr
 	Incarnation string
+}
+
+// Protocol is how instance Leases stay held.
+type Protocol uint8
+
+const (
+	// ProtocolMemberBound: an instance Lease is written only when its holder changes
+	// (take, hand over, acknowledge, release) and counts as held while its holder's
+	// member Lease does, with the holder's incarnation. Members renew only their
+	// member Lease, so the cluster's Lease writes are members/Renew, whatever the
+	// number of instances; a dead master is found faster than its member Lease
+	// expires by the members that would take its instances over, which probe it
+	// (Local.Suspects, Outcome.Probe).
+	ProtocolMemberBound Protocol = iota
+	// ProtocolRenewed: every holder renews each instance Lease every Renew, and an
+	// instance Lease counts as held until Duration after its last observed change.
+	ProtocolRenewed
+)
+
+func (p Protocol) String() string {
+	if p == ProtocolRenewed {
+		return "renewed"
+	}
+	return "member-bound"
 }
 
 // Member is what a member Lease says besides its holder.
@@ -99,6 +140,12 @@ type Member struct {
 	Announcing bool
 	// Maintenance says why the member must master nothing ("" when it may).
 	Maintenance string
+	// Probe is where to probe the member's liveness ("" for nowhere).
+	Probe string
+	// Dead are the members this member's probes found dead, each as
+	// "member@incarnation@version" (the version of its member Lease then): every
+	// member counts them as gone while that member Lease stays at that version.
+	Dead []string
 }
 
 // Lease is the part of a Kubernetes Lease the protocol reads and writes.
@@ -113,6 +160,10 @@ type Lease struct {
 	// HandoverFrom, on an instance Lease, names the member that handed it to Holder;
 	// Holder clears it to acknowledge.
 	HandoverFrom string
+	// Incarnation, on an instance Lease, is the holder's process incarnation
+	// (ProtocolMemberBound): the Lease counts only while that process's member Lease
+	// does. "" for Leases written without it.
+	Incarnation string
 	// Member is set on member Leases.
 	Member *Member
 }
@@ -205,6 +256,10 @@ type Local struct {
 	Announcing bool
 	// Maintenance: why this node must master nothing now ("" when it may).
 	Maintenance string
+	// Suspects are members this member's probes found dead: member -> the
+	// incarnation probed. Such a member counts as gone (its instances are taken
+	// over at once) until its member Lease shows another incarnation.
+	Suspects map[string]string
 }
 
 // Input is one step's observation.
@@ -286,6 +341,9 @@ type Outcome struct {
 	// Handoffs is instance -> the node addresses of the member that handed it to this
 	// one, while that member's process lives (shard.Input.Handoffs).
 	Handoffs map[string][]netip.Addr
+	// Probe are the members to probe (ProtocolMemberBound): the masters of the
+	// instances this member would take over if they failed.
+	Probe []string
 	// Successors is instance -> the member that takes the instance over if its
 	// current master fails (its master if it has none yet): the backup routers should
 	// prefer, so that a failover moves traffic once. Every member computes the same
@@ -322,9 +380,12 @@ type Core struct {
 	memberRenewed time.Time
 	lastStep      time.Time
 	written       Local // what the member Lease said at the last successful write
+	writtenDead   []string
 	previous      map[string]previousMaster
 	masters       map[string]bool
 	handoffs      map[string][]netip.Addr
+	dead          map[string]deadMember // members found dead by this member's probes
+	reported      map[string]bool       // deadKeys other live members published
 	// lastSuccessors is the last Outcome's; succMemo caches successors by their inputs.
 	lastSuccessors map[string]string
 	succKey        string
@@ -350,6 +411,7 @@ type round struct {
 	handed  map[string]bool // instances handed over in this round
 	// successors is instance -> the member that would master it if its master failed.
 	successors map[string]string
+	probe      []string
 }
 
 // New returns a Core for cfg.
@@ -360,7 +422,7 @@ func New(cfg Config) *Core {
 	}
 	return &Core{
 		cfg: cfg, excluded: ex,
-		seen: map[string]seenLease{}, handover: map[string]string{}, missingSince: map[string]time.Time{},
+		seen: map[string]seenLease{}, handover: map[string]string{}, dead: map[string]deadMember{}, missingSince: map[string]time.Time{},
 		previous: map[string]previousMaster{}, masters: map[string]bool{}, handoffs: map[string][]netip.Addr{},
 	}
 }
@@ -415,7 +477,106 @@ func (c *Core) observe(now time.Time, leases []Lease) map[string]Lease {
 
 // instanceLease is the Lease fields this member writes as holder of an instance.
 func (c *Core) instanceLease(name string) Lease {
-	return Lease{Name: name, Holder: c.cfg.Me, Duration: c.cfg.Duration}
+	l := Lease{Name: name, Holder: c.cfg.Me, Duration: c.cfg.Duration}
+	if c.cfg.Protocol == ProtocolMemberBound {
+		l.Incarnation = c.cfg.Incarnation
+	}
+	return l
+}
+
+// handoverTimeout is how long a handover may wait for its acknowledgement.
+func (c *Core) handoverTimeout() time.Duration {
+	if c.cfg.Protocol == ProtocolMemberBound && c.cfg.HandoverTimeout > 0 {
+		return c.cfg.HandoverTimeout
+	}
+	return c.cfg.Duration
+}
+
+// ours reports whether an instance Lease held by this member's name is this
+// process's: one held by a previous process of the same member is not (its
+// connections and routes are gone), so it is taken like any expired Lease.
+func (c *Core) ours(l Lease) bool {
+	return l.Holder == c.cfg.Me && (c.cfg.Protocol == ProtocolRenewed || l.Incarnation == "" || l.Incarnation == c.cfg.Incarnation)
+}
+
+// until is when an instance Lease stops counting as held, in this member's view.
+func (c *Core) until(r *round, l Lease) time.Time {
+	if l.Holder == "" || c.cfg.Protocol == ProtocolRenewed || l.HandoverFrom != "" {
+		return c.expiry(l)
+	}
+	if l.Holder == c.cfg.Me {
+		if !c.ours(l) {
+			return c.seen[l.Name].at
+		}
+		return c.memberRenewed.Add(c.cfg.Duration)
+	}
+	ml, ok := r.leases[MemberLeaseName(l.Holder)]
+	if !ok || ml.Member == nil || ml.Holder != l.Holder ||
+		l.Incarnation != "" && ml.Member.Incarnation != l.Incarnation {
+		return c.seen[l.Name].at // its holder is gone or restarted
+	}
+	if c.isDead(ml) {
+		return r.now
+	}
+	return c.expiry(ml)
+}
+
+// deadMember is a member this member's probes found dead: the incarnation probed and
+// the version of its member Lease then.
+type deadMember struct{ incarnation, version string }
+
+// isDead reports whether the member of member Lease ml was found dead by this
+// member's probes, or by another live member's (published on its member Lease), and
+// has not renewed its member Lease since.
+func (c *Core) isDead(ml Lease) bool {
+	if ml.Member == nil {
+		return false
+	}
+	if d, ok := c.dead[ml.Holder]; ok && d.incarnation == ml.Member.Incarnation && d.version == ml.Version {
+		return true
+	}
+	return c.reported[deadKey(ml.Holder, ml.Member.Incarnation, ml.Version)]
+}
+
+func deadKey(member, incarnation, version string) string {
+	return member + "@" + incarnation + "@" + version
+}
+
+// deadList is this member's findings as published on its member Lease.
+func (c *Core) deadList() []string {
+	out := make([]string, 0, len(c.dead))
+	for m, d := range c.dead {
+		out = append(out, deadKey(m, d.incarnation, d.version))
+	}
+	slices.Sort(out)
+	return out
+}
+
+// suspect records what the probes say: a member found dead stays dead in this
+// member's view while its member Lease does not change (a dead process renews
+// nothing), even once it is not probed any more; a renewal (the probe was wrong, or
+// the network between the two healed) or a new incarnation clears it.
+func (c *Core) suspect(r *round, suspects map[string]string) {
+	for m, inc := range suspects {
+		if ml, ok := r.leases[MemberLeaseName(m)]; ok && ml.Member != nil && ml.Member.Incarnation == inc && ml.Holder == m {
+			c.dead[m] = deadMember{incarnation: inc, version: ml.Version}
+		}
+	}
+	for m, d := range c.dead {
+		if ml, ok := r.leases[MemberLeaseName(m)]; !ok || ml.Member == nil || d.incarnation != ml.Member.Incarnation || d.version != ml.Version {
+			delete(c.dead, m)
+		}
+	}
+	// What other members found, from their member Leases while they count.
+	c.reported = map[string]bool{}
+	for _, l := range r.leases {
+		if l.Member == nil || !IsMemberLease(l.Name) || l.Holder == c.cfg.Me || !r.now.Before(c.expiry(l)) {
+			continue
+		}
+		for _, k := range l.Member.Dead {
+			c.reported[k] = true
+		}
+	}
 }
 
 // Step decides this round's writes. Make them (in any order, or concurrently) and
@@ -426,18 +587,21 @@ func (c *Core) Step(in Input) []Write {
 	r := &round{now: now, next: now.Add(renew), local: in.Local, master: map[string]bool{}, targets: map[int]string{}, handed: map[string]bool{}}
 	c.r = r
 	r.leases = c.observe(now, in.Leases)
+	c.suspect(r, in.Local.Suspects)
 	me := c.cfg.Me
 	loc := in.Local
 
+	dead := c.deadList()
 	if now.Sub(c.memberRenewed) >= renew || loc.Leaving && !c.written.Leaving ||
-		loc.Announcing != c.written.Announcing || loc.Maintenance != c.written.Maintenance {
+		loc.Announcing != c.written.Announcing || loc.Maintenance != c.written.Maintenance ||
+		!slices.Equal(dead, c.writtenDead) {
 		name := MemberLeaseName(me)
 		base := r.leases[name]
 		r.write(Write{
 			Kind: KindMember, Base: base.Version, Acquire: base.Holder != me,
 			Lease: Lease{Name: name, Holder: me, Duration: c.cfg.Duration, Member: &Member{
 				Addresses: slices.Clone(c.cfg.Addresses), Incarnation: c.cfg.Incarnation,
-				Leaving: loc.Leaving, Announcing: loc.Announcing, Maintenance: loc.Maintenance,
+				Leaving: loc.Leaving, Announcing: loc.Announcing, Maintenance: loc.Maintenance, Probe: c.cfg.Probe, Dead: dead,
 			}},
 		})
 	}
@@ -460,7 +624,7 @@ func (c *Core) Step(in Input) []Write {
 		if !ok || l.Holder == "" {
 			continue
 		}
-		if exp := c.expiry(l); now.Before(exp) {
+		if exp := c.until(r, l); now.Before(exp) {
 			current[inst] = l.Holder
 			if l.Holder != me {
 				r.soon(exp.Add(10 * time.Millisecond))
@@ -485,6 +649,9 @@ func (c *Core) Step(in Input) []Write {
 		if h == "" || h == me || stale[h] || l.Member.Leaving {
 			continue
 		}
+		if c.isDead(l) {
+			continue // found dead by this member's probes
+		}
 		if exp := c.expiry(l); now.Before(exp) {
 			live[h] = l.Member.Maintenance == "" && (l.Member.Announcing || holds[h])
 			r.soon(exp.Add(10 * time.Millisecond))
@@ -501,13 +668,22 @@ func (c *Core) Step(in Input) []Write {
 	}
 	pref := shard.Rebalance(c.cfg.Instances, members, c.excluded, current)
 	r.successors = c.successors(members, current, pref)
+	if c.cfg.Protocol == ProtocolMemberBound {
+		probe := map[string]bool{}
+		for inst, succ := range r.successors {
+			if h := current[inst]; succ == me && h != "" && h != me {
+				probe[h] = true
+			}
+		}
+		r.probe = slices.Sorted(maps.Keys(probe))
+	}
 
 	for _, inst := range names {
 		name := InstanceLeaseName(inst)
 		l, exists := r.leases[name]
 		h := l.Holder
 		switch {
-		case h == me && l.HandoverFrom != "":
+		case c.ours(l) && l.HandoverFrom != "":
 			// Handed to us: announce as master first, acknowledge after. Segments of
 			// connections the previous master still serves are handed back to it. A
 			// handover not acknowledged within the Lease's duration has expired: the
@@ -525,20 +701,23 @@ func (c *Core) Step(in Input) []Write {
 				c.previous[inst] = previousMaster{member: from, incarnation: ml.Member.Incarnation}
 			}
 			continue
-		case h == me:
+		case c.ours(l):
 			r.master[inst] = true
 			// Renewals failing for a whole lease duration: others may hold it by now.
 			// Wake at the expiry to stop announcing then; Advance checks.
 			r.check = append(r.check, inst)
-			if exp := c.expiry(l); now.Before(exp) {
+			if exp := c.until(r, l); now.Before(exp) {
 				r.soon(exp)
 			}
 			target := pref[inst]
 			heldFor := now.Sub(c.seen[name].at)
 			// A member whose own member Lease is stale (it could not renew it, or its
 			// process was paused) decides nothing but renewals until it renewed it.
-			if r.meLive && target != "" && target != me && live[target] && (heldFor >= renew || !eligible) {
-				hand := Lease{Name: name, Holder: target, Duration: c.cfg.Duration, HandoverFrom: me}
+			if r.meLive && target != "" && target != me && live[target] && (heldFor >= min(renew, time.Second) || !eligible) {
+				hand := Lease{Name: name, Holder: target, Duration: c.handoverTimeout(), HandoverFrom: me}
+				if tl, ok := r.leases[MemberLeaseName(target)]; ok && tl.Member != nil && c.cfg.Protocol == ProtocolMemberBound {
+					hand.Incarnation = tl.Member.Incarnation
+				}
 				i := r.write(Write{Kind: KindHandOver, Instance: inst, Base: l.Version, Lease: hand, Acquire: true})
 				r.targets[i] = target
 				continue
@@ -547,13 +726,13 @@ func (c *Core) Step(in Input) []Write {
 				r.write(Write{Kind: KindRelease, Instance: inst, Base: l.Version, Lease: Lease{Name: name, Duration: time.Second}})
 				continue
 			}
-			if heldFor >= renew {
+			if c.cfg.Protocol == ProtocolRenewed && heldFor >= renew {
 				r.write(Write{Kind: KindRenew, Instance: inst, Base: l.Version, Lease: c.instanceLease(name)})
 			}
 			continue
 		case h != "" && c.handover[inst] == h:
 			switch {
-			case !now.Before(c.expiry(l)):
+			case !now.Before(c.until(r, l)):
 				delete(c.handover, inst)
 				r.events = append(r.events, Event{Kind: EventHandoverLost, Instance: inst, Member: h})
 			case l.HandoverFrom == me:
@@ -587,7 +766,7 @@ func (c *Core) Step(in Input) []Write {
 			continue
 		}
 		delete(c.missingSince, inst)
-		exp := c.expiry(l)
+		exp := c.until(r, l)
 		if now.Before(exp) {
 			continue
 		}
@@ -611,7 +790,6 @@ func (c *Core) Advance(now time.Time, results []Result) Outcome {
 	if r == nil {
 		return Outcome{Masters: maps.Clone(c.masters), Handoffs: maps.Clone(c.handoffs)}
 	}
-	me := c.cfg.Me
 	if now.Before(r.now) {
 		now = r.now
 	}
@@ -640,6 +818,7 @@ func (c *Core) Advance(now time.Time, results []Result) Outcome {
 				r.events = append(r.events, Event{Kind: EventMaintenance, Member: cmp.Or(w.Lease.Member.Maintenance, "none")})
 			}
 			c.written = Local{Leaving: w.Lease.Member.Leaving, Announcing: w.Lease.Member.Announcing, Maintenance: w.Lease.Member.Maintenance}
+			c.writtenDead = w.Lease.Member.Dead
 			if !wasLive {
 				r.next = r.now // decisions waited for this member to be live
 			}
@@ -665,18 +844,18 @@ func (c *Core) Advance(now time.Time, results []Result) Outcome {
 		if r.handed[inst] || !r.master[inst] {
 			continue // handed over (announce until acknowledged) or released
 		}
-		if l, ok := r.leases[InstanceLeaseName(inst)]; !ok || l.Holder != me {
+		if l, ok := r.leases[InstanceLeaseName(inst)]; !ok || !c.ours(l) {
 			r.master[inst] = false
 		}
 	}
 	for inst, m := range r.master {
-		if l, ok := r.leases[InstanceLeaseName(inst)]; m && (!ok || !now.Before(c.expiry(l))) {
+		if l, ok := r.leases[InstanceLeaseName(inst)]; m && (!ok || !now.Before(c.until(r, l))) {
 			r.master[inst] = false
 		}
 	}
 	holders := map[string]string{}
 	for _, inst := range c.cfg.Instances.Names() {
-		if l, ok := r.leases[InstanceLeaseName(inst)]; ok && l.Holder != "" && now.Before(c.expiry(l)) {
+		if l, ok := r.leases[InstanceLeaseName(inst)]; ok && l.Holder != "" && now.Before(c.until(r, l)) {
 			holders[inst] = l.Holder
 		}
 	}
@@ -685,12 +864,12 @@ func (c *Core) Advance(now time.Time, results []Result) Outcome {
 	for inst, m := range r.master {
 		if m {
 			master[inst] = true
-			until[inst] = c.expiry(r.leases[InstanceLeaseName(inst)])
+			until[inst] = c.until(r, r.leases[InstanceLeaseName(inst)])
 		}
 	}
 	handoffs := c.handoffTargets(r, master)
 	out := Outcome{
-		Masters: master, Until: until, Holders: holders, Handoffs: handoffs, Successors: r.successors, Acks: r.acks,
+		Masters: master, Until: until, Holders: holders, Probe: r.probe, Handoffs: handoffs, Successors: r.successors, Acks: r.acks,
 		Changed: !maps.Equal(c.masters, master) || !maps.EqualFunc(c.handoffs, handoffs, slices.Equal) ||
 			!maps.Equal(c.lastSuccessors, r.successors),
 		Next: r.next, Events: r.events,

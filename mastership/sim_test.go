@@ -29,6 +29,14 @@ type sim struct {
 	// predicted is instance -> the successor the other members announced when its
 	// master was killed: the member that must take it over.
 	predicted map[string]string
+	// killed is when each killed member died: the members probing it find it dead
+	// probeDelay later (three failed probes).
+	killed     map[string]time.Time
+	probeDelay time.Duration
+	// writes counts successful writes of member and instance Leases.
+	writes [2]int
+	// written is when each Lease was last written.
+	written map[string]time.Time
 }
 
 type simMember struct {
@@ -43,7 +51,10 @@ type simMember struct {
 	flushBlocked bool
 	masters      map[string]bool
 	successors   map[string]string
-	latency      time.Duration // how long a round of this member's writes takes
+	latency      time.Duration     // how long a round of this member's writes takes
+	probing      []string          // the members its last Outcome said to probe
+	decided      time.Time         // when its masters were last decided (Advance)
+	suspects     map[string]string // set by hand: what its probes say whatever happens
 	incarnations int
 }
 
@@ -54,7 +65,7 @@ func newSim(t *testing.T) *sim {
 		t.Fatal(err)
 	}
 	return &sim{
-		t: t, start: start, now: start, store: map[string]Lease{}, members: map[string]*simMember{}, predicted: map[string]string{},
+		t: t, start: start, now: start, store: map[string]Lease{}, members: map[string]*simMember{}, predicted: map[string]string{}, written: map[string]time.Time{}, killed: map[string]time.Time{}, probeDelay: time.Second,
 		cfg:        Config{Instances: in, Renew: time.Second, Duration: 4 * time.Second, Grace: time.Second},
 		watchDelay: 10 * time.Millisecond,
 	}
@@ -96,6 +107,8 @@ func (s *sim) exec(cmd string, args []string) (string, error) {
 			m.local = Local{Announcing: opts["announcing"] != "false"}
 			m.alive, m.next, m.partitioned, m.flushBlocked = true, s.now, false, false
 			m.masters = map[string]bool{}
+			m.suspects = nil
+			delete(s.killed, name)
 			fmt.Fprintf(&b, "%s: started, incarnation %s\n", name, cfg.Incarnation)
 		}
 		return b.String(), nil
@@ -106,6 +119,12 @@ func (s *sim) exec(cmd string, args []string) (string, error) {
 				return "", err
 			}
 			m.alive, m.masters = false, map[string]bool{} // its routes vanish with its sessions
+			s.killed[name] = s.now
+		}
+		for _, o := range s.members {
+			if o.alive {
+				s.wakeProber(o)
+			}
 		}
 		// The routers now prefer, for each instance the killed members mastered, the
 		// backup the others rank first: it must be the one that takes over.
@@ -149,6 +168,28 @@ func (s *sim) exec(cmd string, args []string) (string, error) {
 		}
 		m.partitioned = cmd == "partition"
 		m.frozen = s.snapshot(nil)
+		return "", nil
+	case "suspect":
+		// suspect a b: a's probes say b's current process is dead, whatever it is.
+		m, err := s.member(rest[0])
+		if err != nil {
+			return "", err
+		}
+		if m.suspects == nil {
+			m.suspects = map[string]string{}
+		}
+		if o := s.members[rest[1]]; o != nil && o.core != nil {
+			m.suspects[rest[1]] = o.core.cfg.Incarnation
+		}
+		m.next = s.now
+		return "", nil
+	case "trust":
+		m, err := s.member(rest[0])
+		if err != nil {
+			return "", err
+		}
+		delete(m.suspects, rest[1])
+		m.next = s.now
 		return "", nil
 	case "slow":
 		m, err := s.member(rest[0])
@@ -238,6 +279,21 @@ func (s *sim) init(opts map[string]string) error {
 			default:
 				s.cfg.Grace = d
 			}
+		case "protocol":
+			switch v {
+			case "renewed":
+				s.cfg.Protocol = ProtocolRenewed
+			case "member-bound":
+				s.cfg.Protocol = ProtocolMemberBound
+			default:
+				return errf("protocol %q", v)
+			}
+		case "handover":
+			d, err := time.ParseDuration(v)
+			if err != nil {
+				return err
+			}
+			s.cfg.HandoverTimeout = d
 		case "excluded":
 			s.cfg.Excluded = strings.Split(v, ",")
 		default:
@@ -245,6 +301,22 @@ func (s *sim) init(opts map[string]string) error {
 		}
 	}
 	return nil
+}
+
+// input is what m observes in a step: the store, its own state, and what its probes
+// say (a killed member it probes is found dead probeDelay after its death).
+func (s *sim) input(m *simMember) Input {
+	local := m.local
+	local.Suspects = map[string]string{}
+	for _, p := range m.probing {
+		if at, ok := s.killed[p]; ok && !s.now.Before(at.Add(s.probeDelay)) {
+			local.Suspects[p] = s.members[p].core.cfg.Incarnation
+		}
+	}
+	for k, v := range m.suspects {
+		local.Suspects[k] = v
+	}
+	return Input{Now: s.now.Add(m.offset), Leases: s.snapshot(m), Local: local}
 }
 
 // snapshot is what m observes: the store, or what it saw before a partition.
@@ -284,11 +356,30 @@ func (s *sim) apply(m *simMember, w Write) Result {
 		return Result{Err: errf("conflict: version %s, want %s", cur.Version, w.Base)}
 	}
 	s.rev++
+	s.written[w.Lease.Name] = s.now
+	if IsMemberLease(w.Lease.Name) {
+		s.writes[0]++
+	} else {
+		s.writes[1]++
+	}
 	l := cloneLease(w.Lease)
 	l.Version = strconv.Itoa(s.rev)
 	s.store[l.Name] = l
 	s.wakeOthers(m)
 	return Result{Lease: cloneLease(l)}
+}
+
+// wakeProber wakes m when its probes of a killed member fail for good.
+func (s *sim) wakeProber(m *simMember) {
+	for _, p := range m.probing {
+		at, ok := s.killed[p]
+		if !ok {
+			continue
+		}
+		if t := at.Add(s.probeDelay); t.After(s.now) && t.Before(m.next) {
+			m.next = t
+		}
+	}
 }
 
 func (s *sim) wakeOthers(m *simMember) {
@@ -321,7 +412,7 @@ func (s *sim) step(names []string) string {
 			fmt.Fprintf(&b, "%s: not running\n", name)
 			continue
 		}
-		ps = append(ps, pending{m, m.core.Step(Input{Now: s.now.Add(m.offset), Leases: s.snapshot(m), Local: m.local})})
+		ps = append(ps, pending{m, m.core.Step(s.input(m))})
 	}
 	results := make([][]Result, len(ps))
 	var slow time.Duration
@@ -360,6 +451,7 @@ func (s *sim) finish(m *simMember, results []Result, verbose bool) string {
 		prefix = s.at() + " " + prefix
 	}
 	out := m.core.Advance(s.now.Add(m.offset), results)
+	m.decided = s.now
 	events := out.Events
 	next := out.Next
 	prev := m.masters
@@ -386,6 +478,7 @@ func (s *sim) finish(m *simMember, results []Result, verbose bool) string {
 		}
 	}
 	m.successors = out.Successors
+	m.probing = out.Probe
 	for _, e := range events {
 		if !verbose && e.Kind == EventWriteFailed && e.Write == KindMember {
 			continue
@@ -405,6 +498,7 @@ func (s *sim) finish(m *simMember, results []Result, verbose bool) string {
 	if min := s.now.Add(5 * time.Millisecond); m.next.Before(min) {
 		m.next = min
 	}
+	s.wakeProber(m)
 	return b.String()
 }
 
@@ -414,6 +508,7 @@ func (s *sim) run(d time.Duration) (string, error) { return s.runExcept(d, nil) 
 func (s *sim) runExcept(d time.Duration, except map[string]bool) (string, error) {
 	end := s.now.Add(d)
 	var b strings.Builder
+	before := s.writes
 	for steps := 0; ; steps++ {
 		if steps > 100000 {
 			return b.String(), errf("no quiescence after %d steps", steps)
@@ -431,7 +526,7 @@ func (s *sim) runExcept(d time.Duration, except map[string]bool) (string, error)
 		if m.next.After(s.now) {
 			s.now = m.next
 		}
-		writes := m.core.Step(Input{Now: s.now.Add(m.offset), Leases: s.snapshot(m), Local: m.local})
+		writes := m.core.Step(s.input(m))
 		results := make([]Result, 0, len(writes))
 		for _, w := range writes {
 			res := s.apply(m, w)
@@ -441,12 +536,14 @@ func (s *sim) runExcept(d time.Duration, except map[string]bool) (string, error)
 		b.WriteString(s.finish(m, results, false))
 		s.check()
 	}
+	fmt.Fprintf(&b, "writes: %d member, %d instance\n", s.writes[0]-before[0], s.writes[1]-before[1])
 	return b.String(), nil
 }
 
 // check records every moment at which two members announce one instance as master
 // outside a handover: the old holder may announce beside the new one only while it is
-// handing over to it (make-before-break).
+// handing over to it (make-before-break), or until it has stepped since the Lease was
+// taken from it (a member cannot stop before it can know: the watch delay).
 func (s *sim) check() {
 	for _, inst := range s.cfg.Instances.Names() {
 		var announcers []string
@@ -460,7 +557,7 @@ func (s *sim) check() {
 		}
 		h := s.store[InstanceLeaseName(inst)].Holder
 		for _, a := range announcers {
-			if a != h && s.members[a].core.handover[inst] != h {
+			if a != h && s.members[a].core.handover[inst] != h && !s.members[a].decided.Before(s.written[InstanceLeaseName(inst)]) {
 				v := fmt.Sprintf("%s: %s announced as master by %v, holder %q", s.at(), inst, announcers, h)
 				if n := len(s.violations); n == 0 || s.violations[n-1] != v {
 					s.violations = append(s.violations, v)

@@ -18,6 +18,7 @@ import (
 	"github.com/shardlb/shardlb/datapath"
 	"github.com/shardlb/shardlb/ipam"
 	"github.com/shardlb/shardlb/kube"
+	"github.com/shardlb/shardlb/mastership"
 	"github.com/shardlb/shardlb/shard"
 )
 
@@ -84,6 +85,7 @@ type group struct {
 // write straight into the config.
 type raw struct {
 	nodeIP, cidrPools, cidr6Pools, lbMode string
+	leaseProtocol                         string
 	numZones, listenPort                  int
 	zone, setRoles, excludeRoles          string
 	setBGP, extPeers, bfd, communities    string
@@ -118,8 +120,12 @@ func newFlags(c *config, r *raw) (*pflag.FlagSet, []group) {
 	f.StringVar(&r.setRoles, "setRoles", "", "turn on active-backup roles per shard (kube-loxilb takes an address here, e.g. 0.0.0.0); unset: every node announces equally (ECMP)")
 	f.Lookup("setRoles").NoOptDefVal = "0.0.0.0"
 	f.StringVar(&r.excludeRoles, "excludeRoleList", strings.Join(k.Excluded, ","), "comma separated node names or addresses that never become master")
-	f.DurationVar(&k.MemberLease.Duration, "leaseDuration", k.MemberLease.Duration, "how long a member or mastership Lease lasts without renewal")
+	f.DurationVar(&k.MemberLease.Duration, "leaseDuration", k.MemberLease.Duration, "how long a member Lease (and, with --leaseProtocol=renewed, a mastership Lease) lasts without renewal")
 	f.DurationVar(&k.MemberLease.Renew, "leaseRenewInterval", k.MemberLease.Renew, "how often Leases are renewed")
+	f.StringVar(&r.leaseProtocol, "leaseProtocol", k.LeaseProtocol.String(), "member-bound: mastership Leases are written only when they change hands and last while their holder's member Lease does, masters are probed by the nodes that would take over; renewed: every master renews each mastership Lease")
+	f.DurationVar(&k.HandoverAck, "handoverAckTimeout", k.HandoverAck, "how long a handover waits for the new master's acknowledgement (member-bound)")
+	f.DurationVar(&k.PeerProbe.Interval, "peerProbeInterval", k.PeerProbe.Interval, "how often a node probes the masters it would take over (GET /healthz on their --metricsListen), and each probe's timeout")
+	f.IntVar(&k.PeerProbe.Failures, "peerProbeFailures", k.PeerProbe.Failures, "failed probes in a row after which a master is taken for dead")
 
 	f = bgpG.fs
 	f.StringVar(&r.setBGP, "setBGP", "", "local AS number (asplain or asdot); unset or 0: no BGP")
@@ -253,6 +259,23 @@ func (r *raw) validate(c *config, changed func(string) bool) error {
 	k.Excluded = splitList(r.excludeRoles)
 	if lease := k.MemberLease; lease.Duration < 2*time.Second || lease.Renew <= 0 || lease.Renew*2 > lease.Duration {
 		return &flagError{"leaseDuration", lease.Duration.String(), "at least 2s and twice --leaseRenewInterval", nil}
+	}
+	switch r.leaseProtocol {
+	case mastership.ProtocolMemberBound.String():
+		k.LeaseProtocol = mastership.ProtocolMemberBound
+	case mastership.ProtocolRenewed.String():
+		k.LeaseProtocol = mastership.ProtocolRenewed
+	default:
+		return &flagError{"leaseProtocol", r.leaseProtocol, "member-bound or renewed", nil}
+	}
+	if k.HandoverAck <= 0 {
+		return &flagError{"handoverAckTimeout", k.HandoverAck.String(), "a positive duration", nil}
+	}
+	if k.PeerProbe.Interval < 10*time.Millisecond {
+		return &flagError{"peerProbeInterval", k.PeerProbe.Interval.String(), "at least 10ms", nil}
+	}
+	if k.PeerProbe.Failures < 1 {
+		return &flagError{"peerProbeFailures", strconv.Itoa(k.PeerProbe.Failures), "at least 1", nil}
 	}
 	if err := r.validateBGP(c); err != nil {
 		return err
