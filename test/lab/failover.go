@@ -36,6 +36,10 @@ type FailoverResult struct {
 	// Timeline lists, relative to the failure, the router's kernel route changes for
 	// the instance's VIPs and the runs of failed probes, for a person to read.
 	Timeline []string
+	// Spreads are the router's kernel routes for the instance's VIPs, after the
+	// failure, with more than one next hop: with ranked backups the router falls back
+	// to the successor alone, so there should be none.
+	Spreads []string
 }
 
 // targets are the VIPs' service addresses.
@@ -114,7 +118,13 @@ func (l *Lab) Failover(ctx context.Context, f Failure, instance string, vips map
 	}
 	time.Sleep(time.Second)
 	res.Outage = byVIP(p.stop())
-	res.Timeline = timeline(t0, watch(), res.Outage)
+	changes := watch()
+	res.Timeline = timeline(t0, changes, res.Outage)
+	for _, c := range changes {
+		if c.At.After(t0) && len(c.Hops) > 1 {
+			res.Spreads = append(res.Spreads, fmt.Sprintf("%+dms %s via %v", c.At.Sub(t0).Milliseconds(), c.Prefix, c.Hops))
+		}
+	}
 	if err == nil && f == CleanStop {
 		err = victim.exitErr() // a clean stop exits 0
 	}
