@@ -99,6 +99,9 @@ type Config struct {
 	// Probe is where peers probe this member's liveness (published on its member
 	// Lease; "" for none): see Local.Suspects.
 	Probe string
+	// MaxBackups bounds the backups announcing each instance (0: every member): the
+	// successor and the next MaxBackups-1 members by rendezvous rank (Outcome.Announce).
+	MaxBackups int
 	// Addresses and Incarnation are published on the member Lease: a member that takes
 	// over one of this member's instances in a planned switch hands off segments of
 	// connections it does not know to these addresses while this incarnation lives.
@@ -344,6 +347,10 @@ type Outcome struct {
 	// Probe are the members to probe (ProtocolMemberBound): the masters of the
 	// instances this member would take over if they failed.
 	Probe []string
+	// Announce is, with Config.MaxBackups set, the instances whose VIPs this member
+	// announces: those it masters, and those for which it is the successor or one of
+	// the next MaxBackups-1 members by rendezvous rank. nil: every instance.
+	Announce map[string]bool
 	// Successors is instance -> the member that takes the instance over if its
 	// current master fails (its master if it has none yet): the backup routers should
 	// prefer, so that a failover moves traffic once. Every member computes the same
@@ -412,6 +419,7 @@ type round struct {
 	// successors is instance -> the member that would master it if its master failed.
 	successors map[string]string
 	probe      []string
+	announce   map[string]bool
 }
 
 // New returns a Core for cfg.
@@ -668,6 +676,9 @@ func (c *Core) Step(in Input) []Write {
 	}
 	pref := shard.Rebalance(c.cfg.Instances, members, c.excluded, current)
 	r.successors = c.successors(members, current, pref)
+	if c.cfg.MaxBackups > 0 {
+		r.announce = c.announced(members, current, pref, r.successors)
+	}
 	if c.cfg.Protocol == ProtocolMemberBound {
 		probe := map[string]bool{}
 		for inst, succ := range r.successors {
@@ -869,7 +880,7 @@ func (c *Core) Advance(now time.Time, results []Result) Outcome {
 	}
 	handoffs := c.handoffTargets(r, master)
 	out := Outcome{
-		Masters: master, Until: until, Holders: holders, Probe: r.probe, Handoffs: handoffs, Successors: r.successors, Acks: r.acks,
+		Masters: master, Until: until, Holders: holders, Probe: r.probe, Announce: r.announce, Handoffs: handoffs, Successors: r.successors, Acks: r.acks,
 		Changed: !maps.Equal(c.masters, master) || !maps.EqualFunc(c.handoffs, handoffs, slices.Equal) ||
 			!maps.Equal(c.lastSuccessors, r.successors),
 		Next: r.next, Events: r.events,
@@ -996,6 +1007,51 @@ func (c *Core) successors(members []string, current, pref map[string]string) map
 		}
 	}
 	c.succKey, c.succMemo = key.String(), out
+	return out
+}
+
+// announced says which instances this member announces with MaxBackups set: the
+// instances it masters or would master (current holder, else preferred member), and
+// those for which it is among the successor and the next MaxBackups-1 members by
+// rendezvous rank of the others. Every member computes the same sets from the same
+// Leases, so each instance is announced by its master and MaxBackups backups.
+func (c *Core) announced(members []string, current, pref, successors map[string]string) map[string]bool {
+	me := c.cfg.Me
+	out := map[string]bool{}
+	for _, inst := range c.cfg.Instances.Names() {
+		master := current[inst]
+		if master == "" {
+			master = pref[inst]
+		}
+		if master == me {
+			out[inst] = true
+			continue
+		}
+		chosen := 0
+		if s := successors[inst]; s != "" && s != master {
+			if s == me {
+				out[inst] = true
+				continue
+			}
+			chosen = 1
+		}
+		var rest []string
+		for _, m := range members {
+			if m != master && m != successors[inst] && !c.excluded[m] {
+				rest = append(rest, m)
+			}
+		}
+		for _, m := range shard.Rank(inst, rest) {
+			if chosen >= c.cfg.MaxBackups {
+				break
+			}
+			if m == me {
+				out[inst] = true
+				break
+			}
+			chosen++
+		}
+	}
 	return out
 }
 

@@ -51,6 +51,7 @@ type simMember struct {
 	flushBlocked bool
 	masters      map[string]bool
 	successors   map[string]string
+	announce     map[string]bool // nil: every instance
 	latency      time.Duration     // how long a round of this member's writes takes
 	probing      []string          // the members its last Outcome said to probe
 	decided      time.Time         // when its masters were last decided (Advance)
@@ -294,6 +295,12 @@ func (s *sim) init(opts map[string]string) error {
 				return err
 			}
 			s.cfg.HandoverTimeout = d
+		case "maxbackups":
+			n, err := strconv.Atoi(v)
+			if err != nil {
+				return err
+			}
+			s.cfg.MaxBackups = n
 		case "excluded":
 			s.cfg.Excluded = strings.Split(v, ",")
 		default:
@@ -478,6 +485,7 @@ func (s *sim) finish(m *simMember, results []Result, verbose bool) string {
 		}
 	}
 	m.successors = out.Successors
+	m.announce = out.Announce
 	m.probing = out.Probe
 	for _, e := range events {
 		if !verbose && e.Kind == EventWriteFailed && e.Write == KindMember {
@@ -599,6 +607,15 @@ func (s *sim) state() string {
 			}
 		}
 		succ, _ := s.successor(inst)
+		if s.cfg.MaxBackups > 0 {
+			var by []string
+			for _, name := range s.names() {
+				if m := s.members[name]; m.alive && m.announce[inst] {
+					by = append(by, name)
+				}
+			}
+			fmt.Fprintf(&b, "%s: announced by %v\n", inst, by)
+		}
 		switch {
 		case !ok:
 			fmt.Fprintf(&b, "%s: no lease, masters %v, successor %q\n", inst, announcers, succ)

@@ -2,7 +2,9 @@ package shard
 
 import (
 	"hash/fnv"
+	"slices"
 	"sort"
+	"strings"
 )
 
 // score is the rendezvous weight of a member for an instance: a fixed hash, so every
@@ -20,6 +22,24 @@ func score(instance, member string) uint64 {
 	x *= 0x94d049bb133111eb
 	x ^= x >> 31
 	return x
+}
+
+// Rank orders members for an instance by their rendezvous score, best first: the
+// same order on every node, and a member joining or leaving moves no other member
+// relative to the rest.
+func Rank(instance string, members []string) []string {
+	out := slices.Clone(members)
+	slices.SortFunc(out, func(a, b string) int {
+		sa, sb := score(instance, a), score(instance, b)
+		switch {
+		case sa > sb:
+			return -1
+		case sa < sb:
+			return 1
+		}
+		return strings.Compare(a, b)
+	})
+	return out
 }
 
 // PreferredMasters says which member should master each instance, from scratch: the
