@@ -116,8 +116,11 @@ func median(xs []float64) float64 {
 // veth with static neighbours, so translated packets are redirected as in production.
 // Established and return-path packets reuse their conntrack entry's cached next hop, as
 // all but one packet per 64 jiffies of a busy flow do; every new-flow packet looks its
-// route up. The rows are measured in alternating rounds (runRounds); each reports its
-// median round, and its fastest and slowest round as min and max.
+// route up. The -ranges rows do the same through frontends with source ranges (16
+// prefixes, the client's among them): a new flow pays the trie lookup, an established
+// one only compares its range generation. The rows are measured in alternating rounds
+// (runRounds); each reports its median round, and its fastest and slowest round as min
+// and max.
 func BenchmarkTestRun(b *testing.B) {
 	node := netip.MustParseAddr("10.2.0.1")
 	h := newHarness(b, Config{NodeIPv4: node, SNATPortMin: 1024, SNATPortMax: 65535, ConntrackSize: 1 << 16})
@@ -128,9 +131,19 @@ func BenchmarkTestRun(b *testing.B) {
 	vip := netip.AddrPortFrom(netip.MustParseAddr("192.0.2.20"), vipPort)
 	client := netip.AddrPortFrom(netip.MustParseAddr("10.1.0.2"), cliPort)
 	self := []shard.Endpoint{{Addr: vip.Addr(), Port: vip.Port()}}
+	// The same services on port 81, with source ranges holding the client (10.1/16)
+	// and the node (10.2/16), which new flows come from.
+	vipR := netip.AddrPortFrom(vip.Addr(), vipPort+1)
+	selfR := []shard.Endpoint{{Addr: vipR.Addr(), Port: vipR.Port()}}
+	var ranges []netip.Prefix
+	for i := range 16 {
+		ranges = append(ranges, netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(i + 1), 0, 0}), 16))
+	}
 	h.set(
 		shard.Frontend{Service: "ns/bench", VIP: vip.Addr(), Port: vipPort, Protocol: shard.TCP, Endpoints: self},
 		shard.Frontend{Service: "ns/bench-new", VIP: vip.Addr(), Port: vipPort, Protocol: shard.UDP, Mode: shard.ModeOneArm, Endpoints: self},
+		shard.Frontend{Service: "ns/bench-ranges", VIP: vip.Addr(), Port: vipR.Port(), Protocol: shard.TCP, Endpoints: selfR, SourceRanges: ranges},
+		shard.Frontend{Service: "ns/bench-new-ranges", VIP: vip.Addr(), Port: vipR.Port(), Protocol: shard.UDP, Mode: shard.ModeOneArm, Endpoints: selfR, SourceRanges: ranges},
 	)
 	var base baselineObjects
 	if err := loadBaselineObjects(&base, nil); err != nil {
@@ -141,7 +154,9 @@ func BenchmarkTestRun(b *testing.B) {
 	fwd := pkt{src: client, dst: vip, proto: shard.TCP, ttl: 255, tcpFlags: 0x10}.bytes()
 	reply := pkt{src: vip, dst: client, proto: shard.TCP, ttl: 255, tcpFlags: 0x10}.bytes()
 	unknown := pkt{src: client, dst: netip.AddrPortFrom(netip.MustParseAddr("192.0.2.99"), vipPort), proto: shard.TCP, ttl: 255}.bytes()
+	fwdR := pkt{src: client, dst: vipR, proto: shard.TCP, ttl: 255, tcpFlags: 0x10}.bytes()
 	h.lb(fwd) // establishes the flow; its reply entry is what return-path hits
+	h.lb(fwdR)
 	same := func(p []byte) func(int) []byte { return func(int) []byte { return p } }
 	// An onearm flow from the node to the VIP-as-endpoint leaves as a flow from the node
 	// on a new SNAT port to the VIP: the next repeat is a new flow again. Starts are
@@ -149,7 +164,14 @@ func BenchmarkTestRun(b *testing.B) {
 	// and the UDP conntrack map is emptied before each call; the new-flow counter checks
 	// it.
 	chains := newFlowChains(node, vip, 1024, 65535-1024+1)
+	chainsR := newFlowChains(node, vipR, 1024, 65535-1024+1)
 	before := h.d.Stats().Services
+	// Frontends in Stats order: TCP and UDP on port 80, then on 81.
+	noRangeDrops := func(b *testing.B, i int) {
+		if got := h.serviceStats(b, i).SourceRangeDrops - before[i].SourceRangeDrops; got != 0 {
+			b.Fatalf("%d packets of %s dropped for their source", got, before[i].Service)
+		}
+	}
 
 	cases := []benchCase{
 		{name: "baseline", prog: base.Baseline, in: same(fwd), action: actOK},
@@ -176,6 +198,24 @@ func BenchmarkTestRun(b *testing.B) {
 				if got := h.serviceStats(b, 1).NewFlows - before[1].NewFlows; got != uint64(calls*repeats) {
 					b.Fatalf("%d of %d packets were new flows", got, calls*repeats)
 				}
+			}},
+		{name: "established-ranges", prog: h.d.objs.LbIngress, in: same(fwdR), action: actRedirect,
+			check: func(b *testing.B, _ int) {
+				if got := h.serviceStats(b, 2).NewFlows - before[2].NewFlows; got != 0 {
+					b.Fatalf("%d new flows during the established benchmark", got)
+				}
+				noRangeDrops(b, 2)
+			}},
+		{name: "new-flow-ranges", prog: h.d.objs.LbIngress, action: actRedirect,
+			in: func(call int) []byte {
+				return pkt{src: netip.AddrPortFrom(node, chainsR[call%len(chainsR)]), dst: vipR, proto: shard.UDP, ttl: 255}.bytes()
+			},
+			before: func() { clearMap[lbFlow4](b, h.d.objs.Conntrack4Udp) },
+			check: func(b *testing.B, calls int) {
+				if got := h.serviceStats(b, 3).NewFlows - before[3].NewFlows; got != uint64(calls*repeats) {
+					b.Fatalf("%d of %d packets were new flows", got, calls*repeats)
+				}
+				noRangeDrops(b, 3)
 			}},
 	}
 	rounds := runRounds(b, h, cases)

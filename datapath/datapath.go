@@ -16,12 +16,14 @@ import (
 
 // Defaults of Config's capacities.
 const (
-	DefaultConntrackSize = 262144
-	DefaultMaxServices   = 16384
-	DefaultMaxEndpoints  = 65536
-	DefaultRingSlots     = 1 << 22
-	DefaultSNATPortMin   = 61000
-	DefaultSNATPortMax   = 65535
+	DefaultConntrackSize      = 262144
+	DefaultMaxServices        = 16384
+	DefaultMaxEndpoints       = 65536
+	DefaultRingSlots          = 1 << 22
+	DefaultSNATPortMin        = 61000
+	DefaultSNATPortMax        = 65535
+	DefaultMaxSourceRanges    = 256
+	DefaultSourceRangeEntries = 65536
 )
 
 var errRingFull = errors.New("ring slots exhausted (raise Config.RingSlots)")
@@ -48,6 +50,13 @@ type Config struct {
 	// takes about 100 per endpoint (at least 251), an rr frontend one per endpoint, and
 	// an update needs room for the new ring next to the old one.
 	RingSlots int
+	// MaxSourceRanges bounds the source ranges of one frontend (the prefixes of its
+	// VIP's family, see shard.Frontend.SourceRanges): SetServices refuses a frontend
+	// with more.
+	MaxSourceRanges int
+	// SourceRangeEntries bounds the source ranges of all frontends together, in each
+	// family: SetServices refuses a frontend whose ranges do not fit.
+	SourceRangeEntries int
 	// SNATPortMin and SNATPortMax bound the source ports of onearm and fullnat flows.
 	// Keep them outside the node's ip_local_port_range.
 	SNATPortMin, SNATPortMax uint16
@@ -86,6 +95,12 @@ func (c *Config) setDefaults() {
 	if c.RingSlots == 0 {
 		c.RingSlots = DefaultRingSlots
 	}
+	if c.MaxSourceRanges == 0 {
+		c.MaxSourceRanges = DefaultMaxSourceRanges
+	}
+	if c.SourceRangeEntries == 0 {
+		c.SourceRangeEntries = DefaultSourceRangeEntries
+	}
 	if c.SNATPortMin == 0 && c.SNATPortMax == 0 {
 		c.SNATPortMin, c.SNATPortMax = DefaultSNATPortMin, DefaultSNATPortMax
 	}
@@ -112,6 +127,9 @@ type Datapath struct {
 	epGen   []uint32 // generation of each endpoint id, bumped on release
 	svcIDs  idAlloc
 	vipRefs map[netip.Addr]int
+	// rangeCount is the number of entries of each family's source-range trie
+	// (rangeFamily).
+	rangeCount [2]int
 }
 
 // New loads the program and maps sized by cfg and attaches the program to cfg's
@@ -153,6 +171,13 @@ func New(cfg Config, log *slog.Logger) (*Datapath, error) {
 		lbMapServiceStats:  cfg.MaxServices,
 		lbMapEndpoints:     cfg.MaxEndpoints,
 		lbMapRingSlots:     cfg.RingSlots / 2,
+		// Room for one frontend's old and new prefixes side by side: SetServices writes
+		// a frontend's new prefixes before it removes the old ones.
+		lbMapSourceRanges4: cfg.SourceRangeEntries + cfg.MaxSourceRanges,
+		lbMapSourceRanges6: cfg.SourceRangeEntries + cfg.MaxSourceRanges,
+	}
+	if cfg.MaxSourceRanges < 0 || cfg.SourceRangeEntries < 0 {
+		return nil, fmt.Errorf("load datapath: MaxSourceRanges %d and SourceRangeEntries %d must not be negative", cfg.MaxSourceRanges, cfg.SourceRangeEntries)
 	}
 	for name, n := range sizes {
 		if n <= 0 {
@@ -228,6 +253,7 @@ func (d *Datapath) loadPinned(spec *ebpf.CollectionSpec) error {
 		}
 	} else {
 		d.applied, d.rings, d.epIDs, d.epGen, d.svcIDs, d.vipRefs = r.applied, r.rings, r.epIDs, r.epGen, r.svcIDs, r.vipRefs
+		d.rangeCount = r.rangeCount
 	}
 	d.chooseHook()
 	return d.attachPinned()
@@ -399,7 +425,7 @@ func (d *Datapath) closeFDs() error {
 func (d *Datapath) MapMemory() (uint64, error) {
 	var total uint64
 	for _, m := range []*ebpf.Map{d.objs.Conntrack4Tcp, d.objs.Conntrack4Udp, d.objs.Conntrack6, d.objs.Drops, d.objs.Endpoints, d.objs.RingSlots,
-		d.objs.ServiceStats, d.objs.Services, d.objs.Vips, d.objs.EndpointNhs, d.objs.NewEntry} {
+		d.objs.ServiceStats, d.objs.Services, d.objs.Vips, d.objs.EndpointNhs, d.objs.NewEntry, d.objs.SourceRanges4, d.objs.SourceRanges6} {
 		info, err := m.Info()
 		if err != nil {
 			return 0, fmt.Errorf("map memory: %w", err)

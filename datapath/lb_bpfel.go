@@ -24,24 +24,27 @@ type lbCtEntry struct {
 	EndpointGen uint32
 	Dir         uint8
 	Closing     uint8
-	Pad         [2]uint8
+	Denied      uint8
+	Pad         uint8
 	NhIfindex   uint32
 	NhIif       uint32
 	NhLen       uint16
 	NhDmac      [6]uint8
 	NhSmac      [6]uint8
-	Pad2        [6]uint8
+	Pad2        [2]uint8
+	RangeGen    uint32
 	NhTime      uint64
 	Seen        uint64
 }
 
 type lbEndpoint struct {
-	_      structs.HostLayout
-	Addr   [4]uint32
-	Port   uint16
-	Family uint8
-	Valid  uint8
-	Gen    uint32
+	_        structs.HostLayout
+	Addr     [4]uint32
+	Port     uint16
+	Family   uint8
+	Valid    uint8
+	Gen      uint32
+	RangeGen uint32
 }
 
 type lbEndpointNh struct {
@@ -77,6 +80,20 @@ type lbFlow4 struct {
 	Dport uint16
 }
 
+type lbRange4Key struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	ServiceId uint32
+	Addr      uint32
+}
+
+type lbRange6Key struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	ServiceId uint32
+	Addr      [4]uint32
+}
+
 type lbRingPair struct {
 	_        structs.HostLayout
 	Endpoint [2]uint32
@@ -89,9 +106,11 @@ type lbService struct {
 	RingSize  uint32
 	Mode      uint8
 	Select    uint8
-	Pad       [2]uint8
+	Flags     uint8
+	Pad       uint8
 	SnatAddr  [4]uint32
 	Handoff   [4]uint32
+	RangeGen  uint32
 }
 
 type lbServiceKey struct {
@@ -103,15 +122,16 @@ type lbServiceKey struct {
 }
 
 type lbSvcStats struct {
-	_              structs.HostLayout
-	FwdPackets     uint64
-	FwdBytes       uint64
-	ReplyPackets   uint64
-	ReplyBytes     uint64
-	NewFlows       uint64
-	RrNext         uint64
-	HandoffPackets uint64
-	IcmpErrors     uint64
+	_                structs.HostLayout
+	FwdPackets       uint64
+	FwdBytes         uint64
+	ReplyPackets     uint64
+	ReplyBytes       uint64
+	NewFlows         uint64
+	RrNext           uint64
+	HandoffPackets   uint64
+	IcmpErrors       uint64
+	SourceRangeDrops uint64
 }
 
 type lbVipKey struct {
@@ -135,6 +155,8 @@ const (
 	lbMapRingSlots        = "ring_slots"
 	lbMapServiceStats     = "service_stats"
 	lbMapServices         = "services"
+	lbMapSourceRanges4    = "source_ranges4"
+	lbMapSourceRanges6    = "source_ranges6"
 	lbMapVips             = "vips"
 	lbProgLbIngress       = "lb_ingress"
 	lbVarCtClosingTimeout = "ct_closing_timeout"
@@ -201,6 +223,8 @@ type lbMapSpecs struct {
 	RingSlots     *ebpf.MapSpec `ebpf:"ring_slots"`
 	ServiceStats  *ebpf.MapSpec `ebpf:"service_stats"`
 	Services      *ebpf.MapSpec `ebpf:"services"`
+	SourceRanges4 *ebpf.MapSpec `ebpf:"source_ranges4"`
+	SourceRanges6 *ebpf.MapSpec `ebpf:"source_ranges6"`
 	Vips          *ebpf.MapSpec `ebpf:"vips"`
 }
 
@@ -243,6 +267,8 @@ type lbMaps struct {
 	RingSlots     *ebpf.Map `ebpf:"ring_slots"`
 	ServiceStats  *ebpf.Map `ebpf:"service_stats"`
 	Services      *ebpf.Map `ebpf:"services"`
+	SourceRanges4 *ebpf.Map `ebpf:"source_ranges4"`
+	SourceRanges6 *ebpf.Map `ebpf:"source_ranges6"`
 	Vips          *ebpf.Map `ebpf:"vips"`
 }
 
@@ -258,6 +284,8 @@ func (m *lbMaps) Close() error {
 		m.RingSlots,
 		m.ServiceStats,
 		m.Services,
+		m.SourceRanges4,
+		m.SourceRanges6,
 		m.Vips,
 	)
 }

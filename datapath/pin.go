@@ -42,10 +42,11 @@ const (
 )
 
 // pinnedMaps are the maps whose contents outlive a process: what Go wrote (services,
-// rings, endpoints), what the program learnt (conntrack) and the counters. The per-CPU
-// scratch entry and next-hop cache (new_entry, endpoint_nhs) belong to one program.
+// rings, endpoints, source ranges), what the program learnt (conntrack) and the
+// counters. The per-CPU scratch entry and next-hop cache (new_entry, endpoint_nhs)
+// belong to one program.
 var pinnedMaps = []string{
-	lbMapServices, lbMapVips, lbMapRingSlots, lbMapEndpoints,
+	lbMapServices, lbMapVips, lbMapRingSlots, lbMapEndpoints, lbMapSourceRanges4, lbMapSourceRanges6,
 	lbMapConntrack4Tcp, lbMapConntrack4Udp, lbMapConntrack6,
 	lbMapServiceStats, lbMapDrops,
 }
@@ -56,6 +57,7 @@ var capacityOf = map[string]string{
 	lbMapServices: "MaxServices", lbMapVips: "MaxServices", lbMapServiceStats: "MaxServices",
 	lbMapRingSlots: "RingSlots", lbMapEndpoints: "MaxEndpoints",
 	lbMapConntrack4Tcp: "ConntrackSize", lbMapConntrack4Udp: "ConntrackSize", lbMapConntrack6: "ConntrackSize",
+	lbMapSourceRanges4: "SourceRangeEntries + Config.MaxSourceRanges", lbMapSourceRanges6: "SourceRangeEntries + Config.MaxSourceRanges",
 }
 
 // pinDir is a pin path locked by one Datapath (or by Cleanup) for as long as it uses it:
@@ -372,6 +374,11 @@ func (d *Datapath) tryAdopt(spec *ebpf.CollectionSpec) (*restored, error) {
 	}()
 	for _, name := range pinnedMaps {
 		m, err := ebpf.LoadPinnedMap(d.pins.mapPath(name), nil)
+		if errors.Is(err, fs.ErrNotExist) {
+			// Maps added by a later version: source_ranges4 and 6 were.
+			reasons = append(reasons, fmt.Sprintf("map %s is not pinned (pinned by a program without it)", name))
+			continue
+		}
 		if err != nil {
 			reasons = append(reasons, fmt.Sprintf("map %s: %v", name, err))
 			continue

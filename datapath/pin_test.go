@@ -147,7 +147,8 @@ func TestPinPath(t *testing.T) {
 }
 
 // churnedFrontends are frontends of every mode, selection and family, reached through
-// a few updates so that ids, generations and ring ranges are not simply in order.
+// a few updates so that ids, generations and ring ranges are not simply in order, some
+// with source ranges (changed, removed, of both families, of the other family only).
 func churnedFrontends(t *testing.T, d *Datapath) []shard.Frontend {
 	t.Helper()
 	ep := func(s string, port uint16) shard.Endpoint {
@@ -178,6 +179,12 @@ func churnedFrontends(t *testing.T, d *Datapath) []shard.Frontend {
 		fe("ns/empty", "2001:db8:1::2", 80, shard.UDP, shard.ModeDefault, shard.SelectHash),
 	}
 	last[3].Handoff = netip.MustParseAddr("192.0.2.7")
+	steps[0][2].SourceRanges = prefixes("10.0.0.0/8")
+	steps[1][0].SourceRanges = prefixes("10.0.0.0/8", "172.16.0.0/12")
+	steps[1][2].SourceRanges = prefixes("2001:db8:9::/48")
+	last[0].SourceRanges = prefixes("172.16.0.0/12", "10.0.0.0/8", "192.168.0.0/16", "2001:db8::/32")
+	last[2].SourceRanges = prefixes("2001:db8:9::/48", "2001:db8:a::/48", "10.0.0.0/8")
+	last[4].SourceRanges = prefixes("10.0.0.0/8")
 	for _, fes := range append(steps, last) {
 		if err := d.SetServices(fes); err != nil {
 			t.Fatalf("SetServices: %v", err)
@@ -197,9 +204,11 @@ func goState(d *Datapath) string {
 	for _, k := range keys {
 		a := d.applied[k]
 		fe := a.fe
-		fe.Service = ""
+		// The maps hold the ranges written, below, not the other family's.
+		fe.Service, fe.SourceRanges = "", nil
 		eps := slices.SortedFunc(maps.Keys(a.endpoints), netip.AddrPort.Compare)
 		fmt.Fprintf(&b, "%s: id %d ring %d+%d/%d stale %v %+v\n", k, a.id, a.ringStart, a.ringSize, a.ringLen, a.stale, fe)
+		fmt.Fprintf(&b, "  source ranges: restricted %v %v generation %d\n", a.restricted, a.ranges, a.rangeGen)
 		for _, ep := range eps {
 			fmt.Fprintf(&b, "  %s id %d\n", ep, a.endpoints[ep])
 		}
@@ -209,6 +218,7 @@ func goState(d *Datapath) string {
 	fmt.Fprintf(&b, "free service ids %v\n", freeIDs(d.svcIDs))
 	fmt.Fprintf(&b, "endpoint generations %v\n", d.epGen)
 	fmt.Fprintf(&b, "VIPs %v\n", d.vipRefs)
+	fmt.Fprintf(&b, "source range entries %v\n", d.rangeCount)
 	return b.String()
 }
 
@@ -222,7 +232,8 @@ func freeIDs(a idAlloc) []uint32 {
 	return ids
 }
 
-// mapState dumps what Go writes into the kernel: services, VIPs, endpoints, rings.
+// mapState dumps what Go writes into the kernel: services, VIPs, endpoints, rings,
+// source ranges.
 func mapState(t *testing.T, d *Datapath) string {
 	t.Helper()
 	var b strings.Builder
@@ -241,6 +252,9 @@ func mapState(t *testing.T, d *Datapath) string {
 	}
 	if err := errors.Join(it.Err(), it2.Err()); err != nil {
 		t.Fatal(err)
+	}
+	for id, ps := range trieState(t, d) {
+		lines = append(lines, fmt.Sprintf("source ranges of %d: %v", id, ps))
 	}
 	slices.Sort(lines)
 	b.WriteString(strings.Join(lines, "\n"))
@@ -387,6 +401,46 @@ func TestAdoption(t *testing.T) {
 		if err := vips.Put(&strayVIP, uint32(1)); err != nil {
 			t.Fatal(err)
 		}
+		// A prefix of a service id no frontend has, one of an unrestricted frontend (as
+		// a change that removed the ranges leaves it until its last step), and an
+		// endpoint whose frontend's range generation did not reach it.
+		tries, err := ebpf.LoadPinnedMap(filepath.Join(p, pinMaps, lbMapSourceRanges4), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer tries.Close()
+		svcs, err := ebpf.LoadPinnedMap(filepath.Join(p, pinMaps, lbMapServices), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer svcs.Close()
+		var open lbService
+		openKey := serviceKey(desired[3].VIP, desired[3].Port, desired[3].Protocol) // ns/d, no ranges
+		if err := svcs.Lookup(&openKey, &open); err != nil {
+			t.Fatal(err)
+		}
+		strayRanges := []lbRange4Key{
+			range4Key(uint32(cfg.MaxServices-1), netip.MustParsePrefix("10.0.0.0/8")),
+			range4Key(open.Id, netip.MustParsePrefix("10.0.0.0/8")),
+		}
+		for _, k := range strayRanges {
+			if err := tries.Put(&k, uint32(1)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		restricted := frontendKey{desired[0].VIP, desired[0].Port, desired[0].Protocol}
+		all, err := readArray[lbEndpoint](eps, cfg.MaxEndpoints)
+		if err != nil {
+			t.Fatal(err)
+		}
+		epID := uint32(slices.IndexFunc(all, func(e lbEndpoint) bool {
+			return e.Valid == 1 && e.Addr == addrWords(desired[0].Endpoints[0].Addr)
+		}))
+		e = all[epID]
+		e.RangeGen--
+		if err := eps.Put(epID, &e); err != nil {
+			t.Fatal(err)
+		}
 
 		d := openPinned(t, cfg, nil)
 		defer release(t, d)
@@ -399,6 +453,14 @@ func TestAdoption(t *testing.T) {
 		var v uint32
 		if err := d.objs.Vips.Lookup(&strayVIP, &v); !errors.Is(err, ebpf.ErrKeyNotExist) {
 			t.Errorf("stray VIP after adoption: lookup err %v, want it removed", err)
+		}
+		for _, k := range strayRanges {
+			if err := d.objs.SourceRanges4.Lookup(&k, &v); !errors.Is(err, ebpf.ErrKeyNotExist) {
+				t.Errorf("source range %+v of no restricted frontend after adoption: lookup err %v, want it removed", k, err)
+			}
+		}
+		if err := d.objs.Endpoints.Lookup(epID, &e); err != nil || e.RangeGen != d.applied[restricted].rangeGen {
+			t.Errorf("endpoint %d after adoption: range generation %d (%v), want its frontend's %d", epID, e.RangeGen, err, d.applied[restricted].rangeGen)
 		}
 	})
 
@@ -443,7 +505,61 @@ func TestAdoption(t *testing.T) {
 		if warned := warnings(buf); len(warned) != 1 || !strings.Contains(warned[0], `reason="map conntrack6: key or value layout changed"`) {
 			t.Fatalf("warnings %q, want one saying conntrack6's layout changed", warned)
 		}
+		if err := d.SetServices(desired); err != nil {
+			t.Fatal(err)
+		}
 	})
+
+	t.Run("maps pinned by a program without source ranges are replaced, the reason naming the missing maps", func(t *testing.T) {
+		layout, err := ebpf.LoadPinnedMap(filepath.Join(p, pinMaps, pinLayout), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, name := range []string{lbMapSourceRanges4, lbMapSourceRanges6} {
+			if err := layout.Delete(layoutKey(name)); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Remove(filepath.Join(p, pinMaps, name)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		layout.Close()
+		log, buf := newLogBuffer(t)
+		d := openPinned(t, cfg, log)
+		defer release(t, d)
+		if len(d.applied) != 0 {
+			t.Errorf("%d frontends adopted from maps without source ranges, want none", len(d.applied))
+		}
+		warned := warnings(buf)
+		if len(warned) != 1 || !strings.Contains(warned[0], "map source_ranges4 is not pinned (pinned by a program without it); map source_ranges6 is not pinned") {
+			t.Fatalf("warnings %q, want one naming the missing source-range maps", warned)
+		}
+		if err := d.SetServices(desired); err != nil {
+			t.Fatal(err)
+		}
+		if n := len(trieState(t, d)); n == 0 {
+			t.Error("no source ranges written into the new maps")
+		}
+	})
+}
+
+// TestEveryMapIsPinned checks that a map added to the program is pinned (and so part of
+// the layout record and of adoption) unless it belongs to one program: the per-CPU
+// scratch entry and next-hop cache.
+func TestEveryMapIsPinned(t *testing.T) {
+	spec, err := loadLb()
+	if err != nil {
+		t.Fatal(err)
+	}
+	perProgram := []string{lbMapNewEntry, lbMapEndpointNhs}
+	for name := range spec.Maps {
+		if strings.HasPrefix(name, ".") || slices.Contains(perProgram, name) {
+			continue // the program's global variables
+		}
+		if !slices.Contains(pinnedMaps, name) {
+			t.Errorf("map %s is not in pinnedMaps: a restart would not find what it holds", name)
+		}
+	}
 }
 
 func TestLayoutDigest(t *testing.T) {

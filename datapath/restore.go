@@ -18,6 +18,8 @@ type restored struct {
 	epGen   []uint32
 	svcIDs  idAlloc
 	vipRefs map[netip.Addr]int
+	// rangeCount counts the entries of each family's source-range trie.
+	rangeCount [2]int
 }
 
 // restore rebuilds the Go-side state from pinned maps. Every service entry becomes an
@@ -27,11 +29,16 @@ type restored struct {
 // generation: conntrack entries, which hold both, keep their endpoint. The service name
 // is not in the maps; the next SetServices supplies it.
 //
+// A frontend's source ranges are its service entry's flag and the prefixes its family's
+// trie holds for its service id.
+//
 // It then completes what an interrupted SetServices may have left: valid endpoints that
-// no ring points to are invalidated (their generation bumped, as releaseEndpoint does)
-// and the vips map is made to hold exactly the VIPs of the services. Anything Go never
-// writes (rings that overlap, an endpoint id in two frontends, a ring pointing to an
-// invalid endpoint, ids beyond the capacities) is an error: such maps are not adopted.
+// no ring points to are invalidated (their generation bumped, as releaseEndpoint does),
+// the vips map is made to hold exactly the VIPs of the services, trie entries of no
+// restricted frontend are removed, and endpoints get their frontend's range generation.
+// Anything Go never writes (rings that overlap, an endpoint id in two frontends, a ring
+// pointing to an invalid endpoint, ids beyond the capacities, trie keys that are not a
+// service's prefix) is an error: such maps are not adopted.
 func (d *Datapath) restore(maps map[string]*ebpf.Map) (*restored, error) {
 	eps, err := readArray[lbEndpoint](maps[lbMapEndpoints], d.cfg.MaxEndpoints)
 	if err != nil {
@@ -82,6 +89,10 @@ func (d *Datapath) restore(maps map[string]*ebpf.Map) (*restored, error) {
 	}
 	r.svcIDs = idAllocFrom(uint32(d.cfg.MaxServices), usedSvc)
 	r.epIDs = idAllocFrom(uint32(d.cfg.MaxEndpoints), usedEp)
+	stray, err := d.restoreRanges(r, maps)
+	if err != nil {
+		return nil, err
+	}
 
 	// The state is consistent: now complete what an interrupted call left.
 	for id, e := range eps {
@@ -96,7 +107,88 @@ func (d *Datapath) restore(maps map[string]*ebpf.Map) (*restored, error) {
 	if err := syncVIPs(maps[lbMapVips], r.vipRefs); err != nil {
 		return nil, err
 	}
+	for _, del := range stray {
+		if err := del(); err != nil {
+			return nil, err
+		}
+	}
+	for k, a := range r.applied {
+		for ap, id := range a.endpoints {
+			if eps[id].RangeGen == a.rangeGen {
+				continue
+			}
+			v := endpointValue(ap, r.epGen[id], a.rangeGen)
+			if err := maps[lbMapEndpoints].Put(id, &v); err != nil {
+				return nil, fmt.Errorf("frontend %s: write range generation of endpoint %s: %w", k, ap, err)
+			}
+		}
+	}
 	return r, nil
+}
+
+// restoreRanges gives each restricted frontend of r the prefixes its family's trie holds
+// for its service id, and returns the removal of every other entry, to be run once the
+// state is known to be consistent.
+func (d *Datapath) restoreRanges(r *restored, maps map[string]*ebpf.Map) ([]func() error, error) {
+	byID := make(map[uint32]*applied, len(r.applied))
+	for _, a := range r.applied {
+		byID[a.id] = a
+	}
+	var stray []func() error
+	add := func(id uint32, p netip.Prefix, ok bool, del func() error) error {
+		if !ok {
+			return fmt.Errorf("source range entry %s of service id %d is not a prefix", p, id)
+		}
+		a := byID[id]
+		if a == nil || !a.restricted || a.fe.VIP.Is4() != p.Addr().Is4() {
+			stray = append(stray, del)
+			return nil
+		}
+		a.ranges = append(a.ranges, p)
+		r.rangeCount[rangeFamily(p.Addr())]++
+		return nil
+	}
+	var k4 lbRange4Key
+	var v uint32
+	m4 := maps[lbMapSourceRanges4]
+	iter := m4.Iterate()
+	for iter.Next(&k4, &v) {
+		k := k4
+		p, ok := rangeOfKey(k.Prefixlen, [4]uint32{k.Addr}, afInet)
+		if err := add(k.ServiceId, p, ok, func() error { return deleteKey(m4, &k) }); err != nil {
+			return nil, err
+		}
+	}
+	if err := iter.Err(); err != nil {
+		return nil, fmt.Errorf("read source ranges: %w", err)
+	}
+	var k6 lbRange6Key
+	m6 := maps[lbMapSourceRanges6]
+	iter = m6.Iterate()
+	for iter.Next(&k6, &v) {
+		k := k6
+		p, ok := rangeOfKey(k.Prefixlen, k.Addr, afInet6)
+		if err := add(k.ServiceId, p, ok, func() error { return deleteKey(m6, &k) }); err != nil {
+			return nil, err
+		}
+	}
+	if err := iter.Err(); err != nil {
+		return nil, fmt.Errorf("read source ranges: %w", err)
+	}
+	for _, a := range r.applied {
+		// More than Config.MaxSourceRanges is possible: an interrupted change leaves the
+		// old prefixes next to the new ones. The next SetServices removes them.
+		slices.SortFunc(a.ranges, comparePrefixes)
+		a.fe.SourceRanges = slices.Clone(a.ranges)
+	}
+	return stray, nil
+}
+
+func deleteKey(m *ebpf.Map, key any) error {
+	if err := m.Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("remove source range of no restricted service: %w", err)
+	}
+	return nil
 }
 
 // restoreFrontend rebuilds one applied frontend from its service entry and ring.
@@ -107,11 +199,13 @@ func (d *Datapath) restoreFrontend(key lbServiceKey, val lbService, eps []lbEndp
 	}
 	k := frontendKey{vip: vip, port: ntohs(key.Port), proto: shard.Protocol(key.Proto)}
 	a := &applied{
-		id:        val.Id,
-		ringStart: val.RingStart,
-		ringLen:   (val.RingSize + 1) &^ 1,
-		ringSize:  val.RingSize,
-		endpoints: map[netip.AddrPort]uint32{},
+		id:         val.Id,
+		ringStart:  val.RingStart,
+		ringLen:    (val.RingSize + 1) &^ 1,
+		ringSize:   val.RingSize,
+		endpoints:  map[netip.AddrPort]uint32{},
+		restricted: val.Flags&svcSourceRanges != 0,
+		rangeGen:   val.RangeGen,
 	}
 	if a.id >= uint32(d.cfg.MaxServices) {
 		return k, nil, fmt.Errorf("frontend %s: service id %d beyond MaxServices", k, a.id)
@@ -161,7 +255,7 @@ func (d *Datapath) restoreFrontend(key lbServiceKey, val lbService, eps []lbEndp
 		names[i], ids[i] = ap.String(), a.endpoints[ap]
 	}
 	a.stale = !slices.Equal(ringOf(fe.Select, names, ids), ring) ||
-		d.serviceValue(a.id, a.ringStart, a.ringSize, fe) != val
+		d.serviceValue(a, fe) != val
 	return k, a, nil
 }
 

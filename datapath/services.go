@@ -34,6 +34,15 @@ type applied struct {
 	// stale: adopted from pinned maps holding a ring or service entry this program
 	// would not write; the next SetServices rewrites it, keeping the ids.
 	stale bool
+	// restricted and ranges are the source ranges as written: the service entry's
+	// flag, and the prefixes the tries hold for id (ranges.go).
+	restricted bool
+	ranges     []netip.Prefix
+	rangeGen   uint32 // the service entry's range_gen
+	// rangesDirty: a change of the ranges failed after it changed the tries, before
+	// the service entry and every endpoint had the new generation; the next
+	// SetServices completes it with another generation.
+	rangesDirty bool
 }
 
 // SetServices makes the maps serve exactly the desired frontends. It is declarative:
@@ -42,6 +51,12 @@ type applied struct {
 // half-written service. Endpoints that stay keep their id, so their flows stay too.
 // A frontend that cannot be applied is left out (and removed if it was applied before);
 // the returned error names every such frontend, the others are applied regardless.
+//
+// Source ranges are refused with their frontend when one is not a valid prefix, when
+// the VIP's family has more than Config.MaxSourceRanges of them, or when they do not fit
+// in Config.SourceRangeEntries: a frontend is never served with fewer restrictions than
+// it asks for. Prefixes of the other family are accepted and not written; a frontend
+// whose ranges are all of the other family lets no client through.
 func (d *Datapath) SetServices(desired []shard.Frontend) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -89,11 +104,27 @@ func (d *Datapath) SetServices(desired []shard.Frontend) error {
 			// Adopted from pinned maps, which do not record the name.
 			a.fe.Service = fe.Service
 		}
+		var have []netip.Prefix
+		if ok {
+			have = a.ranges
+		}
+		if err := d.rangeRoom(k.vip, have, rangesOf(fe)); err != nil {
+			errs = append(errs, fmt.Errorf("frontend %s of %s: %w", k, fe.Service, err))
+			if ok {
+				if err := d.remove(k, a, &later); err != nil {
+					errs = append(errs, err)
+				}
+			}
+			continue
+		}
 		if ok && !a.stale && sameBackends(a.fe, fe) {
-			if a.fe.Handoff != fe.Handoff {
+			if a.fe.Handoff != fe.Handoff || !a.sameRanges(rangesOf(fe)) {
 				if err := d.writeService(a, fe); err != nil {
 					errs = append(errs, fmt.Errorf("frontend %s of %s: %w", k, fe.Service, err))
 				}
+			} else {
+				// Adopted frontends know only the prefixes written.
+				a.fe.SourceRanges = fe.SourceRanges
 			}
 			continue
 		}
@@ -131,7 +162,7 @@ func (d *Datapath) validate(fe shard.Frontend) error {
 			return fmt.Errorf("endpoint %s is not of the VIP's address family", netip.AddrPortFrom(ep.Addr, ep.Port))
 		}
 	}
-	return nil
+	return d.validateRanges(fe)
 }
 
 func (d *Datapath) nodeIP(vip netip.Addr) netip.Addr {
@@ -153,6 +184,7 @@ func normalize(fe shard.Frontend) shard.Frontend {
 		return netip.AddrPortFrom(a.Addr, a.Port).Compare(netip.AddrPortFrom(b.Addr, b.Port))
 	})
 	fe.Endpoints = slices.Compact(eps)
+	fe.SourceRanges = normalizeRanges(fe.SourceRanges)
 	// Only the SNAT modes need the previous master: in default mode the endpoint sees the
 	// client's own address, so a connection continues through any node that picks the
 	// same endpoint. A handoff address of the other family cannot be reached.
@@ -164,25 +196,53 @@ func normalize(fe shard.Frontend) shard.Frontend {
 }
 
 // sameBackends reports whether b needs the ring and endpoints a has: everything but
-// the handoff address, which only the service entry holds.
+// the handoff address and the source ranges, which the service entry and the tries
+// hold.
 func sameBackends(a, b shard.Frontend) bool {
 	return a.Service == b.Service && a.Mode == b.Mode && a.Select == b.Select && slices.Equal(a.Endpoints, b.Endpoints)
 }
 
 // writeService rewrites only the service entry of an applied frontend (a new handoff
-// address), keeping its ring and endpoints.
+// address) and its source ranges, keeping its ring and endpoints.
 func (d *Datapath) writeService(a *applied, fe shard.Frontend) error {
+	r := rangesOf(fe)
+	changed := !a.sameRanges(r)
+	next := *a
+	if changed {
+		a.rangesDirty = true
+		if err := d.rangesBefore(a.id, &a.ranges, r); err != nil {
+			return err
+		}
+		next.restricted, next.rangeGen = r.restricted, a.rangeGen+1
+	}
 	key := serviceKey(fe.VIP, fe.Port, fe.Protocol)
-	svc := d.serviceValue(a.id, a.ringStart, a.ringSize, fe)
+	svc := d.serviceValue(&next, fe)
 	if err := d.objs.Services.Put(&key, &svc); err != nil {
 		return fmt.Errorf("write service: %w", err)
 	}
-	a.fe = fe
-	return nil
+	a.fe, a.restricted, a.rangeGen = fe, next.restricted, next.rangeGen
+	if !changed {
+		return nil
+	}
+	return d.rangesSwitched(a, r)
 }
 
-func (d *Datapath) serviceValue(id, ringStart, ringSize uint32, fe shard.Frontend) lbService {
-	svc := lbService{Id: id, RingStart: ringStart, RingSize: ringSize, Mode: uint8(fe.Mode), Select: uint8(fe.Select)}
+// rangesSwitched completes a change of a's source ranges once its service entry holds
+// them (steps 3 and 4 in ranges.go).
+func (d *Datapath) rangesSwitched(a *applied, r sourceRanges) error {
+	err := d.rangesAfter(a.id, &a.ranges, r)
+	perr := d.publishRangeGen(a)
+	a.rangesDirty = perr != nil
+	return errors.Join(err, perr)
+}
+
+// serviceValue is the service entry of a (its id, ring, flag and range generation)
+// serving fe.
+func (d *Datapath) serviceValue(a *applied, fe shard.Frontend) lbService {
+	svc := lbService{Id: a.id, RingStart: a.ringStart, RingSize: a.ringSize, Mode: uint8(fe.Mode), Select: uint8(fe.Select), RangeGen: a.rangeGen}
+	if a.restricted {
+		svc.Flags = svcSourceRanges
+	}
 	switch fe.Mode {
 	case shard.ModeOneArm:
 		svc.SnatAddr = addrWords(d.nodeIP(fe.VIP))
@@ -202,6 +262,7 @@ func (d *Datapath) apply(k frontendKey, fe shard.Frontend, later *[]func()) erro
 	a := &applied{fe: fe, endpoints: make(map[netip.AddrPort]uint32, len(fe.Endpoints))}
 	if old != nil {
 		a.id = old.id
+		a.restricted, a.ranges, a.rangeGen, a.rangesDirty = old.restricted, slices.Clone(old.ranges), old.rangeGen, old.rangesDirty
 	} else {
 		id, ok := d.svcIDs.alloc()
 		if !ok {
@@ -213,15 +274,29 @@ func (d *Datapath) apply(k frontendKey, fe shard.Frontend, later *[]func()) erro
 			return err
 		}
 	}
+	r := rangesOf(fe)
+	rangesChanged := !a.sameRanges(r)
+	if rangesChanged {
+		a.rangeGen++ // new endpoints are written with it
+	}
 	undo := func() {
 		for ap, id := range a.endpoints {
 			if old == nil || old.endpoints[ap] != id {
 				d.releaseEndpoint(id)
 			}
 		}
-		if old == nil {
-			d.svcIDs.release(a.id)
+		if old != nil {
+			if rangesChanged {
+				old.ranges, old.rangesDirty = a.ranges, true // what the tries hold now
+			}
+			return
 		}
+		if err := d.rangesAfter(a.id, &a.ranges, sourceRanges{}); err != nil {
+			// Keep the id rather than hand it to a frontend its prefixes would open.
+			d.log.Error("remove source ranges", "frontend", k, "err", err)
+			return
+		}
+		d.svcIDs.release(a.id)
 	}
 
 	// Endpoint ids: kept for endpoints that stay, new ones written before the ring.
@@ -236,7 +311,7 @@ func (d *Datapath) apply(k frontendKey, fe shard.Frontend, later *[]func()) erro
 				continue
 			}
 		}
-		id, err := d.addEndpoint(ep)
+		id, err := d.addEndpoint(ep, a.rangeGen)
 		if err != nil {
 			undo()
 			return err
@@ -261,7 +336,15 @@ func (d *Datapath) apply(k frontendKey, fe shard.Frontend, later *[]func()) erro
 	}
 
 	a.ringSize = uint32(len(ring))
-	svc := d.serviceValue(a.id, a.ringStart, a.ringSize, fe)
+	if rangesChanged {
+		if err := d.rangesBefore(a.id, &a.ranges, r); err != nil {
+			d.rings.release(a.ringStart, a.ringLen)
+			undo()
+			return err
+		}
+		a.restricted = r.restricted
+	}
+	svc := d.serviceValue(a, fe)
 	key := serviceKey(fe.VIP, fe.Port, fe.Protocol)
 	if old == nil {
 		if err := d.refVIP(fe.VIP, 1); err != nil {
@@ -286,6 +369,10 @@ func (d *Datapath) apply(k frontendKey, fe shard.Frontend, later *[]func()) erro
 			if _, kept := a.endpoints[ap]; !kept {
 				*later = append(*later, func() { d.releaseEndpoint(id) })
 			}
+		}
+		if rangesChanged {
+			// The endpoints kept hold the old generation.
+			return d.rangesSwitched(a, r)
 		}
 	}
 	return nil
@@ -332,17 +419,22 @@ func (d *Datapath) writeRing(start uint32, ring []uint32) error {
 	return nil
 }
 
-func (d *Datapath) addEndpoint(ep shard.Endpoint) (uint32, error) {
+func (d *Datapath) addEndpoint(ep shard.Endpoint, rangeGen uint32) (uint32, error) {
 	id, ok := d.epIDs.alloc()
 	if !ok {
 		return 0, fmt.Errorf("allocate endpoint: all %d endpoints in use (raise Config.MaxEndpoints)", d.cfg.MaxEndpoints)
 	}
-	v := lbEndpoint{Addr: addrWords(ep.Addr), Port: htons(ep.Port), Family: family(ep.Addr), Valid: 1, Gen: d.epGen[id]}
+	v := endpointValue(netip.AddrPortFrom(ep.Addr, ep.Port), d.epGen[id], rangeGen)
 	if err := d.objs.Endpoints.Put(id, &v); err != nil {
 		d.epIDs.release(id)
 		return 0, fmt.Errorf("write endpoint %s: %w", netip.AddrPortFrom(ep.Addr, ep.Port), err)
 	}
 	return id, nil
+}
+
+// endpointValue is the entry of a valid endpoint.
+func endpointValue(ap netip.AddrPort, gen, rangeGen uint32) lbEndpoint {
+	return lbEndpoint{Addr: addrWords(ap.Addr()), Port: htons(ap.Port()), Family: family(ap.Addr()), Valid: 1, Gen: gen, RangeGen: rangeGen}
 }
 
 // releaseEndpoint invalidates an endpoint id: flows that still point to it are balanced
@@ -368,10 +460,18 @@ func (d *Datapath) remove(k frontendKey, a *applied, later *[]func()) error {
 	if err := d.refVIP(k.vip, -1); err != nil {
 		d.log.Error("remove VIP", "vip", k.vip, "err", err)
 	}
+	// Now, not later: the frontends applied next in this call may need the room.
+	if err := d.rangesAfter(a.id, &a.ranges, sourceRanges{}); err != nil {
+		d.log.Error("remove source ranges", "frontend", k, "err", err)
+	}
 	*later = append(*later, func() {
 		d.rings.release(a.ringStart, a.ringLen)
 		for _, id := range a.endpoints {
 			d.releaseEndpoint(id)
+		}
+		if len(a.ranges) > 0 {
+			// Keep the id rather than hand it to a frontend these prefixes would open.
+			return
 		}
 		d.svcIDs.release(a.id)
 	})

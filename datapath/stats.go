@@ -46,6 +46,10 @@ type ServiceStats struct {
 	// ICMPErrors are ICMP errors about the frontend's flows, translated back and sent
 	// to the host that sent the packet they quote.
 	ICMPErrors uint64
+	// SourceRangeDrops are packets dropped because their client is outside the
+	// frontend's source ranges (shard.Frontend.SourceRanges), both directions of
+	// flows cut off by a change of the ranges included.
+	SourceRangeDrops uint64
 }
 
 // Stats reads the counters. A map that cannot be read is logged and reads as zero.
@@ -78,6 +82,7 @@ func (d *Datapath) Stats() Stats {
 			s.NewFlows += v.NewFlows
 			s.HandoffPackets += v.HandoffPackets
 			s.ICMPErrors += v.IcmpErrors
+			s.SourceRangeDrops += v.SourceRangeDrops
 		}
 		st.Services = append(st.Services, s)
 	}

@@ -27,6 +27,7 @@ import (
 // connection came from.
 type lab struct {
 	client   netns.NsHandle
+	clientNS testenv.NetNS // the client's namespace, for commands run there
 	lbPath   string
 	lbIfs    []string
 	backends []shard.Endpoint
@@ -42,7 +43,7 @@ func newLab(t *testing.T) *lab {
 	testenv.RequireTool(t, "ip", "ethtool", "sysctl")
 	client := testenv.NewNetNS(t, "dpcli")
 	lb := testenv.NewNetNS(t, "dplb")
-	l := &lab{client: openNS(t, client), lbPath: "/var/run/netns/" + lb.Name, names: map[netip.AddrPort]string{}}
+	l := &lab{client: openNS(t, client), clientNS: client, lbPath: "/var/run/netns/" + lb.Name, names: map[netip.AddrPort]string{}}
 
 	testenv.Veth(t, client, "c0", "10.10.1.2/24", lb, "l0", "10.10.1.1/24")
 	client.Run(t, "ip", "route", "add", "default", "via", "10.10.1.1")

@@ -43,7 +43,8 @@ func newMetrics() *metrics {
 		}),
 	}
 	m.reg.MustRegister(m.reconcile, m.allocFailures, m.leader, m.vips, m.frontends)
-	for _, r := range []string{ReasonPoolExhausted, ReasonUnknownInstance, ReasonInvalidAnnotation, ReasonStaticIPConflict, ReasonAllocationFailed} {
+	for _, r := range []string{ReasonPoolExhausted, ReasonUnknownInstance, ReasonInvalidAnnotation, ReasonStaticIPConflict, ReasonAllocationFailed,
+		ReasonInvalidLoadBalancerIP, ReasonUnsupportedMode, ReasonInvalidSourceRanges} {
 		m.allocFailures.WithLabelValues(r)
 	}
 	for _, r := range []shard.Role{shard.RoleMaster, shard.RoleBackup, shard.RoleEqual} {
@@ -123,12 +124,16 @@ type FrontendCounters struct {
 	// ICMPErrors are ICMP errors about the frontend's flows sent on to the host that
 	// sent the packet they quote.
 	ICMPErrors uint64
+	// SourceRangeDrops are packets dropped because their client is outside the
+	// frontend's source ranges (spec.loadBalancerSourceRanges).
+	SourceRangeDrops uint64
 }
 
 // datapathCollector reads the datapath's counters at scrape time.
 type datapathCollector struct {
 	read                                                         func() DatapathCounters
 	dropDesc, pktDesc, byteDesc, flowDesc, handoffDesc, icmpDesc *prometheus.Desc
+	feDropDesc                                                   *prometheus.Desc
 }
 
 func newDatapathCollector(read func() DatapathCounters) *datapathCollector {
@@ -143,6 +148,8 @@ func newDatapathCollector(read func() DatapathCounters) *datapathCollector {
 			"TCP segments of connections unknown here sent on to the frontend's previous master after a planned switch.", fe, nil),
 		icmpDesc: prometheus.NewDesc("shardlb_frontend_icmp_errors_total",
 			"ICMP errors about the frontend's flows (fragmentation needed, unreachable, time exceeded) translated back to the host that sent the quoted packet.", fe, nil),
+		feDropDesc: prometheus.NewDesc("shardlb_frontend_drops_total",
+			"Packets to or from a frontend dropped, by reason (source_range: the client is outside spec.loadBalancerSourceRanges).", append(fe, "reason"), nil),
 	}
 }
 
@@ -153,6 +160,7 @@ func (c *datapathCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.flowDesc
 	ch <- c.handoffDesc
 	ch <- c.icmpDesc
+	ch <- c.feDropDesc
 }
 
 func (c *datapathCollector) Collect(ch chan<- prometheus.Metric) {
@@ -168,5 +176,6 @@ func (c *datapathCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(c.flowDesc, prometheus.CounterValue, float64(f.Flows), f.Service, f.Frontend)
 		ch <- prometheus.MustNewConstMetric(c.handoffDesc, prometheus.CounterValue, float64(f.Handoffs), f.Service, f.Frontend)
 		ch <- prometheus.MustNewConstMetric(c.icmpDesc, prometheus.CounterValue, float64(f.ICMPErrors), f.Service, f.Frontend)
+		ch <- prometheus.MustNewConstMetric(c.feDropDesc, prometheus.CounterValue, float64(f.SourceRangeDrops), f.Service, f.Frontend, "source_range")
 	}
 }

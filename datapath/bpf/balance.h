@@ -12,6 +12,7 @@
 #include "jhash.h"
 #include "maps.h"
 #include "parse.h"
+#include "ranges.h"
 #include "structs.h"
 
 /* Source ports for SNAT flows, set by the loader. The default range sits above Linux's
@@ -170,6 +171,7 @@ static __noinline int new_flow(const struct flow *f, const struct service *svc, 
 	t->dport = ep->port;
 	t->endpoint_id = ep_id;
 	t->endpoint_gen = ep->gen;
+	t->range_gen = svc->range_gen; /* balance checked the client */
 	t->dir = CT_FORWARD;
 	struct svc_stats *st = bpf_map_lookup_elem(&service_stats, &id);
 	if (st)
@@ -177,17 +179,20 @@ static __noinline int new_flow(const struct flow *f, const struct service *svc, 
 	return NEW_FLOW;
 }
 
-/* balance decides flow f: NOT_OURS when it is not load-balanced traffic, a drop or a
- * redirect (a segment handed off to the service's previous master, handoff.h),
- * FURTHER_PROCESSING with *entry pointing at the flow's conntrack entry, used in place
- * (not copied) so that translate can cache the next hop in it, or NEW_FLOW with *entry
- * pointing at this CPU's new_entry, holding the rewrite of a flow not recorded yet. */
+/* balance decides flow f: NOT_OURS when it is not load-balanced traffic, a drop (a
+ * client outside the service's source ranges among others, ranges.h) or a redirect (a
+ * segment handed off to the service's previous master, handoff.h), FURTHER_PROCESSING
+ * with *entry pointing at the flow's conntrack entry, used in place (not copied) so
+ * that translate can cache the next hop in it, or NEW_FLOW with *entry pointing at this
+ * CPU's new_entry, holding the rewrite of a flow not recorded yet. */
 static __always_inline int balance(struct __sk_buff *skb, const struct flow *f, void *l4, void *data_end,
 				   struct ct_entry **entry)
 {
 	struct ct_entry *ct = ct_lookup(f);
 	if (ct) {
 		if (ct->dir == CT_REPLY) {
+			if (ct->denied)
+				return source_range_drop(ct->service_id);
 			*entry = ct;
 			return FURTHER_PROCESSING;
 		}
@@ -195,6 +200,10 @@ static __always_inline int balance(struct __sk_buff *skb, const struct flow *f, 
 		 * it is gone the flow is balanced again like a new one. */
 		struct endpoint *ep = bpf_map_lookup_elem(&endpoints, &ct->endpoint_id);
 		if (ep && ep->valid && ep->gen == ct->endpoint_gen) {
+			if (ep->range_gen != ct->range_gen)
+				recheck_source(f, ct);
+			if (ct->denied)
+				return source_range_drop(ct->service_id);
 			*entry = ct;
 			return FURTHER_PROCESSING;
 		}
@@ -208,6 +217,9 @@ static __always_inline int balance(struct __sk_buff *skb, const struct flow *f, 
 	struct service *svc = bpf_map_lookup_elem(&services, &k);
 	if (!svc)
 		return NOT_OURS;
+	/* Before the handoff too: the previous master would let the segment through. */
+	if ((svc->flags & SVC_SOURCE_RANGES) && !source_allowed(f, svc->id))
+		return source_range_drop(svc->id);
 	if (wants_handoff(f, svc, l4, data_end)) {
 		int ret = handoff(skb, f, svc->handoff, svc->id);
 		if (ret != FURTHER_PROCESSING)

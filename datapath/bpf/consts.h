@@ -57,6 +57,9 @@
 #ifndef MAX_CONNTRACK
 #define MAX_CONNTRACK 262144
 #endif
+#ifndef MAX_SOURCE_RANGES
+#define MAX_SOURCE_RANGES 65536
+#endif
 
 /* Source-port attempts for a new SNAT flow before it is dropped: each attempt is an
  * atomic insert of the reply tuple, so a port is never given to two flows. */
@@ -122,6 +125,12 @@ enum drop_reason {
 	DROP_TRUNCATED,         /* packet to a VIP shorter than its headers say */
 	DROP_IPV6_EXT_HEADER,   /* IPv6 extension header before TCP/UDP on a VIP */
 	DROP_REASONS,
+};
+
+/* struct service flags. */
+enum svc_flags {
+	/* Only clients in the service's source ranges (the tries, ranges.h) get through. */
+	SVC_SOURCE_RANGES = 1,
 };
 
 /* Flow directions recorded in conntrack entries. */

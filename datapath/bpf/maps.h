@@ -46,6 +46,27 @@ struct {
 	__uint(max_entries, MAX_ENDPOINTS);
 } endpoints SEC(".maps");
 
+/* Source ranges: the client prefixes a service with SVC_SOURCE_RANGES lets through,
+ * one longest-prefix-match trie per family keyed by (service id, prefix), so a client is
+ * checked with one lookup whatever the number of prefixes. The kernel requires
+ * BPF_F_NO_PREALLOC: the nodes are allocated as entries are added. The value is not
+ * read: an entry is an allowed prefix. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct range4_key);
+	__type(value, __u32);
+	__uint(max_entries, MAX_SOURCE_RANGES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} source_ranges4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct range6_key);
+	__type(value, __u32);
+	__uint(max_entries, MAX_SOURCE_RANGES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} source_ranges6 SEC(".maps");
+
 /* Connection tracking, one entry per direction of a flow, least recently used evicted.
  * IPv4 has a map per protocol so that its keys are 12 bytes (see struct flow4); IPv6
  * keys carry the protocol and share one map. */

@@ -41,11 +41,15 @@ struct service {
 	__u32 ring_size;  /* Maglev table size, or endpoint count for rr; 0 = no endpoint */
 	__u8 mode;        /* enum lb_mode */
 	__u8 select;      /* enum lb_select */
-	__u8 pad[2];
+	__u8 flags;       /* SVC_SOURCE_RANGES */
+	__u8 pad;
 	__u32 snat_addr[4]; /* onearm: the node address; fullnat: the VIP */
 	/* onearm and fullnat after a planned switch: the previous master's address, where
 	 * TCP segments of connections unknown here go (handoff.h); zero = none. */
 	__u32 handoff[4];
+	/* Bumped by Go whenever the service's source ranges (or its flag) change; its
+	 * endpoints carry it too, after the change is complete (ranges.h). */
+	__u32 range_gen;
 };
 
 /* Two ring slots per map value: array values are rounded up to 8 bytes anyway. */
@@ -59,6 +63,9 @@ struct endpoint {
 	__u8 family;
 	__u8 valid;
 	__u32 gen; /* bumped when the slot is freed, so flows never follow a reused slot */
+	/* Its service's range_gen once a change of the source ranges is complete: a flow
+	 * that checked its client under another one checks it again (ranges.h). */
+	__u32 range_gen;
 };
 
 /* What to write into a packet of a tracked flow, and where to send it. */
@@ -72,7 +79,10 @@ struct ct_entry {
 	__u32 endpoint_gen;
 	__u8 dir;     /* enum ct_dir */
 	__u8 closing; /* TCP: a FIN or RST was seen in either direction */
-	__u8 pad[2];
+	/* The client is outside the service's source ranges (as of range_gen): the
+	 * flow's packets are dropped in both directions. */
+	__u8 denied;
+	__u8 pad;
 	/* The direction's next hop as bpf_fib_lookup last gave it, so that most packets skip
 	 * the route lookup (the costliest step of an established flow). It is valid for
 	 * packets arriving on nh_iif no longer than nh_len (the MTU check the lookup made)
@@ -82,7 +92,11 @@ struct ct_entry {
 	__u16 nh_len;
 	__u8 nh_dmac[6];
 	__u8 nh_smac[6];
-	__u8 pad2[6];
+	__u8 pad2[2];
+	/* Forward entries: the service's range_gen when the client was last checked
+	 * against the source ranges; a flow whose endpoint carries another one checks
+	 * again on its next packet. */
+	__u32 range_gen;
 	__u64 nh_time; /* jiffies */
 	/* When this direction last carried a packet (jiffies), written only when it changed
 	 * so that an established flow stores at most once a jiffy. A SNAT port whose reply
@@ -117,6 +131,23 @@ struct svc_stats {
 	__u64 rr_next; /* this CPU's round-robin position */
 	__u64 handoff_packets; /* sent on to the previous master (handoff.h) */
 	__u64 icmp_errors;     /* ICMP errors about its flows, sent to the quoted sender (icmp.h) */
+	__u64 source_range_drops; /* packets from clients outside its source ranges (ranges.h) */
+};
+
+/* Keys of the source-range tries, one per family: a service's allowed client prefix.
+ * prefixlen counts the bits that must match from service_id on: 32 for the service id,
+ * which always matches whole, plus the prefix's length; a lookup gives the full
+ * length, so it finds the service's longest prefix holding the address, if any. */
+struct range4_key {
+	__u32 prefixlen;
+	__u32 service_id;
+	__u32 addr;
+};
+
+struct range6_key {
+	__u32 prefixlen;
+	__u32 service_id;
+	__u32 addr[4];
 };
 
 struct vip_key {
