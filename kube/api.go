@@ -44,6 +44,8 @@ type LBRow struct {
 	Select    string   `json:"sel"`
 	Mode      string   `json:"mode"`
 	Endpoints []string `json:"endpoints"`
+	// SourceRanges are the client prefixes allowed; none: every client.
+	SourceRanges []string `json:"sourceRanges,omitempty"`
 }
 
 // BGPPeer is one BGP session, as a speaker reports it (`shardlb get bgp`).
@@ -116,8 +118,12 @@ func (s *status) lb() []LBRow {
 		for _, e := range f.Endpoints {
 			eps = append(eps, net.JoinHostPort(e.Addr.String(), strconv.Itoa(int(e.Port))))
 		}
-		out = append(out, LBRow{ExtIP: f.VIP.String(), Port: f.Port, Protocol: f.Protocol.String(), Name: f.Service,
-			Select: f.Select.String(), Mode: f.Mode.String(), Endpoints: eps})
+		row := LBRow{ExtIP: f.VIP.String(), Port: f.Port, Protocol: f.Protocol.String(), Name: f.Service,
+			Select: f.Select.String(), Mode: f.Mode.String(), Endpoints: eps}
+		for _, p := range f.SourceRanges {
+			row.SourceRanges = append(row.SourceRanges, p.String())
+		}
+		out = append(out, row)
 	}
 	return out
 }

@@ -37,6 +37,26 @@ const (
 	ReasonInvalidAnnotation = "InvalidAnnotation"
 	ReasonStaticIPConflict  = "StaticIPConflict"
 	ReasonAllocationFailed  = "AllocationFailed"
+	// ReasonInvalidLoadBalancerIP: spec.loadBalancerIP, the static IP request when
+	// loxilb.io/staticIP is not set, cannot be read.
+	ReasonInvalidLoadBalancerIP = "InvalidLoadBalancerIP"
+	// ReasonLoadBalancerIPIgnored: spec.loadBalancerIP differs from loxilb.io/staticIP,
+	// which wins.
+	ReasonLoadBalancerIPIgnored = "LoadBalancerIPIgnored"
+	// ReasonUnsupportedMode: loxilb.io/lbmode dsr; the service is not served.
+	ReasonUnsupportedMode = "UnsupportedMode"
+	// ReasonInvalidSourceRanges: the source ranges cannot be read; the service keeps
+	// its last valid set, or is not served without one.
+	ReasonInvalidSourceRanges = "InvalidSourceRanges"
+	// ReasonUnsupportedAnnotation: a loxilb.io/ annotation shardlb does not implement.
+	ReasonUnsupportedAnnotation = "UnsupportedAnnotation"
+	// ReasonSessionAffinityIgnored: sessionAffinity ClientIP, or its timeout, is not
+	// applied as written (Normal).
+	ReasonSessionAffinityIgnored = "SessionAffinityIgnored"
+	// ReasonVIPWithdrawn and ReasonVIPAnnounced (Normal) follow whether the nodes
+	// announce a service's VIPs, and say why not.
+	ReasonVIPWithdrawn = "VIPWithdrawn"
+	ReasonVIPAnnounced = "VIPAnnounced"
 )
 
 // controller allocates VIPs and instances while this pod holds the controller Lease.
@@ -58,6 +78,7 @@ type controller struct {
 	log      *slog.Logger
 	client   kubernetes.Interface
 	services cache.Store
+	slices   cache.Indexer
 	recorder record.EventRecorder
 	metrics  *metrics
 
@@ -69,9 +90,22 @@ type controller struct {
 	pending   map[string]bool   // services waiting for an address to free
 	// claims are the static IPs pending services wait for: released, such an address
 	// goes to its claimant at once, before any dynamic allocation can take it.
-	claims  map[netip.Addr]ipam.Request
-	warned  map[string]string // service key -> last warning, so a retry does not repeat it
+	claims map[netip.Addr]ipam.Request
+	// told are, per service key, the Events of its last decision (type, reason and
+	// message): a retry repeats none, and one that went and came back is told again.
+	told    map[string]map[notice]bool
 	written map[string]writeMark
+	// withdrawn is, per service holding a VIP, why the nodes do not announce it ("":
+	// they do), as last told by VIPWithdrawn/VIPAnnounced; a term starts from what the
+	// services are when it begins, without telling.
+	withdrawn map[string]string
+}
+
+// notice is one Event the controller owes a service about its spec or annotations.
+type notice struct {
+	typ, reason, msg string
+	// refuse: no VIP is given while it stands (one held stays).
+	refuse bool
 }
 
 // writeMark is what the controller last wrote for a service and the resourceVersion the
@@ -85,10 +119,13 @@ type writeMark struct {
 type desired struct {
 	instance string
 	ips      string // comma-joined, for comparison
+	// ranges is the last valid source ranges to record (AnnotationSourceRanges); ""
+	// removes the record.
+	ranges string
 }
 
-func newController(cfg *Config, log *slog.Logger, client kubernetes.Interface, services cache.Store, rec record.EventRecorder, m *metrics) *controller {
-	return &controller{cfg: cfg, log: log, client: client, services: services, recorder: rec, metrics: m}
+func newController(cfg *Config, log *slog.Logger, client kubernetes.Interface, services cache.Store, slices cache.Indexer, rec record.EventRecorder, m *metrics) *controller {
+	return &controller{cfg: cfg, log: log, client: client, services: services, slices: slices, recorder: rec, metrics: m}
 }
 
 // enqueue is the informer handlers' entry: it only signals, the workers decide.
@@ -115,8 +152,8 @@ func (c *controller) lead(ctx context.Context) {
 	c.mu.Lock()
 	c.queue, c.alloc = q, alloc
 	c.instances, c.load = map[string]string{}, map[string]int{}
-	c.pending, c.warned, c.written = map[string]bool{}, map[string]string{}, map[string]writeMark{}
-	c.claims = map[netip.Addr]ipam.Request{}
+	c.pending, c.told, c.written = map[string]bool{}, map[string]map[notice]bool{}, map[string]writeMark{}
+	c.claims, c.withdrawn = map[netip.Addr]ipam.Request{}, map[string]string{}
 	keys := c.restore()
 	c.mu.Unlock()
 	c.metrics.leader.Set(1)
@@ -165,6 +202,9 @@ func (c *controller) restore() []string {
 		for _, ip := range s.Ingress {
 			allocs = append(allocs, ipam.Allocation{Service: s.key(), IP: ip, Ports: portKeys(s)})
 		}
+		if len(s.Ingress) > 0 {
+			c.withdrawn[s.key()] = c.notAnnounced(s)
+		}
 	}
 	if err := c.alloc.Restore(allocs); err != nil {
 		// Refused records (conflicts, addresses now outside every pool) are decided
@@ -211,7 +251,40 @@ func (c *controller) reconcile(ctx context.Context, key string) error {
 	if !ok {
 		return nil
 	}
-	return c.write(ctx, s, want)
+	if err := c.write(ctx, s, want); err != nil {
+		return err
+	}
+	c.tellAnnounced(s, want.ips)
+	return nil
+}
+
+// notAnnounced says why the nodes announce no VIP of s ("" when they do).
+func (c *controller) notAnnounced(s *service) string {
+	if why := s.notServed(c.cfg.DefaultMode); why != "" {
+		return why
+	}
+	if !hasReadyEndpoint(s, c.slices) {
+		return "no ready endpoint"
+	}
+	return ""
+}
+
+// tellAnnounced records VIPWithdrawn when the nodes stop announcing the VIPs of s, or
+// when s has just got them and they are not announced, and VIPAnnounced when they come
+// back: once per change, from the controller alone (every node could say it, N
+// times). With a VIP shared by services (no --setUniqueIP) it speaks of s alone.
+func (c *controller) tellAnnounced(s *service, ips string) {
+	why := c.notAnnounced(s)
+	c.mu.Lock()
+	was, known := c.withdrawn[s.key()]
+	c.withdrawn[s.key()] = why
+	c.mu.Unlock()
+	switch {
+	case why != "" && (!known || was != why):
+		c.recorder.Eventf(ref(s), corev1.EventTypeNormal, ReasonVIPWithdrawn, "VIP %s not announced: %s", ips, why)
+	case why == "" && known && was != "":
+		c.recorder.Eventf(ref(s), corev1.EventTypeNormal, ReasonVIPAnnounced, "VIP %s announced", ips)
+	}
 }
 
 // release frees what a deleted service, or one that is no longer ours, holds, clears
@@ -226,9 +299,10 @@ func (c *controller) release(ctx context.Context, key string, s *service) error 
 		c.load[inst]--
 		delete(c.instances, key)
 	}
-	delete(c.warned, key)
+	delete(c.told, key)
 	delete(c.written, key)
 	delete(c.pending, key)
+	delete(c.withdrawn, key)
 	var retry []string
 	for _, al := range held {
 		if req, ok := c.claims[al.IP]; ok {
@@ -259,8 +333,13 @@ func (c *controller) release(ctx context.Context, key string, s *service) error 
 	// The service now belongs to nobody or to another implementation: take back our
 	// annotation and our VIPs, and only ours.
 	var patches []func() error
-	if _, ok := s.Annotations[AnnotationInstance]; ok {
-		patches = append(patches, func() error { return c.patchInstance(ctx, s, "") })
+	_, hasInst := s.Annotations[AnnotationInstance]
+	_, hasRanges := s.Annotations[AnnotationSourceRanges]
+	if hasInst || hasRanges {
+		patches = append(patches, func() error {
+			_, err := c.patchAnnotations(ctx, s, map[string]any{AnnotationInstance: nil, AnnotationSourceRanges: nil})
+			return err
+		})
 	}
 	if len(held) > 0 && ingressHolds(s.Ingress, held) {
 		patches = append(patches, func() error { return c.patchStatus(ctx, s, nil) })
@@ -310,7 +389,7 @@ func (c *controller) decide(s *service) (desired, bool) {
 // of the services waiting for a full pool, all requeued by each release, then cost one
 // allocation attempt each, not a pass over every service.
 func (c *controller) couldAllocate(s *service) bool {
-	static, err := ipam.ParseStaticIP(s.Annotations[AnnotationStaticIP])
+	static, err := staticIP(s)
 	if err != nil {
 		return false // refused before any allocation
 	}
@@ -350,34 +429,28 @@ func (c *controller) decideOlder(s *service) []string {
 // decided ahead of its own worker, whose decision then counts the refusal in metrics.
 func (c *controller) decideLocked(s *service, own bool) (desired, bool) {
 	key := s.key()
-	warn := func(reason, format string, a ...any) (desired, bool) {
-		msg := fmt.Sprintf(format, a...)
+	notes := c.check(s)
+	refuse := func(n notice) (desired, bool) {
 		if own {
-			c.metrics.allocFailures.WithLabelValues(reason).Inc()
+			c.metrics.allocFailures.WithLabelValues(n.reason).Inc()
 		}
-		if c.warned[key] != reason+msg {
-			c.warned[key] = reason + msg
-			c.recorder.Event(ref(s), corev1.EventTypeWarning, reason, msg)
-			c.log.Info("controller: refused", "service", key, "reason", reason, "msg", msg)
-		}
+		c.tell(s, append(notes, n))
 		return desired{}, false
 	}
 
-	// Annotations first: a service with one we cannot read gets nothing new (one it
-	// already holds stays, so a typo never moves a VIP).
-	var errs []error
-	if _, err := shard.ParseMode(s.Annotations[AnnotationLBMode]); err != nil {
-		errs = append(errs, fmt.Errorf("%s: %w", AnnotationLBMode, err))
-	}
-	if _, err := shard.ParseSelect(s.Annotations[AnnotationEPSelect]); err != nil {
-		errs = append(errs, fmt.Errorf("%s: %w", AnnotationEPSelect, err))
-	}
-	static, err := ipam.ParseStaticIP(s.Annotations[AnnotationStaticIP])
-	if err != nil {
-		errs = append(errs, fmt.Errorf("%s: %w", AnnotationStaticIP, err))
-	}
-	if len(errs) > 0 && len(c.alloc.Lookup(key)) == 0 {
-		return warn(ReasonInvalidAnnotation, "%v", errors.Join(errs...))
+	// What cannot be read gets nothing new (what the service holds stays, so a typo
+	// never moves a VIP).
+	static, _ := staticIP(s)
+	if len(c.alloc.Lookup(key)) == 0 {
+		for _, n := range notes {
+			if n.refuse {
+				if own {
+					c.metrics.allocFailures.WithLabelValues(n.reason).Inc()
+				}
+				c.tell(s, notes)
+				return desired{}, false
+			}
+		}
 	}
 
 	// What this term decided wins over the annotation, which the cache may not show yet.
@@ -387,7 +460,7 @@ func (c *controller) decideLocked(s *service, own bool) (desired, bool) {
 	}
 	inst, err := shard.Assign(c.cfg.Instances, s.Annotations[AnnotationZoneInstance], recorded, c.load)
 	if err != nil {
-		return warn(ReasonUnknownInstance, "%s %q: %v (instances: %v)", AnnotationZoneInstance, s.Annotations[AnnotationZoneInstance], err, c.cfg.Instances.Names())
+		return refuse(notice{corev1.EventTypeWarning, ReasonUnknownInstance, fmt.Sprintf("%s %q: %v (instances: %v)", AnnotationZoneInstance, s.Annotations[AnnotationZoneInstance], err, c.cfg.Instances.Names()), true})
 	}
 
 	ips, reason, err := c.allocate(s, static)
@@ -402,7 +475,7 @@ func (c *controller) decideLocked(s *service, own bool) (desired, bool) {
 			}
 			c.claims[static] = ipam.Request{Service: key, Family: fam, Pool: s.Annotations[AnnotationPoolSelect], StaticIP: static, Ports: portKeys(s)}
 		}
-		return warn(reason, "%v", err)
+		return refuse(notice{corev1.EventTypeWarning, reason, err.Error(), true})
 	}
 	delete(c.pending, key)
 
@@ -413,12 +486,125 @@ func (c *controller) decideLocked(s *service, own bool) (desired, bool) {
 		c.instances[key] = inst
 		c.load[inst]++
 	}
-	if len(errs) > 0 {
-		warn(ReasonInvalidAnnotation, "%v (the service keeps %s; the node uses defaults for what it cannot read)", errors.Join(errs...), allocIPs(ips))
-	} else {
-		delete(c.warned, key)
+	for i, n := range notes {
+		if !n.refuse {
+			continue
+		}
+		switch n.reason {
+		case ReasonInvalidAnnotation:
+			notes[i].msg += fmt.Sprintf(" (the service keeps %s; the node uses defaults for what it cannot read)", allocIPs(ips))
+		case ReasonInvalidLoadBalancerIP:
+			notes[i].msg += fmt.Sprintf(" (the service keeps %s)", allocIPs(ips))
+		default:
+			notes[i].msg += fmt.Sprintf(" (it keeps %s, unannounced)", allocIPs(ips))
+		}
 	}
-	return desired{instance: inst, ips: allocIPs(ips)}, true
+	c.tell(s, notes)
+	ranges := s.Annotations[AnnotationSourceRanges] // kept while the spec's cannot be read
+	if s.SourceRangesErr == nil {
+		ranges = formatSourceRanges(s.SourceRanges)
+	}
+	return desired{instance: inst, ips: allocIPs(ips), ranges: ranges}, true
+}
+
+// check lists what the controller must tell the owner of s about its annotations and
+// spec: what cannot be read or is not supported (refuse: no new VIP, and for
+// UnsupportedMode and unreadable source ranges without a recorded set, not served at
+// all), and what is ignored.
+func (c *controller) check(s *service) []notice {
+	var notes []notice
+	warn := func(reason string, refuse bool, format string, a ...any) {
+		notes = append(notes, notice{corev1.EventTypeWarning, reason, fmt.Sprintf(format, a...), refuse})
+	}
+	var unreadable []error
+	mode, err := s.mode(c.cfg.DefaultMode)
+	if err != nil {
+		unreadable = append(unreadable, err)
+	}
+	if _, err := s.selection(); err != nil {
+		unreadable = append(unreadable, err)
+	}
+	static, err := ipam.ParseStaticIP(s.Annotations[AnnotationStaticIP])
+	if err != nil {
+		unreadable = append(unreadable, fmt.Errorf("%s: %w", AnnotationStaticIP, err))
+	}
+	if len(unreadable) > 0 {
+		warn(ReasonInvalidAnnotation, true, "%v", errors.Join(unreadable...))
+	}
+	if mode == shard.ModeDSR {
+		warn(ReasonUnsupportedMode, true, "%s %q: %v: the service is not served", AnnotationLBMode, s.Annotations[AnnotationLBMode], errDSR)
+	}
+	if lbIP := strings.TrimSpace(s.LoadBalancerIP); lbIP != "" {
+		switch a, err := ipam.ParseStaticIP(lbIP); {
+		case strings.TrimSpace(s.Annotations[AnnotationStaticIP]) != "":
+			if err != nil || a != static {
+				warn(ReasonLoadBalancerIPIgnored, false, "spec.loadBalancerIP %s is ignored: %s %s wins", lbIP, AnnotationStaticIP, s.Annotations[AnnotationStaticIP])
+			}
+		case err != nil:
+			warn(ReasonInvalidLoadBalancerIP, true, "spec.loadBalancerIP: %v", err)
+		}
+	}
+	if s.SourceRangesErr != nil {
+		if ranges, _, ok := s.enforcedRanges(); ok {
+			warn(ReasonInvalidSourceRanges, false, "%v; the service keeps its last valid ranges %s", s.SourceRangesErr, formatSourceRanges(ranges))
+		} else {
+			warn(ReasonInvalidSourceRanges, true, "%v; no valid ranges were recorded before: the service is not served until they are fixed", s.SourceRangesErr)
+		}
+	}
+	for _, k := range s.unsupportedAnnotations() {
+		warn(ReasonUnsupportedAnnotation, false, "%s is not implemented by shardlb and has no effect", k)
+	}
+	if s.AffinityClientIP {
+		normal := func(format string, a ...any) {
+			notes = append(notes, notice{corev1.EventTypeNormal, ReasonSessionAffinityIgnored, fmt.Sprintf(format, a...), false})
+		}
+		if sel, err := s.selection(); err == nil && sel != shard.SelectPersist {
+			normal("sessionAffinity ClientIP is not applied: %s %s wins", AnnotationEPSelect, sel)
+		} else if t := s.AffinityTimeout; t != 0 && t != corev1.DefaultClientIPServiceAffinitySeconds {
+			normal("sessionAffinityConfig.clientIP.timeoutSeconds %d is not applied: a client keeps its endpoint, chosen by a hash of its address, for as long as the service's endpoints do not change, with no timeout", t)
+		}
+	}
+	return notes
+}
+
+// tell records the notices of one decision on s that did not stand after the previous
+// one, c.mu held.
+func (c *controller) tell(s *service, notes []notice) {
+	key := s.key()
+	was := c.told[key]
+	now := make(map[notice]bool, len(notes))
+	for _, n := range notes {
+		now[n] = true
+		if was[n] {
+			continue
+		}
+		c.recorder.Event(ref(s), n.typ, n.reason, n.msg)
+		if n.typ == corev1.EventTypeWarning {
+			c.log.Info("controller: warned", "service", key, "reason", n.reason, "msg", n.msg)
+		}
+	}
+	if len(now) == 0 {
+		delete(c.told, key)
+		return
+	}
+	c.told[key] = now
+}
+
+// staticIP is the address s asks for: loxilb.io/staticIP, else spec.loadBalancerIP;
+// the zero address when neither is set.
+func staticIP(s *service) (netip.Addr, error) {
+	if v := s.Annotations[AnnotationStaticIP]; strings.TrimSpace(v) != "" {
+		a, err := ipam.ParseStaticIP(v)
+		if err != nil {
+			return netip.Addr{}, fmt.Errorf("%s: %w", AnnotationStaticIP, err)
+		}
+		return a, nil
+	}
+	a, err := ipam.ParseStaticIP(s.LoadBalancerIP)
+	if err != nil {
+		return netip.Addr{}, fmt.Errorf("spec.loadBalancerIP: %w", err)
+	}
+	return a, nil
 }
 
 // allocate asks the allocator for every family of the service. An existing allocation
@@ -472,7 +658,7 @@ func (c *controller) allocate(s *service, static netip.Addr) ([]ipam.Allocation,
 // write brings the service's annotation and status to want.
 func (c *controller) write(ctx context.Context, s *service, want desired) error {
 	key := s.key()
-	have := desired{instance: s.Annotations[AnnotationInstance], ips: joinAddrs(s.Ingress)}
+	have := desired{instance: s.Annotations[AnnotationInstance], ips: joinAddrs(s.Ingress), ranges: s.Annotations[AnnotationSourceRanges]}
 	if have == want {
 		c.mu.Lock()
 		delete(c.written, key)
@@ -491,8 +677,18 @@ func (c *controller) write(ctx context.Context, s *service, want desired) error 
 	var wg sync.WaitGroup
 	var instRV, ipRV string
 	var instErr, ipErr error
-	if have.instance != want.instance {
-		wg.Go(func() { instRV, instErr = c.patchInstanceRV(ctx, s, want.instance) })
+	if have.instance != want.instance || have.ranges != want.ranges {
+		meta := map[string]any{}
+		if have.instance != want.instance {
+			meta[AnnotationInstance] = want.instance
+		}
+		if have.ranges != want.ranges {
+			meta[AnnotationSourceRanges] = want.ranges
+			if want.ranges == "" {
+				meta[AnnotationSourceRanges] = nil
+			}
+		}
+		wg.Go(func() { instRV, instErr = c.patchAnnotations(ctx, s, meta) })
 	}
 	if have.ips != want.ips {
 		wg.Go(func() { ipRV, ipErr = c.patchStatusRV(ctx, s, splitAddrs(want.ips)) })
@@ -533,20 +729,12 @@ func rvOlder(cached string, written uint64) bool {
 	return err == nil && n < written
 }
 
-func (c *controller) patchInstance(ctx context.Context, s *service, inst string) error {
-	_, err := c.patchInstanceRV(ctx, s, inst)
-	return err
-}
-
-func (c *controller) patchInstanceRV(ctx context.Context, s *service, inst string) (string, error) {
-	var v any
-	if inst != "" {
-		v = inst
-	}
-	patch, _ := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": map[string]any{AnnotationInstance: v}}})
+// patchAnnotations merges annotations (nil removes one) into the service's.
+func (c *controller) patchAnnotations(ctx context.Context, s *service, annotations map[string]any) (string, error) {
+	patch, _ := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": annotations}})
 	out, err := c.client.CoreV1().Services(s.Namespace).Patch(ctx, s.Name, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: "shardlb"})
 	if err != nil {
-		return "", fmt.Errorf("annotate %s with instance %q: %w", s.key(), inst, err)
+		return "", fmt.Errorf("annotate %s with %v: %w", s.key(), annotations, err)
 	}
 	return out.ResourceVersion, nil
 }

@@ -112,12 +112,16 @@ func tabulate(what string, body []byte, wide bool) ([]string, [][]string, error)
 		}
 		header = []string{"EXT IP", "PORT", "PROTO", "NAME", "SEL", "MODE", "# OF ENDPOINTS"}
 		if wide {
-			header = append(header, "ENDPOINTS")
+			header = append(header, "ENDPOINTS", "SOURCE RANGES")
 		}
 		for _, r := range rs {
 			row := []string{r.ExtIP, strconv.Itoa(int(r.Port)), r.Protocol, r.Name, r.Select, r.Mode, strconv.Itoa(len(r.Endpoints))}
 			if wide {
-				row = append(row, strings.Join(r.Endpoints, ","))
+				ranges := strings.Join(r.SourceRanges, ",")
+				if ranges == "" {
+					ranges = "any"
+				}
+				row = append(row, strings.Join(r.Endpoints, ","), ranges)
 			}
 			rows = append(rows, row)
 		}

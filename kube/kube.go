@@ -152,7 +152,7 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 		ObjectType:    &discoveryv1.EndpointSlice{},
 		Transform:     toEndpointSlice,
 		Indexers:      cache.Indexers{indexByService: sliceServiceIndex},
-		Handler:       sliceHandler(func(key string) { nd.touch(key) }),
+		Handler:       sliceHandler(onService),
 	})
 	leaseLW := cache.NewFilteredListWatchFromClient(client.CoordinationV1().RESTClient(), "leases", cfg.Namespace, func(o *metav1.ListOptions) {
 		o.LabelSelector = labels.SelectorFromSet(labels.Set{labelPartOf: "shardlb"}).String()
@@ -189,18 +189,19 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	el.changed = nd.poke
 	el.applyNow = nd.apply
 
-	var broadcaster record.EventBroadcaster
+	// Events: the controller's, and the node loop's on the services its datapath refuses.
+	broadcaster := record.NewBroadcaster(record.WithContext(ctx))
+	// Events get a client of their own: behind the same rate limiter they would
+	// delay the status writes users wait for.
+	eventClient, err := kubernetes.NewForConfig(rc)
+	if err != nil {
+		return fmt.Errorf("kube events client: %w", err)
+	}
+	broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: eventClient.CoreV1().Events("")})
+	rec := broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "shardlb", Host: cfg.NodeName})
+	nd.recorder = rec
 	if cfg.Controller {
-		broadcaster = record.NewBroadcaster(record.WithContext(ctx))
-		// Events get a client of their own: behind the same rate limiter they would
-		// delay the status writes users wait for.
-		eventClient, err := kubernetes.NewForConfig(rc)
-		if err != nil {
-			return fmt.Errorf("kube events client: %w", err)
-		}
-		broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: eventClient.CoreV1().Events("")})
-		rec := broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "shardlb", Host: cfg.NodeName})
-		ctl = newController(&cfg, log.With("part", "controller"), client, svcStore, rec, m)
+		ctl = newController(&cfg, log.With("part", "controller"), client, svcStore, sliceIndexer, rec, m)
 	}
 
 	st := &status{cfg: &cfg, node: nd, elector: el, services: svcStore, slices: sliceIndexer, peers: deps.BGPPeers}
@@ -298,9 +299,7 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	}
 	stopController()
 	controllers.Wait()
-	if broadcaster != nil {
-		broadcaster.Shutdown()
-	}
+	broadcaster.Shutdown()
 	stopInformers()
 	informers.Wait()
 	log.Info("stopped", "node", cfg.NodeName)

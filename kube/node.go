@@ -5,11 +5,15 @@ import (
 	"errors"
 	"log/slog"
 	"net/netip"
+	"reflect"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
 	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/tools/record"
 	"k8s.io/utils/clock"
 
 	"github.com/shardlb/shardlb/shard"
@@ -28,9 +32,31 @@ type Router interface {
 }
 
 // Datapath serves frontends; datapath's loader implements it, declaratively too.
+//
+// A Datapath that cannot serve some frontends should apply the others and return one
+// error per refused frontend, joined with errors.Join, each naming its service: by a
+// RefusedService method (ServiceRefusal), or worded as the datapath package does,
+// "frontend VIP:PORT/PROTO of NAMESPACE/NAME: why". The node then leaves those services
+// out (their VIPs unannounced, a Warning DatapathRefused on each) and the rest of the
+// Plan counts as applied. Any other error fails the whole apply, which is retried.
 type Datapath interface {
 	SetServices(desired []shard.Frontend) error
 }
+
+// ServiceRefusal is the error a Datapath may return, joined, for each service it
+// refuses.
+type ServiceRefusal interface {
+	error
+	RefusedService() string // namespace/name
+}
+
+// ReasonDatapathRefused is the Warning a node records on a service its datapath refused.
+const ReasonDatapathRefused = "DatapathRefused"
+
+// maxRefusalRounds bounds the applies of one Plan from which refused services are
+// taken out; a Datapath that keeps refusing services it did not name before fails the
+// apply.
+const maxRefusalRounds = 3
 
 // node turns the cluster's state into this node's Plan and applies it. It keeps the
 // Plan in a shard.Planner and feeds it only the services the informers marked dirty
@@ -62,6 +88,18 @@ type node struct {
 	lastErr  error
 	warnings map[string]string // service -> annotation problem already logged
 	onApply  func(shard.Plan)  // hook for the API's readiness
+	// refused are the services this node's datapath refused, as they were given to the
+	// Planner then: left out of it until they change. told is the refusal last
+	// recorded as an Event on each, until the service is served again.
+	refused  map[string]refusal
+	told     map[string]string
+	recorder record.EventRecorder
+}
+
+// refusal is one service the datapath refused.
+type refusal struct {
+	svc shard.Service
+	msg string
 }
 
 func newNode(cfg *Config, log *slog.Logger, r Router, d Datapath, services cache.Store, slices cache.Indexer, masters func() map[string]string, clk clock.Clock, m *metrics) *node {
@@ -69,6 +107,7 @@ func newNode(cfg *Config, log *slog.Logger, r Router, d Datapath, services cache
 		cfg: cfg, log: log, router: r, datapath: d, services: services, slices: slices,
 		masters: masters, clock: clk, metrics: m,
 		trigger: make(chan struct{}, 1), dirty: map[string]struct{}{}, warnings: map[string]string{}, onApply: func(shard.Plan) {},
+		refused: map[string]refusal{}, told: map[string]string{}, recorder: &record.FakeRecorder{},
 	}
 }
 
@@ -161,14 +200,17 @@ func (n *node) apply(ctx context.Context) error {
 	dirty := n.dirty
 	n.dirty = map[string]struct{}{}
 	n.dirtyMu.Unlock()
+	// given is what this apply hands the Planner, so that a refusal records the
+	// service as it was refused.
+	given := map[string]shard.Service{}
 	if n.planner == nil {
 		n.planner = shard.NewPlanner(n.cfg.NodeName, n.cfg.Roles)
 		for _, key := range n.services.ListKeys() {
-			n.refresh(key)
+			n.refresh(key, given)
 		}
 	} else {
 		for key := range dirty {
-			n.refresh(key)
+			n.refresh(key, given)
 		}
 	}
 	var handoffs map[string][]netip.Addr
@@ -180,14 +222,32 @@ func (n *node) apply(ctx context.Context) error {
 		n.planner.SetSuccessors(n.successors())
 	}
 	plan, delta := n.planner.Plan()
+	frontends, advertisements := delta.Frontends(), delta.Advertisements()
 
 	var errs []error
-	if !n.applied || delta.Frontends() {
-		if err := n.datapath.SetServices(plan.Frontends); err != nil {
+	if !n.applied || frontends {
+		err := n.datapath.SetServices(plan.Frontends)
+		// Services the datapath refused are taken out of the Plan, which is applied
+		// again without them (the datapath applied the others already): their VIPs
+		// are not announced, and the rest of the Plan counts as applied.
+		for round := 0; err != nil && round < maxRefusalRounds; round++ {
+			refused := refusedServices(err, plan.Frontends)
+			if refused == nil {
+				break
+			}
+			for key, msg := range refused {
+				n.refuse(key, msg, given)
+			}
+			var d shard.Delta
+			plan, d = n.planner.Plan()
+			advertisements = advertisements || d.Advertisements()
+			err = n.datapath.SetServices(plan.Frontends)
+		}
+		if err != nil {
 			errs = append(errs, err)
 		}
 	}
-	if !n.applied || delta.Advertisements() {
+	if !n.applied || advertisements {
 		if err := n.router.SetAdvertisements(ctx, plan.Advertisements); err != nil {
 			errs = append(errs, err)
 		}
@@ -199,10 +259,16 @@ func (n *node) apply(ctx context.Context) error {
 		n.planner = nil   // rebuilt from the caches: a retry owes nothing to this Plan
 		return n.lastErr
 	}
-	if !n.applied || delta.Advertisements() {
+	if !n.applied || advertisements {
 		n.metrics.observePlan(plan) // O(VIPs): only when they changed
-	} else if delta.Frontends() {
+	} else if frontends {
 		n.metrics.frontends.Set(float64(len(plan.Frontends)))
+	}
+	// A service applied is served again: its next refusal is told anew.
+	for key := range given {
+		if _, ok := n.refused[key]; !ok {
+			delete(n.told, key)
+		}
 	}
 	n.last, n.applied = plan, true
 	n.onApply(plan)
@@ -227,21 +293,105 @@ func (n *node) plan() (shard.Plan, bool) {
 }
 
 // refresh gives the Planner the service with key as the caches hold it now, or
-// removes it when it is gone or not served.
-func (n *node) refresh(key string) {
+// removes it when it is gone, not served, or refused by the datapath as it is; what it
+// gives is added to given.
+func (n *node) refresh(key string, given map[string]shard.Service) {
 	if o, ok, _ := n.services.GetByKey(key); ok {
 		if s, ok := o.(*service); ok {
 			if ps, ok := n.planService(s); ok {
+				if r, ok := n.refused[key]; ok {
+					if reflect.DeepEqual(r.svc, ps) {
+						n.planner.Remove(key)
+						return
+					}
+					delete(n.refused, key) // changed: the datapath may take it now
+				}
 				n.planner.Update(ps)
+				given[key] = ps
 				return
 			}
 		}
 	}
+	delete(n.refused, key)
+	delete(n.told, key)
 	n.planner.Remove(key)
 }
 
+// refuse takes the service with key, which the datapath refused, out of the Planner
+// and records a Warning on it, once per refusal.
+func (n *node) refuse(key, msg string, given map[string]shard.Service) {
+	ps, ok := given[key]
+	if !ok {
+		// Refused though this apply did not change it: as the caches hold it.
+		if o, found, _ := n.services.GetByKey(key); found {
+			if s, isSvc := o.(*service); isSvc {
+				ps, ok = n.planService(s)
+			}
+		}
+	}
+	n.planner.Remove(key)
+	if !ok {
+		return
+	}
+	n.refused[key] = refusal{svc: ps, msg: msg}
+	if n.told[key] == msg {
+		return
+	}
+	n.told[key] = msg
+	n.log.Warn("node: the datapath refused a service; not served or announced here", "service", key, "err", msg)
+	if o, found, _ := n.services.GetByKey(key); found {
+		if s, isSvc := o.(*service); isSvc {
+			n.recorder.Eventf(ref(s), corev1.EventTypeWarning, ReasonDatapathRefused,
+				"node %s neither serves nor announces it: its datapath refused %s", n.cfg.NodeName, msg)
+		}
+	}
+}
+
+// refusedServices reads from a Datapath's error which services of the frontends given
+// it refused, with why: every error it joins must name one of them (see Datapath). nil
+// when one does not: the apply failed as a whole.
+func refusedServices(err error, fes []shard.Frontend) map[string]string {
+	given := map[string]bool{}
+	for _, fe := range fes {
+		given[fe.Service] = true
+	}
+	out := map[string]string{}
+	var walk func(error) bool
+	walk = func(e error) bool {
+		if j, ok := e.(interface{ Unwrap() []error }); ok {
+			for _, e := range j.Unwrap() {
+				if !walk(e) {
+					return false
+				}
+			}
+			return true
+		}
+		key := ""
+		if r, ok := e.(ServiceRefusal); ok {
+			key = r.RefusedService()
+		} else if rest, ok := strings.CutPrefix(e.Error(), "frontend "); ok {
+			if _, after, ok := strings.Cut(rest, " of "); ok {
+				key, _, _ = strings.Cut(after, ": ")
+			}
+		}
+		if !given[key] {
+			return false
+		}
+		if out[key] != "" {
+			out[key] += "; "
+		}
+		out[key] += e.Error()
+		return true
+	}
+	if !walk(err) || len(out) == 0 {
+		return nil
+	}
+	return out
+}
+
 // planService is s as the planner sees it, if this node serves it: ours, with a VIP
-// and a recorded instance.
+// and a recorded instance, in a mode the datapath implements, and with source ranges
+// it can read (its own or the recorded last valid set).
 func (n *node) planService(s *service) (shard.Service, bool) {
 	if !s.ours(n.cfg.LoadBalancerClass) || len(s.Ingress) == 0 {
 		return shard.Service{}, false
@@ -250,27 +400,44 @@ func (n *node) planService(s *service) (shard.Service, bool) {
 	if err != nil {
 		return shard.Service{}, false // the controller has not decided yet
 	}
-	mode, err := shard.ParseMode(s.Annotations[AnnotationLBMode])
-	if err != nil {
-		mode = n.cfg.DefaultMode
-		n.warnOnce(s.key(), err)
-	} else if s.Annotations[AnnotationLBMode] == "" {
-		mode = n.cfg.DefaultMode
+	if why := s.notServed(n.cfg.DefaultMode); why != "" {
+		n.warnOnce(s.key(), errors.New(why))
+		return shard.Service{}, false
 	}
-	sel, err := shard.ParseSelect(s.Annotations[AnnotationEPSelect])
+	mode, err := s.mode(n.cfg.DefaultMode)
+	if err != nil {
+		n.warnOnce(s.key(), err)
+	}
+	ranges, _, _ := s.enforcedRanges()
+	sel, err := s.selection()
 	if err != nil {
 		n.warnOnce(s.key(), err)
 	}
 	return shard.Service{
 		Key: s.key(), Instance: inst, VIPs: slices.Clone(s.Ingress),
-		Ports: n.ports(s), Mode: mode, Select: sel,
+		Ports: n.ports(s), Mode: mode, Select: sel, SourceRanges: ranges,
 	}, true
 }
 
-// ports joins a service's ports with the ready endpoints of its EndpointSlices,
-// matched by port name as the EndpointSlice API defines.
-func (n *node) ports(s *service) []shard.ServicePort {
-	objs, _ := n.slices.ByIndex(indexByService, s.key())
+// ports is the service's ports with their ready endpoints (servicePorts).
+func (n *node) ports(s *service) []shard.ServicePort { return servicePorts(s, n.slices) }
+
+// hasReadyEndpoint reports whether a port of s has a ready endpoint: without one, no
+// node announces its VIPs.
+func hasReadyEndpoint(s *service, sliceIndex cache.Indexer) bool {
+	for _, p := range servicePorts(s, sliceIndex) {
+		if len(p.Endpoints) > 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// servicePorts joins a service's ports with the ready endpoints of its EndpointSlices,
+// matched by port name as the EndpointSlice API defines, each port's endpoints in the
+// order of shard.Endpoint addresses (the index gives the slices in no fixed order).
+func servicePorts(s *service, sliceIndex cache.Indexer) []shard.ServicePort {
+	objs, _ := sliceIndex.ByIndex(indexByService, s.key())
 	var out []shard.ServicePort
 	for _, p := range s.Ports {
 		proto, ok := protocol(p.Protocol)
@@ -292,9 +459,19 @@ func (n *node) ports(s *service) []shard.ServicePort {
 				}
 			}
 		}
+		sortEndpoints(sp.Endpoints)
 		out = append(out, sp)
 	}
 	return out
+}
+
+func sortEndpoints(eps []shard.Endpoint) {
+	if len(eps) < 2 {
+		return
+	}
+	slices.SortFunc(eps, func(a, b shard.Endpoint) int {
+		return netip.AddrPortFrom(a.Addr, a.Port).Compare(netip.AddrPortFrom(b.Addr, b.Port))
+	})
 }
 
 func (n *node) warnOnce(key string, err error) {
@@ -302,5 +479,5 @@ func (n *node) warnOnce(key string, err error) {
 		return
 	}
 	n.warnings[key] = err.Error()
-	n.log.Warn("node: unreadable annotation, using the default", "service", key, "err", err)
+	n.log.Warn("node: service not served as written", "service", key, "err", err)
 }

@@ -1,7 +1,10 @@
 package kube
 
 import (
+	"errors"
+	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 
 	coordinationv1 "k8s.io/api/coordination/v1"
@@ -24,7 +27,20 @@ const (
 	// AnnotationInstance records the instance the controller chose; it never moves
 	// unless the zoneinstance pin changes.
 	AnnotationInstance = "shardlb.io/instance"
+	// AnnotationSourceRanges records the service's last valid source ranges, written by
+	// the controller: the nodes enforce them while the service's own cannot be read.
+	AnnotationSourceRanges = "shardlb.io/source-ranges"
+	// AnnotationLegacySourceRanges is read, as Kubernetes documents, when
+	// spec.loadBalancerSourceRanges is empty.
+	AnnotationLegacySourceRanges = corev1.AnnotationLoadBalancerSourceRangesKey
 )
+
+// implementedAnnotations are the loxilb.io/ annotations shardlb implements; any other
+// gets an UnsupportedAnnotation Warning.
+var implementedAnnotations = []string{AnnotationZoneInstance, AnnotationLBMode, AnnotationEPSelect, AnnotationStaticIP, AnnotationPoolSelect}
+
+// errDSR refuses direct server return, which the datapath does not implement.
+var errDSR = errors.New("lbmode dsr (direct server return) is not supported")
 
 // service is a Service slimmed at the informer boundary to what shardlb reads, so that
 // ten thousand services cost little memory. It keeps ObjectMeta (with only our
@@ -38,6 +54,17 @@ type service struct {
 	DualStack    bool // ipFamilyPolicy is not SingleStack
 	Ports        []servicePort
 	Ingress      []netip.Addr // status.loadBalancer.ingress[].ip
+	// SourceRanges are spec.loadBalancerSourceRanges, else the legacy annotation:
+	// masked, sorted, without duplicates; nil allows every client. SourceRangesErr says
+	// why they could not be read (SourceRanges is then nil).
+	SourceRanges    []netip.Prefix
+	SourceRangesErr error
+	// AffinityClientIP is spec.sessionAffinity ClientIP; AffinityTimeout its
+	// sessionAffinityConfig.clientIP.timeoutSeconds (0: not given).
+	AffinityClientIP bool
+	AffinityTimeout  int32
+	// LoadBalancerIP is spec.loadBalancerIP, a static IP request as loxilb.io/staticIP.
+	LoadBalancerIP string
 }
 
 type servicePort struct {
@@ -52,6 +79,7 @@ func (s *service) DeepCopyObject() runtime.Object {
 	c.Families = append([]corev1.IPFamily(nil), s.Families...)
 	c.Ports = append([]servicePort(nil), s.Ports...)
 	c.Ingress = append([]netip.Addr(nil), s.Ingress...)
+	c.SourceRanges = append([]netip.Prefix(nil), s.SourceRanges...)
 	return &c
 }
 
@@ -60,6 +88,119 @@ func (s *service) key() string { return s.Namespace + "/" + s.Name }
 
 // ours reports whether shardlb serves the service.
 func (s *service) ours(class string) bool { return s.LoadBalancer && s.Class == class }
+
+// mode is the service's NAT mode: loxilb.io/lbmode, else def (also when the annotation
+// cannot be read, which err then says).
+func (s *service) mode(def shard.Mode) (shard.Mode, error) {
+	v := s.Annotations[AnnotationLBMode]
+	if strings.TrimSpace(v) == "" {
+		return def, nil
+	}
+	m, err := shard.ParseMode(v)
+	if err != nil {
+		return def, fmt.Errorf("%s: %w", AnnotationLBMode, err)
+	}
+	return m, nil
+}
+
+// selection is how the service picks endpoints: loxilb.io/epselect when it is set and
+// readable (it wins over spec.sessionAffinity), else persist for sessionAffinity
+// ClientIP, else hash.
+func (s *service) selection() (shard.Select, error) {
+	def := shard.SelectHash
+	if s.AffinityClientIP {
+		def = shard.SelectPersist
+	}
+	v := s.Annotations[AnnotationEPSelect]
+	if strings.TrimSpace(v) == "" {
+		return def, nil
+	}
+	sel, err := shard.ParseSelect(v)
+	if err != nil {
+		return def, fmt.Errorf("%s: %w", AnnotationEPSelect, err)
+	}
+	return sel, nil
+}
+
+// enforcedRanges are the source ranges the nodes apply: the service's own when they
+// can be read, else the last valid set the controller recorded (recorded is then
+// true); ok is false when there is neither, and the service is then not served, rather
+// than open to every client.
+func (s *service) enforcedRanges() (ranges []netip.Prefix, recorded, ok bool) {
+	if s.SourceRangesErr == nil {
+		return s.SourceRanges, false, true
+	}
+	rec, err := parseSourceRanges(nil, s.Annotations[AnnotationSourceRanges])
+	if err != nil || len(rec) == 0 {
+		return nil, false, false
+	}
+	return rec, true, true
+}
+
+// notServed says why the nodes serve no frontend of the service and announce none of
+// its VIPs though it is ours ("" when they do).
+func (s *service) notServed(def shard.Mode) string {
+	if m, _ := s.mode(def); m == shard.ModeDSR {
+		return errDSR.Error()
+	}
+	if _, _, ok := s.enforcedRanges(); !ok {
+		return "its loadBalancerSourceRanges cannot be read and no valid set was recorded"
+	}
+	return ""
+}
+
+// parseSourceRanges reads spec.loadBalancerSourceRanges, or when it is empty the
+// comma separated annotation, as the API server validates them (spaces around an entry
+// allowed; IPv4-mapped IPv6 refused), but with host bits masked rather than refused,
+// since objects written before that validation may have them. The result is sorted
+// and without duplicates; nil allows every client.
+func parseSourceRanges(field []string, annotation string) ([]netip.Prefix, error) {
+	what, values := "spec.loadBalancerSourceRanges", field
+	if len(field) == 0 {
+		if strings.TrimSpace(annotation) == "" {
+			return nil, nil
+		}
+		what, values = "annotation "+AnnotationLegacySourceRanges, strings.Split(annotation, ",")
+	}
+	out := make([]netip.Prefix, 0, len(values))
+	for _, v := range values {
+		p, err := netip.ParsePrefix(strings.TrimSpace(v))
+		if err == nil && p.Addr().Is4In6() {
+			err = errors.New("an IPv4-mapped IPv6 address")
+		}
+		if err != nil {
+			return nil, fmt.Errorf("%s: %q is not a CIDR: %w", what, v, err)
+		}
+		out = append(out, p.Masked())
+	}
+	slices.SortFunc(out, netip.Prefix.Compare)
+	return slices.Compact(out), nil
+}
+
+// formatSourceRanges is the value of AnnotationSourceRanges for ranges.
+func formatSourceRanges(ranges []netip.Prefix) string {
+	var b []byte
+	for i, p := range ranges {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		b = p.AppendTo(b)
+	}
+	return string(b)
+}
+
+// unsupportedAnnotations are the service's loxilb.io/ annotations shardlb does not
+// implement, sorted.
+func (s *service) unsupportedAnnotations() []string {
+	var out []string
+	for k := range s.Annotations {
+		if strings.HasPrefix(k, "loxilb.io/") && !slices.Contains(implementedAnnotations, k) {
+			out = append(out, k)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
 
 // toService is the informer transform for Services.
 func toService(obj any) (any, error) {
@@ -85,6 +226,16 @@ func toService(obj any) (any, error) {
 	}
 	if s.Spec.LoadBalancerClass != nil {
 		out.Class = *s.Spec.LoadBalancerClass
+	}
+	if out.LoadBalancer {
+		out.SourceRanges, out.SourceRangesErr = parseSourceRanges(s.Spec.LoadBalancerSourceRanges, s.Annotations[AnnotationLegacySourceRanges])
+		out.LoadBalancerIP = s.Spec.LoadBalancerIP
+	}
+	if s.Spec.SessionAffinity == corev1.ServiceAffinityClientIP {
+		out.AffinityClientIP = true
+		if c := s.Spec.SessionAffinityConfig; c != nil && c.ClientIP != nil && c.ClientIP.TimeoutSeconds != nil {
+			out.AffinityTimeout = *c.ClientIP.TimeoutSeconds
+		}
 	}
 	for k, v := range s.Annotations {
 		if strings.HasPrefix(k, "loxilb.io/") || strings.HasPrefix(k, "shardlb.io/") {

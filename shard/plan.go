@@ -29,7 +29,10 @@ type Input struct {
 // ready endpoint. A VIP shared by services of different instances (shared IP mode)
 // follows the instance of the service with the smallest key, so that every node
 // derives the same single master for it. The master's frontends of an instance with a
-// handoff carry the previous master's address of the VIP's family.
+// handoff carry the previous master's address of the VIP's family. Every frontend of a
+// service carries the service's source ranges, all of them whatever the VIP's family
+// (a client of a family no range covers is refused, as Kubernetes defines the field),
+// masked, sorted and without duplicates.
 func BuildPlan(in Input) Plan {
 	type vipState struct {
 		instance string
@@ -39,6 +42,7 @@ func BuildPlan(in Input) Plan {
 	vips := map[netip.Addr]*vipState{}
 	var plan Plan
 	for _, s := range in.Services {
+		ranges := sourceRanges(s.SourceRanges)
 		ready := false
 		for _, p := range s.Ports {
 			if len(p.Endpoints) > 0 {
@@ -64,7 +68,7 @@ func BuildPlan(in Input) Plan {
 				eps = slices.Compact(eps)
 				plan.Frontends = append(plan.Frontends, Frontend{
 					Service: s.Key, VIP: vip, Port: p.Port, Protocol: p.Protocol,
-					Mode: s.Mode, Select: s.Select, Endpoints: eps,
+					Mode: s.Mode, Select: s.Select, Endpoints: eps, SourceRanges: ranges,
 				})
 			}
 		}
@@ -105,6 +109,20 @@ func BuildPlan(in Input) Plan {
 	})
 	slices.SortFunc(plan.Frontends, compareFrontend)
 	return plan
+}
+
+// sourceRanges is Service.SourceRanges as frontends carry it: masked, sorted, without
+// duplicates or invalid prefixes, nil when empty. The frontends of one service share
+// the slice, which nobody changes.
+func sourceRanges(in []netip.Prefix) []netip.Prefix {
+	var out []netip.Prefix
+	for _, p := range in {
+		if p.IsValid() {
+			out = append(out, p.Masked())
+		}
+	}
+	slices.SortFunc(out, netip.Prefix.Compare)
+	return slices.Compact(out)
 }
 
 func compareEndpoint(a, b Endpoint) int {

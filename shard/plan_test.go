@@ -349,3 +349,38 @@ func TestOnlyTheSuccessorsBackupIsMarked(t *testing.T) {
 		})
 	}
 }
+
+// Every frontend of a service carries all of its source ranges, masked, sorted and
+// without duplicates, whatever the VIP's family; a service without ranges gives nil.
+func TestPlanCarriesSourceRangesToEveryFrontend(t *testing.T) {
+	pfx := netip.MustParsePrefix
+	ep := []Endpoint{{Addr: netip.MustParseAddr("10.42.0.1"), Port: 80}}
+	restricted := Service{Key: "ns/restricted", Instance: "default",
+		VIPs:         []netip.Addr{netip.MustParseAddr("192.168.80.250"), netip.MustParseAddr("2001:db8::250")},
+		Ports:        []ServicePort{{Protocol: TCP, Port: 80, Endpoints: ep}, {Protocol: UDP, Port: 53, Endpoints: ep}},
+		SourceRanges: []netip.Prefix{pfx("192.168.1.7/24"), pfx("10.0.0.0/8"), pfx("192.168.1.0/24"), {}, pfx("2001:db8:1::/48")},
+	}
+	open := Service{Key: "ns/open", Instance: "default", VIPs: []netip.Addr{netip.MustParseAddr("192.168.80.251")},
+		Ports: []ServicePort{{Protocol: TCP, Port: 80, Endpoints: ep}}, SourceRanges: []netip.Prefix{}}
+	given := slices.Clone(restricted.SourceRanges)
+	p := BuildPlan(Input{Node: "node-a", Services: []Service{restricted, open}})
+	want := []netip.Prefix{pfx("10.0.0.0/8"), pfx("192.168.1.0/24"), pfx("2001:db8:1::/48")}
+	if len(p.Frontends) != 5 {
+		t.Fatalf("frontends %+v, want 4 of ns/restricted and 1 of ns/open", p.Frontends)
+	}
+	for _, fe := range p.Frontends {
+		switch fe.Service {
+		case "ns/restricted":
+			if !slices.Equal(fe.SourceRanges, want) {
+				t.Errorf("%v:%d/%v carries %v, want %v", fe.VIP, fe.Port, fe.Protocol, fe.SourceRanges, want)
+			}
+		case "ns/open":
+			if fe.SourceRanges != nil {
+				t.Errorf("a service without ranges gives %#v, want nil", fe.SourceRanges)
+			}
+		}
+	}
+	if !slices.Equal(restricted.SourceRanges, given) {
+		t.Errorf("BuildPlan changed the caller's ranges: %v, was %v", restricted.SourceRanges, given)
+	}
+}

@@ -107,6 +107,7 @@ func (p *Planner) Update(s Service) {
 	}
 	e.vips = nil
 	e.frontends = nil
+	ranges := sourceRanges(s.SourceRanges)
 	for _, vip := range s.VIPs {
 		if !vip.IsValid() {
 			continue
@@ -122,7 +123,7 @@ func (p *Planner) Update(s Service) {
 			eps = slices.Compact(eps)
 			e.frontends = append(e.frontends, Frontend{
 				Service: s.Key, VIP: vip, Port: sp.Port, Protocol: sp.Protocol,
-				Mode: s.Mode, Select: s.Select, Endpoints: eps,
+				Mode: s.Mode, Select: s.Select, Endpoints: eps, SourceRanges: ranges,
 			})
 		}
 	}
@@ -331,7 +332,8 @@ func (p *Planner) Plan() (Plan, Delta) {
 func equalFrontend(a, b Frontend) bool {
 	return a.Service == b.Service && a.VIP == b.VIP && a.Port == b.Port && a.Protocol == b.Protocol &&
 		a.Mode == b.Mode && a.Select == b.Select && a.Handoff == b.Handoff &&
-		(a.Endpoints == nil) == (b.Endpoints == nil) && slices.Equal(a.Endpoints, b.Endpoints)
+		(a.Endpoints == nil) == (b.Endpoints == nil) && slices.Equal(a.Endpoints, b.Endpoints) &&
+		slices.Equal(a.SourceRanges, b.SourceRanges)
 }
 
 // patch makes cur, sorted by cmp, into cur without del and with add, in place: del

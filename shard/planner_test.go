@@ -49,6 +49,21 @@ func (w *plannerWorld) service() Service {
 	for range r.IntN(3) {
 		s.VIPs = append(s.VIPs, w.vips[r.IntN(len(w.vips))]) // sometimes twice the same
 	}
+	// Source ranges as a caller may give them: unsorted, repeated, with host bits set,
+	// of either family, empty or nil.
+	switch n := r.IntN(5); n {
+	case 0: // nil
+	case 1:
+		s.SourceRanges = []netip.Prefix{}
+	default:
+		for range n {
+			s.SourceRanges = append(s.SourceRanges, []netip.Prefix{
+				netip.MustParsePrefix("10.0.0.0/8"), netip.MustParsePrefix("10.1.2.3/8"),
+				netip.MustParsePrefix("192.168.1.0/24"), netip.MustParsePrefix("2001:db8::/32"),
+				netip.MustParsePrefix("0.0.0.0/0"), {},
+			}[r.IntN(6)])
+		}
+	}
 	// Distinct (port, protocol) pairs, as the API requires.
 	seen := map[[2]int]bool{}
 	for range r.IntN(3) {
@@ -100,6 +115,7 @@ func (w *plannerWorld) masters() (map[string]string, map[string][]netip.Addr) {
 // deepCopyService is s with slices of its own, for the model.
 func deepCopyService(s Service) Service {
 	s.VIPs = slices.Clone(s.VIPs)
+	s.SourceRanges = slices.Clone(s.SourceRanges)
 	s.Ports = slices.Clone(s.Ports)
 	for i := range s.Ports {
 		s.Ports[i].Endpoints = slices.Clone(s.Ports[i].Endpoints)
@@ -112,6 +128,9 @@ func deepCopyService(s Service) Service {
 func scribble(s Service) {
 	for i := range s.VIPs {
 		s.VIPs[i] = netip.MustParseAddr("203.0.113.1")
+	}
+	for i := range s.SourceRanges {
+		s.SourceRanges[i] = netip.MustParsePrefix("203.0.113.0/24")
 	}
 	for i := range s.Ports {
 		s.Ports[i].Port = 9
@@ -222,12 +241,26 @@ func TestPlannerAgreesWithBuildPlan(t *testing.T) {
 
 		for step := range steps {
 			switch op := r.IntN(20); {
-			case op < 11:
+			case op < 9:
 				s := w.service()
 				model[s.Key] = deepCopyService(s)
 				p.Update(s)
 				scribble(s)
 				history = append(history, fmt.Sprintf("Update %+v", model[s.Key]))
+			case op < 11:
+				// The same service with other source ranges only: nothing else tells
+				// its new frontends from the published ones.
+				k := w.keys[r.IntN(len(w.keys))]
+				s, ok := model[k]
+				if !ok {
+					continue
+				}
+				s = deepCopyService(s)
+				s.SourceRanges = w.service().SourceRanges
+				model[k] = deepCopyService(s)
+				p.Update(s)
+				scribble(s)
+				history = append(history, fmt.Sprintf("Update %s with source ranges %v", k, model[k].SourceRanges))
 			case op < 14:
 				k := w.keys[r.IntN(len(w.keys))]
 				delete(model, k)
