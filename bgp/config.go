@@ -85,6 +85,12 @@ type Config struct {
 	// that loses the master falls back to exactly the member that becomes master.
 	LocalPrefSuccessor, MEDSuccessor uint32
 	SuccessorPrepend                 uint8
+	// Pools are the VIP pools as prefixes (RangePrefixes turns an address range into
+	// them). Only host routes inside them (/32 in IPv4 pools, /128 in IPv6 pools) and
+	// the VIPs this speaker announces itself (a static IP outside every pool) leave
+	// toward the peers: a path added through the gRPC API for anything else stays in
+	// the speaker's RIB. Empty: only the speaker's own VIPs leave.
+	Pools []netip.Prefix
 	// GRPCListen is where GoBGP's gRPC API (the gobgp CLI) listens; empty disables it.
 	GRPCListen string
 	// ShutdownFlush bounds how long Shutdown waits for the withdrawals to leave
@@ -240,6 +246,11 @@ func (c *Config) validate() error {
 	if c.SuccessorPrepend > c.BackupPrepend {
 		bad("successor prepend %d: must not exceed the backup prepend %d", c.SuccessorPrepend, c.BackupPrepend)
 	}
+	for _, p := range c.Pools {
+		if !p.IsValid() || p.Addr().Zone() != "" || p.Addr().Is4In6() {
+			bad("VIP pool %v: want an IPv4 or IPv6 prefix", p)
+		}
+	}
 	if _, err := parseCommunities(c.Communities); err != nil {
 		errs = append(errs, err)
 	}
@@ -342,4 +353,50 @@ func parseCommunities(ss []string) ([]uint32, error) {
 		out = append(out, uint32(h)<<16|uint32(l))
 	}
 	return out, nil
+}
+
+// RangePrefixes returns the fewest prefixes that cover the addresses first to last
+// (inclusive) and nothing else, in order: 192.168.80.250-192.168.80.254 is
+// 192.168.80.250/31, 192.168.80.252/31 and 192.168.80.254/32. It returns nil when the
+// two are of different families or last comes before first.
+func RangePrefixes(first, last netip.Addr) []netip.Prefix {
+	first, last = first.Unmap(), last.Unmap()
+	if !first.IsValid() || first.Is4() != last.Is4() || last.Less(first) {
+		return nil
+	}
+	var out []netip.Prefix
+	for {
+		// The shortest prefix that starts at first and ends at or before last.
+		p := netip.PrefixFrom(first, first.BitLen())
+		for p.Bits() > 0 {
+			wider := netip.PrefixFrom(first, p.Bits()-1).Masked()
+			if wider.Addr() != first || last.Less(lastAddr(wider)) {
+				break
+			}
+			p = wider
+		}
+		out = append(out, p)
+		end := lastAddr(p)
+		if end == last {
+			return out
+		}
+		first = end.Next()
+	}
+}
+
+// lastAddr is the highest address of p.
+func lastAddr(p netip.Prefix) netip.Addr {
+	p = p.Masked()
+	if p.Addr().Is4() {
+		b := p.Addr().As4()
+		for i := p.Bits(); i < 32; i++ {
+			b[i/8] |= 0x80 >> (i % 8)
+		}
+		return netip.AddrFrom4(b)
+	}
+	b := p.Addr().As16()
+	for i := p.Bits(); i < 128; i++ {
+		b[i/8] |= 0x80 >> (i % 8)
+	}
+	return netip.AddrFrom16(b)
 }

@@ -2,6 +2,7 @@ package bgp
 
 import (
 	"context"
+	"math/rand/v2"
 	"net/netip"
 	"slices"
 	"strings"
@@ -100,6 +101,8 @@ func TestNewRefusesBadConfig(t *testing.T) {
 		{"a malformed community is refused", `community "65000"`, func(c *Config) { c.Communities = []string{"65000"} }},
 		{"a missing password file is refused", "password file", func(c *Config) { c.PasswordFile = "/nonexistent/bgp-passwords" }},
 		{"a listen port out of range is refused", "listen port", func(c *Config) { c.ListenPort = 70000 }},
+		{"an unset VIP pool is refused", "VIP pool", func(c *Config) { c.Pools = []netip.Prefix{{}} }},
+		{"an IPv4-mapped VIP pool is refused", "VIP pool", func(c *Config) { c.Pools = []netip.Prefix{netip.MustParsePrefix("::ffff:10.96.0.0/112")} }},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -180,4 +183,78 @@ func TestAttributesByRole(t *testing.T) {
 			}
 		})
 	}
+}
+
+func TestRangePrefixes(t *testing.T) {
+	cases := []struct {
+		name, first, last string
+		want              []string
+	}{
+		{"the guide's pool is two /31s and a /32", "192.168.80.250", "192.168.80.254", []string{"192.168.80.250/31", "192.168.80.252/31", "192.168.80.254/32"}},
+		{"a /24 without network and broadcast", "10.96.0.1", "10.96.0.254", []string{
+			"10.96.0.1/32", "10.96.0.2/31", "10.96.0.4/30", "10.96.0.8/29", "10.96.0.16/28", "10.96.0.32/27", "10.96.0.64/26",
+			"10.96.0.128/26", "10.96.0.192/27", "10.96.0.224/28", "10.96.0.240/29", "10.96.0.248/30", "10.96.0.252/31", "10.96.0.254/32"}},
+		{"one address is a host route", "10.96.0.7", "10.96.0.7", []string{"10.96.0.7/32"}},
+		{"an aligned range is one prefix", "10.96.0.0", "10.96.255.255", []string{"10.96.0.0/16"}},
+		{"every IPv4 address is /0", "0.0.0.0", "255.255.255.255", []string{"0.0.0.0/0"}},
+		{"an IPv6 /120 without its anycast address", "fd00:96::1", "fd00:96::ff", []string{
+			"fd00:96::1/128", "fd00:96::2/127", "fd00:96::4/126", "fd00:96::8/125", "fd00:96::10/124", "fd00:96::20/123", "fd00:96::40/122", "fd00:96::80/121"}},
+		{"the end of the IPv6 space", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", []string{"ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe/127"}},
+		{"a reversed range is nothing", "10.96.0.9", "10.96.0.1", nil},
+		{"mixed families are nothing", "10.96.0.1", "fd00::1", nil},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			got := RangePrefixes(netip.MustParseAddr(tc.first), netip.MustParseAddr(tc.last))
+			var s []string
+			for _, p := range got {
+				s = append(s, p.String())
+			}
+			if !slices.Equal(s, tc.want) {
+				t.Fatalf("RangePrefixes(%s, %s) = %v, want %v", tc.first, tc.last, s, tc.want)
+			}
+		})
+	}
+}
+
+// TestRangePrefixesCoverExactlyTheRange checks random IPv4 ranges address by address
+// against the naive answer: every address of the range in exactly one prefix, no
+// address outside it in any, and no two neighbours that could be one prefix.
+func TestRangePrefixesCoverExactlyTheRange(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	for range 500 {
+		base := uint32(10<<24 | rng.IntN(1<<16)<<8)
+		lo := base + uint32(rng.IntN(600))
+		hi := lo + uint32(rng.IntN(600))
+		first, last := addr4(lo), addr4(hi)
+		got := RangePrefixes(first, last)
+		for a := lo - 3; a <= hi+3; a++ {
+			n := 0
+			for _, p := range got {
+				if p.Contains(addr4(a)) {
+					n++
+				}
+			}
+			if want := b2i(a >= lo && a <= hi); n != want {
+				t.Fatalf("range %v-%v: %v is in %d of %v, want %d", first, last, addr4(a), n, got, want)
+			}
+		}
+		for i := 1; i < len(got); i++ {
+			a, b := got[i-1], got[i]
+			if merged := netip.PrefixFrom(a.Addr(), a.Bits()-1).Masked(); a.Bits() == b.Bits() && merged.Addr() == a.Addr() {
+				t.Fatalf("range %v-%v: %v and %v make %v", first, last, a, b, merged)
+			}
+		}
+	}
+}
+
+func addr4(v uint32) netip.Addr {
+	return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
+}
+
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }

@@ -238,6 +238,86 @@ func TestFRREBGP(t *testing.T) {
 	})
 }
 
+// TestFRRExportOnlyVIPs adds foreign paths through every speaker's gRPC API, as any
+// process on a node could, over iBGP and eBGP: FRR gets the VIP from master, successor
+// and backup with their attributes and a static VIP outside the pools, and nothing
+// else.
+func TestFRRExportOnlyVIPs(t *testing.T) {
+	static := shard.Advertisement{Prefix: netip.MustParsePrefix("203.0.113.7/32"), Role: shard.RoleMaster, Instance: "default"}
+	marker := shard.Advertisement{Prefix: netip.MustParsePrefix("10.96.0.9/32"), Role: shard.RoleBackup, Instance: "default"}
+	for _, tc := range []struct {
+		name      string
+		routerASN uint32
+		// By speaker (master, successor, backup): LOCAL_PREF at FRR (none over eBGP)
+		// and AS path length.
+		localPref [3]uint32
+		asPath    [3]int
+	}{
+		{"iBGP", 65000, [3]uint32{5000, 200, 100}, [3]int{0, 0, 0}},
+		{"eBGP", 65001, [3]uint32{0, 0, 0}, [3]int{1, 3, 4}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			l := newLab(t, labConfig{routerASN: tc.routerASN, speakerASN: 65000, speakers: 3, maximumPaths: 8})
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			advs := [][]shard.Advertisement{{labAdv(shard.RoleMaster), static}, {labSuccessor()}, {labAdv(shard.RoleBackup)}}
+			for i, s := range l.speakers {
+				s.set(t, advs[i]...)
+			}
+			l.eventually(t, 10*time.Second, "three paths in FRR", func(ctx context.Context) bool { return len(l.paths(t, ctx)) == 3 })
+			var foreign []netip.Prefix
+			for _, f := range foreignPaths {
+				if f.prefix.Addr().Is4() { // FRR's sessions carry IPv4 unicast only
+					foreign = append(foreign, f.prefix)
+					for _, s := range l.speakers {
+						s.inject(t, f.prefix, f.localPref)
+					}
+				}
+			}
+			// A VIP announced after them is a marker: a foreign path let out would have
+			// reached FRR before it.
+			for i, s := range l.speakers {
+				s.set(t, append(advs[i], marker)...)
+			}
+			l.eventually(t, 10*time.Second, "the marker from every speaker", func(ctx context.Context) bool {
+				ps, err := l.router.Paths(ctx, marker.Prefix)
+				return err == nil && len(ps) == 3
+			})
+
+			t.Run("FRR received the VIPs and nothing else", func(t *testing.T) {
+				sum, err := l.router.Summary(ctx)
+				if err != nil {
+					t.Fatal(err)
+				}
+				for i, s := range l.speakers {
+					if got, want := sum[s.addr].PrefixesReceived, len(advs[i])+1; got != want {
+						t.Errorf("FRR received %d prefixes from %s, want its %d VIPs", got, s.name, want)
+					}
+				}
+				for _, p := range foreign {
+					if ps, err := l.router.Paths(ctx, p); err != nil || len(ps) > 0 {
+						t.Errorf("FRR has %v: %+v, %v", p, ps, err)
+					}
+				}
+				if ps, err := l.router.Paths(ctx, static.Prefix); err != nil || len(ps) != 1 || ps[0].Peer != l.speakers[0].addr {
+					t.Errorf("static VIP outside the pools at FRR = %+v, %v; want one path from %s", ps, err, l.speakers[0].name)
+				}
+			})
+			t.Run("master, successor and backup keep their attributes and the master is best", func(t *testing.T) {
+				ps := l.paths(t, ctx)
+				for i, s := range l.speakers {
+					p := ps[s.addr]
+					med := []uint32{10, 15, 20}[i]
+					if p.LocalPref != tc.localPref[i] || p.MED != med || len(p.ASPath) != tc.asPath[i] || p.Best != (i == 0) {
+						t.Errorf("%s path = %+v, want LOCAL_PREF %d, MED %d, AS path of %d, best %v", s.name, p, tc.localPref[i], med, tc.asPath[i], i == 0)
+					}
+				}
+				l.waitRoute(t, labVIP, 5*time.Second, l.speakers[0].addr)
+			})
+		})
+	}
+}
+
 // TestFRRTenThousandVIPs announces 10,000 VIPs from one speaker and waits until all
 // are in FRR's RIB and kernel table.
 func TestFRRTenThousandVIPs(t *testing.T) {

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/osrg/gobgp/v4/api"
@@ -29,15 +30,24 @@ type router interface {
 }
 
 const (
-	ebgpPeerSet         = "shardlb-ebgp-peers"
-	backupPrependPolicy = "shardlb-backup-prepend"
-	acceptLocalPolicy   = "shardlb-accept-own-vips"
+	ebgpPeerSet       = "shardlb-ebgp-peers"
+	exportPolicy      = "shardlb-export"
+	acceptLocalPolicy = "shardlb-accept-own-vips"
+	// The VIP prefix sets, one per family: GoBGP's prefix set holds one family.
+	vipSet4 = "shardlb-vips-v4"
+	vipSet6 = "shardlb-vips-v6"
 )
 
 type gobgpRouter struct {
 	srv       *server.BgpServer
 	log       *slog.Logger
 	stopWatch context.CancelFunc
+	pools     []netip.Prefix
+
+	mu sync.Mutex
+	// outside are the announced VIPs outside every pool (static IPs), each in its VIP
+	// set for as long as it is announced.
+	outside map[netip.Prefix]bool
 }
 
 // startGoBGP starts an embedded GoBGP with cfg's global settings, policies and peers.
@@ -52,7 +62,7 @@ func startGoBGP(ctx context.Context, cfg *Config, log *slog.Logger) (*gobgpRoute
 	}
 	srv := server.NewBgpServer(opts...)
 	go srv.Serve()
-	r := &gobgpRouter{srv: srv, log: log}
+	r := &gobgpRouter{srv: srv, log: log, pools: cfg.Pools, outside: make(map[netip.Prefix]bool)}
 
 	global := &api.Global{
 		Asn:        cfg.LocalASN,
@@ -92,10 +102,12 @@ func startGoBGP(ctx context.Context, cfg *Config, log *slog.Logger) (*gobgpRoute
 }
 
 // setPolicies rejects every imported route (peers must not inject routes into a load
-// balancer, and over eBGP a router reflects one speaker's VIPs to the others) and
-// prepends the local AS on backup announcements toward eBGP peers. The prepend is
-// keyed on the backup's LOCAL_PREF, which GoBGP strips toward eBGP peers only after
-// the export policy ran.
+// balancer, and over eBGP a router reflects one speaker's VIPs to the others) and lets
+// only the VIPs leave: host routes inside the pools and the speaker's own VIPs outside
+// them, prepending the local AS on backup and successor announcements toward eBGP
+// peers. Anything else in the RIB, such as a path added through the gRPC API, is
+// rejected on export. The prepend is keyed on the role's LOCAL_PREF, which GoBGP strips
+// toward eBGP peers only after the export policy ran.
 func (r *gobgpRouter) setPolicies(ctx context.Context, cfg *Config) error {
 	// GoBGP's global import policy also filters the speaker's own paths on their
 	// way into the RIB: accept those, reject the rest.
@@ -118,60 +130,136 @@ func (r *gobgpRouter) setPolicies(ctx context.Context, cfg *Config) error {
 	if err != nil {
 		return fmt.Errorf("set reject-all import policy: %w", err)
 	}
+
+	for _, set := range []string{vipSet4, vipSet6} {
+		var prefixes []*api.Prefix
+		for _, p := range cfg.Pools {
+			if vipSet(p) == set {
+				prefixes = append(prefixes, hostRoutesIn(p))
+			}
+		}
+		// An empty set matches no path: nothing of that family leaves but the
+		// speaker's own VIPs, added as they are announced.
+		err := r.srv.AddDefinedSet(ctx, &api.AddDefinedSetRequest{DefinedSet: &api.DefinedSet{
+			DefinedType: api.DefinedType_DEFINED_TYPE_PREFIX,
+			Name:        set,
+			Prefixes:    prefixes,
+		}})
+		if err != nil {
+			return fmt.Errorf("define VIP prefix set %s: %w", set, err)
+		}
+	}
+
+	// Statement order: the prepends carry no route action, so every path goes on to
+	// the VIP sets; a path in neither is rejected by the default action. A prepend
+	// statement that accepted would let any path with a backup's LOCAL_PREF out to
+	// eBGP peers, and a first statement rejecting what is not in a set cannot be
+	// written: GoBGP's prefix condition never matches a path of another family, even
+	// inverted.
+	var statements []*api.Statement
 	var ebgp []string
 	for _, p := range cfg.Peers {
 		if p.ASN != cfg.LocalASN {
 			ebgp = append(ebgp, netip.PrefixFrom(p.Addr, p.Addr.BitLen()).String())
 		}
 	}
-	if len(ebgp) == 0 || cfg.BackupPrepend == 0 && cfg.SuccessorPrepend == 0 {
-		return nil
-	}
-	err = r.srv.AddDefinedSet(ctx, &api.AddDefinedSetRequest{DefinedSet: &api.DefinedSet{
-		DefinedType: api.DefinedType_DEFINED_TYPE_NEIGHBOR,
-		Name:        ebgpPeerSet,
-		List:        ebgp,
-	}})
-	if err != nil {
-		return fmt.Errorf("define eBGP peer set: %w", err)
-	}
-	// Backups and successors, told apart by their LOCAL_PREF, get their prepends.
-	var statements []*api.Statement
-	for _, st := range []struct {
-		name   string
-		lp     uint32
-		repeat uint8
-	}{{backupPrependPolicy, cfg.LocalPrefBackup, cfg.BackupPrepend}, {backupPrependPolicy + "-successor", cfg.LocalPrefSuccessor, cfg.SuccessorPrepend}} {
-		if st.repeat == 0 {
-			continue
+	if len(ebgp) > 0 && (cfg.BackupPrepend > 0 || cfg.SuccessorPrepend > 0) {
+		err = r.srv.AddDefinedSet(ctx, &api.AddDefinedSetRequest{DefinedSet: &api.DefinedSet{
+			DefinedType: api.DefinedType_DEFINED_TYPE_NEIGHBOR,
+			Name:        ebgpPeerSet,
+			List:        ebgp,
+		}})
+		if err != nil {
+			return fmt.Errorf("define eBGP peer set: %w", err)
 		}
+		// Backups and successors, told apart by their LOCAL_PREF, get their prepends.
+		for _, st := range []struct {
+			name   string
+			lp     uint32
+			repeat uint8
+		}{{"shardlb-backup-prepend", cfg.LocalPrefBackup, cfg.BackupPrepend}, {"shardlb-successor-prepend", cfg.LocalPrefSuccessor, cfg.SuccessorPrepend}} {
+			if st.repeat == 0 {
+				continue
+			}
+			statements = append(statements, &api.Statement{
+				Name: st.name,
+				Conditions: &api.Conditions{
+					NeighborSet: &api.MatchSet{Type: api.MatchSet_TYPE_ANY, Name: ebgpPeerSet},
+					LocalPrefEq: &api.LocalPrefEq{Value: st.lp},
+				},
+				Actions: &api.Actions{AsPrepend: &api.AsPrependAction{Asn: cfg.LocalASN, Repeat: uint32(st.repeat)}},
+			})
+		}
+	}
+	for _, set := range []string{vipSet4, vipSet6} {
 		statements = append(statements, &api.Statement{
-			Name: st.name,
-			Conditions: &api.Conditions{
-				NeighborSet: &api.MatchSet{Type: api.MatchSet_TYPE_ANY, Name: ebgpPeerSet},
-				LocalPrefEq: &api.LocalPrefEq{Value: st.lp},
-			},
-			Actions: &api.Actions{
-				RouteAction: api.RouteAction_ROUTE_ACTION_ACCEPT,
-				AsPrepend:   &api.AsPrependAction{Asn: cfg.LocalASN, Repeat: uint32(st.repeat)},
-			},
+			Name:       "shardlb-accept-" + strings.TrimPrefix(set, "shardlb-"),
+			Conditions: &api.Conditions{PrefixSet: &api.MatchSet{Type: api.MatchSet_TYPE_ANY, Name: set}},
+			Actions:    &api.Actions{RouteAction: api.RouteAction_ROUTE_ACTION_ACCEPT},
 		})
 	}
 	err = r.srv.AddPolicy(ctx, &api.AddPolicyRequest{Policy: &api.Policy{
-		Name:       backupPrependPolicy,
+		Name:       exportPolicy,
 		Statements: statements,
 	}})
 	if err != nil {
-		return fmt.Errorf("add backup prepend policy: %w", err)
+		return fmt.Errorf("add export policy: %w", err)
 	}
 	err = r.srv.SetPolicyAssignment(ctx, &api.SetPolicyAssignmentRequest{Assignment: &api.PolicyAssignment{
 		Name:          "global",
 		Direction:     api.PolicyDirection_POLICY_DIRECTION_EXPORT,
-		Policies:      []*api.Policy{{Name: backupPrependPolicy}},
-		DefaultAction: api.RouteAction_ROUTE_ACTION_ACCEPT,
+		Policies:      []*api.Policy{{Name: exportPolicy}},
+		DefaultAction: api.RouteAction_ROUTE_ACTION_REJECT,
 	}})
 	if err != nil {
 		return fmt.Errorf("set export policy: %w", err)
+	}
+	return nil
+}
+
+// vipSet names the VIP prefix set of p's family.
+func vipSet(p netip.Prefix) string {
+	if p.Addr().Is4() {
+		return vipSet4
+	}
+	return vipSet6
+}
+
+// hostRoutesIn is a prefix set entry matching the host routes inside p only.
+func hostRoutesIn(p netip.Prefix) *api.Prefix {
+	bits := uint32(p.Addr().BitLen())
+	return &api.Prefix{IpPrefix: p.Masked().String(), MaskLengthMin: bits, MaskLengthMax: bits}
+}
+
+// inPools reports whether the host prefix p lies inside a pool.
+func (r *gobgpRouter) inPools(p netip.Prefix) bool {
+	for _, pool := range r.pools {
+		if pool.Contains(p.Addr()) {
+			return true
+		}
+	}
+	return false
+}
+
+// setOutside adds the VIPs ps, all outside the pools, to their VIP sets or, with
+// remove, takes them out.
+func (r *gobgpRouter) setOutside(ps []netip.Prefix, remove bool) error {
+	sets := make(map[string][]*api.Prefix)
+	for _, p := range ps {
+		sets[vipSet(p)] = append(sets[vipSet(p)], hostRoutesIn(p))
+	}
+	ctx := context.Background()
+	for name, prefixes := range sets {
+		ds := &api.DefinedSet{DefinedType: api.DefinedType_DEFINED_TYPE_PREFIX, Name: name, Prefixes: prefixes}
+		var err error
+		if remove {
+			err = r.srv.DeleteDefinedSet(ctx, &api.DeleteDefinedSetRequest{DefinedSet: ds})
+		} else {
+			err = r.srv.AddDefinedSet(ctx, &api.AddDefinedSetRequest{DefinedSet: ds})
+		}
+		if err != nil {
+			return fmt.Errorf("update VIP prefix set %s: %w", name, err)
+		}
 	}
 	return nil
 }
@@ -341,6 +429,8 @@ func apiPaths(routes []route, withdraw bool) ([]*apiutil.Path, error) {
 	return paths, nil
 }
 
+// announce adds the routes; a VIP outside the pools enters its VIP set first, so the
+// export policy lets its path out.
 func (r *gobgpRouter) announce(routes []route) error {
 	if len(routes) == 0 {
 		return nil
@@ -349,18 +439,46 @@ func (r *gobgpRouter) announce(routes []route) error {
 	if err != nil {
 		return fmt.Errorf("announce: %w", err)
 	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var outside []netip.Prefix
+	for _, rt := range routes {
+		if !r.outside[rt.Prefix] && !r.inPools(rt.Prefix) {
+			outside = append(outside, rt.Prefix)
+		}
+	}
+	if err := r.setOutside(outside, false); err != nil {
+		return fmt.Errorf("announce: %w", err)
+	}
+	for _, p := range outside {
+		r.outside[p] = true
+	}
 	resps, err := r.srv.AddPath(apiutil.AddPathRequest{Paths: paths})
+	if err != nil {
+		err = fmt.Errorf("announce %d routes: %w", len(routes), err)
+	}
 	for i, resp := range resps {
 		if resp.Error != nil {
-			return fmt.Errorf("announce %v: %w", routes[i].Prefix, resp.Error)
+			err = fmt.Errorf("announce %v: %w", routes[i].Prefix, resp.Error)
+			break
 		}
 	}
 	if err != nil {
-		return fmt.Errorf("announce %d routes: %w", len(routes), err)
+		// The Speaker records none of this call and retries it whole: until then the
+		// VIPs outside the pools leave their sets, so a path that GoBGP took but the
+		// Speaker may never withdraw does not leave either.
+		if rerr := r.setOutside(outside, true); rerr == nil {
+			for _, p := range outside {
+				delete(r.outside, p)
+			}
+		}
+		return err
 	}
 	return nil
 }
 
+// withdraw deletes the routes, then takes the VIPs outside the pools out of their
+// sets (a withdrawal passes the export policy whatever the sets hold).
 func (r *gobgpRouter) withdraw(routes []route) error {
 	if len(routes) == 0 {
 		return nil
@@ -369,8 +487,22 @@ func (r *gobgpRouter) withdraw(routes []route) error {
 	if err != nil {
 		return fmt.Errorf("withdraw: %w", err)
 	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	if err := r.srv.DeletePath(apiutil.DeletePathRequest{Paths: paths}); err != nil {
 		return fmt.Errorf("withdraw %d routes: %w", len(routes), err)
+	}
+	var outside []netip.Prefix
+	for _, rt := range routes {
+		if r.outside[rt.Prefix] {
+			outside = append(outside, rt.Prefix)
+		}
+	}
+	if err := r.setOutside(outside, true); err != nil {
+		return fmt.Errorf("withdraw: %w", err)
+	}
+	for _, p := range outside {
+		delete(r.outside, p)
 	}
 	return nil
 }

@@ -42,8 +42,10 @@ func TestMain(m *testing.M) {
 }
 
 // runSpeakerProcess is the main of a speaker process. Commands on stdin:
-// a JSON array of advertisements (SetAdvertisements), "peers" (Peers as JSON) and
-// "shutdown". Each is answered with one line: "ok", JSON, or "error: ...".
+// a JSON array of advertisements (SetAdvertisements), "peers" (Peers as JSON),
+// "inject PREFIX LOCAL_PREF" (a path added through the speaker's own gRPC API, as
+// another process on the node would) and "shutdown". Each is answered with one line:
+// "ok", JSON, or "error: ...".
 // SIGTERM shuts down cleanly, as the DaemonSet's pod would.
 func runSpeakerProcess(cfgJSON string) int {
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
@@ -98,6 +100,12 @@ func runSpeakerProcess(cfgJSON string) int {
 			case line == "peers":
 				b, _ := json.Marshal(s.Peers())
 				reply(string(b))
+			case strings.HasPrefix(line, "inject "):
+				if err := injectCommand(ctx, cfg.GRPCListen, strings.Fields(line)[1:]); err != nil {
+					reply("error: " + err.Error())
+					continue
+				}
+				reply("ok")
 			default:
 				var advs []shard.Advertisement
 				if err := json.Unmarshal([]byte(line), &advs); err != nil {
@@ -112,6 +120,24 @@ func runSpeakerProcess(cfgJSON string) int {
 			}
 		}
 	}
+}
+
+// injectCommand runs "inject PREFIX LOCAL_PREF" against the gRPC API at addr.
+func injectCommand(ctx context.Context, addr string, args []string) error {
+	if len(args) != 2 {
+		return fmt.Errorf("want inject PREFIX LOCAL_PREF, got %q", args)
+	}
+	prefix, err := netip.ParsePrefix(args[0])
+	if err != nil {
+		return err
+	}
+	lp, err := strconv.ParseUint(args[1], 10, 32)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	return grpcAddPath(ctx, addr, prefix, uint32(lp))
 }
 
 // speakerProc is a speaker process seen from the test.
@@ -188,6 +214,14 @@ func (p *speakerProc) send(t testing.TB, line string) string {
 		t.Fatalf("speaker %s: write command: %v\n%s", p.name, err, p.logs())
 	}
 	return p.readLine()
+}
+
+// inject adds a path through the speaker's gRPC API from inside its namespace.
+func (p *speakerProc) inject(t testing.TB, prefix netip.Prefix, localPref uint32) {
+	t.Helper()
+	if got := p.send(t, fmt.Sprintf("inject %s %d", prefix, localPref)); got != "ok" {
+		t.Fatalf("speaker %s: inject %v: %s\n%s", p.name, prefix, got, p.logs())
+	}
 }
 
 // set applies advertisements in the speaker process.
@@ -309,6 +343,9 @@ func requireLab(t testing.TB) {
 
 var routerAddr = netip.MustParseAddr("10.0.0.1")
 
+// labPools is the speakers' VIP pool: every VIP of the FRR tests but the static one.
+var labPools = []netip.Prefix{netip.MustParsePrefix("10.96.0.0/16")}
+
 func speakerAddr(i int) netip.Addr { return netip.AddrFrom4([4]byte{10, 0, 0, byte(11 + i)}) }
 
 func newLab(t testing.TB, lc labConfig) *lab {
@@ -333,6 +370,7 @@ func newLab(t testing.TB, lc labConfig) *lab {
 		cfg.LocalASN = lc.speakerASN
 		cfg.RouterID = speakerAddr(i)
 		cfg.NextHop4 = speakerAddr(i)
+		cfg.Pools = labPools
 		cfg.Peers = []Peer{{Addr: routerAddr, ASN: lc.routerASN}}
 		if lc.bfd > 0 {
 			cfg.BFD = BFDConfig{Enabled: true, Interval: lc.bfd, Multiplier: 3}

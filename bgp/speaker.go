@@ -67,13 +67,18 @@ type applied struct {
 var ErrStopped = errors.New("bgp speaker stopped")
 
 // New validates cfg, reads the password file, starts the embedded speaker with a
-// reject-all import policy and adds the peers. Sessions come up in the background;
+// reject-all import policy and an export policy that lets only the VIPs out (see
+// Config.Pools), and adds the peers. Sessions come up in the background;
 // an unreachable peer is retried every ConnectRetry and shows in Peers as down.
 // ctx bounds the startup only.
 func New(ctx context.Context, cfg Config, log *slog.Logger) (*Speaker, error) {
 	cfg.Peers = slices.Clone(cfg.Peers)
 	for i := range cfg.Peers {
 		cfg.Peers[i].Addr = cfg.Peers[i].Addr.Unmap()
+	}
+	cfg.Pools = slices.Clone(cfg.Pools)
+	for i := range cfg.Pools {
+		cfg.Pools[i] = cfg.Pools[i].Masked()
 	}
 	if err := cfg.validate(); err != nil {
 		return nil, fmt.Errorf("bgp config: %w", err)
@@ -95,7 +100,10 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Speaker, error) {
 	if err != nil {
 		return nil, err
 	}
-	log.Info("BGP speaker started", "asn", cfg.LocalASN, "routerID", cfg.RouterID, "peers", len(cfg.Peers), "grpc", cfg.GRPCListen)
+	log.Info("BGP speaker started", "asn", cfg.LocalASN, "routerID", cfg.RouterID, "peers", len(cfg.Peers), "grpc", cfg.GRPCListen, "pools", cfg.Pools)
+	if len(cfg.Pools) == 0 {
+		log.Warn("no VIP pools: only the VIPs this speaker announces itself (static IPs) leave toward the peers, every other path is rejected on export")
+	}
 	return &Speaker{
 		cfg:         cfg,
 		communities: communities,

@@ -35,7 +35,8 @@ type config struct {
 	// Datapath is attached when it has Interfaces.
 	Datapath datapath.Config
 
-	LogLevel slog.Level
+	LogLevel  slog.Level
+	LogFormat logFormat
 }
 
 // defaultConfig is what the flags start from: every package's defaults, the downward
@@ -84,12 +85,12 @@ type group struct {
 // raw holds the values of flags that are text before validation; the other flags
 // write straight into the config.
 type raw struct {
-	nodeIP, cidrPools, cidr6Pools, lbMode string
-	leaseProtocol                         string
-	numZones, listenPort                  int
-	zone, setRoles, excludeRoles          string
-	setBGP, extPeers, bfd, communities    string
-	interfaces, logLevel, attachMode      string
+	nodeIP, cidrPools, cidr6Pools, lbMode       string
+	leaseProtocol                               string
+	numZones, listenPort                        int
+	zone, setRoles, excludeRoles                string
+	setBGP, extPeers, bfd, communities          string
+	interfaces, logLevel, logFormat, attachMode string
 }
 
 // newFlags binds the flags to c and r; each default is the value c or r already holds,
@@ -160,6 +161,7 @@ func newFlags(c *config, r *raw) (*pflag.FlagSet, []group) {
 	f.StringVar(&k.APIAddress, "apiListen", k.APIAddress, "local API used by 'shardlb get'")
 	f.StringVar(&k.MetricsAddress, "metricsListen", k.MetricsAddress, "Prometheus /metrics, /healthz and /readyz; empty: on --apiListen")
 	f.StringVar(&r.logLevel, "logLevel", "info", "debug, info, warn or error")
+	f.StringVar(&r.logFormat, "logFormat", string(logText), "log line format: text or json, client-go's lines included")
 
 	groups := []group{node, pools, shards, bgpG, dp, ops}
 	all := pflag.NewFlagSet("shardlb", pflag.ContinueOnError)
@@ -241,8 +243,9 @@ func (r *raw) validate(c *config, changed func(string) bool) error {
 	if k.LoadBalancerClass == "" || strings.ContainsAny(k.LoadBalancerClass, " \t") {
 		return &flagError{"loadBalancerClass", k.LoadBalancerClass, "a class name such as loxilb.io/loxilb", nil}
 	}
-	if k.DefaultMode, err = shard.ParseMode(r.lbMode); err != nil {
-		return &flagError{"setLBMode", r.lbMode, "default, onearm, fullnat or 0..2", nil}
+	// dsr (3) parses, as kube-loxilb names it, but the datapath does not implement it.
+	if k.DefaultMode, err = shard.ParseMode(r.lbMode); err != nil || k.DefaultMode == shard.ModeDSR {
+		return &flagError{"setLBMode", r.lbMode, "default, onearm, fullnat or 0..2 (dsr is not supported)", nil}
 	}
 	if k.Instances, err = shard.NewInstances(r.zone, r.numZones); err != nil {
 		if changed("zone") {
@@ -299,6 +302,9 @@ func (r *raw) validate(c *config, changed func(string) bool) error {
 	}
 	if err := c.LogLevel.UnmarshalText([]byte(r.logLevel)); err != nil {
 		return &flagError{"logLevel", r.logLevel, "debug, info, warn or error", nil}
+	}
+	if c.LogFormat, err = parseLogFormat(r.logFormat); err != nil {
+		return &flagError{"logFormat", r.logFormat, "text or json", nil}
 	}
 	if k.Drain < 0 || k.Drain > time.Minute {
 		return &flagError{"shutdownDrain", k.Drain.String(), "a duration from 0 to 1m", nil}

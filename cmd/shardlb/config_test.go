@@ -74,6 +74,9 @@ func TestBadFlagsNameTheFlag(t *testing.T) {
 		{"--zone=LLB", "zone"},
 		{"--setRoles=yes", "setRoles"},
 		{"--setLBMode=7", "setLBMode"},
+		{"--setLBMode=dsr", "setLBMode"},
+		{"--setLBMode=3", "setLBMode"},
+		{"--setLBMode= DSR", "setLBMode"},
 		{"--setBGP=0.0.0", "setBGP"},
 		{"--setBGP=4294967296", "setBGP"},
 		{"--extBGPPeers=10.0.0.1", "extBGPPeers"},
@@ -88,13 +91,14 @@ func TestBadFlagsNameTheFlag(t *testing.T) {
 		{"--bgpSuccessorPrepend=4", "bgpSuccessorPrepend"},
 		{"--pinPath=sys/fs/bpf", "pinPath"},
 		{"--attachMode=xdp", "attachMode"},
-		{"--bgpPasswordFile=" + filepath.Join(dir, "missing"), "bgpPasswordFile"},
-		{"--nodeIP=node1", "nodeIP"},
-		{"--interfaces=eth0,a/b", "interfaces"},
 		{"--leaseProtocol=fast", "leaseProtocol"},
+		{"--logFormat=xml", "logFormat"},
 		{"--peerProbeFailures=0", "peerProbeFailures"},
 		{"--peerProbeInterval=1ms", "peerProbeInterval"},
 		{"--handoverAckTimeout=0s", "handoverAckTimeout"},
+		{"--bgpPasswordFile=" + filepath.Join(dir, "missing"), "bgpPasswordFile"},
+		{"--nodeIP=node1", "nodeIP"},
+		{"--interfaces=eth0,a/b", "interfaces"},
 		{"--logLevel=loud", "logLevel"},
 		{"--leaseDuration=1s", "leaseDuration"},
 		{"--apiListen=localhost", "apiListen"},
@@ -121,6 +125,11 @@ func TestBadFlagExitsTwoWithOneLine(t *testing.T) {
 	code := run([]string{"--numZoneInstances=-3"}, noEnv, &out, &errOut)
 	if code != 2 || strings.Count(errOut.String(), "\n") != 1 || !strings.Contains(errOut.String(), "--numZoneInstances") {
 		t.Fatalf("exit %d, stderr %q", code, errOut.String())
+	}
+	errOut.Reset()
+	if code := run([]string{"--setLBMode=dsr"}, noEnv, &out, &errOut); code != 2 || strings.Count(errOut.String(), "\n") != 1 ||
+		!strings.Contains(errOut.String(), "--setLBMode") || !strings.Contains(errOut.String(), "dsr is not supported") {
+		t.Fatalf("--setLBMode=dsr: exit %d, stderr %q", code, errOut.String())
 	}
 	errOut.Reset()
 	if code := run([]string{"--noSuchFlag"}, noEnv, &out, &errOut); code != 2 {

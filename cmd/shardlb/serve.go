@@ -15,6 +15,7 @@ import (
 
 	"github.com/shardlb/shardlb/bgp"
 	"github.com/shardlb/shardlb/datapath"
+	"github.com/shardlb/shardlb/ipam"
 	"github.com/shardlb/shardlb/kube"
 	"github.com/shardlb/shardlb/shard"
 )
@@ -24,7 +25,7 @@ import (
 // so packets already on their way are still served (kube.Run), BGP sessions closed,
 // then the datapath detached.
 func serve(cfg config, stderr io.Writer) int {
-	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: cfg.LogLevel}))
+	log := newLogger(stderr, cfg.LogFormat, cfg.LogLevel)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	if err := runServe(ctx, cfg, log); err != nil {
@@ -66,6 +67,8 @@ func runServe(ctx context.Context, cfg config, log *slog.Logger) error {
 		if !cfg.BGP.RouterID.IsValid() {
 			return errors.New("BGP needs an IPv4 router ID: set --nodeIP or $NODE_IP")
 		}
+		// Only the pools' VIPs leave (and static VIPs outside them, as announced).
+		cfg.BGP.Pools = poolPrefixes(cfg.Kube.Pools)
 		sp, err := bgp.New(ctx, cfg.BGP, log.With("part", "bgp"))
 		if err != nil {
 			return err
@@ -81,6 +84,15 @@ func runServe(ctx context.Context, cfg config, log *slog.Logger) error {
 		deps.BGPPeers = func() []kube.BGPPeer { return peerRows(sp.Peers()) }
 	}
 	return kube.Run(ctx, cfg.Kube, deps)
+}
+
+// poolPrefixes turns the VIP pools' address ranges into prefixes for the speaker.
+func poolPrefixes(pools []ipam.PoolSpec) []netip.Prefix {
+	var out []netip.Prefix
+	for _, p := range pools {
+		out = append(out, bgp.RangePrefixes(p.First, p.Last)...)
+	}
+	return out
 }
 
 // peerRows adapts the speaker's session states to the CLI's rows.
@@ -105,6 +117,7 @@ func counters(st datapath.Stats) kube.DatapathCounters {
 			Frontend: fmt.Sprintf("%s/%s", netip.AddrPortFrom(s.VIP, s.Port), s.Protocol),
 			Packets:  s.Packets, Bytes: s.Bytes, ReplyPackets: s.ReplyPackets, ReplyBytes: s.ReplyBytes,
 			Flows: s.NewFlows, Handoffs: s.HandoffPackets, ICMPErrors: s.ICMPErrors,
+			SourceRangeDrops: s.SourceRangeDrops,
 		})
 	}
 	return c

@@ -2,9 +2,11 @@ package main
 
 import (
 	"bytes"
+	"io"
 	"net/netip"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"testing"
 
 	"github.com/shardlb/shardlb/datapath"
@@ -15,7 +17,7 @@ import (
 // carried names, for each counter of a datapath frontend, the field of the metrics'
 // counters that carries it.
 var carried = map[string]string{
-	"Packets": "Packets", "Bytes": "Bytes", "ReplyPackets": "ReplyPackets", "ReplyBytes": "ReplyBytes",
+	"Packets": "Packets", "Bytes": "Bytes", "ReplyPackets": "ReplyPackets", "ReplyBytes": "ReplyBytes", "SourceRangeDrops": "SourceRangeDrops",
 	"NewFlows": "Flows", "HandoffPackets": "Handoffs", "ICMPErrors": "ICMPErrors",
 }
 
@@ -96,5 +98,23 @@ func TestCleanupCommand(t *testing.T) {
 	missing := filepath.Join(t.TempDir(), "none")
 	if code := run([]string{"cleanup", "--pinPath=" + missing}, noEnv, &out, &errOut); code != 0 {
 		t.Errorf("cleanup of a path with nothing pinned: exit %d, want 0 (%s)", code, errOut.String())
+	}
+}
+
+// TestPoolPrefixesAreThePools checks that the speaker is given exactly the pools'
+// addresses: kube-loxilb's pool syntax starts a CIDR at the written address and
+// leaves out network, broadcast and anycast addresses.
+func TestPoolPrefixesAreThePools(t *testing.T) {
+	cfg, err := parseConfig([]string{"--cidrPools=defaultPool=192.168.80.250/24,other=10.96.0.0-10.96.0.5", "--cidr6Pools=v6=fd00:96::/125"}, func(string) string { return "" }, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, p := range poolPrefixes(cfg.Kube.Pools) {
+		got = append(got, p.String())
+	}
+	want := []string{"192.168.80.250/31", "192.168.80.252/31", "192.168.80.254/32", "10.96.0.0/30", "10.96.0.4/31", "fd00:96::1/128", "fd00:96::2/127", "fd00:96::4/126"}
+	if !slices.Equal(got, want) {
+		t.Fatalf("poolPrefixes = %v, want %v", got, want)
 	}
 }
