@@ -51,7 +51,7 @@ type simMember struct {
 	flushBlocked bool
 	masters      map[string]bool
 	successors   map[string]string
-	announce     map[string]bool // nil: every instance
+	announce     map[string]bool   // nil: every instance
 	latency      time.Duration     // how long a round of this member's writes takes
 	probing      []string          // the members its last Outcome said to probe
 	decided      time.Time         // when its masters were last decided (Advance)
