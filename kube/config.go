@@ -61,6 +61,10 @@ type Config struct {
 	// HandoverAck bounds how long a handover waits for the new master's
 	// acknowledgement before the old master takes the instance back.
 	HandoverAck time.Duration
+	// MaxBackups bounds the backups announcing each shard (--maxBackups; 0: every
+	// pod): the successor and the next MaxBackups-1 pods by rendezvous rank, so a
+	// router holds 1+MaxBackups paths per VIP.
+	MaxBackups int
 	// PeerProbe times the liveness probes of masters by the members that would take
 	// their instances over (LeaseProtocol member-bound).
 	PeerProbe ProbeTimings
@@ -162,6 +166,8 @@ func (c *Config) Validate() error {
 		return bad("no instances (numZoneInstances)")
 	case c.MemberLease.Renew <= 0 || c.MemberLease.Duration <= c.MemberLease.Renew:
 		return bad("member lease duration %v must exceed its renew interval %v", c.MemberLease.Duration, c.MemberLease.Renew)
+	case c.MaxBackups < 0:
+		return bad("maxBackups %d is negative", c.MaxBackups)
 	case c.MemberLease.Grace < 0:
 		return bad("member lease grace %v is negative", c.MemberLease.Grace)
 	case c.LeaseProtocol == mastership.ProtocolMemberBound && (c.HandoverAck <= 0 || c.PeerProbe.Interval <= 0 || c.PeerProbe.Failures < 1):

@@ -108,6 +108,8 @@ type elector struct {
 	handoffs map[string][]netip.Addr // instance -> addresses of its previous master
 	// successors is instance -> the member that takes it over if its master fails.
 	successors map[string]string
+	// announce are the instances this pod announces (nil: every one).
+	announce map[string]bool
 
 	// own is what this pod wrote last, by Lease name; owned by the loop goroutine.
 	own map[string]*coordinationv1.Lease
@@ -126,7 +128,7 @@ func newElector(cfg *Config, log *slog.Logger, api coordclient.LeaseInterface, l
 	core := mastership.New(mastership.Config{
 		Me: cfg.NodeName, Instances: cfg.Instances, Excluded: cfg.Excluded,
 		Renew: cfg.MemberLease.Renew, Duration: cfg.MemberLease.Duration, Grace: cfg.MemberLease.Grace,
-		Protocol: cfg.LeaseProtocol, HandoverTimeout: cfg.HandoverAck, Probe: probeAddress(cfg),
+		Protocol: cfg.LeaseProtocol, HandoverTimeout: cfg.HandoverAck, Probe: probeAddress(cfg), MaxBackups: cfg.MaxBackups,
 		Addresses: cfg.NodeAddresses, Incarnation: inc,
 	})
 	return &elector{
@@ -207,6 +209,17 @@ func (e *elector) Successors() map[string]string {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return maps.Clone(e.successors)
+}
+
+// Announce is, with MaxBackups set, the instances whose VIPs this pod announces
+// (shard.Input.Announce); nil: every one.
+func (e *elector) Announce() map[string]bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.announce == nil {
+		return nil
+	}
+	return maps.Clone(e.announce)
 }
 
 // poke wakes the loop; informer handlers call it.
@@ -309,6 +322,7 @@ func (e *elector) evaluate(ctx context.Context) time.Time {
 	e.mu.Lock()
 	e.master, e.until, e.holders, e.handoffs, e.successors = out.Masters, out.Until, out.Holders, out.Handoffs, out.Successors
 	e.probe = out.Probe
+	e.announce = out.Announce
 	e.armExpiry()
 	e.mu.Unlock()
 

@@ -186,6 +186,9 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	nd = newNode(&cfg, log.With("part", "node"), deps.Router, deps.Datapath, svcStore, sliceIndexer, el.Masters, clk, m)
 	nd.handoffs = el.Handoffs
 	nd.successors = el.Successors
+	if cfg.MaxBackups > 0 {
+		nd.announce = el.Announce
+	}
 	el.changed = nd.poke
 	el.applyNow = nd.apply
 

@@ -73,8 +73,11 @@ type node struct {
 	// successors is instance -> the member that takes it over if its master fails
 	// (nil: none).
 	successors func() map[string]string
-	clock      clock.Clock
-	metrics    *metrics
+	// announce is, with --maxBackups, the instances this node announces (nil: none
+	// set, every instance).
+	announce func() map[string]bool
+	clock    clock.Clock
+	metrics  *metrics
 
 	trigger chan struct{}
 
@@ -220,6 +223,9 @@ func (n *node) apply(ctx context.Context) error {
 	n.planner.SetMasters(n.masters(), handoffs)
 	if n.successors != nil {
 		n.planner.SetSuccessors(n.successors())
+	}
+	if n.announce != nil {
+		n.planner.SetAnnounce(n.announce())
 	}
 	plan, delta := n.planner.Plan()
 	frontends, advertisements := delta.Frontends(), delta.Advertisements()

@@ -19,7 +19,11 @@ type Input struct {
 	// (mastership.Outcome.Successors); this node's backups of those instances are
 	// announced as Advertisement.Successor.
 	Successors map[string]string
-	Services   []Service // with ready endpoints only
+	// Announce, when not nil, are the instances whose VIPs this node announces as a
+	// backup (--maxBackups: mastership.Outcome.Announce); backups of the others
+	// program their frontends but announce nothing. nil: every instance.
+	Announce map[string]bool
+	Services []Service // with ready endpoints only
 }
 
 // BuildPlan computes what one node announces and programs.
@@ -98,6 +102,9 @@ func BuildPlan(in Input) Plan {
 			if m, ok := in.Masters[v.instance]; ok && m == in.Node {
 				role = RoleMaster
 			}
+		}
+		if role == RoleBackup && in.Announce != nil && !in.Announce[v.instance] {
+			continue
 		}
 		plan.Advertisements = append(plan.Advertisements, Advertisement{
 			Prefix: netip.PrefixFrom(vip, vip.BitLen()), Role: role, Instance: v.instance,

@@ -29,6 +29,7 @@ type Planner struct {
 	masters    map[string]string
 	handoffs   map[string][]netip.Addr
 	successors map[string]string
+	announce   map[string]bool // nil: every instance
 
 	services map[string]*planned
 	vips     map[netip.Addr]*vipState
@@ -228,6 +229,24 @@ func (p *Planner) SetSuccessors(successors map[string]string) {
 	}
 }
 
+// SetAnnounce sets Input.Announce (nil: every instance); only the instances whose
+// announcement by this node changed are replanned.
+func (p *Planner) SetAnnounce(announce map[string]bool) {
+	if (p.announce == nil) == (announce == nil) && maps.Equal(p.announce, announce) {
+		return
+	}
+	old := p.announce
+	if announce != nil {
+		announce = maps.Clone(announce)
+	}
+	p.announce = announce
+	for vip, v := range p.vips {
+		if old == nil || announce == nil || old[v.instance] != announce[v.instance] {
+			p.dirtyVIPs[vip] = struct{}{}
+		}
+	}
+}
+
 // masterOf is whether this node masters inst, as BuildPlan reads it for roles.
 func (p *Planner) masterOf(masters map[string]string, inst string) bool {
 	m, ok := masters[inst]
@@ -281,7 +300,10 @@ func (p *Planner) Plan() (Plan, Delta) {
 				}
 				adv = Advertisement{Prefix: netip.PrefixFrom(vip, vip.BitLen()), Role: role, Instance: inst,
 					Successor: role == RoleBackup && p.successors[inst] == p.node}
-				advertised = true
+				advertised = role != RoleBackup || p.announce == nil || p.announce[inst]
+				if !advertised {
+					adv = Advertisement{}
+				}
 			}
 		}
 		if advertised != v.advertised || adv != v.adv {

@@ -199,13 +199,14 @@ func TestPlannerAgreesWithBuildPlan(t *testing.T) {
 		var masters map[string]string
 		var handoffs map[string][]netip.Addr
 		var successors map[string]string
+		var announce map[string]bool
 		var history []string
 		var prev Plan
 
 		check := func(step int) {
 			t.Helper()
 			got, d := p.Plan()
-			in := Input{Node: node, Roles: roles, Masters: masters, Handoffs: handoffs, Successors: successors}
+			in := Input{Node: node, Roles: roles, Masters: masters, Handoffs: handoffs, Successors: successors, Announce: announce}
 			for _, k := range slices.Sorted(maps.Keys(model)) {
 				in.Services = append(in.Services, model[k])
 			}
@@ -266,6 +267,19 @@ func TestPlannerAgreesWithBuildPlan(t *testing.T) {
 				delete(model, k)
 				p.Remove(k)
 				history = append(history, "Remove "+k)
+			case op == 14 && r.IntN(2) == 0:
+				announce = nil
+				if r.IntN(3) > 0 {
+					announce = map[string]bool{}
+					for i := range w.insts.Count() {
+						if r.IntN(2) == 0 {
+							announce[w.insts.Name(i)] = true
+						}
+					}
+				}
+				p.SetAnnounce(announce)
+				announce = maps.Clone(announce)
+				history = append(history, fmt.Sprintf("SetAnnounce %v", announce))
 			case op < 15:
 				successors = map[string]string{}
 				for i := range w.insts.Count() {

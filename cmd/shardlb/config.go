@@ -123,6 +123,7 @@ func newFlags(c *config, r *raw) (*pflag.FlagSet, []group) {
 	f.StringVar(&r.excludeRoles, "excludeRoleList", strings.Join(k.Excluded, ","), "comma separated node names or addresses that never become master")
 	f.DurationVar(&k.MemberLease.Duration, "leaseDuration", k.MemberLease.Duration, "how long a member Lease (and, with --leaseProtocol=renewed, a mastership Lease) lasts without renewal")
 	f.DurationVar(&k.MemberLease.Renew, "leaseRenewInterval", k.MemberLease.Renew, "how often Leases are renewed")
+	f.IntVar(&k.MaxBackups, "maxBackups", k.MaxBackups, "backups announcing each shard besides its master: the one that takes over first, then by rank; 0: every node (routers hold one path per node per VIP)")
 	f.StringVar(&r.leaseProtocol, "leaseProtocol", k.LeaseProtocol.String(), "member-bound: mastership Leases are written only when they change hands and last while their holder's member Lease does, masters are probed by the nodes that would take over; renewed: every master renews each mastership Lease")
 	f.DurationVar(&k.HandoverAck, "handoverAckTimeout", k.HandoverAck, "how long a handover waits for the new master's acknowledgement (member-bound)")
 	f.DurationVar(&k.PeerProbe.Interval, "peerProbeInterval", k.PeerProbe.Interval, "how often a node probes the masters it would take over (GET /healthz on their --metricsListen), and each probe's timeout")
@@ -270,6 +271,9 @@ func (r *raw) validate(c *config, changed func(string) bool) error {
 		k.LeaseProtocol = mastership.ProtocolRenewed
 	default:
 		return &flagError{"leaseProtocol", r.leaseProtocol, "member-bound or renewed", nil}
+	}
+	if k.MaxBackups < 0 {
+		return &flagError{"maxBackups", strconv.Itoa(k.MaxBackups), "0 (every node) or more", nil}
 	}
 	if k.HandoverAck <= 0 {
 		return &flagError{"handoverAckTimeout", k.HandoverAck.String(), "a positive duration", nil}

@@ -93,6 +93,7 @@ func TestBadFlagsNameTheFlag(t *testing.T) {
 		{"--attachMode=xdp", "attachMode"},
 		{"--leaseProtocol=fast", "leaseProtocol"},
 		{"--logFormat=xml", "logFormat"},
+		{"--maxBackups=-1", "maxBackups"},
 		{"--peerProbeFailures=0", "peerProbeFailures"},
 		{"--peerProbeInterval=1ms", "peerProbeInterval"},
 		{"--handoverAckTimeout=0s", "handoverAckTimeout"},

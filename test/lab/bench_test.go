@@ -66,7 +66,7 @@ func sharedLab(b *testing.B) (*Lab, map[netip.Addr]string) {
 	})
 	if bench == nil && benchErr != nil {
 		// Prerequisites first: the same skip-or-fail rule as the tests.
-		startLab(b)
+		startLab(b, 0)
 	}
 	if benchErr != nil {
 		b.Fatalf("lab: %v", benchErr)

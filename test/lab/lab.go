@@ -53,6 +53,8 @@ type Options struct {
 	// BFD, when set, replaces the BFD timers of the router and the nodes (100 ms x 3,
 	// the manifest's).
 	BFD frr.BFDTimers
+	// MaxBackups is every node's --maxBackups (0: unset, every node announces).
+	MaxBackups int
 }
 
 // Lab is the whole system on one machine: an FRR router, a kube-apiserver with etcd,

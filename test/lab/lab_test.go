@@ -17,7 +17,7 @@ import (
 
 // startLab starts a lab for one test (or benchmark) and closes it when it ends,
 // keeping the logs of a failed run.
-func startLab(t testing.TB) *Lab {
+func startLab(t testing.TB, maxBackups int) *Lab {
 	t.Helper()
 	testenv.RequireRoot(t)
 	testenv.RequireTool(t, "ip", "ethtool", "sysctl", "setpriv", "nginx", "vtysh", "go")
@@ -34,7 +34,7 @@ func startLab(t testing.TB) *Lab {
 	// seen silent for 500 ms, so with 100 ms timers the router drops a healthy node's
 	// routes by chance. The tests here are about shardlb's handovers; the BFD
 	// failover speed itself is measured by make bench (100 ms x 3).
-	l, err := Start(ctx, Options{Log: &progress, BFD: frr.BFDTimers{Interval: 300 * time.Millisecond, Multiplier: 3}})
+	l, err := Start(ctx, Options{Log: &progress, BFD: frr.BFDTimers{Interval: 300 * time.Millisecond, Multiplier: 3}, MaxBackups: maxBackups})
 	if errors.Is(err, kubeapi.ErrBinariesMissing) {
 		testenv.Unavailable(t, "%v (set %s or run make k8s-bins)", err, kubeapi.BinDirEnv)
 	}
@@ -84,7 +84,7 @@ func guide(t testing.TB, l *Lab) map[netip.Addr]string {
 // masters out in every way the issue names while a client probes both VIPs every
 // 10 ms.
 func TestGuideEndToEnd(t *testing.T) {
-	l := startLab(t)
+	l := startLab(t, 0)
 	ctx := context.Background()
 	vips := guide(t, l)
 
@@ -294,4 +294,48 @@ func checkNoOutage(t *testing.T, vip netip.Addr, o Outage) {
 	if o.Failed > 0 {
 		t.Errorf("%s: %s, want no failed probe", vip, o)
 	}
+}
+
+// TestBoundedAdvertisers runs the guide with --maxBackups=1: FRR holds two paths per
+// VIP (the master's and its successor's) instead of one per node; when a master is
+// SIGKILLed the router moves each of its VIPs to the successor alone, and once the
+// successor has taken the shard over, the next node by rank starts announcing as the
+// new successor, so FRR holds two paths per VIP again.
+func TestBoundedAdvertisers(t *testing.T) {
+	l := startLab(t, 1)
+	ctx := context.Background()
+	vips := guide(t, l)
+	twoPaths := func(what string) {
+		t.Helper()
+		err := waitFor(ctx, 30*time.Second, what, func() error {
+			for vip := range vips {
+				paths, err := l.Router.Paths(ctx, netip.PrefixFrom(vip, 32))
+				if err != nil {
+					return err
+				}
+				if len(paths) != 2 {
+					return fmt.Errorf("%s: %d paths in FRR, want 2 (master and successor)", vip, len(paths))
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	twoPaths("two paths per VIP")
+	res, err := l.Failover(ctx, Kill, "default", vips)
+	for vip, o := range res.Outage {
+		t.Logf("SIGKILL of %s (master of default): %s: %s", res.Master, vip, o)
+		if vips[vip] != "default" && o.Failed > 0 {
+			t.Errorf("%s is on another instance (%s) yet lost probes: %s", vip, vips[vip], o)
+		}
+	}
+	if len(res.Spreads) > 0 {
+		t.Errorf("the router spread the VIPs after losing %s, want the successor alone:\n%s", res.Master, strings.Join(res.Spreads, "\n"))
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	twoPaths("two paths per VIP again after the failover and the node's return")
 }

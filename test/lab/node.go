@@ -85,6 +85,9 @@ func (l *Lab) StartNodes(ctx context.Context) error {
 			"--nodeName="+n.name, "--nodeIP="+n.ip.String(), "--namespace="+lbSystem,
 			"--kubeconfig="+l.nodeKubeconfig, "--logLevel=debug",
 			"--pinPath="+filepath.Join(l.bpffs(), n.name))
+		if l.opts.MaxBackups > 0 {
+			n.argv = append(n.argv, fmt.Sprintf("--maxBackups=%d", l.opts.MaxBackups))
+		}
 		l.nodes = append(l.nodes, n)
 		// The Node object a kubelet would register; shardlb reads whether it is
 		// cordoned.
@@ -259,8 +262,12 @@ func (l *Lab) Settled(ctx context.Context, vips map[netip.Addr]string) error {
 		if err != nil {
 			return err
 		}
-		if len(paths) != running {
-			return fmt.Errorf("router holds %d paths for %s, want one per running node (%d)", len(paths), vip, running)
+		want := running
+		if k := l.opts.MaxBackups; k > 0 {
+			want = min(running, 1+k)
+		}
+		if len(paths) != want {
+			return fmt.Errorf("router holds %d paths for %s, want %d (one per running node, at most 1+maxBackups)", len(paths), vip, want)
 		}
 		best, ok, err := l.Router.BestPath(ctx, netip.PrefixFrom(vip, 32))
 		if err != nil {
