@@ -75,7 +75,8 @@ type status struct {
 	services cache.Store
 	slices   cache.Indexer
 	peers    func() []BGPPeer
-	ready    atomic.Bool
+	ready    atomic.Bool // a Plan has been applied
+	health   *health
 }
 
 func (s *status) ha() []HARow {
@@ -183,18 +184,23 @@ func (s *status) apiHandler() http.Handler {
 	return mux
 }
 
-// probeHandler serves /metrics, /healthz and /readyz.
+// probeHandler serves /metrics, /healthz and /readyz. /healthz fails only when a loop
+// is stuck (health.alive): peers probe it to tell whether this pod still masters its
+// shards. /readyz fails until a Plan is applied and while every BGP session is down.
 func (s *status) probeHandler(m *metrics) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
-	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) { _, _ = w.Write([]byte("ok\n")) })
-	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
-		if !s.ready.Load() {
-			http.Error(w, "not ready: caches syncing or no plan applied yet", http.StatusServiceUnavailable)
-			return
+	probe := func(check func() string, what string) http.HandlerFunc {
+		return func(w http.ResponseWriter, r *http.Request) {
+			if why := check(); why != "" {
+				http.Error(w, what+": "+why, http.StatusServiceUnavailable)
+				return
+			}
+			_, _ = w.Write([]byte("ok\n"))
 		}
-		_, _ = w.Write([]byte("ok\n"))
-	})
+	}
+	mux.HandleFunc("GET /healthz", probe(s.health.alive, "unhealthy"))
+	mux.HandleFunc("GET /readyz", probe(s.health.ready, "not ready"))
 	return mux
 }
 

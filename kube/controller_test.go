@@ -123,10 +123,10 @@ func TestGuideServicesGetVIPsAndInstances(t *testing.T) {
 	}
 
 	for _, series := range []string{
-		`shardlb_instance_role{instance="llb-inst2",role="MASTER"}`,
+		`shardlb_instance_role{role="MASTER",shard="llb-inst2"}`,
 		`shardlb_bgp_session_state{peer="192.168.80.1",state="ESTABLISHED"}`,
 		`shardlb_vips{role="MASTER"}`,
-		`shardlb_pool_addresses{pool="defaultPool",state="used"}`,
+		`shardlb_pool_used_addresses{pool="defaultPool"}`,
 	} {
 		want := 1.0
 		if strings.HasPrefix(series, "shardlb_vips") || strings.HasPrefix(series, "shardlb_pool") {

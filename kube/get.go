@@ -8,9 +8,12 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
+
+	"sigs.k8s.io/yaml"
 )
 
 // ErrUsage wraps a bad `get` subject or output format.
@@ -21,20 +24,14 @@ var GetSubjects = []string{"ha", "ip", "lb", "bgp", "services"}
 
 // Get fetches one subject (ha, ip, lb, bgp, services) from a pod's local API at apiAddr
 // (host:port) and writes it as a loxicmd-style table ("table"), a table with more
-// columns ("wide"), or indented JSON ("json").
+// columns ("wide"), indented JSON ("json") or YAML ("yaml").
 func Get(ctx context.Context, apiAddr, what, output string, w io.Writer) error {
-	switch what {
-	case "ha", "ip", "lb", "bgp", "services":
-	case "svc", "service":
-		what = "services"
-	default:
-		return fmt.Errorf("%w: unknown subject %q, want one of %s", ErrUsage, what, strings.Join(GetSubjects, ", "))
-	}
 	if output == "" {
 		output = "table"
 	}
-	if output != "table" && output != "wide" && output != "json" {
-		return fmt.Errorf("%w: unknown output %q, want table, wide or json", ErrUsage, output)
+	what, err := CheckGet(what, output)
+	if err != nil {
+		return err
 	}
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
@@ -54,6 +51,14 @@ func Get(ctx context.Context, apiAddr, what, output string, w io.Writer) error {
 	if resp.StatusCode != http.StatusOK {
 		return fmt.Errorf("get %s: %s: %s", what, resp.Status, bytes.TrimSpace(body))
 	}
+	if output == "yaml" {
+		y, err := yaml.JSONToYAML(body)
+		if err != nil {
+			return fmt.Errorf("get %s: %w", what, err)
+		}
+		_, err = w.Write(y)
+		return err
+	}
 	if output == "json" {
 		var buf bytes.Buffer
 		if err := json.Indent(&buf, body, "", "  "); err != nil {
@@ -67,6 +72,26 @@ func Get(ctx context.Context, apiAddr, what, output string, w io.Writer) error {
 		return fmt.Errorf("get %s: %w", what, err)
 	}
 	return renderTable(w, header, rows)
+}
+
+// GetOutputs are the output formats of `shardlb get`.
+var GetOutputs = []string{"table", "wide", "json", "yaml"}
+
+// CheckGet checks a `get` subject and output format before anything is fetched, and
+// returns the subject's canonical name (svc and service are services). Its errors
+// wrap ErrUsage.
+func CheckGet(what, output string) (string, error) {
+	switch what {
+	case "ha", "ip", "lb", "bgp", "services":
+	case "svc", "service":
+		what = "services"
+	default:
+		return "", fmt.Errorf("%w: unknown subject %q, want one of %s", ErrUsage, what, strings.Join(GetSubjects, ", "))
+	}
+	if !slices.Contains(GetOutputs, output) {
+		return "", fmt.Errorf("%w: unknown output %q, want one of %s", ErrUsage, output, strings.Join(GetOutputs, ", "))
+	}
+	return what, nil
 }
 
 func tabulate(what string, body []byte, wide bool) ([]string, [][]string, error) {

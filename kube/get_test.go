@@ -4,7 +4,10 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"net/http"
+	"net/http/httptest"
 	"net/netip"
+	"strings"
 	"testing"
 
 	corev1 "k8s.io/api/core/v1"
@@ -25,7 +28,7 @@ func TestRenderTableLooksLikeLoxicmd(t *testing.T) {
 }
 
 func TestGetRefusesUnknownSubjectsAndFormats(t *testing.T) {
-	for _, c := range []struct{ what, output string }{{"routes", "table"}, {"ha", "yaml"}} {
+	for _, c := range []struct{ what, output string }{{"routes", "table"}, {"ha", "xml"}, {"ha", "JSON"}} {
 		if err := Get(context.Background(), "127.0.0.1:1", c.what, c.output, &bytes.Buffer{}); !errors.Is(err, ErrUsage) {
 			t.Errorf("Get(%q, %q) = %v, want ErrUsage", c.what, c.output, err)
 		}
@@ -66,5 +69,35 @@ func TestTransformsKeepOnlyWhatIsRead(t *testing.T) {
 	sl := o.(*endpointSlice)
 	if sl.Service != "ns/a" || len(sl.Ready) != 2 || sl.Ready[1] != netip.MustParseAddr("10.0.0.3") || sl.Ports[0].Port != 8080 {
 		t.Errorf("slice slimmed wrong: %+v", sl)
+	}
+}
+
+func TestCheckGetNamesSubjectsAndOutputs(t *testing.T) {
+	for _, c := range []struct{ what, output, want string }{
+		{"ha", "table", "ha"}, {"lb", "wide", "lb"}, {"ip", "json", "ip"}, {"bgp", "yaml", "bgp"},
+		{"svc", "table", "services"}, {"service", "json", "services"}, {"services", "wide", "services"},
+	} {
+		if got, err := CheckGet(c.what, c.output); err != nil || got != c.want {
+			t.Errorf("CheckGet(%q, %q) = %q, %v; want %q", c.what, c.output, got, err, c.want)
+		}
+	}
+	for _, c := range []struct{ what, output string }{{"lbs", "table"}, {"", "table"}, {"ha", ""}, {"ha", "yml"}} {
+		if _, err := CheckGet(c.what, c.output); !errors.Is(err, ErrUsage) || strings.Contains(err.Error(), "\n") {
+			t.Errorf("CheckGet(%q, %q) = %v, want one line wrapping ErrUsage", c.what, c.output, err)
+		}
+	}
+}
+
+func TestGetWritesYAML(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = w.Write([]byte(`[{"instance":"default","hastate":"MASTER","master":"node1"}]`))
+	}))
+	defer srv.Close()
+	var b bytes.Buffer
+	if err := Get(context.Background(), strings.TrimPrefix(srv.URL, "http://"), "ha", "yaml", &b); err != nil {
+		t.Fatal(err)
+	}
+	if want := "- hastate: MASTER\n  instance: default\n  master: node1\n"; b.String() != want {
+		t.Errorf("got\n%s\nwant\n%s", b.String(), want)
 	}
 }

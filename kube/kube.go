@@ -99,6 +99,9 @@ type Deps struct {
 	BGPPeers func() []BGPPeer
 	// DatapathCounters, when set, feeds the per-frontend and per-drop-reason metrics.
 	DatapathCounters func() DatapathCounters
+	// Version labels shardlb_build_info ("": the module version the Go command
+	// recorded, else "dev").
+	Version string
 	// Clock is for tests; nil is the real clock.
 	Clock clock.WithTicker
 }
@@ -130,6 +133,7 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 		return fmt.Errorf("kube client: %w", err)
 	}
 	m := newMetrics()
+	m.registerBuildInfo(deps.Version)
 
 	// Informers. Handlers only signal; the loops read the stores.
 	var ctl *controller
@@ -182,7 +186,10 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 		return ""
 	}
 
-	el = newElector(&cfg, log.With("part", "elector"), client.CoordinationV1().Leases(cfg.Namespace), leaseStore, deps.Router, maintenance, clk)
+	var hl *health
+	// The elector reads maintenance once per round: that read is its heartbeat.
+	stepping := func() string { hl.step(); return maintenance() }
+	el = newElector(&cfg, log.With("part", "elector"), client.CoordinationV1().Leases(cfg.Namespace), leaseStore, deps.Router, stepping, clk)
 	nd = newNode(&cfg, log.With("part", "node"), deps.Router, deps.Datapath, svcStore, sliceIndexer, el.Masters, clk, m)
 	nd.handoffs = el.Handoffs
 	nd.successors = el.Successors
@@ -208,6 +215,8 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	}
 
 	st := &status{cfg: &cfg, node: nd, elector: el, services: svcStore, slices: sliceIndexer, peers: deps.BGPPeers}
+	hl = newHealth(clk, nd.progress, st.ready.Load, deps.BGPPeers)
+	st.health = hl
 	pools := func() []ipam.PoolStats { return nil }
 	if ctl != nil {
 		pools = ctl.poolStats
@@ -263,6 +272,7 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	synced := cache.WaitForCacheSync(ctx.Done(), svcInformer.HasSynced, sliceInformer.HasSynced, leaseInformer.HasSynced)
 	if synced {
 		log.Info("caches synced", "node", cfg.NodeName)
+		hl.start()
 		loops.Go(func() { el.run(nodeCtx) })
 		loops.Go(func() { nd.run(nodeCtx) })
 		nd.poke()

@@ -1,13 +1,18 @@
 package kube
 
 import (
+	"runtime"
+	"runtime/debug"
+
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/shardlb/shardlb/ipam"
 	"github.com/shardlb/shardlb/shard"
 )
 
-// metrics are one pod's Prometheus series, registered on a registry of its own.
+// metrics are one pod's Prometheus series, registered on a registry of its own with
+// the Go runtime's and the process's.
 type metrics struct {
 	reg           *prometheus.Registry
 	reconcile     *prometheus.HistogramVec
@@ -42,7 +47,8 @@ func newMetrics() *metrics {
 			Help: "Frontends (VIP, port, protocol) this node programs.",
 		}),
 	}
-	m.reg.MustRegister(m.reconcile, m.allocFailures, m.leader, m.vips, m.frontends)
+	m.reg.MustRegister(m.reconcile, m.allocFailures, m.leader, m.vips, m.frontends,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	for _, r := range []string{ReasonPoolExhausted, ReasonUnknownInstance, ReasonInvalidAnnotation, ReasonStaticIPConflict, ReasonAllocationFailed,
 		ReasonInvalidLoadBalancerIP, ReasonUnsupportedMode, ReasonInvalidSourceRanges} {
 		m.allocFailures.WithLabelValues(r)
@@ -51,6 +57,24 @@ func newMetrics() *metrics {
 		m.vips.WithLabelValues(r.String())
 	}
 	return m
+}
+
+// registerBuildInfo adds shardlb_build_info: version is shardlb's ("" reads the
+// module version the Go command recorded, else "dev").
+func (m *metrics) registerBuildInfo(version string) {
+	if version == "" {
+		version = "dev"
+		if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+			version = bi.Main.Version
+		}
+	}
+	g := prometheus.NewGauge(prometheus.GaugeOpts{
+		Name:        "shardlb_build_info",
+		Help:        "Always 1; the labels say which shardlb, built by which Go.",
+		ConstLabels: prometheus.Labels{"version": version, "goversion": runtime.Version()},
+	})
+	g.Set(1)
+	m.reg.MustRegister(g)
 }
 
 func (m *metrics) observePlan(p shard.Plan) {
@@ -72,22 +96,28 @@ type stateCollector struct {
 	pools    func() []ipam.PoolStats
 	roleDesc *prometheus.Desc
 	peerDesc *prometheus.Desc
-	poolDesc *prometheus.Desc
+	poolSize *prometheus.Desc
+	poolUsed *prometheus.Desc
 }
 
 func newStateCollector(roles func() []HARow, peers func() []BGPPeer, pools func() []ipam.PoolStats) *stateCollector {
 	return &stateCollector{
 		roles: roles, peers: peers, pools: pools,
-		roleDesc: prometheus.NewDesc("shardlb_instance_role", "1 for this node's role on each instance (MASTER, BACKUP or EQUAL).", []string{"instance", "role"}, nil),
+		// The label is shard, not instance: Prometheus would rename a label called
+		// instance to exported_instance, its own target label taking the name.
+		roleDesc: prometheus.NewDesc("shardlb_instance_role", "1 for this node's role on each shard (MASTER, BACKUP or EQUAL).", []string{"shard", "role"}, nil),
 		peerDesc: prometheus.NewDesc("shardlb_bgp_session_state", "1 for each BGP peer's current session state.", []string{"peer", "state"}, nil),
-		poolDesc: prometheus.NewDesc("shardlb_pool_addresses", "Addresses per pool (state=size or used), reported by the controller pod.", []string{"pool", "state"}, nil),
+		// Size and use are two series, so that each sums over pools.
+		poolSize: prometheus.NewDesc("shardlb_pool_size_addresses", "Addresses in each pool, reported by the controller pod.", []string{"pool"}, nil),
+		poolUsed: prometheus.NewDesc("shardlb_pool_used_addresses", "Addresses of each pool in use, reported by the controller pod.", []string{"pool"}, nil),
 	}
 }
 
 func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.roleDesc
 	ch <- c.peerDesc
-	ch <- c.poolDesc
+	ch <- c.poolSize
+	ch <- c.poolUsed
 }
 
 func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
@@ -100,8 +130,8 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 	}
 	for _, p := range c.pools() {
-		ch <- prometheus.MustNewConstMetric(c.poolDesc, prometheus.GaugeValue, float64(p.Size), p.Name, "size")
-		ch <- prometheus.MustNewConstMetric(c.poolDesc, prometheus.GaugeValue, float64(p.Used), p.Name, "used")
+		ch <- prometheus.MustNewConstMetric(c.poolSize, prometheus.GaugeValue, float64(p.Size), p.Name)
+		ch <- prometheus.MustNewConstMetric(c.poolUsed, prometheus.GaugeValue, float64(p.Used), p.Name)
 	}
 }
 

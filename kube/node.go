@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -80,6 +81,10 @@ type node struct {
 	metrics  *metrics
 
 	trigger chan struct{}
+	// waitingSince is when the oldest change not yet picked up by an apply arrived, and
+	// applyingSince when the apply under way started (unix ns, 0: none): /healthz
+	// reads them without taking mu, which a stuck apply holds.
+	waitingSince, applyingSince atomic.Int64
 
 	dirtyMu sync.Mutex          // taken by informer handlers: never held across an apply
 	dirty   map[string]struct{} // services changed since the last apply
@@ -144,6 +149,7 @@ func sliceHandler(f func(key string)) cache.ResourceEventHandler {
 
 // poke asks for a recompute; bursts coalesce.
 func (n *node) poke() {
+	n.waitingSince.CompareAndSwap(0, n.clock.Now().UnixNano())
 	select {
 	case n.trigger <- struct{}{}:
 	default:
@@ -199,6 +205,9 @@ func (n *node) apply(ctx context.Context) error {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	start := n.clock.Now()
+	n.applyingSince.Store(start.UnixNano())
+	defer n.applyingSince.Store(0)
+	n.waitingSince.Store(0)
 	n.dirtyMu.Lock()
 	dirty := n.dirty
 	n.dirty = map[string]struct{}{}
@@ -279,6 +288,18 @@ func (n *node) apply(ctx context.Context) error {
 	n.last, n.applied = plan, true
 	n.onApply(plan)
 	return nil
+}
+
+// progress is when the oldest change still waiting for an apply arrived and when the
+// apply under way started (zero: none).
+func (n *node) progress() (waiting, applying time.Time) {
+	if ns := n.waitingSince.Load(); ns != 0 {
+		waiting = time.Unix(0, ns)
+	}
+	if ns := n.applyingSince.Load(); ns != 0 {
+		applying = time.Unix(0, ns)
+	}
+	return waiting, applying
 }
 
 // withdraw removes every route at shutdown; the datapath stays until the caller

@@ -129,6 +129,42 @@ func TestDaemonSetRunsAsTheGuideSaysWithNamedCapabilitiesOnly(t *testing.T) {
 	}
 }
 
+// The kubelet restarts the pod on /healthz (a loop stuck), never on /readyz (BGP
+// sessions down, which a restart does not mend), and the startup probe leaves a minute.
+func TestProbesRestartOnlyAStuckProcess(t *testing.T) {
+	c := daemonSet(t).Spec.Template.Spec.Containers[0]
+	metricsPort := false
+	for _, p := range c.Ports {
+		metricsPort = metricsPort || p.Name == "metrics" && p.ContainerPort == 9478
+	}
+	if !metricsPort {
+		t.Errorf("no port metrics 9478 (--metricsListen's default) for the probes")
+	}
+	for _, p := range []struct {
+		name  string
+		probe *corev1.Probe
+		path  string
+	}{
+		{"startupProbe", c.StartupProbe, "/healthz"},
+		{"livenessProbe", c.LivenessProbe, "/healthz"},
+		{"readinessProbe", c.ReadinessProbe, "/readyz"},
+	} {
+		if p.probe == nil || p.probe.HTTPGet == nil {
+			t.Errorf("%s: none, or not an httpGet", p.name)
+			continue
+		}
+		if g := p.probe.HTTPGet; g.Path != p.path || g.Port.String() != "metrics" {
+			t.Errorf("%s: GET %s on port %s, want %s on metrics", p.name, g.Path, g.Port.String(), p.path)
+		}
+	}
+	if s := c.StartupProbe; s != nil && s.PeriodSeconds*s.FailureThreshold < 60 {
+		t.Errorf("startupProbe gives %d s, want at least 60", s.PeriodSeconds*s.FailureThreshold)
+	}
+	if l := c.LivenessProbe; l != nil && l.FailureThreshold < 3 {
+		t.Errorf("livenessProbe failureThreshold %d: one slow answer must not restart the pod", l.FailureThreshold)
+	}
+}
+
 // TestImageIsPinnedToARelease: with a moving tag such as latest, nodes restarted at
 // different times run different builds, and the kubelet pulls on every start
 // (imagePullPolicy defaults to Always), so an image imported on a node without a

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
+	"path"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -34,6 +35,12 @@ type config struct {
 
 	// Datapath is attached when it has Interfaces.
 	Datapath datapath.Config
+	// Interfaces are --interfaces' names and patterns, matched at start against this
+	// node's interfaces into Datapath.Interfaces (findInterfaces); empty: the
+	// interfaces of --nodeIP, else of the default routes.
+	Interfaces []string
+	// NoDatapath is --interfaces=none: no datapath is attached.
+	NoDatapath bool
 
 	LogLevel  slog.Level
 	LogFormat logFormat
@@ -151,7 +158,7 @@ func newFlags(c *config, r *raw) (*pflag.FlagSet, []group) {
 	f.StringVar(&b.GRPCListen, "bgpAPIListen", b.GRPCListen, "GoBGP gRPC API for the gobgp CLI; empty disables")
 
 	f = dp.fs
-	f.StringVar(&r.interfaces, "interfaces", strings.Join(d.Interfaces, ","), "interfaces the eBPF datapath attaches to, comma separated; empty: no datapath")
+	f.StringVar(&r.interfaces, "interfaces", strings.Join(c.Interfaces, ","), "interfaces the eBPF datapath attaches to, matched at start: names and glob patterns (path.Match syntax: eth*, ens*, bond0, enp[0-9]s0), comma separated, up or down, a loopback only by its name; empty: the interfaces carrying --nodeIP, else those of the IPv4 and IPv6 default routes; none: no datapath; matching nothing stops the start")
 	f.StringVar(&r.attachMode, "attachMode", "auto", "datapath hook: auto (tcx where the kernel has it, Linux 6.6+, else tc), tcx, or tc (a clsact direct-action filter at priority 2)")
 	f.StringVar(&d.PinPath, "pinPath", d.PinPath, "bpffs directory where the datapath pins its maps and links, e.g. /sys/fs/bpf/shardlb: a crashed process leaves the datapath forwarding and the next one adopts its connections; empty: nothing pinned")
 	f.IntVar(&d.ConntrackSize, "conntrackSize", d.ConntrackSize, "connection tracking entries of each conntrack map (IPv4 TCP, IPv4 UDP, IPv6); a flow takes two")
@@ -182,7 +189,7 @@ func or(a, b string) string {
 
 func usage(w io.Writer, groups []group) {
 	fmt.Fprintf(w, "Usage:\n  shardlb [run] [flags]        run the load balancer (DaemonSet entry point)\n"+
-		"  shardlb get ha|ip|lb|bgp|services [-o table|json|wide]\n  shardlb version\n")
+		"  shardlb get ha|ip|lb|bgp|services [-o table|wide|json|yaml]\n  shardlb version\n")
 	for _, g := range groups {
 		g.fs.SortFlags = false
 		fmt.Fprintf(w, "\n%s:\n%s", g.title, g.fs.FlagUsages())
@@ -287,11 +294,8 @@ func (r *raw) validate(c *config, changed func(string) bool) error {
 	if err := r.validateBGP(c); err != nil {
 		return err
 	}
-	d.Interfaces = splitList(r.interfaces)
-	for _, i := range d.Interfaces {
-		if len(i) > 15 || strings.ContainsAny(i, "/ \t") {
-			return &flagError{"interfaces", r.interfaces, "interface names, comma separated", nil}
-		}
+	if err := r.validateInterfaces(c); err != nil {
+		return err
 	}
 	mode, err := datapath.ParseAttachMode(r.attachMode)
 	if err != nil {
@@ -316,6 +320,31 @@ func (r *raw) validate(c *config, changed func(string) bool) error {
 	if k.APIAddress != "" {
 		if _, err := netip.ParseAddrPort(k.APIAddress); err != nil {
 			return &flagError{"apiListen", k.APIAddress, "ADDRESS:PORT", err}
+		}
+	}
+	return nil
+}
+
+// validateInterfaces reads --interfaces: none alone, or names and patterns that
+// could match an interface name (findInterfaces matches them at start).
+func (r *raw) validateInterfaces(c *config) error {
+	c.Interfaces, c.NoDatapath = splitList(r.interfaces), false
+	want := "interface names or path.Match patterns (eth*,bond0), comma separated, or none"
+	for _, p := range c.Interfaces {
+		if p == noInterfaces {
+			if len(c.Interfaces) > 1 {
+				return &flagError{"interfaces", r.interfaces, "none alone, or " + want, nil}
+			}
+			c.Interfaces, c.NoDatapath = nil, true
+			return nil
+		}
+		if _, err := path.Match(p, ""); err != nil {
+			return &flagError{"interfaces", r.interfaces, want, fmt.Errorf("%q: %w", p, err)}
+		}
+		// A plain name longer than the kernel's IFNAMSIZ-1 can never match.
+		plain := !strings.ContainsAny(p, `*?[\`)
+		if (plain && len(p) > 15) || strings.ContainsAny(p, "/ \t") {
+			return &flagError{"interfaces", r.interfaces, want, nil}
 		}
 	}
 	return nil

@@ -1,7 +1,10 @@
 package main
 
 import (
+	"encoding/json"
 	"errors"
+	"net/http"
+	"net/http/httptest"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -100,6 +103,9 @@ func TestBadFlagsNameTheFlag(t *testing.T) {
 		{"--bgpPasswordFile=" + filepath.Join(dir, "missing"), "bgpPasswordFile"},
 		{"--nodeIP=node1", "nodeIP"},
 		{"--interfaces=eth0,a/b", "interfaces"},
+		{"--interfaces=eth[", "interfaces"},
+		{"--interfaces=none,eth0", "interfaces"},
+		{"--interfaces=averyveryverylongname0", "interfaces"},
 		{"--logLevel=loud", "logLevel"},
 		{"--leaseDuration=1s", "leaseDuration"},
 		{"--apiListen=localhost", "apiListen"},
@@ -260,5 +266,103 @@ func sameFields(t *testing.T, name string, got, want any) {
 		if !reflect.DeepEqual(g.Field(i).Interface(), w.Field(i).Interface()) {
 			t.Errorf("with no flags %s.%s is %+v, want %+v from the package's defaults", name, f.Name, g.Field(i).Interface(), w.Field(i).Interface())
 		}
+	}
+}
+
+// fakeAPI serves one load-balancer rule as a pod's local API does.
+func fakeAPI(t *testing.T) string {
+	t.Helper()
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/v1/lb" {
+			http.NotFound(w, r)
+			return
+		}
+		_ = json.NewEncoder(w).Encode([]kube.LBRow{{ExtIP: "192.168.80.250", Port: 80, Protocol: "tcp", Name: "default_web",
+			Select: "hash", Mode: "default", Endpoints: []string{"10.0.0.1:8080"}}})
+	}))
+	t.Cleanup(srv.Close)
+	return strings.TrimPrefix(srv.URL, "http://")
+}
+
+func TestGetTakesEveryOutputFormKubectlTakes(t *testing.T) {
+	api := fakeAPI(t)
+	for _, tc := range []struct {
+		args []string
+		want string // a part of stdout only that format writes
+	}{
+		{[]string{"lb"}, "| EXT IP "},
+		{[]string{"lb", "-o", "json"}, `"extIP": "192.168.80.250"`},
+		{[]string{"lb", "-ojson"}, `"extIP": "192.168.80.250"`},
+		{[]string{"lb", "-o=json"}, `"extIP": "192.168.80.250"`},
+		{[]string{"lb", "--output", "json"}, `"extIP": "192.168.80.250"`},
+		{[]string{"lb", "--output=json"}, `"extIP": "192.168.80.250"`},
+		{[]string{"-o", "json", "lb"}, `"extIP": "192.168.80.250"`},
+		{[]string{"lb", "-o", "wide"}, "| ENDPOINTS "},
+		{[]string{"lb", "-owide"}, "| ENDPOINTS "},
+		{[]string{"lb", "-o=wide"}, "| ENDPOINTS "},
+		{[]string{"lb", "--output", "wide"}, "| ENDPOINTS "},
+		{[]string{"lb", "--output=wide"}, "| ENDPOINTS "},
+		{[]string{"lb", "-o", "table"}, "| EXT IP "},
+		{[]string{"lb", "-otable"}, "| EXT IP "},
+		{[]string{"lb", "-o=table"}, "| EXT IP "},
+		{[]string{"lb", "--output", "table"}, "| EXT IP "},
+		{[]string{"lb", "--output=table"}, "| EXT IP "},
+		{[]string{"lb", "-o", "yaml"}, "\n  extIP: 192.168.80.250\n"},
+		{[]string{"lb", "--output=yaml"}, "\n  extIP: 192.168.80.250\n"},
+	} {
+		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
+			var out, errOut strings.Builder
+			args := append([]string{"get"}, tc.args...)
+			if code := run(append(args, "--api", api), noEnv, &out, &errOut); code != 0 {
+				t.Fatalf("exit %d, stderr %q", code, errOut.String())
+			}
+			if !strings.Contains(out.String(), tc.want) {
+				t.Errorf("stdout %q, want it to hold %q", out.String(), tc.want)
+			}
+			if tc.want == "| EXT IP " && strings.Contains(out.String(), "| ENDPOINTS ") {
+				t.Errorf("table has the wide columns: %q", out.String())
+			}
+		})
+	}
+}
+
+func TestGetUsageErrorsExitTwoWithOneLine(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"routes"}, `unknown subject "routes"`},
+		{[]string{}, "no subject"},
+		{[]string{"lb", "-o", "xml"}, `unknown output "xml"`},
+		{[]string{"lb", "-oxml"}, `unknown output "xml"`},
+		{[]string{"lb", "--output=xml"}, `unknown output "xml"`},
+		{[]string{"lb", "-o"}, "flag needs an argument"},
+		{[]string{"lb", "ha"}, `unexpected argument "ha"`},
+		{[]string{"lb", "-o", "json", "extra"}, `unexpected argument "extra"`},
+		{[]string{"lb", "--format=json"}, "unknown flag: --format"},
+	} {
+		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
+			var out, errOut strings.Builder
+			// Nothing listens on port 1: a usage error must be found before any fetch.
+			code := run(append([]string{"get", "--api=127.0.0.1:1"}, tc.args...), noEnv, &out, &errOut)
+			msg := errOut.String()
+			if code != 2 || strings.Count(msg, "\n") != 1 || !strings.Contains(msg, tc.want) || !strings.Contains(msg, "usage: shardlb get") {
+				t.Fatalf("exit %d, stderr %q; want 2 and one line saying %q and the usage", code, msg, tc.want)
+			}
+			if out.Len() != 0 {
+				t.Errorf("stdout %q, want nothing", out.String())
+			}
+		})
+	}
+}
+
+func TestGetHelpAndUnreachableAPI(t *testing.T) {
+	var out, errOut strings.Builder
+	if code := run([]string{"get", "--help"}, noEnv, &out, &errOut); code != 0 || !strings.HasPrefix(out.String(), "usage: shardlb get") {
+		t.Errorf("get --help: exit %d, stdout %q", code, out.String())
+	}
+	out.Reset()
+	if code := run([]string{"get", "ha", "--api=127.0.0.1:1"}, noEnv, &out, &errOut); code != 1 {
+		t.Errorf("get with no pod listening: exit %d, want 1 (not a usage error)", code)
 	}
 }

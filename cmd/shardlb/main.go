@@ -8,6 +8,11 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
+
+	"github.com/spf13/pflag"
+
+	"github.com/shardlb/shardlb/kube"
 )
 
 func main() {
@@ -36,7 +41,16 @@ func run(args []string, env func(string) string, stdout, stderr io.Writer) int {
 		}
 		return serve(cfg, stderr)
 	case "get":
-		return get(args, stdout, stderr)
+		canonical, err := parseGet(args)
+		if errors.Is(err, pflag.ErrHelp) {
+			fmt.Fprintln(stdout, "usage:", getUsage)
+			return 0
+		}
+		if err != nil {
+			fmt.Fprintf(stderr, "shardlb get: %s; usage: %s\n", strings.TrimPrefix(err.Error(), kube.ErrUsage.Error()+": "), getUsage)
+			return 2
+		}
+		return get(canonical, stdout, stderr)
 	case "cleanup":
 		return cleanup(args, stdout, stderr)
 	case "help":
@@ -45,4 +59,32 @@ func run(args []string, env func(string) string, stdout, stderr io.Writer) int {
 	}
 	fmt.Fprintf(stderr, "shardlb: unknown command %q (run, get, cleanup, version, help)\n", cmd)
 	return 2
+}
+
+const getUsage = "shardlb get ha|ip|lb|bgp|services [-o table|wide|json|yaml] [--api ADDRESS:PORT]"
+
+// parseGet reads `shardlb get` as kubectl does: the subject anywhere, -o json, -ojson,
+// -o=json, --output json or --output=json, and --api. It checks everything a usage
+// error can be and returns the arguments in the one form get takes.
+func parseGet(args []string) ([]string, error) {
+	fs := pflag.NewFlagSet("get", pflag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	fs.Usage = func() {}
+	out := fs.StringP("output", "o", "table", "table, wide, json or yaml")
+	api := fs.String("api", kube.DefaultAPIAddress, "the local shardlb API")
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	switch fs.NArg() {
+	case 0:
+		return nil, fmt.Errorf("no subject")
+	case 1:
+	default:
+		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(1))
+	}
+	what, err := kube.CheckGet(fs.Arg(0), *out)
+	if err != nil {
+		return nil, err
+	}
+	return []string{what, "-o", *out, "-api", *api}, nil
 }

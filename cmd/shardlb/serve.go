@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"os/signal"
+	"runtime/debug"
 	"strings"
 	"syscall"
 	"time"
@@ -39,8 +40,12 @@ func runServe(ctx context.Context, cfg config, log *slog.Logger) error {
 	if cfg.Kube.NodeName == "" {
 		return errors.New("no node name: set --nodeName or $NODE_NAME")
 	}
-	deps := kube.Deps{Logger: log, Router: noRouter{}, Datapath: noDatapath{}}
+	bi, _ := debug.ReadBuildInfo()
+	deps := kube.Deps{Logger: log, Router: noRouter{}, Datapath: noDatapath{}, Version: versionOf(version, bi)}
 
+	if err := cfg.findInterfaces(log); err != nil {
+		return err
+	}
 	if len(cfg.Datapath.Interfaces) > 0 {
 		dp, err := datapath.New(cfg.Datapath, log.With("part", "datapath"))
 		if err != nil {
@@ -130,7 +135,7 @@ func (noRouter) SetAdvertisements(context.Context, []shard.Advertisement) error 
 func (noRouter) Announcing() bool                                               { return true }
 func (noRouter) Flush(context.Context) error                                    { return nil }
 
-// noDatapath stands in when no --interfaces are given: nothing is programmed.
+// noDatapath stands in with --interfaces=none: nothing is programmed.
 type noDatapath struct{}
 
 func (noDatapath) SetServices([]shard.Frontend) error { return nil }
