@@ -77,6 +77,18 @@ func (c *cluster) start(name string, env ...string) *nodeProc {
 	return p
 }
 
+// startBalanced starts the nodes and waits until each masters one instance.
+func (c *cluster) startBalanced(nodes ...string) {
+	c.t.Helper()
+	for _, n := range nodes {
+		c.start(n)
+	}
+	waitFor(c.t, 30*time.Second, "one master per instance and one instance per node", func() bool {
+		m := c.masters()
+		return len(m) == len(nodes) && balanced(m)
+	})
+}
+
 // kill stops a node process by PID with SIGKILL and waits for it.
 func (c *cluster) kill(p *nodeProc) { c.end(p, syscall.SIGKILL) }
 
@@ -252,13 +264,7 @@ func TestThreeNodesFailoverAndRebalance(t *testing.T) {
 	e := newEnv(t, "ha")
 	leases := watchLeases(t, e)
 	c := newHACluster(t, e)
-	for _, n := range []string{"node-a", "node-b", "node-c"} {
-		c.start(n)
-	}
-	waitFor(t, 30*time.Second, "one master per instance and one instance per node", func() bool {
-		m := c.masters()
-		return len(m) == 3 && balanced(m)
-	})
+	c.startBalanced("node-a", "node-b", "node-c")
 	initial := c.masters()
 	t.Logf("masters: %v", initial)
 
@@ -459,13 +465,7 @@ func TestMaintenanceMovesMastershipAway(t *testing.T) {
 		t.Cleanup(func() { _ = e.client.CoreV1().Nodes().Delete(context.Background(), n, metav1.DeleteOptions{}) })
 	}
 	c := newHACluster(t, e)
-	for _, n := range nodes {
-		c.start(n)
-	}
-	waitFor(t, 30*time.Second, "one master per instance and one instance per node", func() bool {
-		m := c.masters()
-		return len(m) == 3 && balanced(m)
-	})
+	c.startBalanced(nodes...)
 	// every instance keeps a master at every step from `from` on.
 	neverOrphaned := func(from int64) {
 		t.Helper()
@@ -531,13 +531,7 @@ func TestAFrozenMasterIsTakenOverByProbes(t *testing.T) {
 	e := newEnv(t, "frozen")
 	leases := watchLeases(t, e)
 	c := newHACluster(t, e)
-	for _, n := range []string{"node-a", "node-b", "node-c"} {
-		c.start(n)
-	}
-	waitFor(t, 30*time.Second, "one master per instance and one instance per node", func() bool {
-		m := c.masters()
-		return len(m) == 3 && balanced(m)
-	})
+	c.startBalanced("node-a", "node-b", "node-c")
 	victim := c.procs["node-c"]
 	lost := c.masters()["node-c"][0]
 	frozenAt := time.Now()

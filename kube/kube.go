@@ -158,15 +158,7 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 		Indexers:      cache.Indexers{indexByService: sliceServiceIndex},
 		Handler:       sliceHandler(onService),
 	})
-	leaseLW := cache.NewFilteredListWatchFromClient(client.CoordinationV1().RESTClient(), "leases", cfg.Namespace, func(o *metav1.ListOptions) {
-		o.LabelSelector = labels.SelectorFromSet(labels.Set{labelPartOf: "shardlb"}).String()
-	})
-	leaseStore, leaseInformer := cache.NewInformerWithOptions(cache.InformerOptions{
-		ListerWatcher: leaseLW,
-		ObjectType:    &coordinationv1.Lease{},
-		Transform:     toLease,
-		Handler:       cache.ResourceEventHandlerFuncs{AddFunc: func(any) { el.poke() }, UpdateFunc: func(_, _ any) { el.poke() }, DeleteFunc: func(any) { el.poke() }},
-	})
+	leaseStore, leaseInformer := newLeaseInformer(client, cfg.Namespace, func() { el.poke() })
 	sliceIndexer := sliceStore.(cache.Indexer)
 	// This node's own Node object: cordoned or labelled out of external load
 	// balancers, it hands its instances over and masters none. Not waited for: a
@@ -347,4 +339,20 @@ func campaign(ctx context.Context, cfg *Config, client kubernetes.Interface, log
 		}
 		le.Run(ctx)
 	}
+}
+
+// newLeaseInformer watches shardlb's Leases in namespace (by label), slimmed, and
+// calls changed on every event.
+func newLeaseInformer(client kubernetes.Interface, namespace string, changed func()) (cache.Store, cache.Controller) {
+	lw := cache.NewFilteredListWatchFromClient(client.CoordinationV1().RESTClient(), "leases", namespace, func(o *metav1.ListOptions) {
+		o.LabelSelector = labels.SelectorFromSet(labels.Set{labelPartOf: "shardlb"}).String()
+	})
+	return cache.NewInformerWithOptions(cache.InformerOptions{
+		ListerWatcher: lw,
+		ObjectType:    &coordinationv1.Lease{},
+		Transform:     toLease,
+		Handler: cache.ResourceEventHandlerFuncs{
+			AddFunc: func(any) { changed() }, UpdateFunc: func(_, _ any) { changed() }, DeleteFunc: func(any) { changed() },
+		},
+	})
 }

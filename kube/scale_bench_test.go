@@ -166,15 +166,7 @@ func startElector(ctx context.Context, wg *sync.WaitGroup, cfg *Config, client k
 		})
 	}
 	var el *elector
-	lw := cache.NewFilteredListWatchFromClient(client.CoordinationV1().RESTClient(), "leases", cfg.Namespace, func(o *metav1.ListOptions) {
-		o.LabelSelector = labels.SelectorFromSet(labels.Set{labelPartOf: "shardlb"}).String()
-	})
-	store, inf := cache.NewInformerWithOptions(cache.InformerOptions{
-		ListerWatcher: lw,
-		ObjectType:    &coordinationv1.Lease{},
-		Transform:     toLease,
-		Handler:       cache.ResourceEventHandlerFuncs{AddFunc: func(any) { el.poke() }, UpdateFunc: func(_, _ any) { el.poke() }, DeleteFunc: func(any) { el.poke() }},
-	})
+	store, inf := newLeaseInformer(client, cfg.Namespace, func() { el.poke() })
 	el = newElector(cfg, log, client.CoordinationV1().Leases(cfg.Namespace), steppedStore{store, stepped}, announcingRouter{}, nil, clock.RealClock{})
 	wg.Go(func() { inf.Run(ctx.Done()) })
 	wg.Go(func() {
