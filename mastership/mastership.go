@@ -413,7 +413,6 @@ type round struct {
 	acks    []Write
 	events  []Event
 	meLive  bool
-	done    time.Time       // when the writes were done (Advance)
 	targets map[int]string  // write index -> member handed to
 	handed  map[string]bool // instances handed over in this round
 	// successors is instance -> the member that would master it if its master failed.
@@ -804,7 +803,6 @@ func (c *Core) Advance(now time.Time, results []Result) Outcome {
 	if now.Before(r.now) {
 		now = r.now
 	}
-	r.done = now
 	for i, w := range r.writes {
 		res := Result{Err: fmt.Errorf("no result")}
 		if i < len(results) {
