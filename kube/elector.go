@@ -612,6 +612,8 @@ func (e *elector) probeLoop(ctx context.Context) {
 			if probed[m] != t {
 				failures[m], probed[m] = 0, t
 			}
+		}
+		for m, t := range targets {
 			wg.Go(func() {
 				pctx, cancel := context.WithTimeout(ctx, e.cfg.PeerProbe.Interval)
 				defer cancel()
