@@ -14,19 +14,57 @@ import (
 	"github.com/vishvananda/netns"
 )
 
-// Defaults of Config's capacities.
+// Defaults of Config's capacities. DefaultConfig holds them all; the ring slots are
+// derived from the frontends and endpoints (RingSlotsFor).
 const (
 	DefaultConntrackSize      = 262144
 	DefaultMaxServices        = 16384
 	DefaultMaxEndpoints       = 65536
-	DefaultRingSlots          = 1 << 22
 	DefaultSNATPortMin        = 61000
 	DefaultSNATPortMax        = 65535
 	DefaultMaxSourceRanges    = 256
 	DefaultSourceRangeEntries = 65536
 )
 
-var errRingFull = errors.New("ring slots exhausted (raise Config.RingSlots)")
+// Ring slots per endpoint slot and per frontend slot (RingSlotsFor). 64 per endpoint
+// is 4,194,304 slots at the default 65,536 endpoints; 256 per frontend lets every
+// frontend hold the smallest Maglev ring (251 slots, taken in pairs) with a few to
+// spare for updates, which need the new ring next to the old one.
+const (
+	RingSlotsPerEndpoint = 64
+	RingSlotsPerService  = 256
+)
+
+// RingSlotsFor is the number of ring slots New gives maxServices frontends and
+// maxEndpoints endpoints when Config.RingSlots is zero: 64 per endpoint slot, at least
+// 256 per frontend slot.
+func RingSlotsFor(maxServices, maxEndpoints int) int {
+	return max(RingSlotsPerEndpoint*maxEndpoints, RingSlotsPerService*maxServices)
+}
+
+// Sentinels of SetServices' per-frontend errors for a map that is full; each error
+// names the flag that sizes the map (see Datapath.capacityHint).
+var (
+	errServicesFull  = errors.New("no free frontend slot")
+	errEndpointsFull = errors.New("no free endpoint slot")
+	errRingFull      = errors.New("no free ring slots")
+)
+
+// DefaultConfig is the configuration New uses for every field left zero: the
+// capacities above and the automatic attach mode. RingSlots stays zero, so that it
+// follows MaxServices and MaxEndpoints (RingSlotsFor).
+func DefaultConfig() Config {
+	return Config{
+		ConntrackSize:      DefaultConntrackSize,
+		MaxServices:        DefaultMaxServices,
+		MaxEndpoints:       DefaultMaxEndpoints,
+		MaxSourceRanges:    DefaultMaxSourceRanges,
+		SourceRangeEntries: DefaultSourceRangeEntries,
+		SNATPortMin:        DefaultSNATPortMin,
+		SNATPortMax:        DefaultSNATPortMax,
+		AttachMode:         AttachAuto,
+	}
+}
 
 // Config says where the datapath attaches and how large its maps are. Zero values take
 // the defaults.
@@ -42,13 +80,17 @@ type Config struct {
 	// ConntrackSize is the number of entries of each conntrack map: IPv4 TCP, IPv4 UDP
 	// and IPv6 (both protocols) have one each; a flow takes two entries.
 	ConntrackSize int
-	// MaxServices bounds the number of frontends (VIP, port, protocol).
+	// MaxServices bounds the number of frontends (VIP, port, protocol): shardlb's
+	// --maxServices. SetServices refuses a frontend beyond it.
 	MaxServices int
-	// MaxEndpoints bounds the endpoints of all frontends together.
+	// MaxEndpoints bounds the endpoints of all frontends together (an endpoint of two
+	// frontends counts twice): shardlb's --maxEndpoints. SetServices refuses a frontend
+	// whose endpoints do not fit.
 	MaxEndpoints int
 	// RingSlots bounds the ring slots of all frontends together: a Maglev frontend
-	// takes about 100 per endpoint (at least 251), an rr frontend one per endpoint, and
-	// an update needs room for the new ring next to the old one.
+	// takes about 100 per endpoint (at least 251, at most 131,071), an rr frontend one
+	// per endpoint, and an update needs room for the new ring next to the old one.
+	// Zero derives it from MaxServices and MaxEndpoints (RingSlotsFor), as shardlb does.
 	RingSlots int
 	// MaxSourceRanges bounds the source ranges of one frontend (the prefixes of its
 	// VIP's family, see shard.Frontend.SourceRanges): SetServices refuses a frontend
@@ -93,7 +135,7 @@ func (c *Config) setDefaults() {
 		c.MaxEndpoints = DefaultMaxEndpoints
 	}
 	if c.RingSlots == 0 {
-		c.RingSlots = DefaultRingSlots
+		c.RingSlots = RingSlotsFor(c.MaxServices, c.MaxEndpoints)
 	}
 	if c.MaxSourceRanges == 0 {
 		c.MaxSourceRanges = DefaultMaxSourceRanges
@@ -162,28 +204,13 @@ func New(cfg Config, log *slog.Logger) (*Datapath, error) {
 	if err != nil {
 		return nil, fmt.Errorf("load datapath spec: %w", err)
 	}
-	sizes := map[string]int{
-		lbMapConntrack4Tcp: cfg.ConntrackSize,
-		lbMapConntrack4Udp: cfg.ConntrackSize,
-		lbMapConntrack6:    cfg.ConntrackSize,
-		lbMapServices:      cfg.MaxServices,
-		lbMapVips:          cfg.MaxServices,
-		lbMapServiceStats:  cfg.MaxServices,
-		lbMapEndpoints:     cfg.MaxEndpoints,
-		lbMapRingSlots:     cfg.RingSlots / 2,
-		// Room for one frontend's old and new prefixes side by side: SetServices writes
-		// a frontend's new prefixes before it removes the old ones.
-		lbMapSourceRanges4: cfg.SourceRangeEntries + cfg.MaxSourceRanges,
-		lbMapSourceRanges6: cfg.SourceRangeEntries + cfg.MaxSourceRanges,
+	if err := sizeMaps(spec, cfg); err != nil {
+		return nil, fmt.Errorf("load datapath: %w", err)
 	}
-	if cfg.MaxSourceRanges < 0 || cfg.SourceRangeEntries < 0 {
-		return nil, fmt.Errorf("load datapath: MaxSourceRanges %d and SourceRangeEntries %d must not be negative", cfg.MaxSourceRanges, cfg.SourceRangeEntries)
-	}
-	for name, n := range sizes {
-		if n <= 0 {
-			return nil, fmt.Errorf("load datapath: size of map %s must be positive, got %d", name, n)
-		}
-		spec.Maps[name].MaxEntries = uint32(n)
+	if est, err := estimateMemory(spec, runtime.NumCPU()); err == nil {
+		log.Info("datapath maps sized", "maxServices", cfg.MaxServices, "maxEndpoints", cfg.MaxEndpoints,
+			"ringSlots", cfg.RingSlots, "conntrackSize", cfg.ConntrackSize, "cpus", runtime.NumCPU(),
+			"estimatedMemory", fmt.Sprintf("%.1f MiB", float64(est.Total)/(1<<20)))
 	}
 	if err := spec.Variables["snat_port_min"].Set(cfg.SNATPortMin); err != nil {
 		return nil, fmt.Errorf("set snat_port_min: %w", err)
@@ -431,7 +458,9 @@ func (d *Datapath) MapMemory() (uint64, error) {
 			return 0, fmt.Errorf("map memory: %w", err)
 		}
 		n, ok := info.Memlock()
-		if !ok {
+		// A trie allocates its entries as they are inserted: an empty one reports 0,
+		// which reads as not reported.
+		if !ok && info.Type != ebpf.LPMTrie {
 			return 0, fmt.Errorf("map memory: kernel does not report memlock of %s", info.Name)
 		}
 		total += n

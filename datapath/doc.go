@@ -136,6 +136,14 @@
 // ring range written first; only then its service entry, atomically replaced, points at
 // them, and old ranges are released at the end of the call.
 //
+// The maps are sized at load by Config (DefaultConfig has the defaults): MaxServices
+// frontends, MaxEndpoints endpoints and ConntrackSize entries per conntrack map, the
+// ring slots derived from the first two (RingSlotsFor). A frontend that does not fit is
+// refused with an error naming the shardlb flag to raise (errServicesFull,
+// errEndpointsFull, errRingFull), the others applied; what a removed frontend frees is
+// free for the next call. EstimateMemory says what the maps take on a node of a given
+// number of CPUs, and New logs it.
+//
 // # Source ranges
 //
 // A frontend with source ranges (shard.Frontend.SourceRanges, a Service's

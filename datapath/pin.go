@@ -55,7 +55,7 @@ var pinnedMaps = []string{
 // says why pinned maps were replaced.
 var capacityOf = map[string]string{
 	lbMapServices: "MaxServices", lbMapVips: "MaxServices", lbMapServiceStats: "MaxServices",
-	lbMapRingSlots: "RingSlots", lbMapEndpoints: "MaxEndpoints",
+	lbMapRingSlots: "RingSlots, from MaxServices and MaxEndpoints", lbMapEndpoints: "MaxEndpoints",
 	lbMapConntrack4Tcp: "ConntrackSize", lbMapConntrack4Udp: "ConntrackSize", lbMapConntrack6: "ConntrackSize",
 	lbMapSourceRanges4: "SourceRangeEntries + Config.MaxSourceRanges", lbMapSourceRanges6: "SourceRangeEntries + Config.MaxSourceRanges",
 }

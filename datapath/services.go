@@ -266,7 +266,7 @@ func (d *Datapath) apply(k frontendKey, fe shard.Frontend, later *[]func()) erro
 	} else {
 		id, ok := d.svcIDs.alloc()
 		if !ok {
-			return fmt.Errorf("allocate service: all %d services in use (raise Config.MaxServices)", d.cfg.MaxServices)
+			return d.capacityError(errServicesFull)
 		}
 		a.id = id
 		if err := d.resetStats(id); err != nil {
@@ -325,7 +325,7 @@ func (d *Datapath) apply(k frontendKey, fe shard.Frontend, later *[]func()) erro
 		start, err := d.rings.alloc(a.ringLen)
 		if err != nil {
 			undo()
-			return err
+			return d.capacityError(err)
 		}
 		a.ringStart = start
 		if err := d.writeRing(start, ring); err != nil {
@@ -422,7 +422,7 @@ func (d *Datapath) writeRing(start uint32, ring []uint32) error {
 func (d *Datapath) addEndpoint(ep shard.Endpoint, rangeGen uint32) (uint32, error) {
 	id, ok := d.epIDs.alloc()
 	if !ok {
-		return 0, fmt.Errorf("allocate endpoint: all %d endpoints in use (raise Config.MaxEndpoints)", d.cfg.MaxEndpoints)
+		return 0, d.capacityError(errEndpointsFull)
 	}
 	v := endpointValue(netip.AddrPortFrom(ep.Addr, ep.Port), d.epGen[id], rangeGen)
 	if err := d.objs.Endpoints.Put(id, &v); err != nil {
@@ -430,6 +430,30 @@ func (d *Datapath) addEndpoint(ep shard.Endpoint, rangeGen uint32) (uint32, erro
 		return 0, fmt.Errorf("write endpoint %s: %w", netip.AddrPortFrom(ep.Addr, ep.Port), err)
 	}
 	return id, nil
+}
+
+// capacityError says which flag to raise when err is a full map: the frontend is
+// refused, the others are served. shardlb sizes the maps with --maxServices and
+// --maxEndpoints, the ring slots following them (RingSlotsFor); a Config.RingSlots set
+// by other callers is named as such.
+func (d *Datapath) capacityError(err error) error {
+	switch {
+	case errors.Is(err, errServicesFull):
+		return fmt.Errorf("%w: raise --maxServices (%d)", err, d.cfg.MaxServices)
+	case errors.Is(err, errEndpointsFull):
+		return fmt.Errorf("%w: raise --maxEndpoints (%d)", err, d.cfg.MaxEndpoints)
+	case errors.Is(err, errRingFull):
+		if d.cfg.RingSlots != RingSlotsFor(d.cfg.MaxServices, d.cfg.MaxEndpoints) {
+			return fmt.Errorf("%w: raise Config.RingSlots (%d)", err, d.cfg.RingSlots)
+		}
+		if RingSlotsPerEndpoint*d.cfg.MaxEndpoints >= RingSlotsPerService*d.cfg.MaxServices {
+			return fmt.Errorf("%w: raise --maxEndpoints (%d), which gives the rings %d slots per endpoint (%d in all)",
+				err, d.cfg.MaxEndpoints, RingSlotsPerEndpoint, d.cfg.RingSlots)
+		}
+		return fmt.Errorf("%w: raise --maxServices (%d), which gives the rings %d slots per frontend (%d in all)",
+			err, d.cfg.MaxServices, RingSlotsPerService, d.cfg.RingSlots)
+	}
+	return err
 }
 
 // endpointValue is the entry of a valid endpoint.

@@ -51,10 +51,9 @@ type config struct {
 // caller.
 func defaultConfig(env func(string) string) config {
 	c := config{
-		Kube: kube.DefaultConfig(),
-		BGP:  bgp.DefaultConfig(),
-		// The datapath has no DefaultConfig: New fills a zero field with its default.
-		Datapath: datapath.Config{ConntrackSize: datapath.DefaultConntrackSize},
+		Kube:     kube.DefaultConfig(),
+		BGP:      bgp.DefaultConfig(),
+		Datapath: datapath.DefaultConfig(),
 	}
 	c.Kube.NodeName, c.Kube.Kubeconfig = env("NODE_NAME"), env("KUBECONFIG")
 	c.Kube.Namespace = or(env("POD_NAMESPACE"), "kube-system")
@@ -159,9 +158,11 @@ func newFlags(c *config, r *raw) (*pflag.FlagSet, []group) {
 
 	f = dp.fs
 	f.StringVar(&r.interfaces, "interfaces", strings.Join(c.Interfaces, ","), "interfaces the eBPF datapath attaches to, matched at start: names and glob patterns (path.Match syntax: eth*, ens*, bond0, enp[0-9]s0), comma separated, up or down, a loopback only by its name; empty: the interfaces carrying --nodeIP, else those of the IPv4 and IPv6 default routes; none: no datapath; matching nothing stops the start")
-	f.StringVar(&r.attachMode, "attachMode", "auto", "datapath hook: auto (tcx where the kernel has it, Linux 6.6+, else tc), tcx, or tc (a clsact direct-action filter at priority 2)")
+	f.StringVar(&r.attachMode, "attachMode", string(d.AttachMode), "datapath hook: auto (tcx where the kernel has it, Linux 6.6+, else tc), tcx, or tc (a clsact direct-action filter at priority 2)")
 	f.StringVar(&d.PinPath, "pinPath", d.PinPath, "bpffs directory where the datapath pins its maps and links, e.g. /sys/fs/bpf/shardlb: a crashed process leaves the datapath forwarding and the next one adopts its connections; empty: nothing pinned")
 	f.IntVar(&d.ConntrackSize, "conntrackSize", d.ConntrackSize, "connection tracking entries of each conntrack map (IPv4 TCP, IPv4 UDP, IPv6); a flow takes two")
+	f.IntVar(&d.MaxServices, "maxServices", d.MaxServices, "frontends (VIP, port, protocol) the datapath holds; one beyond is refused, the others served. Sizes the service maps and, at 256 per frontend, the minimum of the Maglev ring slots")
+	f.IntVar(&d.MaxEndpoints, "maxEndpoints", d.MaxEndpoints, "endpoint slots of all frontends together (an endpoint of two frontends takes two); a frontend whose endpoints do not fit is refused, the others served. Gives the Maglev rings 64 slots per endpoint slot")
 
 	f.DurationVar(&k.Drain, "shutdownDrain", k.Drain, "on shutdown, how long the datapath keeps serving after the routes are withdrawn")
 
@@ -307,6 +308,14 @@ func (r *raw) validate(c *config, changed func(string) bool) error {
 	}
 	if d.ConntrackSize < 1024 || d.ConntrackSize > 1<<26 {
 		return &flagError{"conntrackSize", strconv.Itoa(d.ConntrackSize), "a number from 1024 to 67108864", nil}
+	}
+	// The upper bounds keep the derived ring slots (64 per endpoint, 256 per frontend)
+	// within the 2^31 entries a map takes, with room to spare.
+	if d.MaxServices < 1 || d.MaxServices > 1<<22 {
+		return &flagError{"maxServices", strconv.Itoa(d.MaxServices), "a number from 1 to 4194304", nil}
+	}
+	if d.MaxEndpoints < 1 || d.MaxEndpoints > 1<<24 {
+		return &flagError{"maxEndpoints", strconv.Itoa(d.MaxEndpoints), "a number from 1 to 16777216", nil}
 	}
 	if err := c.LogLevel.UnmarshalText([]byte(r.logLevel)); err != nil {
 		return &flagError{"logLevel", r.logLevel, "debug, info, warn or error", nil}

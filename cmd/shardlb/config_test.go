@@ -108,6 +108,8 @@ func TestBadFlagsNameTheFlag(t *testing.T) {
 		{"--interfaces=averyveryverylongname0", "interfaces"},
 		{"--logLevel=loud", "logLevel"},
 		{"--leaseDuration=1s", "leaseDuration"},
+		{"--maxServices=0", "maxServices"},
+		{"--maxEndpoints=-1", "maxEndpoints"},
 		{"--apiListen=localhost", "apiListen"},
 	} {
 		t.Run(tc.arg, func(t *testing.T) {
@@ -170,7 +172,8 @@ func FuzzFlags(f *testing.F) {
 		f.Add(s)
 	}
 	flags := []string{"cidrPools", "cidr6Pools", "numZoneInstances", "zone", "setRoles", "excludeRoleList", "setBGP",
-		"extBGPPeers", "listenBGPPort", "bgpBFD", "bgpCommunities", "setLBMode", "interfaces", "nodeIP", "bgpHoldTime"}
+		"extBGPPeers", "listenBGPPort", "bgpBFD", "bgpCommunities", "setLBMode", "interfaces", "nodeIP", "bgpHoldTime",
+		"maxServices", "maxEndpoints"}
 	f.Fuzz(func(t *testing.T, v string) {
 		for _, fl := range flags {
 			_, _ = parseConfig([]string{"--setBGP=65000", "--" + fl + "=" + v}, noEnv, nopWriter{})
@@ -248,10 +251,43 @@ func TestFlagDefaultsAreThePackagesDefaults(t *testing.T) {
 	wantBGP.BFD.Enabled = true
 	sameFields(t, "bgp.Config", cfg.BGP, wantBGP)
 
-	// The datapath has no DefaultConfig: New defaults the zero fields, and the one a
-	// flag sets must show the same default.
-	// --attachMode names auto, which the zero AttachMode means.
-	sameFields(t, "datapath.Config", cfg.Datapath, datapath.Config{ConntrackSize: datapath.DefaultConntrackSize, AttachMode: datapath.AttachAuto})
+	// Every capacity flag (--conntrackSize, --maxServices, --maxEndpoints) and
+	// --attachMode show the package's default; RingSlots stays zero, derived by New.
+	sameFields(t, "datapath.Config", cfg.Datapath, datapath.DefaultConfig())
+	if cfg.Datapath.RingSlots != 0 {
+		t.Errorf("with no flags RingSlots is %d, want 0 (derived from --maxServices and --maxEndpoints)", cfg.Datapath.RingSlots)
+	}
+}
+
+func TestCapacityFlagsSetTheDatapathsSizes(t *testing.T) {
+	cfg, err := parseConfig([]string{"--maxServices=100", "--maxEndpoints=2000", "--conntrackSize=4096"}, noEnv, os.Stdout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := cfg.Datapath; d.MaxServices != 100 || d.MaxEndpoints != 2000 || d.ConntrackSize != 4096 || d.RingSlots != 0 {
+		t.Fatalf("datapath sizes %d frontends, %d endpoints, %d conntrack entries, %d ring slots; want 100, 2000, 4096, 0 (derived)",
+			d.MaxServices, d.MaxEndpoints, d.ConntrackSize, d.RingSlots)
+	}
+	for _, tc := range []struct{ arg, flag, want string }{
+		{"--maxServices=0", "maxServices", "a number from 1 to 4194304"},
+		{"--maxServices=-5", "maxServices", "a number from 1 to 4194304"},
+		{"--maxServices=4194305", "maxServices", "a number from 1 to 4194304"},
+		{"--maxEndpoints=0", "maxEndpoints", "a number from 1 to 16777216"},
+		{"--maxEndpoints=16777217", "maxEndpoints", "a number from 1 to 16777216"},
+		{"--maxEndpoints=many", "maxEndpoints", "invalid argument"},
+	} {
+		t.Run(tc.arg+" is refused naming the flag", func(t *testing.T) {
+			_, err := parseConfig([]string{tc.arg}, noEnv, os.Stdout)
+			if err == nil || !strings.Contains(err.Error(), "--"+tc.flag) || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error %v, want one naming --%s and saying %q", err, tc.flag, tc.want)
+			}
+		})
+	}
+	for _, ok := range []string{"--maxServices=1", "--maxServices=4194304", "--maxEndpoints=1", "--maxEndpoints=16777216"} {
+		if _, err := parseConfig([]string{ok}, noEnv, os.Stdout); err != nil {
+			t.Errorf("%s: %v", ok, err)
+		}
+	}
 }
 
 // sameFields reports each exported field of got that differs from want.
