@@ -223,19 +223,26 @@ func datapathIDs(t *testing.T, d *Datapath) []string {
 	return ids
 }
 
-// TestPinnedDatapathTraffic runs TCP through a pinned datapath across restarts: the
-// same configuration, a larger conntrack, fewer interfaces, then Close; and across a
-// Release with no process after it, then Cleanup. Each step starts from what the
-// previous one left.
-func TestPinnedDatapathTraffic(t *testing.T) {
-	l := newLab(t)
+// echoFrontends starts an echo server on every backend and returns the onearm
+// frontend of labVIP:echoPort over them.
+func (l *lab) echoFrontends(t *testing.T) []shard.Frontend {
+	t.Helper()
 	var eps []shard.Endpoint
 	for i, be := range l.backends {
 		ep := netip.AddrPortFrom(be.Addr, echoPort)
 		serveEcho(t, l.backendNS[i], ep, l.names[netip.AddrPortFrom(be.Addr, be.Port)])
 		eps = append(eps, shard.Endpoint{Addr: ep.Addr(), Port: ep.Port()})
 	}
-	echo := []shard.Frontend{{Service: "ns/echo", VIP: labVIP, Port: echoPort, Protocol: shard.TCP, Mode: shard.ModeOneArm, Endpoints: eps}}
+	return []shard.Frontend{{Service: "ns/echo", VIP: labVIP, Port: echoPort, Protocol: shard.TCP, Mode: shard.ModeOneArm, Endpoints: eps}}
+}
+
+// TestPinnedDatapathTraffic runs TCP through a pinned datapath across restarts: the
+// same configuration, a larger conntrack, fewer interfaces, then Close; and across a
+// Release with no process after it, then Cleanup. Each step starts from what the
+// previous one left.
+func TestPinnedDatapathTraffic(t *testing.T) {
+	l := newLab(t)
+	echo := l.echoFrontends(t)
 	root := bpffsRoot(t)
 	config := func(t *testing.T) Config {
 		return Config{
@@ -297,7 +304,7 @@ func TestPinnedDatapathTraffic(t *testing.T) {
 		// An endpoint that sorts first comes and goes, so the backends' ids are not the
 		// ones a fresh start would give them.
 		gone := echo[0]
-		gone.Endpoints = append([]shard.Endpoint{{Addr: netip.MustParseAddr("10.10.10.2"), Port: echoPort}}, eps...)
+		gone.Endpoints = append([]shard.Endpoint{{Addr: netip.MustParseAddr("10.10.10.2"), Port: echoPort}}, echo[0].Endpoints...)
 		if err := d.SetServices([]shard.Frontend{gone}); err != nil {
 			t.Fatal(err)
 		}

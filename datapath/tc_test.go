@@ -18,7 +18,6 @@ import (
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/link"
 	"github.com/shardlb/shardlb/internal/testenv"
-	"github.com/shardlb/shardlb/shard"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
@@ -496,13 +495,7 @@ func watchTC(t *testing.T, nsPath string) (stop func(until func([]tcEvent) bool)
 // process after it, then Cleanup; and checks Close.
 func TestTCPinnedDatapathTraffic(t *testing.T) {
 	l := newLab(t)
-	var eps []shard.Endpoint
-	for i, be := range l.backends {
-		ep := netip.AddrPortFrom(be.Addr, echoPort)
-		serveEcho(t, l.backendNS[i], ep, l.names[netip.AddrPortFrom(be.Addr, be.Port)])
-		eps = append(eps, shard.Endpoint{Addr: ep.Addr(), Port: ep.Port()})
-	}
-	echo := []shard.Frontend{{Service: "ns/echo", VIP: labVIP, Port: echoPort, Protocol: shard.TCP, Mode: shard.ModeOneArm, Endpoints: eps}}
+	echo := l.echoFrontends(t)
 	root := bpffsRoot(t)
 	config := func(t *testing.T) Config {
 		return Config{
