@@ -428,29 +428,41 @@ func TestPinnedDatapathTraffic(t *testing.T) {
 
 	t.Run("with no process at all the datapath keeps forwarding, and Cleanup leaves nothing", func(t *testing.T) {
 		cfg := config(t)
-		d := openPinned(t, cfg, nil)
-		set(t, d)
-		c := l.dialEcho(t)
-		backend := c.exchange(t, "before Release")
-		ids := datapathIDs(t, d)
-		release(t, d)
-		held := bpfIDsHeld(t)
-		for _, id := range ids {
-			if held[id] {
-				t.Errorf("the process still holds %s after Release", id)
+		l.withNoProcess(t, cfg, set, nothingLeft, func() {
+			if got := dirNames(filepath.Join(cfg.PinPath, pinLinks)); !slices.Equal(got, slices.Sorted(slices.Values(l.lbIfs))) {
+				t.Errorf("links pinned: %v, want %v", got, l.lbIfs)
 			}
-		}
-		if got := dirNames(filepath.Join(cfg.PinPath, pinLinks)); !slices.Equal(got, slices.Sorted(slices.Values(l.lbIfs))) {
-			t.Errorf("links pinned: %v, want %v", got, l.lbIfs)
-		}
-		c.exchangeFor(t, 300*time.Millisecond, "with no process", backend)
-		if got := l.dialEcho(t).exchange(t, "a new connection with no process"); got == "" {
-			t.Error("a new connection with no process got no answer")
-		}
-
-		if err := Cleanup(cfg.PinPath); err != nil {
-			t.Fatal(err)
-		}
-		nothingLeft(t, cfg.PinPath)
+		})
 	})
+}
+
+// withNoProcess opens a pinned datapath with cfg, sets its services, opens a
+// connection and releases it: the process holds nothing of the datapath any more
+// (checked, then check runs), the connection and new ones are still served, and
+// Cleanup leaves nothing (nothingLeft, at the hook of cfg).
+func (l *lab) withNoProcess(t *testing.T, cfg Config, set func(*testing.T, *Datapath), nothingLeft func(*testing.T, string), check func()) {
+	t.Helper()
+	d := openPinned(t, cfg, nil)
+	set(t, d)
+	c := l.dialEcho(t)
+	backend := c.exchange(t, "before Release")
+	ids := datapathIDs(t, d)
+	if err := d.Release(); err != nil {
+		t.Fatal(err)
+	}
+	held := bpfIDsHeld(t)
+	for _, id := range ids {
+		if held[id] {
+			t.Errorf("the process still holds %s after Release", id)
+		}
+	}
+	check()
+	c.exchangeFor(t, 300*time.Millisecond, "with no process", backend)
+	if got := l.dialEcho(t).exchange(t, "a new connection with no process"); got == "" {
+		t.Error("a new connection with no process got no answer")
+	}
+	if err := Cleanup(cfg.PinPath); err != nil {
+		t.Fatal(err)
+	}
+	nothingLeft(t, cfg.PinPath)
 }

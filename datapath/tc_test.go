@@ -621,26 +621,6 @@ func TestTCPinnedDatapathTraffic(t *testing.T) {
 	})
 
 	t.Run("with no process the filters keep forwarding, and Cleanup removes them", func(t *testing.T) {
-		cfg := config(t)
-		d := openPinned(t, cfg, nil)
-		set(t, d)
-		c := l.dialEcho(t)
-		backend := c.exchange(t, "before Release")
-		ids := datapathIDs(t, d)
-		release(t, d)
-		held := bpfIDsHeld(t)
-		for _, id := range ids {
-			if held[id] {
-				t.Errorf("the process still holds %s after Release", id)
-			}
-		}
-		c.exchangeFor(t, 300*time.Millisecond, "with no process", backend)
-		if got := l.dialEcho(t).exchange(t, "a new connection with no process"); got == "" {
-			t.Error("a new connection with no process got no answer")
-		}
-		if err := Cleanup(cfg.PinPath); err != nil {
-			t.Fatal(err)
-		}
-		nothingLeft(t, cfg.PinPath)
+		l.withNoProcess(t, config(t), set, nothingLeft, func() {})
 	})
 }
