@@ -564,6 +564,11 @@ func (c *Core) deadList() []string {
 // nothing), even once it is not probed any more; a renewal (the probe was wrong, or
 // the network between the two healed) or a new incarnation clears it.
 func (c *Core) suspect(r *round, suspects map[string]string) {
+	// A member whose own routes reach no router (its link is cut, say) cannot tell
+	// a dead peer from its own isolation: its probes say nothing.
+	if !r.local.Announcing {
+		suspects = nil
+	}
 	for m, inc := range suspects {
 		if ml, ok := r.leases[MemberLeaseName(m)]; ok && ml.Member != nil && ml.Member.Incarnation == inc && ml.Holder == m {
 			c.dead[m] = deadMember{incarnation: inc, version: ml.Version}
@@ -577,8 +582,9 @@ func (c *Core) suspect(r *round, suspects map[string]string) {
 	// What other members found, from their member Leases while they count.
 	c.reported = map[string]bool{}
 	for _, l := range r.leases {
-		if l.Member == nil || !IsMemberLease(l.Name) || l.Holder == c.cfg.Me || !r.now.Before(c.expiry(l)) {
-			continue
+		if l.Member == nil || !IsMemberLease(l.Name) || l.Holder == c.cfg.Me || !r.now.Before(c.expiry(l)) ||
+			!l.Member.Announcing {
+			continue // nor do the findings of a member whose routes reach no router
 		}
 		for _, k := range l.Member.Dead {
 			c.reported[k] = true
@@ -598,7 +604,10 @@ func (c *Core) Step(in Input) []Write {
 	me := c.cfg.Me
 	loc := in.Local
 
-	dead := c.deadList()
+	var dead []string
+	if loc.Announcing {
+		dead = c.deadList()
+	}
 	if now.Sub(c.memberRenewed) >= renew || loc.Leaving && !c.written.Leaving ||
 		loc.Announcing != c.written.Announcing || loc.Maintenance != c.written.Maintenance ||
 		!slices.Equal(dead, c.writtenDead) {
@@ -693,7 +702,9 @@ func (c *Core) Step(in Input) []Write {
 		l, exists := r.leases[name]
 		h := l.Holder
 		switch {
-		case c.ours(l) && l.HandoverFrom != "":
+		case h == me && l.HandoverFrom != "":
+			// Whatever incarnation the handing member recorded: a handover meant for
+			// an earlier process of this member is this one's to acknowledge.
 			// Handed to us: announce as master first, acknowledge after. Segments of
 			// connections the previous master still serves are handed back to it. A
 			// handover not acknowledged within the Lease's duration has expired: the
