@@ -52,11 +52,18 @@ func TestTwoRouters(t *testing.T) {
 	})
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
+	parent := t
 
-	t.Run("the neighbor is established with one prefix received", func(t *testing.T) {
+	t.Run("the neighbor is established with one prefix received and selected", func(t *testing.T) {
 		eventually(t, 20*time.Second, "session", func() (bool, error) {
 			s, err := r2.Summary(ctx)
 			return s[a1].State == "Established" && s[a1].PrefixesReceived == 1, err
+		})
+		// bgpd counts a received prefix before its work queue runs the best-path
+		// selection: the summary can show it while the path is not yet best.
+		eventually(t, 5*time.Second, "best path selected", func() (bool, error) {
+			_, ok, err := r2.BestPath(ctx, prefix)
+			return ok, err
 		})
 	})
 	t.Run("the best path comes from the neighbor with its AS path", func(t *testing.T) {
@@ -94,6 +101,10 @@ func TestTwoRouters(t *testing.T) {
 	})
 	t.Run("stop kills every daemon and removes the run directory", func(t *testing.T) {
 		pids, dir := r2.PIDs(), r2.Dir
+		if parent.Failed() {
+			// Stop removes the logs StartT's cleanup would print.
+			t.Logf("FRR in %s:\n%s", r2.NS, r2.Logs())
+		}
 		r2.Stop()
 		for _, pid := range pids {
 			if processAlive(pid) {
