@@ -44,6 +44,9 @@ type LBRow struct {
 	Select    string   `json:"sel"`
 	Mode      string   `json:"mode"`
 	Endpoints []string `json:"endpoints"`
+	// ClientAddr says what the endpoints see as the source of a connection: "client"
+	// (its address, kept) or "node" (the load balancer's, translated).
+	ClientAddr string `json:"clientAddr"`
 	// SourceRanges are the client prefixes allowed; none: every client.
 	SourceRanges []string `json:"sourceRanges,omitempty"`
 }
@@ -113,6 +116,11 @@ func (s *status) ip() []IPRow {
 
 func (s *status) lb() []LBRow {
 	plan, _ := s.node.plan()
+	return lbRows(plan)
+}
+
+// lbRows is one row per frontend of plan (`shardlb get lb`).
+func lbRows(plan shard.Plan) []LBRow {
 	out := make([]LBRow, 0, len(plan.Frontends))
 	for _, f := range plan.Frontends {
 		eps := make([]string, 0, len(f.Endpoints))
@@ -120,7 +128,10 @@ func (s *status) lb() []LBRow {
 			eps = append(eps, net.JoinHostPort(e.Addr.String(), strconv.Itoa(int(e.Port))))
 		}
 		row := LBRow{ExtIP: f.VIP.String(), Port: f.Port, Protocol: f.Protocol.String(), Name: f.Service,
-			Select: f.Select.String(), Mode: f.Mode.String(), Endpoints: eps}
+			Select: f.Select.String(), Mode: f.Mode.String(), Endpoints: eps, ClientAddr: "node"}
+		if shard.KeepsClientAddr(f.Mode) {
+			row.ClientAddr = "client"
+		}
 		for _, p := range f.SourceRanges {
 			row.SourceRanges = append(row.SourceRanges, p.String())
 		}

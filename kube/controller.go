@@ -53,6 +53,9 @@ const (
 	// ReasonSessionAffinityIgnored: sessionAffinity ClientIP, or its timeout, is not
 	// applied as written (Normal).
 	ReasonSessionAffinityIgnored = "SessionAffinityIgnored"
+	// ReasonClientAddressTranslated: externalTrafficPolicy Local asks for the client's
+	// address at the endpoint, and the service's mode translates it (Normal).
+	ReasonClientAddressTranslated = "ClientAddressTranslated"
 	// ReasonVIPWithdrawn and ReasonVIPAnnounced (Normal) follow whether the nodes
 	// announce a service's VIPs, and say why not.
 	ReasonVIPWithdrawn = "VIPWithdrawn"
@@ -553,6 +556,12 @@ func (c *controller) check(s *service) []notice {
 	}
 	for _, k := range s.unsupportedAnnotations() {
 		warn(ReasonUnsupportedAnnotation, false, "%s is not implemented by shardlb and has no effect", k)
+	}
+	if s.LocalTraffic && !shard.KeepsClientAddr(mode) {
+		notes = append(notes, notice{corev1.EventTypeNormal, ReasonClientAddressTranslated, fmt.Sprintf(
+			"externalTrafficPolicy Local: mode %s gives the endpoints the load balancer's address, not the client's; "+
+				"%s default keeps the client's address (the endpoints' replies must route back through the load balancer nodes)",
+			mode, AnnotationLBMode), false})
 	}
 	if s.AffinityClientIP {
 		normal := func(format string, a ...any) {

@@ -137,7 +137,7 @@ func tabulate(what string, body []byte, wide bool) ([]string, [][]string, error)
 		}
 		header = []string{"EXT IP", "PORT", "PROTO", "NAME", "SEL", "MODE", "# OF ENDPOINTS"}
 		if wide {
-			header = append(header, "ENDPOINTS", "SOURCE RANGES")
+			header = append(header, "ENDPOINTS", "SOURCE RANGES", "CLIENT ADDR")
 		}
 		for _, r := range rs {
 			row := []string{r.ExtIP, strconv.Itoa(int(r.Port)), r.Protocol, r.Name, r.Select, r.Mode, strconv.Itoa(len(r.Endpoints))}
@@ -146,7 +146,7 @@ func tabulate(what string, body []byte, wide bool) ([]string, [][]string, error)
 				if ranges == "" {
 					ranges = "any"
 				}
-				row = append(row, strings.Join(r.Endpoints, ","), ranges)
+				row = append(row, strings.Join(r.Endpoints, ","), ranges, r.ClientAddr)
 			}
 			rows = append(rows, row)
 		}

@@ -63,6 +63,9 @@ type service struct {
 	// sessionAffinityConfig.clientIP.timeoutSeconds (0: not given).
 	AffinityClientIP bool
 	AffinityTimeout  int32
+	// LocalTraffic is spec.externalTrafficPolicy Local: the client's address is asked
+	// for at the endpoint.
+	LocalTraffic bool
 	// LoadBalancerIP is spec.loadBalancerIP, a static IP request as loxilb.io/staticIP.
 	LoadBalancerIP string
 }
@@ -231,6 +234,7 @@ func toService(obj any) (any, error) {
 		out.SourceRanges, out.SourceRangesErr = parseSourceRanges(s.Spec.LoadBalancerSourceRanges, s.Annotations[AnnotationLegacySourceRanges])
 		out.LoadBalancerIP = s.Spec.LoadBalancerIP
 	}
+	out.LocalTraffic = s.Spec.ExternalTrafficPolicy == corev1.ServiceExternalTrafficPolicyLocal
 	if s.Spec.SessionAffinity == corev1.ServiceAffinityClientIP {
 		out.AffinityClientIP = true
 		if c := s.Spec.SessionAffinityConfig; c != nil && c.ClientIP != nil && c.ClientIP.TimeoutSeconds != nil {

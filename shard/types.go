@@ -83,6 +83,11 @@ func (m Mode) String() string {
 	return fmt.Sprintf("Mode(%d)", uint8(m))
 }
 
+// KeepsClientAddr reports whether the endpoints see a connection's client address as
+// its source in mode m: default and dsr translate only the destination, onearm and
+// fullnat also the source.
+func KeepsClientAddr(m Mode) bool { return m == ModeDefault || m == ModeDSR }
+
 // Select is how a new flow picks its endpoint (annotation loxilb.io/epselect).
 type Select uint8
 
