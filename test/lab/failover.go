@@ -38,8 +38,12 @@ type FailoverResult struct {
 	Timeline []string
 	// Spreads are the router's kernel routes for the instance's VIPs, after the
 	// failure, with more than one next hop: with ranked backups the router falls back
-	// to the successor alone, so there should be none.
-	Spreads []string
+	// to the successor alone, so there should be none. On a clean stop, the old and
+	// the new master both announce as master between the new one's announcement and
+	// the old one's demotion (make-before-break): a route over those two alone is that
+	// overlap, listed in Overlaps, not a spread; the old master serves its own flows and
+	// the ones the new master hands off to it.
+	Spreads, Overlaps []string
 }
 
 // targets are the VIPs' service addresses.
@@ -116,14 +120,26 @@ func (l *Lab) Failover(ctx context.Context, f Failure, instance string, vips map
 			return l.Settled(ctx, vips)
 		})
 	}
+	handover := []netip.Addr{victim.ip}
+	if err == nil && f == CleanStop {
+		if masters, merr := l.Masters(); merr == nil && masters[instance] != nil {
+			handover = append(handover, masters[instance].ip)
+		}
+	}
 	time.Sleep(time.Second)
 	res.Outage = byVIP(p.stop())
 	changes := watch()
 	res.Timeline = timeline(t0, changes, res.Outage)
 	for _, c := range changes {
-		if c.At.After(t0) && len(c.Hops) > 1 {
-			res.Spreads = append(res.Spreads, fmt.Sprintf("%+dms %s via %v", c.At.Sub(t0).Milliseconds(), c.Prefix, c.Hops))
+		if !c.At.After(t0) || len(c.Hops) < 2 {
+			continue
 		}
+		line := fmt.Sprintf("%+dms %s via %v", c.At.Sub(t0).Milliseconds(), c.Prefix, c.Hops)
+		if len(handover) == 2 && !slices.ContainsFunc(c.Hops, func(h netip.Addr) bool { return !slices.Contains(handover, h) }) {
+			res.Overlaps = append(res.Overlaps, line)
+			continue
+		}
+		res.Spreads = append(res.Spreads, line)
 	}
 	if err == nil && f == CleanStop {
 		err = victim.exitErr() // a clean stop exits 0
