@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/vishvananda/netns"
@@ -155,6 +156,8 @@ type Outage struct {
 	Errors map[string]int
 	// Runs are the runs of consecutive failed probes, in order.
 	Runs []Run
+	// Resets are the start times of the probes whose connection was reset.
+	Resets []time.Time
 }
 
 // Run is a run of consecutive failed probes.
@@ -191,6 +194,9 @@ func analyze(ps []probe) Outage {
 			o.Errors = map[string]int{}
 		}
 		o.Errors[errorKind(p.err)]++
+		if errors.Is(p.err, syscall.ECONNRESET) {
+			o.Resets = append(o.Resets, p.start)
+		}
 		if run == nil {
 			o.Runs = append(o.Runs, Run{Start: p.start})
 			run = &o.Runs[len(o.Runs)-1]

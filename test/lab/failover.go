@@ -44,6 +44,12 @@ type FailoverResult struct {
 	// overlap, listed in Overlaps, not a spread; the old master serves its own flows and
 	// the ones the new master hands off to it.
 	Spreads, Overlaps []string
+	// LateResets counts, per VIP, the probes reset although they started after the
+	// router had moved the VIP away from the master: their connections went through
+	// the new next hop from their first packet, so a reset means the traffic moved a
+	// second time. A probe that started earlier went through the lost master (its
+	// SYN, or all of it) and may be reset when the rest of it reaches another node.
+	LateResets map[netip.Addr]int
 }
 
 // targets are the VIPs' service addresses.
@@ -130,6 +136,7 @@ func (l *Lab) Failover(ctx context.Context, f Failure, instance string, vips map
 	res.Outage = byVIP(p.stop())
 	changes := watch()
 	res.Timeline = timeline(t0, changes, res.Outage)
+	res.LateResets = lateResets(t0, victim.ip, changes, res.Outage)
 	for _, c := range changes {
 		if !c.At.After(t0) || len(c.Hops) < 2 {
 			continue
@@ -233,6 +240,32 @@ func (l *Lab) setUnschedulable(ctx context.Context, n *node, on bool) error {
 	}
 	n.cordoned = on
 	return nil
+}
+
+// lateResets counts the resets of probes that started after the router's first route
+// change for their VIP, since t0, that no longer goes via victim.
+func lateResets(t0 time.Time, victim netip.Addr, changes []routeChange, outages map[netip.Addr]Outage) map[netip.Addr]int {
+	moved := map[netip.Addr]time.Time{}
+	for _, c := range changes {
+		v := c.Prefix.Addr()
+		if _, ok := moved[v]; !ok && c.At.After(t0) && len(c.Hops) > 0 && !slices.Contains(c.Hops, victim) {
+			moved[v] = c.At
+		}
+	}
+	out := map[netip.Addr]int{}
+	for vip, o := range outages {
+		at, ok := moved[vip]
+		if !ok {
+			// Not moved (another instance's VIP): any reset is one too many.
+			at = t0.Add(-time.Hour)
+		}
+		for _, r := range o.Resets {
+			if r.After(at) {
+				out[vip]++
+			}
+		}
+	}
+	return out
 }
 
 // sortedVIPs returns the VIPs in address order.
