@@ -55,6 +55,8 @@ type Options struct {
 	BFD frr.BFDTimers
 	// MaxBackups is every node's --maxBackups (0: unset, every node announces).
 	MaxBackups int
+	// AttachMode is every node's --attachMode ("": unset, auto).
+	AttachMode string
 }
 
 // Lab is the whole system on one machine: an FRR router, a kube-apiserver with etcd,

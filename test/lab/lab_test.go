@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -18,6 +19,12 @@ import (
 // startLab starts a lab for one test (or benchmark) and closes it when it ends,
 // keeping the logs of a failed run.
 func startLab(t testing.TB, maxBackups int) *Lab {
+	t.Helper()
+	return startLabWith(t, Options{MaxBackups: maxBackups})
+}
+
+// startLabWith starts a lab with opts, BFD and Log set here.
+func startLabWith(t testing.TB, opts Options) *Lab {
 	t.Helper()
 	testenv.RequireRoot(t)
 	testenv.RequireTool(t, "ip", "ethtool", "sysctl", "setpriv", "nginx", "vtysh", "go")
@@ -34,7 +41,8 @@ func startLab(t testing.TB, maxBackups int) *Lab {
 	// seen silent for 500 ms, so with 100 ms timers the router drops a healthy node's
 	// routes by chance. The tests here are about shardlb's handovers; the BFD
 	// failover speed itself is measured by make bench (100 ms x 3).
-	l, err := Start(ctx, Options{Log: &progress, BFD: frr.BFDTimers{Interval: 300 * time.Millisecond, Multiplier: 3}, MaxBackups: maxBackups})
+	opts.Log, opts.BFD = &progress, frr.BFDTimers{Interval: 300 * time.Millisecond, Multiplier: 3}
+	l, err := Start(ctx, opts)
 	if errors.Is(err, kubeapi.ErrBinariesMissing) {
 		testenv.Unavailable(t, "%v (set %s or run make k8s-bins)", err, kubeapi.BinDirEnv)
 	}
@@ -304,10 +312,22 @@ func checkNoOutage(t *testing.T, vip netip.Addr, o Outage) {
 // SIGKILLed the router moves each of its VIPs to the successor alone, and once the
 // successor has taken the shard over, the next node by rank starts announcing as the
 // new successor, so FRR holds two paths per VIP again.
+//
+// Its nodes attach the datapath with --attachMode=tc, the clsact hook of kernels
+// without tcx, so both hooks run the lab's traffic and failovers.
 func TestBoundedAdvertisers(t *testing.T) {
-	l := startLab(t, 1)
+	l := startLabWith(t, Options{MaxBackups: 1, AttachMode: "tc"})
 	ctx := context.Background()
 	vips := guide(t, l)
+	for _, n := range l.nodes {
+		b, err := os.ReadFile(n.log)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !regexp.MustCompile(`msg="datapath attached" .*interface=eth0 hook=tc-ingress`).Match(b) {
+			t.Fatalf("%s did not attach with tc (%s)", n.name, n.log)
+		}
+	}
 	twoPaths := func(what string) {
 		t.Helper()
 		err := waitFor(ctx, 30*time.Second, what, func() error {

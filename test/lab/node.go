@@ -88,6 +88,9 @@ func (l *Lab) StartNodes(ctx context.Context) error {
 		if l.opts.MaxBackups > 0 {
 			n.argv = append(n.argv, fmt.Sprintf("--maxBackups=%d", l.opts.MaxBackups))
 		}
+		if l.opts.AttachMode != "" {
+			n.argv = append(n.argv, "--attachMode="+l.opts.AttachMode)
+		}
 		l.nodes = append(l.nodes, n)
 		// The Node object a kubelet would register; shardlb reads whether it is
 		// cordoned.
