@@ -118,7 +118,7 @@ func BenchmarkFailover(b *testing.B) {
 					vip = v
 				}
 			}
-			if _, err := l.RollingRestart(ctx, vips); err != nil {
+			if _, _, err := l.RollingRestart(ctx, vips); err != nil {
 				b.Fatal(err)
 			}
 			var gaps, failed []float64

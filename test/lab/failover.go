@@ -6,6 +6,8 @@ import (
 	"maps"
 	"net/netip"
 	"slices"
+	"strconv"
+	"strings"
 	"time"
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -188,23 +190,46 @@ func (l *Lab) settledMaster(ctx context.Context, instance string, vips map[netip
 
 // RollingRestart restarts every node in turn with a clean stop, as a DaemonSet
 // rollout with maxUnavailable 1 does, waiting for the lab to settle after each,
-// while the client probes every VIP every 10 ms.
-func (l *Lab) RollingRestart(ctx context.Context, vips map[netip.Addr]string) (map[netip.Addr]Outage, error) {
+// while the client probes every VIP every 10 ms. The timeline lists, relative to the
+// first stop, each node's stop and start, the router's kernel route changes for the
+// VIPs and the runs of failed probes.
+func (l *Lab) RollingRestart(ctx context.Context, vips map[netip.Addr]string) (map[netip.Addr]Outage, []string, error) {
+	var prefixes []netip.Prefix
+	for _, v := range sortedVIPs(vips) {
+		prefixes = append(prefixes, netip.PrefixFrom(v, 32))
+	}
 	p := l.client.startProbes(targets(vips), probeEvery)
+	watch := l.watchRoutes(prefixes)
+	time.Sleep(300 * time.Millisecond) // a baseline of good probes first
+	t0 := time.Now()
+	var marks []string
+	mark := func(what string) {
+		marks = append(marks, fmt.Sprintf("%+6dms lab: %s", time.Since(t0).Milliseconds(), what))
+	}
 	var err error
 	for _, n := range l.nodes {
+		mark(n.name + " SIGTERM")
 		if err = n.stop(); err != nil {
 			break
 		}
+		mark(n.name + " exited, starting again")
 		if err = n.start(); err != nil {
 			break
 		}
 		if err = l.WaitSettled(ctx, vips, 60*time.Second); err != nil {
 			break
 		}
+		mark("settled")
 	}
 	time.Sleep(time.Second)
-	return byVIP(p.stop()), err
+	out := byVIP(p.stop())
+	lines := append(timeline(t0, watch(), out), marks...)
+	slices.SortStableFunc(lines, func(a, b string) int {
+		ai, _ := strconv.Atoi(strings.TrimSpace(strings.TrimSuffix(strings.Fields(a)[0], "ms")))
+		bi, _ := strconv.Atoi(strings.TrimSpace(strings.TrimSuffix(strings.Fields(b)[0], "ms")))
+		return ai - bi
+	})
+	return out, lines, err
 }
 
 // Cordon cordons the node of instance's master, as `kubectl cordon` does, waits for

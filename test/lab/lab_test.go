@@ -281,10 +281,13 @@ func TestGuideEndToEnd(t *testing.T) {
 	failover(LinkCut, "default", false)
 
 	t.Run("a rolling restart of every node has no outage", func(t *testing.T) {
-		out, err := l.RollingRestart(ctx, vips)
+		out, timeline, err := l.RollingRestart(ctx, vips)
 		for vip, o := range out {
 			t.Logf("rolling restart: %s: %s", vip, o)
 			checkNoOutage(t, vip, o)
+		}
+		if t.Failed() || testing.Verbose() {
+			t.Logf("timeline:\n%s", strings.Join(timeline, "\n"))
 		}
 		if err != nil {
 			t.Fatal(err)
