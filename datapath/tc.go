@@ -158,13 +158,20 @@ func bpfForAll(x netlink.Filter) bool {
 	return ok && x.Attrs().Protocol == unix.ETH_P_ALL
 }
 
-// ours tells whether a bpf filter is shardlb's: the name shardlb gives its filter, and
-// shardlb's program in it.
+// ours tells whether a bpf filter, found at shardlb's priority and handle, is
+// shardlb's: the name shardlb gives its filter, and shardlb's program in it. Opening a
+// program by its ID needs CAP_SYS_ADMIN, which the DaemonSet does not grant: without
+// it the filter's name at that priority and handle is what identifies it (else a
+// process restarted after a crash would refuse the filter its predecessor left, and
+// crash-loop).
 func ours(b *netlink.BpfFilter) bool {
 	if b.Name != tcFilterName {
 		return false
 	}
 	p, err := ebpf.NewProgramFromID(ebpf.ProgramID(b.Id))
+	if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES) {
+		return true
+	}
 	if err != nil {
 		return false
 	}
