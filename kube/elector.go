@@ -106,7 +106,8 @@ type elector struct {
 	untilT   clock.Timer
 	holders  map[string]string       // instance -> holder of its fresh Lease
 	handoffs map[string][]netip.Addr // instance -> addresses of its previous master
-	// successors is instance -> the member that takes it over if its master fails.
+	// successors is instance -> the member that takes it over if its master fails, as
+	// this member announces it (mastership.Outcome.AnnouncedSuccessors).
 	successors map[string]string
 	// announce are the instances this pod announces (nil: every one).
 	announce map[string]bool
@@ -204,7 +205,8 @@ func (e *elector) Handoffs() map[string][]netip.Addr {
 }
 
 // Successors is instance -> the member that takes it over if its master fails, the
-// same on every node (shard.Input.Successors).
+// same on every node (shard.Input.Successors), except that this member's own entry
+// waits a moment after a change of master (mastership.Config.SuccessorHold).
 func (e *elector) Successors() map[string]string {
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -320,7 +322,7 @@ func (e *elector) evaluate(ctx context.Context) time.Time {
 	e.report(out.Events)
 
 	e.mu.Lock()
-	e.master, e.until, e.holders, e.handoffs, e.successors = out.Masters, out.Until, out.Holders, out.Handoffs, out.Successors
+	e.master, e.until, e.holders, e.handoffs, e.successors = out.Masters, out.Until, out.Holders, out.Handoffs, out.AnnouncedSuccessors
 	e.probe = out.Probe
 	e.announce = out.Announce
 	e.armExpiry()

@@ -102,6 +102,12 @@ type Config struct {
 	// MaxBackups bounds the backups announcing each instance (0: every member): the
 	// successor and the next MaxBackups-1 members by rendezvous rank (Outcome.Announce).
 	MaxBackups int
+	// SuccessorHold is how long a member that becomes an instance's successor because
+	// the instance's master changed waits before announcing successor attributes
+	// (Outcome.AnnouncedSuccessors): the new master, until then the successor, writes
+	// its Lease before its master route leaves, and a router that met two successor
+	// routes in that moment would spread the VIP over both. 0: 500 ms; negative: none.
+	SuccessorHold time.Duration
 	// Addresses and Incarnation are published on the member Lease: a member that takes
 	// over one of this member's instances in a planned switch hands off segments of
 	// connections it does not know to these addresses while this incarnation lives.
@@ -356,6 +362,10 @@ type Outcome struct {
 	// prefer, so that a failover moves traffic once. Every member computes the same
 	// map from the same Leases.
 	Successors map[string]string
+	// AnnouncedSuccessors is Successors less the instances this member has just become
+	// the successor of because their master changed (Config.SuccessorHold): those this
+	// member announces with successor attributes.
+	AnnouncedSuccessors map[string]string
 	// Acks are writes to make only once Masters are applied and the master routes
 	// left for the routers; then call Acknowledged with their results.
 	Acks []Write
@@ -397,6 +407,11 @@ type Core struct {
 	lastSuccessors map[string]string
 	succKey        string
 	succMemo       map[string]string
+	// holderOf and holderSince are each instance's master as last seen and since when;
+	// announcedSucc is the last Outcome's AnnouncedSuccessors.
+	holderOf      map[string]string
+	holderSince   map[string]time.Time
+	announcedSucc map[string]string
 
 	r *round // the step in progress
 }
@@ -415,10 +430,12 @@ type round struct {
 	meLive  bool
 	targets map[int]string  // write index -> member handed to
 	handed  map[string]bool // instances handed over in this round
-	// successors is instance -> the member that would master it if its master failed.
-	successors map[string]string
-	probe      []string
-	announce   map[string]bool
+	// successors is instance -> the member that would master it if its master failed;
+	// announcedSucc those this member announces so now (Outcome.AnnouncedSuccessors).
+	successors    map[string]string
+	announcedSucc map[string]string
+	probe         []string
+	announce      map[string]bool
 }
 
 // New returns a Core for cfg.
@@ -431,6 +448,7 @@ func New(cfg Config) *Core {
 		cfg: cfg, excluded: ex,
 		seen: map[string]seenLease{}, handover: map[string]string{}, dead: map[string]deadMember{}, missingSince: map[string]time.Time{},
 		previous: map[string]previousMaster{}, masters: map[string]bool{}, handoffs: map[string][]netip.Addr{},
+		holderOf: map[string]string{}, holderSince: map[string]time.Time{},
 	}
 }
 
@@ -684,6 +702,7 @@ func (c *Core) Step(in Input) []Write {
 	}
 	pref := shard.Rebalance(c.cfg.Instances, members, c.excluded, current)
 	r.successors = c.successors(members, current, pref)
+	r.announcedSucc = c.announcedSuccessors(r, current)
 	if c.cfg.MaxBackups > 0 {
 		r.announce = c.announced(members, current, pref, r.successors)
 	}
@@ -889,12 +908,13 @@ func (c *Core) Advance(now time.Time, results []Result) Outcome {
 	}
 	handoffs := c.handoffTargets(r, master)
 	out := Outcome{
-		Masters: master, Until: until, Holders: holders, Probe: r.probe, Announce: r.announce, Handoffs: handoffs, Successors: r.successors, Acks: r.acks,
+		Masters: master, Until: until, Holders: holders, Probe: r.probe, Announce: r.announce, Handoffs: handoffs, Successors: r.successors,
+		AnnouncedSuccessors: r.announcedSucc, Acks: r.acks,
 		Changed: !maps.Equal(c.masters, master) || !maps.EqualFunc(c.handoffs, handoffs, slices.Equal) ||
-			!maps.Equal(c.lastSuccessors, r.successors),
+			!maps.Equal(c.lastSuccessors, r.successors) || !maps.Equal(c.announcedSucc, r.announcedSucc),
 		Next: r.next, Events: r.events,
 	}
-	c.masters, c.handoffs, c.lastSuccessors = master, handoffs, r.successors
+	c.masters, c.handoffs, c.lastSuccessors, c.announcedSucc = master, handoffs, r.successors, r.announcedSucc
 	if len(r.acks) > 0 {
 		r.events = nil // Acknowledged reports its own
 	} else {
@@ -963,6 +983,35 @@ func (c *Core) handoffTargets(r *round, master map[string]bool) map[string][]net
 		if len(ml.Member.Addresses) > 0 {
 			out[inst] = slices.Clone(ml.Member.Addresses)
 		}
+	}
+	return out
+}
+
+// announcedSuccessors is r.successors less the instances this member has become the
+// successor of within Config.SuccessorHold of their master changing: the new master
+// was their successor until it wrote its Lease, and its master route leaves only
+// after that; announcing a second successor route before it would let a router
+// spread the VIP over the two. An instance this member was already announcing as
+// successor stays announced.
+func (c *Core) announcedSuccessors(r *round, current map[string]string) map[string]string {
+	hold := c.cfg.SuccessorHold
+	if hold == 0 {
+		hold = 500 * time.Millisecond
+	}
+	for _, inst := range c.cfg.Instances.Names() {
+		if h := current[inst]; h != c.holderOf[inst] {
+			c.holderOf[inst], c.holderSince[inst] = h, r.now
+		}
+	}
+	out := make(map[string]string, len(r.successors))
+	for inst, succ := range r.successors {
+		if succ == c.cfg.Me && hold > 0 && c.announcedSucc[inst] != succ {
+			if until := c.holderSince[inst].Add(hold); r.now.Before(until) {
+				r.soon(until)
+				continue
+			}
+		}
+		out[inst] = succ
 	}
 	return out
 }

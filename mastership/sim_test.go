@@ -51,6 +51,7 @@ type simMember struct {
 	flushBlocked bool
 	masters      map[string]bool
 	successors   map[string]string
+	announcedSuc map[string]string // Outcome.AnnouncedSuccessors
 	announce     map[string]bool   // nil: every instance
 	latency      time.Duration     // how long a round of this member's writes takes
 	probing      []string          // the members its last Outcome said to probe
@@ -485,6 +486,7 @@ func (s *sim) finish(m *simMember, results []Result, verbose bool) string {
 		}
 	}
 	m.successors = out.Successors
+	m.announcedSuc = out.AnnouncedSuccessors
 	m.announce = out.Announce
 	m.probing = out.Probe
 	for _, e := range events {
@@ -607,6 +609,12 @@ func (s *sim) state() string {
 			}
 		}
 		succ, _ := s.successor(inst)
+		for _, name := range s.names() {
+			// A member that is the successor in its own view but does not announce it yet.
+			if m := s.members[name]; m.alive && m.successors[inst] == name && m.announcedSuc != nil && m.announcedSuc[inst] != name {
+				succ += " (" + name + " held)"
+			}
+		}
 		if s.cfg.MaxBackups > 0 {
 			var by []string
 			for _, name := range s.names() {
