@@ -272,6 +272,15 @@ func (l *Lab) Settled(ctx context.Context, vips map[netip.Addr]string) error {
 		if len(paths) != want {
 			return fmt.Errorf("router holds %d paths for %s, want %d (one per running node, at most 1+maxBackups)", len(paths), vip, want)
 		}
+		successors := 0
+		for _, p := range paths {
+			if p.LocalPref == 200 {
+				successors++
+			}
+		}
+		if want > 1 && successors != 1 {
+			return fmt.Errorf("router holds %d paths for %s with the successor's LOCAL_PREF 200, want 1", successors, vip)
+		}
 		best, ok, err := l.Router.BestPath(ctx, netip.PrefixFrom(vip, 32))
 		if err != nil {
 			return err
