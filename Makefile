@@ -77,13 +77,16 @@ bench: deps k8s-bins
 demo: deps k8s-bins
 	SHARDLB_CACHE=$(CACHE) SHARDLB_K8S_BINS=$(CACHE)/k8s-v1.37.2 $(GO) run ./test/lab
 
-## generate: rebuild the eBPF objects and bindings (committed).
+## generate: rebuild the eBPF objects and bindings, and the CRDs and deep copies of
+## api/ (controller-gen, a Go tool of go.mod) (all committed).
 generate: deps
 	$(GO) generate ./datapath/...
+	$(GO) generate ./api/...
 
 ## check-generate: the committed eBPF objects are what the sources produce.
 check-generate: generate
-	@git diff --exit-code --stat -- datapath || { echo "make generate changed committed files: commit the regenerated eBPF objects"; exit 1; }
+	@git diff --exit-code --stat -- datapath api manifest/crds charts/shardlb/crds || { echo "make generate changed committed files: commit the regenerated eBPF objects, CRDs and deep copies"; exit 1; }
+	@test -z "$$(git status --porcelain --untracked-files=all -- api manifest/crds charts/shardlb/crds)" || { git status --short -- api manifest/crds charts/shardlb/crds; echo "make generate left files git does not track: commit them"; exit 1; }
 
 lint:
 	$(GO) vet $(PKGS)

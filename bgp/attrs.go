@@ -2,6 +2,7 @@ package bgp
 
 import (
 	"net/netip"
+	"slices"
 
 	"github.com/shardlb/shardlb/shard"
 )
@@ -13,7 +14,15 @@ type attrs struct {
 	LocalPref   uint32
 	MED         uint32
 	Communities []uint32
-	NextHop     netip.Addr
+	// LargeCommunities are ASN, DATA1, DATA2 each.
+	LargeCommunities [][3]uint32
+	NextHop          netip.Addr
+}
+
+// equal reports whether two announcements carry the same attributes.
+func (a attrs) equal(b attrs) bool {
+	return a.LocalPref == b.LocalPref && a.MED == b.MED && a.NextHop == b.NextHop &&
+		slices.Equal(a.Communities, b.Communities) && slices.Equal(a.LargeCommunities, b.LargeCommunities)
 }
 
 // route is one prefix to announce with its attributes.

@@ -2,6 +2,7 @@ package bgp
 
 import (
 	"bufio"
+	"cmp"
 	"errors"
 	"fmt"
 	"net"
@@ -23,14 +24,39 @@ type Peer struct {
 	Password string
 	// MultiHopTTL overrides Config.EBGPMultiHop for this peer when non-zero.
 	MultiHopTTL uint8
+	// LocalAddr is the session's source address; unset: Config.LocalAddr.
+	LocalAddr netip.Addr
+	// HoldTime and KeepaliveInterval override Config's when non-zero.
+	HoldTime, KeepaliveInterval time.Duration
+	// BFD overrides Config.BFD for this peer when set.
+	BFD *BFDConfig
 }
 
 // BFDConfig turns on BFD for every peer.
 type BFDConfig struct {
 	Enabled bool
-	// Interval is both the desired transmit and the required receive interval.
+	// Interval is the desired transmit interval and, unless Receive is set, the
+	// required receive interval.
 	Interval   time.Duration
 	Multiplier uint8
+	// Receive is the required minimum receive interval; 0: Interval.
+	Receive time.Duration
+}
+
+func (b BFDConfig) validate() error {
+	if !b.Enabled {
+		return nil
+	}
+	if b.Interval < 10*time.Millisecond || b.Interval > time.Minute {
+		return fmt.Errorf("BFD interval %v: want 10ms to 1m", b.Interval)
+	}
+	if b.Receive != 0 && (b.Receive < 10*time.Millisecond || b.Receive > time.Minute) {
+		return fmt.Errorf("BFD receive interval %v: want 10ms to 1m", b.Receive)
+	}
+	if b.Multiplier == 0 {
+		return fmt.Errorf("BFD multiplier: must be at least 1")
+	}
+	return nil
 }
 
 // Config is everything the speaker needs; DefaultConfig fills in the defaults.
@@ -218,13 +244,8 @@ func (c *Config) validate() error {
 	if c.ConnectRetry < time.Second {
 		bad("connect retry %v: must be at least 1s", c.ConnectRetry)
 	}
-	if c.BFD.Enabled {
-		if c.BFD.Interval < 10*time.Millisecond || c.BFD.Interval > time.Minute {
-			bad("BFD interval %v: want 10ms to 1m", c.BFD.Interval)
-		}
-		if c.BFD.Multiplier == 0 {
-			bad("BFD multiplier: must be at least 1")
-		}
+	if err := c.BFD.validate(); err != nil {
+		errs = append(errs, err)
 	}
 	if c.EBGPMultiHop && c.EBGPMultiHopTTL < 2 {
 		bad("eBGP multihop TTL %d: must be at least 2", c.EBGPMultiHopTTL)
@@ -254,8 +275,17 @@ func (c *Config) validate() error {
 	if _, err := parseCommunities(c.Communities); err != nil {
 		errs = append(errs, err)
 	}
+	errs = append(errs, c.validatePeers(c.Peers))
+	return errors.Join(errs...)
+}
+
+// validatePeers checks a peer list against the rest of the configuration.
+func (c *Config) validatePeers(peers []Peer) error {
+	var errs []error
+	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
 	seen := make(map[netip.Addr]bool)
-	for _, p := range c.Peers {
+	for _, p := range peers {
+		hold, keepalive := cmp.Or(p.HoldTime, c.HoldTime), cmp.Or(p.KeepaliveInterval, c.KeepaliveInterval)
 		switch {
 		case !p.Addr.IsValid():
 			bad("peer with no address")
@@ -265,23 +295,63 @@ func (c *Config) validate() error {
 			bad("peer %v: listed twice", p.Addr)
 		case p.MultiHopTTL == 1:
 			bad("peer %v: multihop TTL 1 is single hop; use 0 for the default", p.Addr)
+		case p.LocalAddr.IsValid() && p.LocalAddr.Is4() != p.Addr.Is4():
+			bad("peer %v: source address %v is of the other family", p.Addr, p.LocalAddr)
+		case p.HoldTime != 0 && hold < 3*time.Second:
+			bad("peer %v: hold time %v: must be at least 3s (RFC 4271)", p.Addr, hold)
+		case (p.HoldTime != 0 || p.KeepaliveInterval != 0) && (keepalive <= 0 || keepalive >= hold):
+			bad("peer %v: keepalive interval %v: must be positive and below the hold time %v", p.Addr, keepalive, hold)
+		}
+		if p.BFD != nil {
+			if err := p.BFD.validate(); err != nil {
+				bad("peer %v: %w", p.Addr, err)
+			}
 		}
 		seen[p.Addr] = true
 	}
 	return errors.Join(errs...)
 }
 
-// applyPasswordFile fills in Peer.Password from c.PasswordFile (format on Config).
+// applyPasswordFile fills in Peer.Password of c.Peers from c.PasswordFile.
 func (c *Config) applyPasswordFile() error {
+	pw, err := c.readPasswordFile()
+	if err != nil {
+		return err
+	}
+	pw.apply(c.Peers)
+	return nil
+}
+
+// passwords are the TCP MD5 passwords of Config.PasswordFile.
+type passwords struct {
+	perPeer map[netip.Addr]string
+	all     string
+}
+
+// apply sets the file's password of each peer it names, and its password for all
+// peers on those that have none.
+func (pw passwords) apply(peers []Peer) {
+	for i := range peers {
+		if v, ok := pw.perPeer[peers[i].Addr]; ok {
+			peers[i].Password = v
+		} else if peers[i].Password == "" {
+			peers[i].Password = pw.all
+		}
+	}
+}
+
+// readPasswordFile reads c.PasswordFile (format on Config); every peer it names must be
+// in c.Peers.
+func (c *Config) readPasswordFile() (passwords, error) {
+	perPeer := make(map[netip.Addr]string)
 	if c.PasswordFile == "" {
-		return nil
+		return passwords{perPeer: perPeer}, nil
 	}
 	f, err := os.Open(c.PasswordFile)
 	if err != nil {
-		return fmt.Errorf("read BGP password file: %w", err)
+		return passwords{}, fmt.Errorf("read BGP password file: %w", err)
 	}
 	defer f.Close()
-	perPeer := make(map[netip.Addr]string)
 	var all string
 	sc := bufio.NewScanner(f)
 	for line := 1; sc.Scan(); line++ {
@@ -292,33 +362,26 @@ func (c *Config) applyPasswordFile() error {
 		switch len(fields) {
 		case 1:
 			if all != "" {
-				return fmt.Errorf("BGP password file %s line %d: a second password for all peers", c.PasswordFile, line)
+				return passwords{}, fmt.Errorf("BGP password file %s line %d: a second password for all peers", c.PasswordFile, line)
 			}
 			all = fields[0]
 		case 2:
 			addr, err := netip.ParseAddr(fields[0])
 			if err != nil {
-				return fmt.Errorf("BGP password file %s line %d: %q is not an IP address", c.PasswordFile, line, fields[0])
+				return passwords{}, fmt.Errorf("BGP password file %s line %d: %q is not an IP address", c.PasswordFile, line, fields[0])
 			}
 			if !c.hasPeer(addr) {
-				return fmt.Errorf("BGP password file %s line %d: %v is not a configured peer", c.PasswordFile, line, addr)
+				return passwords{}, fmt.Errorf("BGP password file %s line %d: %v is not a configured peer", c.PasswordFile, line, addr)
 			}
 			perPeer[addr.Unmap()] = fields[1]
 		default:
-			return fmt.Errorf("BGP password file %s line %d: want \"PEER-IP PASSWORD\" or \"PASSWORD\"", c.PasswordFile, line)
+			return passwords{}, fmt.Errorf("BGP password file %s line %d: want \"PEER-IP PASSWORD\" or \"PASSWORD\"", c.PasswordFile, line)
 		}
 	}
 	if err := sc.Err(); err != nil {
-		return fmt.Errorf("read BGP password file: %w", err)
+		return passwords{}, fmt.Errorf("read BGP password file: %w", err)
 	}
-	for i := range c.Peers {
-		if pw, ok := perPeer[c.Peers[i].Addr]; ok {
-			c.Peers[i].Password = pw
-		} else if c.Peers[i].Password == "" {
-			c.Peers[i].Password = all
-		}
-	}
-	return nil
+	return passwords{perPeer: perPeer, all: all}, nil
 }
 
 func (c *Config) hasPeer(a netip.Addr) bool {
@@ -351,6 +414,23 @@ func parseCommunities(ss []string) ([]uint32, error) {
 			return nil, fmt.Errorf("community %q: want ASN:VALUE (0-65535 each) or a well-known name", s)
 		}
 		out = append(out, uint32(h)<<16|uint32(l))
+	}
+	return out, nil
+}
+
+// parseLargeCommunity reads "ASN:DATA1:DATA2", 32 bits each.
+func parseLargeCommunity(s string) ([3]uint32, error) {
+	var out [3]uint32
+	parts := strings.Split(s, ":")
+	if len(parts) != 3 {
+		return out, fmt.Errorf("large community %q: want ASN:DATA1:DATA2", s)
+	}
+	for i, p := range parts {
+		v, err := strconv.ParseUint(p, 10, 32)
+		if err != nil {
+			return out, fmt.Errorf("large community %q: %q is not a number of 0-4294967295", s, p)
+		}
+		out[i] = uint32(v)
 	}
 	return out, nil
 }

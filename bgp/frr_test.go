@@ -2,6 +2,7 @@ package bgp
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -361,4 +362,76 @@ func announceMany(t testing.TB, l *lab, s *speakerProc, n int) time.Duration {
 		return err == nil && k == n
 	})
 	return time.Since(start)
+}
+
+// TestFRRSetPeers changes one speaker's peers while it runs: removing FRR closes the
+// session and FRR drops its path, adding FRR back with a BFD profile brings the
+// session and BFD up with the profile's timers; the other speaker's session and FRR's
+// kernel route through it are never disturbed.
+func TestFRRSetPeers(t *testing.T) {
+	l := newLab(t, labConfig{routerASN: 65000, speakerASN: 65000, speakers: 2, bfd: 100 * time.Millisecond})
+	s1, s2 := l.speakers[0], l.speakers[1]
+	s1.set(t, labAdv(shard.RoleMaster))
+	s2.set(t, labAdv(shard.RoleBackup))
+	l.eventually(t, 10*time.Second, "two paths in FRR", func(ctx context.Context) bool { return len(l.paths(t, ctx)) == 2 })
+	l.waitRoute(t, labVIP, 5*time.Second, s1.addr)
+	s1Since := s1.peers(t)[0].Since
+
+	w := l.watchRoute()
+	t.Run("a peer removed live closes its session and FRR drops its path", func(t *testing.T) {
+		s2.setPeers(t)
+		l.eventually(t, 10*time.Second, "s2's session down at FRR", func(ctx context.Context) bool {
+			sum, err := l.router.Summary(ctx)
+			return err == nil && sum[s2.addr].State != "Established"
+		})
+		l.eventually(t, 5*time.Second, "s2's path gone", func(ctx context.Context) bool {
+			_, ok := l.paths(t, ctx)[s2.addr]
+			return !ok
+		})
+	})
+	t.Run("the peer added back with a BFD profile comes up with the profile's timers", func(t *testing.T) {
+		s2.setPeers(t, Peer{Addr: routerAddr, ASN: 65000, BFD: &BFDConfig{Enabled: true, Interval: 200 * time.Millisecond, Multiplier: 4}})
+		l.eventually(t, 30*time.Second, "s2's session and BFD up at FRR", func(ctx context.Context) bool {
+			sum, err := l.router.Summary(ctx)
+			if err != nil || sum[s2.addr].State != "Established" {
+				return false
+			}
+			// FRR's view of the speaker's side of the BFD session.
+			out, err := l.router.Vtysh(ctx, "show bfd peers json")
+			if err != nil {
+				return false
+			}
+			var peers []struct {
+				Peer       string `json:"peer"`
+				Status     string `json:"status"`
+				RemoteTx   int    `json:"remote-transmit-interval"`
+				RemoteMult int    `json:"remote-detect-multiplier"`
+			}
+			if json.Unmarshal(out, &peers) != nil {
+				return false
+			}
+			return slices.ContainsFunc(peers, func(b struct {
+				Peer       string `json:"peer"`
+				Status     string `json:"status"`
+				RemoteTx   int    `json:"remote-transmit-interval"`
+				RemoteMult int    `json:"remote-detect-multiplier"`
+			}) bool {
+				return b.Peer == s2.addr.String() && b.Status == "up" && b.RemoteTx == 200 && b.RemoteMult == 4
+			})
+		})
+		l.eventually(t, 5*time.Second, "s2's backup path back", func(ctx context.Context) bool {
+			p, ok := l.paths(t, ctx)[s2.addr]
+			return ok && p.LocalPref == 100
+		})
+	})
+	missing, polls, err := w.end()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if missing > 0 {
+		t.Fatalf("kernel route missing in %d of %d polls while the other speaker's peers changed", missing, polls)
+	}
+	if p := s1.peers(t)[0]; !p.Established || !p.Since.Equal(s1Since) {
+		t.Fatalf("s1's session = %+v, want established since %v, never restarted", p, s1Since)
+	}
 }

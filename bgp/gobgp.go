@@ -4,6 +4,7 @@ package bgp
 // to GoBGP's API and back, so no GoBGP or protobuf type leaves it.
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"log/slog"
@@ -20,6 +21,10 @@ import (
 
 // router is what the Speaker needs from a BGP implementation.
 type router interface {
+	// addPeer adds a peer, which is dialled at once; deletePeer closes its session
+	// (Cease) and forgets it. Neither touches the other sessions.
+	addPeer(ctx context.Context, cfg *Config, p Peer) error
+	deletePeer(ctx context.Context, cfg *Config, p Peer) error
 	// announce adds the routes, replacing any announcement of the same prefix.
 	announce(routes []route) error
 	withdraw(routes []route) error
@@ -92,13 +97,59 @@ func startGoBGP(ctx context.Context, cfg *Config, log *slog.Logger) (*gobgpRoute
 		return nil, fmt.Errorf("watch GoBGP peer events: %w", err)
 	}
 	for _, p := range cfg.Peers {
-		if err := srv.AddPeer(ctx, &api.AddPeerRequest{Peer: apiPeer(cfg, p)}); err != nil {
+		if err := r.addPeer(ctx, cfg, p); err != nil {
 			stopWatch()
 			srv.Stop()
-			return nil, fmt.Errorf("add BGP peer %v: %w", p.Addr, err)
+			return nil, err
 		}
 	}
 	return r, nil
+}
+
+// noPeer fills the eBGP peer set, which is never empty: GoBGP's neighbor condition
+// matches every neighbor when its set is empty, which would prepend toward iBGP peers.
+// No session has the unspecified address.
+const noPeer = "0.0.0.0/32"
+
+// isEBGP reports whether the session with p is eBGP.
+func isEBGP(cfg *Config, p Peer) bool { return p.ASN != cfg.LocalASN }
+
+// setEBGP adds p to the eBGP peer set (or removes it), so the prepend statements
+// apply to it. A new peer enters the set before its session starts, so its first
+// UPDATEs already carry the prepends.
+func (r *gobgpRouter) setEBGP(ctx context.Context, cfg *Config, p Peer, remove bool) error {
+	if !isEBGP(cfg, p) || cfg.BackupPrepend == 0 && cfg.SuccessorPrepend == 0 {
+		return nil
+	}
+	ds := &api.DefinedSet{DefinedType: api.DefinedType_DEFINED_TYPE_NEIGHBOR, Name: ebgpPeerSet,
+		List: []string{netip.PrefixFrom(p.Addr, p.Addr.BitLen()).String()}}
+	var err error
+	if remove {
+		err = r.srv.DeleteDefinedSet(ctx, &api.DeleteDefinedSetRequest{DefinedSet: ds})
+	} else {
+		err = r.srv.AddDefinedSet(ctx, &api.AddDefinedSetRequest{DefinedSet: ds})
+	}
+	if err != nil {
+		return fmt.Errorf("update eBGP peer set for %v: %w", p.Addr, err)
+	}
+	return nil
+}
+
+func (r *gobgpRouter) addPeer(ctx context.Context, cfg *Config, p Peer) error {
+	if err := r.setEBGP(ctx, cfg, p, false); err != nil {
+		return err
+	}
+	if err := r.srv.AddPeer(ctx, &api.AddPeerRequest{Peer: apiPeer(cfg, p)}); err != nil {
+		return fmt.Errorf("add BGP peer %v: %w", p.Addr, err)
+	}
+	return nil
+}
+
+func (r *gobgpRouter) deletePeer(ctx context.Context, cfg *Config, p Peer) error {
+	if err := r.srv.DeletePeer(ctx, &api.DeletePeerRequest{Address: p.Addr.String()}); err != nil {
+		return fmt.Errorf("delete BGP peer %v: %w", p.Addr, err)
+	}
+	return r.setEBGP(ctx, cfg, p, true)
 }
 
 // setPolicies rejects every imported route (peers must not inject routes into a load
@@ -156,18 +207,15 @@ func (r *gobgpRouter) setPolicies(ctx context.Context, cfg *Config) error {
 	// eBGP peers, and a first statement rejecting what is not in a set cannot be
 	// written: GoBGP's prefix condition never matches a path of another family, even
 	// inverted.
+	//
+	// The eBGP peer set starts with noPeer alone; addPeer and deletePeer keep it, so
+	// peers added later get their prepends too.
 	var statements []*api.Statement
-	var ebgp []string
-	for _, p := range cfg.Peers {
-		if p.ASN != cfg.LocalASN {
-			ebgp = append(ebgp, netip.PrefixFrom(p.Addr, p.Addr.BitLen()).String())
-		}
-	}
-	if len(ebgp) > 0 && (cfg.BackupPrepend > 0 || cfg.SuccessorPrepend > 0) {
+	if cfg.BackupPrepend > 0 || cfg.SuccessorPrepend > 0 {
 		err = r.srv.AddDefinedSet(ctx, &api.AddDefinedSetRequest{DefinedSet: &api.DefinedSet{
 			DefinedType: api.DefinedType_DEFINED_TYPE_NEIGHBOR,
 			Name:        ebgpPeerSet,
-			List:        ebgp,
+			List:        []string{noPeer},
 		}})
 		if err != nil {
 			return fmt.Errorf("define eBGP peer set: %w", err)
@@ -280,8 +328,8 @@ func apiPeer(cfg *Config, p Peer) *api.Peer {
 			AuthPassword:    p.Password,
 		},
 		Timers: &api.Timers{Config: &api.TimersConfig{
-			HoldTime:               seconds(cfg.HoldTime),
-			KeepaliveInterval:      seconds(cfg.KeepaliveInterval),
+			HoldTime:               seconds(cmp.Or(p.HoldTime, cfg.HoldTime)),
+			KeepaliveInterval:      seconds(cmp.Or(p.KeepaliveInterval, cfg.KeepaliveInterval)),
 			ConnectRetry:           seconds(cfg.ConnectRetry),
 			IdleHoldTimeAfterReset: seconds(cfg.IdleHoldAfterReset),
 		}},
@@ -291,7 +339,9 @@ func apiPeer(cfg *Config, p Peer) *api.Peer {
 	if p.Port != 0 {
 		ap.Transport.RemotePort = uint32(p.Port)
 	}
-	if cfg.LocalAddr.IsValid() && cfg.LocalAddr.Is4() == p.Addr.Is4() {
+	if p.LocalAddr.IsValid() {
+		ap.Transport.LocalAddress = p.LocalAddr.String()
+	} else if cfg.LocalAddr.IsValid() && cfg.LocalAddr.Is4() == p.Addr.Is4() {
 		ap.Transport.LocalAddress = cfg.LocalAddr.String()
 	}
 	if p.ASN != cfg.LocalASN {
@@ -301,13 +351,16 @@ func apiPeer(cfg *Config, p Peer) *api.Peer {
 			ap.EbgpMultihop = &api.EbgpMultihop{Enabled: true, MultihopTtl: uint32(cfg.EBGPMultiHopTTL)}
 		}
 	}
-	if cfg.BFD.Enabled {
-		us := uint32(cfg.BFD.Interval / time.Microsecond)
+	bfd := cfg.BFD
+	if p.BFD != nil {
+		bfd = *p.BFD
+	}
+	if bfd.Enabled {
 		ap.Bfd = &api.BfdPeerConfig{
 			Enabled:                  true,
-			DesiredMinimumTxInterval: us,
-			RequiredMinimumReceive:   us,
-			DetectionMultiplier:      uint32(cfg.BFD.Multiplier),
+			DesiredMinimumTxInterval: uint32(bfd.Interval / time.Microsecond),
+			RequiredMinimumReceive:   uint32(cmp.Or(bfd.Receive, bfd.Interval) / time.Microsecond),
+			DetectionMultiplier:      uint32(bfd.Multiplier),
 		}
 	}
 	return ap
@@ -407,6 +460,13 @@ func apiPath(rt route, withdraw bool) (*apiutil.Path, error) {
 	}
 	if len(rt.Attrs.Communities) > 0 {
 		attrs = append(attrs, bgp.NewPathAttributeCommunities(rt.Attrs.Communities))
+	}
+	if len(rt.Attrs.LargeCommunities) > 0 {
+		lcs := make([]*bgp.LargeCommunity, 0, len(rt.Attrs.LargeCommunities))
+		for _, c := range rt.Attrs.LargeCommunities {
+			lcs = append(lcs, bgp.NewLargeCommunity(c[0], c[1], c[2]))
+		}
+		attrs = append(attrs, bgp.NewPathAttributeLargeCommunities(lcs))
 	}
 	return &apiutil.Path{
 		Family:     family,

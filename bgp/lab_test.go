@@ -44,7 +44,8 @@ func TestMain(m *testing.M) {
 // runSpeakerProcess is the main of a speaker process. Commands on stdin:
 // a JSON array of advertisements (SetAdvertisements), "peers" (Peers as JSON),
 // "inject PREFIX LOCAL_PREF" (a path added through the speaker's own gRPC API, as
-// another process on the node would) and "shutdown". Each is answered with one line:
+// another process on the node would), "setpeers JSON" (SetPeers), "poolcommunities
+// JSON" (SetPoolCommunities) and "shutdown". Each is answered with one line:
 // "ok", JSON, or "error: ...".
 // SIGTERM shuts down cleanly, as the DaemonSet's pod would.
 func runSpeakerProcess(cfgJSON string) int {
@@ -100,6 +101,28 @@ func runSpeakerProcess(cfgJSON string) int {
 			case line == "peers":
 				b, _ := json.Marshal(s.Peers())
 				reply(string(b))
+			case strings.HasPrefix(line, "setpeers "):
+				var peers []Peer
+				if err := json.Unmarshal([]byte(strings.TrimPrefix(line, "setpeers ")), &peers); err != nil {
+					reply("error: " + err.Error())
+					continue
+				}
+				if err := s.SetPeers(ctx, peers); err != nil {
+					reply("error: " + err.Error())
+					continue
+				}
+				reply("ok")
+			case strings.HasPrefix(line, "poolcommunities "):
+				var pcs []PoolCommunities
+				if err := json.Unmarshal([]byte(strings.TrimPrefix(line, "poolcommunities ")), &pcs); err != nil {
+					reply("error: " + err.Error())
+					continue
+				}
+				if err := s.SetPoolCommunities(ctx, pcs); err != nil {
+					reply("error: " + err.Error())
+					continue
+				}
+				reply("ok")
 			case strings.HasPrefix(line, "inject "):
 				if err := injectCommand(ctx, cfg.GRPCListen, strings.Fields(line)[1:]); err != nil {
 					reply("error: " + err.Error())
@@ -230,6 +253,24 @@ func (p *speakerProc) set(t testing.TB, advs ...shard.Advertisement) {
 	b, _ := json.Marshal(advs)
 	if got := p.send(t, string(b)); got != "ok" {
 		t.Fatalf("speaker %s: SetAdvertisements: %s\n%s", p.name, got, p.logs())
+	}
+}
+
+// setPeers calls SetPeers in the speaker process.
+func (p *speakerProc) setPeers(t testing.TB, peers ...Peer) {
+	t.Helper()
+	b, _ := json.Marshal(peers)
+	if got := p.send(t, "setpeers "+string(b)); got != "ok" {
+		t.Fatalf("speaker %s: SetPeers: %s\n%s", p.name, got, p.logs())
+	}
+}
+
+// setPoolCommunities calls SetPoolCommunities in the speaker process.
+func (p *speakerProc) setPoolCommunities(t testing.TB, pcs ...PoolCommunities) {
+	t.Helper()
+	b, _ := json.Marshal(pcs)
+	if got := p.send(t, "poolcommunities "+string(b)); got != "ok" {
+		t.Fatalf("speaker %s: SetPoolCommunities: %s\n%s", p.name, got, p.logs())
 	}
 }
 

@@ -2,6 +2,7 @@ package bgp
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -42,7 +43,9 @@ type seenPath struct {
 	MED       uint32
 	ASPath    []uint32
 	NextHop   netip.Addr
-	At        time.Time
+	// Communities and LargeCommunities as "ASN:VALUE" and "ASN:DATA1:DATA2".
+	Communities, LargeCommunities []string
+	At                            time.Time
 }
 
 func testLogger(t testing.TB) *slog.Logger {
@@ -165,6 +168,14 @@ func toSeen(p *apiutil.Path) seenPath {
 			sp.NextHop = a.Value
 		case *bgp.PathAttributeMpReachNLRI:
 			sp.NextHop = a.Nexthop
+		case *bgp.PathAttributeCommunities:
+			for _, c := range a.Value {
+				sp.Communities = append(sp.Communities, fmt.Sprintf("%d:%d", c>>16, c&0xffff))
+			}
+		case *bgp.PathAttributeLargeCommunities:
+			for _, c := range a.Values {
+				sp.LargeCommunities = append(sp.LargeCommunities, fmt.Sprintf("%d:%d:%d", c.ASN, c.LocalData1, c.LocalData2))
+			}
 		}
 	}
 	return sp

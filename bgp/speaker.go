@@ -49,8 +49,14 @@ type Speaker struct {
 	r           router
 
 	started time.Time
+	// pw are the password file's passwords, for peers set later too.
+	pw passwords
 
-	mu      sync.Mutex
+	mu sync.Mutex
+	// peers are the configured peers (cfg.Peers is those at start).
+	peers []Peer
+	// pools are the communities added to the VIPs of some prefixes (SetPoolCommunities).
+	pools   []poolCommunities
 	applied map[netip.Prefix]applied // what is announced now
 	stopped bool
 	// unsent is the sessions' state just before the last change that announced a
@@ -83,9 +89,11 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Speaker, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, fmt.Errorf("bgp config: %w", err)
 	}
-	if err := cfg.applyPasswordFile(); err != nil {
+	pw, err := cfg.readPasswordFile()
+	if err != nil {
 		return nil, err
 	}
+	pw.apply(cfg.Peers)
 	communities, _ := parseCommunities(cfg.Communities) // validated above
 	if cfg.GRPCListen != "" {
 		// GoBGP only logs a gRPC listen failure and runs on without its API (older
@@ -110,8 +118,178 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Speaker, error) {
 		log:         log,
 		r:           r,
 		started:     time.Now(),
+		pw:          pw,
+		peers:       slices.Clone(cfg.Peers),
 		applied:     make(map[netip.Prefix]applied),
 	}, nil
+}
+
+// SetPeers makes the speaker's peers exactly desired, by address: a new peer is
+// dialled, a peer no longer listed is closed (Cease) and forgotten, and a peer whose
+// settings changed is closed and dialled again with the new ones (hold time,
+// password or BFD are negotiated when a session opens). Every other session is left
+// as it is, routes included. Peers without a password get the password file's. An
+// invalid list is refused whole, changing nothing; on a failure half-way the peers
+// already changed stay changed and a later call converges.
+func (s *Speaker) SetPeers(ctx context.Context, desired []Peer) error {
+	desired = slices.Clone(desired)
+	for i := range desired {
+		desired[i].Addr = desired[i].Addr.Unmap()
+	}
+	s.pw.apply(desired)
+	if err := s.cfg.validatePeers(desired); err != nil {
+		return fmt.Errorf("set peers: %w", err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.stopped {
+		return ErrStopped
+	}
+	want := make(map[netip.Addr]Peer, len(desired))
+	for _, p := range desired {
+		want[p.Addr] = p
+	}
+	var errs []error
+	kept := make([]Peer, 0, len(desired))
+	for _, cur := range s.peers {
+		p, ok := want[cur.Addr]
+		if ok && peerEqual(p, cur) {
+			kept = append(kept, cur)
+			continue
+		}
+		if err := s.r.deletePeer(ctx, &s.cfg, cur); err != nil {
+			errs = append(errs, err)
+			kept = append(kept, cur)
+			continue
+		}
+		if ok {
+			s.log.Info("BGP peer changed: session restarts", "peer", cur.Addr, "asn", p.ASN)
+		} else {
+			s.log.Info("BGP peer removed", "peer", cur.Addr, "asn", cur.ASN)
+		}
+	}
+	have := make(map[netip.Addr]bool, len(kept))
+	for _, p := range kept {
+		have[p.Addr] = true
+	}
+	for _, p := range desired {
+		if have[p.Addr] {
+			continue
+		}
+		if err := s.r.addPeer(ctx, &s.cfg, p); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		kept = append(kept, p)
+		s.log.Info("BGP peer added", "peer", p.Addr, "asn", p.ASN)
+	}
+	slices.SortFunc(kept, func(a, b Peer) int { return a.Addr.Compare(b.Addr) })
+	s.peers = kept
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("set peers: %w", err)
+	}
+	return nil
+}
+
+// PoolCommunities are communities added to the VIPs inside some prefixes (one VIP
+// pool's), on top of Config.Communities.
+type PoolCommunities struct {
+	Prefixes []netip.Prefix
+	// Communities are "ASN:VALUE" or well-known names, as Config.Communities.
+	Communities []string
+	// LargeCommunities are "ASN:DATA1:DATA2" (RFC 8092).
+	LargeCommunities []string
+}
+
+type poolCommunities struct {
+	prefixes    []netip.Prefix
+	communities []uint32
+	large       [][3]uint32
+}
+
+// SetPoolCommunities sets the communities of the VIPs by pool and re-announces every
+// VIP whose attributes change, which replaces its route at the peers (no withdrawal
+// in between). An invalid list is refused whole, changing nothing.
+func (s *Speaker) SetPoolCommunities(ctx context.Context, pools []PoolCommunities) error {
+	parsed := make([]poolCommunities, 0, len(pools))
+	for _, p := range pools {
+		cs, err := parseCommunities(p.Communities)
+		if err != nil {
+			return fmt.Errorf("set pool communities: %w", err)
+		}
+		pc := poolCommunities{prefixes: slices.Clone(p.Prefixes), communities: cs}
+		for _, l := range p.LargeCommunities {
+			v, err := parseLargeCommunity(l)
+			if err != nil {
+				return fmt.Errorf("set pool communities: %w", err)
+			}
+			pc.large = append(pc.large, v)
+		}
+		parsed = append(parsed, pc)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.stopped {
+		return ErrStopped
+	}
+	s.pools = parsed
+	var announce []route
+	for p, cur := range s.applied {
+		if rt := s.routeFor(p, cur.adv); !rt.Attrs.equal(cur.route.Attrs) {
+			announce = append(announce, rt)
+		}
+	}
+	if len(announce) == 0 {
+		return nil
+	}
+	slices.SortFunc(announce, func(a, b route) int { return a.Prefix.Addr().Compare(b.Prefix.Addr()) })
+	if err := s.r.announce(announce); err != nil {
+		return fmt.Errorf("set pool communities: %w", err)
+	}
+	for _, rt := range announce {
+		s.applied[rt.Prefix] = applied{adv: s.applied[rt.Prefix].adv, route: rt}
+	}
+	s.log.Info("VIP communities changed", "reannounced", len(announce))
+	return nil
+}
+
+// routeFor is the route of one advertisement: the role's attributes, the speaker's
+// communities and those of every pool holding the VIP, sorted and without repeats.
+// Called with s.mu held.
+func (s *Speaker) routeFor(p netip.Prefix, a shard.Advertisement) route {
+	cs := slices.Clone(s.communities)
+	var large [][3]uint32
+	for _, pc := range s.pools {
+		if slices.ContainsFunc(pc.prefixes, func(pool netip.Prefix) bool { return pool.Contains(p.Addr()) }) {
+			cs = append(cs, pc.communities...)
+			large = append(large, pc.large...)
+		}
+	}
+	if len(s.pools) > 0 {
+		slices.Sort(cs)
+		cs = slices.Compact(cs)
+		slices.SortFunc(large, func(a, b [3]uint32) int { return slices.Compare(a[:], b[:]) })
+		large = slices.Compact(large)
+	}
+	at := s.cfg.attrsFor(p, a.Role, a.Successor, cs)
+	at.LargeCommunities = large
+	return route{Prefix: p, Attrs: at}
+}
+
+// peerEqual reports whether two peer settings give the same session.
+func peerEqual(a, b Peer) bool {
+	if (a.BFD == nil) != (b.BFD == nil) || a.BFD != nil && *a.BFD != *b.BFD {
+		return false
+	}
+	a.BFD, b.BFD = nil, nil
+	return a == b
+}
+
+// peerCount is the number of configured peers.
+func (s *Speaker) peerCount() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.peers)
 }
 
 // SetAdvertisements makes the announced VIPs exactly desired. A prefix whose role
@@ -140,8 +318,8 @@ func (s *Speaker) SetAdvertisements(ctx context.Context, desired []shard.Adverti
 	}
 	var announce, withdraw []route
 	for p, a := range want {
-		rt := route{Prefix: p, Attrs: s.cfg.attrsFor(p, a.Role, a.Successor, s.communities)}
-		if cur, ok := s.applied[p]; ok && cur.adv.Role == a.Role && cur.adv.Successor == a.Successor {
+		rt := s.routeFor(p, a)
+		if cur, ok := s.applied[p]; ok && cur.route.Attrs.equal(rt.Attrs) {
 			s.applied[p] = applied{adv: a, route: cur.route}
 			continue
 		}
@@ -229,7 +407,8 @@ var ErrNotAnnouncing = errors.New("no BGP session is established")
 // which would leave the routers with no master route and spread the VIP over the
 // backups, which do not know the connections in flight.
 func (s *Speaker) Announcing() bool {
-	if len(s.cfg.Peers) == 0 {
+	n := s.peerCount()
+	if n == 0 {
 		return true
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -244,7 +423,7 @@ func (s *Speaker) Announcing() bool {
 			up++
 		}
 	}
-	return up == len(s.cfg.Peers) || up > 0 && time.Since(s.started) >= s.cfg.PeerWait
+	return up >= n || up > 0 && time.Since(s.started) >= s.cfg.PeerWait
 }
 
 // Flush returns once the routes announced by SetAdvertisements have been sent on
@@ -253,7 +432,7 @@ func (s *Speaker) Announcing() bool {
 // the peer did not negotiate sends nothing). It returns ErrNotAnnouncing when peers
 // are configured and none is established: nothing set reached a router.
 func (s *Speaker) Flush(ctx context.Context) error {
-	if len(s.cfg.Peers) == 0 {
+	if s.peerCount() == 0 {
 		return nil
 	}
 	s.mu.Lock()

@@ -14,9 +14,10 @@ import (
 	"sigs.k8s.io/yaml"
 )
 
-// FS holds the manifests: *.yaml at the top, the guide's examples under examples/.
+// FS holds the manifests: *.yaml at the top, the CRDs under crds/ (generated from
+// api/), the guide's examples under examples/.
 //
-//go:embed *.yaml examples/*.yaml
+//go:embed *.yaml crds/*.yaml examples/*.yaml
 var FS embed.FS
 
 // docSeparator splits a multi-document YAML stream.

@@ -46,6 +46,8 @@ func TestKustomizationListsEveryManifest(t *testing.T) {
 		t.Fatal(err)
 	}
 	files = slices.DeleteFunc(files, func(f string) bool { return f == "kustomization.yaml" })
+	crds, _ := fs.Glob(manifest.FS, "crds/*.yaml")
+	files = append(files, crds...)
 	got := kustomizeResources(t)
 	slices.Sort(files)
 	slices.Sort(got)

@@ -68,6 +68,7 @@ func runServe(ctx context.Context, cfg config, log *slog.Logger) error {
 		deps.DatapathCounters = func() kube.DatapathCounters { return counters(dp.Stats()) }
 	}
 
+	var speaker *bgp.Speaker
 	if cfg.BGPEnabled {
 		if !cfg.BGP.RouterID.IsValid() {
 			return errors.New("BGP needs an IPv4 router ID: set --nodeIP or $NODE_IP")
@@ -87,7 +88,19 @@ func runServe(ctx context.Context, cfg config, log *slog.Logger) error {
 		}()
 		deps.Router = sp
 		deps.BGPPeers = func() []kube.BGPPeer { return peerRows(sp.Peers()) }
+		speaker = sp
 	}
+	// Configuration objects (shardlb.io CRDs), applied live beside the flags.
+	objCtx, stopObjects := context.WithCancel(ctx)
+	objDone := make(chan struct{})
+	go func() {
+		defer close(objDone)
+		err := kube.WatchObjects(objCtx, cfg.Kube, kube.ObjectsDeps{Logger: log.With("part", "objects"), Flags: objectFlags(cfg), Apply: applyObjects(cfg.BGP, speaker, log)})
+		if err != nil {
+			log.Error("configuration objects", "err", err)
+		}
+	}()
+	defer func() { stopObjects(); <-objDone }()
 	return kube.Run(ctx, cfg.Kube, deps)
 }
 
