@@ -51,6 +51,14 @@ deps:
 	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 
+## tools: Helm v4 (the chart's tests render it), built from the Go module proxy into
+## GOPATH/bin once (about 6 minutes on 2 cores the first time).
+HELM_VERSION := v4.3.2
+.PHONY: tools
+tools:
+	@$(GO) version -m "$$(command -v helm)" 2>/dev/null | grep -q 'mod[[:space:]]*helm.sh/helm/v4[[:space:]]*$(HELM_VERSION)' || \
+	  { echo "building helm $(HELM_VERSION)"; $(GO) install helm.sh/helm/v4/cmd/helm@$(HELM_VERSION); }
+
 ## k8s-bins: kube-apiserver and etcd from the Go module proxy, cached outside the repo.
 k8s-bins:
 	@SHARDLB_CACHE=$(CACHE) bash hack/k8s-binaries.sh >/dev/null
@@ -59,7 +67,7 @@ k8s-bins:
 ## lab runs alone after the rest: its failover assertions (BFD at 100 ms x 3, no lost
 ## probe on planned switches) want the two cores to itself.
 LAB := ./test/lab
-test: deps k8s-bins check-generate lint
+test: deps tools k8s-bins check-generate lint
 	SHARDLB_K8S_BINS=$(CACHE)/k8s-v1.37.2 $(GO) test -race -count=1 -timeout 40m $$($(GO) list $(PKGS) | grep -v '/test/lab$$')
 	SHARDLB_K8S_BINS=$(CACHE)/k8s-v1.37.2 $(GO) test -race -count=1 -timeout 20m $(LAB)
 	$(GO) test -C hack/image -count=1 ./...
