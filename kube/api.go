@@ -57,6 +57,10 @@ type BGPPeer struct {
 	AS     uint32 `json:"as"`
 	State  string `json:"state"`  // e.g. ESTABLISHED, ACTIVE, IDLE
 	Uptime string `json:"uptime"` // as the speaker formats it
+	// PrefixesSent are the VIPs announced on the session.
+	PrefixesSent int `json:"prefixesSent"`
+	// BFD is the session's BFD state (up, down, init, admin-down); "" without BFD.
+	BFD string `json:"bfd,omitempty"`
 }
 
 // ServiceRow is one service cluster-wide (`shardlb get services`): the question "which

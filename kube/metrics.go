@@ -96,6 +96,8 @@ type stateCollector struct {
 	pools    func() []ipam.PoolStats
 	roleDesc *prometheus.Desc
 	peerDesc *prometheus.Desc
+	sentDesc *prometheus.Desc
+	bfdDesc  *prometheus.Desc
 	poolSize *prometheus.Desc
 	poolUsed *prometheus.Desc
 }
@@ -107,6 +109,8 @@ func newStateCollector(roles func() []HARow, peers func() []BGPPeer, pools func(
 		// instance to exported_instance, its own target label taking the name.
 		roleDesc: prometheus.NewDesc("shardlb_instance_role", "1 for this node's role on each shard (MASTER, BACKUP or EQUAL).", []string{"shard", "role"}, nil),
 		peerDesc: prometheus.NewDesc("shardlb_bgp_session_state", "1 for each BGP peer's current session state.", []string{"peer", "state"}, nil),
+		sentDesc: prometheus.NewDesc("shardlb_bgp_prefixes_advertised", "VIP prefixes announced to each BGP peer.", []string{"peer"}, nil),
+		bfdDesc:  prometheus.NewDesc("shardlb_bfd_session_up", "1 while the BFD session with a BGP peer is up, 0 otherwise; absent for a peer without BFD.", []string{"peer"}, nil),
 		// Size and use are two series, so that each sums over pools.
 		poolSize: prometheus.NewDesc("shardlb_pool_size_addresses", "Addresses in each pool, reported by the controller pod.", []string{"pool"}, nil),
 		poolUsed: prometheus.NewDesc("shardlb_pool_used_addresses", "Addresses of each pool in use, reported by the controller pod.", []string{"pool"}, nil),
@@ -116,6 +120,8 @@ func newStateCollector(roles func() []HARow, peers func() []BGPPeer, pools func(
 func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.roleDesc
 	ch <- c.peerDesc
+	ch <- c.sentDesc
+	ch <- c.bfdDesc
 	ch <- c.poolSize
 	ch <- c.poolUsed
 }
@@ -127,6 +133,14 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	if c.peers != nil {
 		for _, p := range c.peers() {
 			ch <- prometheus.MustNewConstMetric(c.peerDesc, prometheus.GaugeValue, 1, p.Peer, p.State)
+			ch <- prometheus.MustNewConstMetric(c.sentDesc, prometheus.GaugeValue, float64(p.PrefixesSent), p.Peer)
+			if p.BFD != "" {
+				up := 0.0
+				if p.BFD == "up" {
+					up = 1
+				}
+				ch <- prometheus.MustNewConstMetric(c.bfdDesc, prometheus.GaugeValue, up, p.Peer)
+			}
 		}
 	}
 	for _, p := range c.pools() {

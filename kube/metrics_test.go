@@ -18,7 +18,13 @@ func TestMetricsScrapeNamesAndLabels(t *testing.T) {
 		func() []HARow {
 			return []HARow{{Instance: "llb-inst1", State: "MASTER"}, {Instance: "llb-inst2", State: "BACKUP"}}
 		},
-		func() []BGPPeer { return []BGPPeer{{Peer: "10.0.0.1", State: "established"}} },
+		func() []BGPPeer {
+			return []BGPPeer{
+				{Peer: "10.0.0.1", State: "established", PrefixesSent: 2, BFD: "up"},
+				{Peer: "10.0.0.2", State: "active", BFD: "down"},
+				{Peer: "10.0.0.3", State: "established", PrefixesSent: 2},
+			}
+		},
 		func() []ipam.PoolStats {
 			return []ipam.PoolStats{{Name: "defaultPool", Size: 254, Used: 3}, {Name: "edge", Size: 16, Used: 16}}
 		},
@@ -40,6 +46,10 @@ func TestMetricsScrapeNamesAndLabels(t *testing.T) {
 		`shardlb_instance_role{role="MASTER",shard="llb-inst1"} 1`,
 		`shardlb_instance_role{role="BACKUP",shard="llb-inst2"} 1`,
 		`shardlb_bgp_session_state{peer="10.0.0.1",state="established"} 1`,
+		`shardlb_bgp_prefixes_advertised{peer="10.0.0.1"} 2`,
+		`shardlb_bgp_prefixes_advertised{peer="10.0.0.2"} 0`,
+		`shardlb_bfd_session_up{peer="10.0.0.1"} 1`,
+		`shardlb_bfd_session_up{peer="10.0.0.2"} 0`,
 		`shardlb_pool_size_addresses{pool="defaultPool"} 254`,
 		`shardlb_pool_used_addresses{pool="defaultPool"} 3`,
 		`shardlb_pool_size_addresses{pool="edge"} 16`,
@@ -58,6 +68,9 @@ func TestMetricsScrapeNamesAndLabels(t *testing.T) {
 		// Prometheus would rename a label called instance to exported_instance.
 		if strings.Contains(line, `{instance=`) || strings.Contains(line, `,instance=`) {
 			t.Errorf("series with a label named instance: %s", line)
+		}
+		if strings.HasPrefix(line, `shardlb_bfd_session_up{peer="10.0.0.3"}`) {
+			t.Errorf("BFD state of a peer without BFD: %s", line)
 		}
 		if strings.HasPrefix(line, "shardlb_pool_addresses") {
 			t.Errorf("old pool series still exported: %s", line)

@@ -121,7 +121,7 @@ func peerRows(ps []bgp.PeerStatus) []kube.BGPPeer {
 		if p.Established && !p.Since.IsZero() {
 			up = time.Since(p.Since).Truncate(time.Second).String()
 		}
-		rows = append(rows, kube.BGPPeer{Peer: p.Addr.String(), AS: p.ASN, State: p.State, Uptime: up})
+		rows = append(rows, kube.BGPPeer{Peer: p.Addr.String(), AS: p.ASN, State: p.State, Uptime: up, PrefixesSent: p.PrefixesSent, BFD: p.BFD})
 	}
 	return rows
 }
