@@ -221,5 +221,5 @@ func TestSelections(t *testing.T) {
 
 func ExampleDropReasons() {
 	fmt.Println(len(DropReasons()))
-	// Output: 6
+	// Output: 8
 }

@@ -1,6 +1,7 @@
 // Package datapath loads shardlb's eBPF load balancer and programs it: services keyed by
-// (VIP, port, protocol), Maglev rings computed in Go, conntrack in both directions and
-// the default, onearm and fullnat NAT modes, for IPv4 and IPv6.
+// (VIP, port, protocol), Maglev rings computed in Go, conntrack in both directions, the
+// default, onearm and fullnat NAT modes and direct server return (dsr) to the
+// endpoint's node, for IPv4 and IPv6.
 //
 // # Hooks, kernels and other programs
 //
@@ -317,6 +318,95 @@
 // errors). A GSO packet is checked per segment by the kernel instead, and a
 // CHECKSUM_PARTIAL one is left to the kernel as before (its checksum offsets would point
 // into the answer). TestPathMTUThroughTheVIP covers both places of the small link.
+//
+// # Direct server return (dsr)
+//
+// In dsr the state a connection needs lives on its endpoint's node, never on the node
+// the router sent the client's packets to, so that any load-balancing node can be lost
+// (crash, link cut, program gone) without losing a connection and without copying
+// state between nodes. Every node still programs every dsr frontend; what a node does
+// with a packet depends on where the endpoint runs (shard.Endpoint.Node, written into
+// its endpoint entry; dsr.h):
+//
+//   - The node a client's packet reaches picks the endpoint as in the other modes (the
+//     Maglev table, the same on every node). An endpoint on another node gets the
+//     packet unchanged inside one outer IP header, from this node's address
+//     (Config.NodeIPv4 or NodeIPv6, the VIP's family) to the endpoint's node, added by
+//     bpf_skb_adjust_room with the ENCAP_L3 flags, routed by bpf_fib_lookup and
+//     redirected as translated packets are. The flow gets a CT_ENCAP entry (endpoint,
+//     outer addresses, cached next hop), so that it keeps its endpoint through changes
+//     of the service's endpoints while it stays on this node. That entry is a cache:
+//     another node computes the same from the same table.
+//   - The endpoint's node strips the outer header of an IP-in-IP packet whose outer
+//     destination is its own address and whose inner packet is for a dsr frontend,
+//     and handles the inner packet as if it had come directly: its conntrack entry,
+//     else the same Maglev pick, the VIP translated to the endpoint with the client's
+//     address kept, and a reply entry. A decapsulated new flow whose pick is an
+//     endpoint on yet another node (the two nodes' tables differ for the moment of an
+//     update) is dropped and counted (drop reason dsr_misdirected), never sent on
+//     again: nothing loops.
+//   - The endpoint's reply is translated back to come from the VIP and its port by
+//     that reply entry and leaves by this node's own route to the client, never
+//     through the load-balancing node.
+//   - An endpoint on the node the client's packet reached is served as in default
+//     mode, without encapsulation.
+//
+// Because the endpoint's node picks the endpoint again, dsr takes only selections
+// every node computes alike: hash and persist (rr is refused with the frontend). A dsr
+// endpoint without a node address of the VIP's family is refused with its frontend
+// too: its node runs no shardlb that would strip the header.
+//
+// The encapsulation is IP in IP (IPv4 in IPv4, protocol 4; IPv6 in IPv6, protocol 41),
+// not GUE or FOU (UDP): it costs the least (20 and 40 bytes, against 28 and 48 for
+// FOU, 32 and 52 for GUE), the kernel segments it (SKB_GSO_IPXIP4/6, which
+// bpf_skb_adjust_room sets, so GSO packets shrink their segments by the header), no
+// port has to be chosen, opened or kept from other uses, and the kernel needs no
+// tunnel module (the program adds and strips the header; kernels without ipip or fou
+// work alike). What UDP would add is entropy for routers' ECMP and NICs' receive-side
+// scaling on the endpoint's node, which hash IPv4-in-IPv4 packets on the outer
+// addresses only on many NICs: all of one load-balancing node's flows to one
+// endpoint's node then take one path and one receive queue there. The IPv6 outer
+// header carries the flow hash as its flow label, which newer routers and NICs hash.
+// It is Katran's default encapsulation too.
+//
+// What the network must accept: replies from the VIP leaving every node that runs an
+// endpoint (no strict reverse-path filter for VIP sources on the first router: loose
+// or none), and IP protocol 4 or 41 between nodes. The outer header takes 20 (40)
+// bytes of the path's MTU: the endpoint's node lowers the MSS of the SYN-ACK its
+// endpoint sends through a dsr VIP by that much (an MSS option in first place, as
+// Linux, BSD and Windows send it), so the client's segments fit once encapsulated;
+// a packet that still does not fit and must not be fragmented is answered by the
+// load-balancing node with "fragmentation needed" / "packet too big" from the VIP, for
+// the next hop's MTU less the outer header (TestDSRRoutedFixtures). A UDP datagram
+// that fits only without the header, without DF, is left to the kernel, which
+// fragments the outer packet, and the endpoint's node drops the fragments: a dsr UDP
+// service's datagrams must stay within the MTU less 20 (40) bytes.
+//
+// TestDSRSurvivesLosingTheLoadBalancer shows the purpose through namespaces (client,
+// router, two load-balancing nodes, an endpoint's node and its pod), in both families:
+// a keep-alive connection through node A keeps its endpoint and its answers when node
+// A's program is removed, or its link cut, and the router sends the VIP to node B,
+// which never saw the connection; the pod sees the client's address; a 1 MiB upload
+// completes through either node without one "packet too big". What remains breakable:
+// a flow whose load-balancing node is lost after the service's endpoints changed since
+// the flow began in a way that moved its slot of the Maglev table: the next node picks
+// the slot's new endpoint, which resets the flow (the CT_ENCAP entry kept it on its
+// endpoint only on the lost node). An endpoint added to N moves about 1/(N+1) of the
+// slots, one removed its own and a few points more (datapath/maglev measures it):
+// TestDSRFlowsKeepTheirEndpointAcrossChanges sees the node that carried 1,000 flows
+// keep every one on its endpoint when a fifth endpoint joins, and a node that never
+// saw them send 22% elsewhere. Every flow of an endpoint's node that is lost is lost
+// too, as in every mode. An ICMP error about a reply (sent to
+// the VIP by a router on the reply path) reaches a load-balancing node, which has no
+// state for replies, and passes untouched: path MTU discovery from the endpoint to the
+// client relies on the client's MSS. A GSO packet keeps its segment size when its
+// header is stripped (BPF_F_ADJ_ROOM_FIXED_GSO) but keeps the skb's tunnel GSO flags,
+// which the kernel's own decapsulation would clear: covered by no test, since the
+// test's veths do not merge IP-in-IP packets.
+//
+// BenchmarkDSRTestRun measures every dsr packet beside default and onearm ones, one
+// run per call (an encapsulated packet cannot run again as it was), so each row holds
+// the clock's cost as the baseline row does; its ns/pkt-net column takes that out.
 //
 // # Limits
 //

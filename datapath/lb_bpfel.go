@@ -25,7 +25,7 @@ type lbCtEntry struct {
 	Dir         uint8
 	Closing     uint8
 	Denied      uint8
-	Pad         uint8
+	Flags       uint8
 	NhIfindex   uint32
 	NhIif       uint32
 	NhLen       uint16
@@ -45,6 +45,7 @@ type lbEndpoint struct {
 	Valid    uint8
 	Gen      uint32
 	RangeGen uint32
+	Node     [4]uint32
 }
 
 type lbEndpointNh struct {

@@ -26,6 +26,7 @@ type pkt struct {
 	srcMAC    [6]byte // clientMAC if zero
 	dstMAC    [6]byte // lbMAC if zero
 	tcpFlags  uint8   // SYN if zero
+	mss       uint16  // TCP: an MSS option (the only option) when not zero
 }
 
 var (
@@ -58,6 +59,10 @@ func (p pkt) bytes() []byte {
 		binary.BigEndian.PutUint16(l4[2:], p.dst.Port())
 		binary.BigEndian.PutUint32(l4[4:], 1000)
 		l4[12] = 5 << 4
+		if p.mss != 0 {
+			l4 = append(l4, 2, 4, byte(p.mss>>8), byte(p.mss))
+			l4[12] = 6 << 4
+		}
 		l4[13] = p.tcpFlags
 		if l4[13] == 0 {
 			l4[13] = 0x02

@@ -164,7 +164,7 @@ func (d *Datapath) dropRanges(id uint32, have *[]netip.Prefix, del []netip.Prefi
 // publishRangeGen writes a's range generation into each of its endpoints.
 func (d *Datapath) publishRangeGen(a *applied) error {
 	for ap, id := range a.endpoints {
-		v := endpointValue(ap, d.epGen[id], a.rangeGen)
+		v := endpointValue(a.endpointOf(ap), d.epGen[id], a.rangeGen)
 		if err := d.objs.Endpoints.Put(id, &v); err != nil {
 			return fmt.Errorf("write endpoint %s: %w", ap, err)
 		}

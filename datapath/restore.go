@@ -117,7 +117,7 @@ func (d *Datapath) restore(maps map[string]*ebpf.Map) (*restored, error) {
 			if eps[id].RangeGen == a.rangeGen {
 				continue
 			}
-			v := endpointValue(ap, r.epGen[id], a.rangeGen)
+			v := endpointValue(a.endpointOf(ap), r.epGen[id], a.rangeGen)
 			if err := maps[lbMapEndpoints].Put(id, &v); err != nil {
 				return nil, fmt.Errorf("frontend %s: write range generation of endpoint %s: %w", k, ap, err)
 			}
@@ -238,7 +238,11 @@ func (d *Datapath) restoreFrontend(key lbServiceKey, val lbService, eps []lbEndp
 			return k, nil, fmt.Errorf("frontend %s: endpoint %s has two ids", k, ap)
 		}
 		a.endpoints[ap] = id
-		fe.Endpoints = append(fe.Endpoints, shard.Endpoint{Addr: addr, Port: ap.Port()})
+		ep := shard.Endpoint{Addr: addr, Port: ap.Port()}
+		if eps[id].Node != ([4]uint32{}) {
+			ep.Node, _ = addrOf(eps[id].Node, eps[id].Family)
+		}
+		fe.Endpoints = append(fe.Endpoints, ep)
 	}
 	slices.SortFunc(fe.Endpoints, func(a, b shard.Endpoint) int {
 		return netip.AddrPortFrom(a.Addr, a.Port).Compare(netip.AddrPortFrom(b.Addr, b.Port))

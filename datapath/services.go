@@ -151,6 +151,19 @@ func (d *Datapath) validate(fe shard.Frontend) error {
 		if !d.nodeIP(fe.VIP).IsValid() {
 			return errors.New("mode onearm needs the node's address of the VIP's family (Config.NodeIPv4/NodeIPv6)")
 		}
+	case shard.ModeDSR:
+		if !d.nodeIP(fe.VIP).IsValid() {
+			return errors.New("mode dsr needs the node's address of the VIP's family (Config.NodeIPv4/NodeIPv6)")
+		}
+		if fe.Select == shard.SelectRoundRobin {
+			return errors.New("mode dsr needs an endpoint selection every node computes alike (hash or persist), not rr")
+		}
+		for _, ep := range fe.Endpoints {
+			if ep.Node.Unmap().Is4() != fe.VIP.Unmap().Is4() || !ep.Node.IsValid() {
+				return fmt.Errorf("mode dsr: endpoint %s has no node address of the VIP's family (its node runs no shardlb, or has no address of that family)",
+					netip.AddrPortFrom(ep.Addr, ep.Port))
+			}
+		}
 	default:
 		return fmt.Errorf("mode %s is not implemented by the datapath", fe.Mode)
 	}
@@ -178,7 +191,13 @@ func normalize(fe shard.Frontend) shard.Frontend {
 	fe.VIP = fe.VIP.Unmap()
 	eps := make([]shard.Endpoint, 0, len(fe.Endpoints))
 	for _, ep := range fe.Endpoints {
-		eps = append(eps, shard.Endpoint{Addr: ep.Addr.Unmap(), Port: ep.Port})
+		// Only dsr sends packets to the endpoint's node; elsewhere a node address
+		// coming or going changes nothing.
+		var node netip.Addr
+		if fe.Mode == shard.ModeDSR {
+			node = ep.Node.Unmap()
+		}
+		eps = append(eps, shard.Endpoint{Addr: ep.Addr.Unmap(), Port: ep.Port, Node: node})
 	}
 	slices.SortFunc(eps, func(a, b shard.Endpoint) int {
 		return netip.AddrPortFrom(a.Addr, a.Port).Compare(netip.AddrPortFrom(b.Addr, b.Port))
@@ -189,7 +208,8 @@ func normalize(fe shard.Frontend) shard.Frontend {
 	// client's own address, so a connection continues through any node that picks the
 	// same endpoint. A handoff address of the other family cannot be reached.
 	fe.Handoff = fe.Handoff.Unmap()
-	if fe.Mode == shard.ModeDefault || fe.Handoff.Is4() != fe.VIP.Is4() {
+	// dsr needs none either: the endpoint's node holds every flow's state.
+	if fe.Mode == shard.ModeDefault || fe.Mode == shard.ModeDSR || fe.Handoff.Is4() != fe.VIP.Is4() {
 		fe.Handoff = netip.Addr{}
 	}
 	return fe
@@ -248,6 +268,8 @@ func (d *Datapath) serviceValue(a *applied, fe shard.Frontend) lbService {
 		svc.SnatAddr = addrWords(d.nodeIP(fe.VIP))
 	case shard.ModeFullNAT:
 		svc.SnatAddr = addrWords(fe.VIP)
+	case shard.ModeDSR:
+		svc.SnatAddr = addrWords(d.nodeIP(fe.VIP))
 	}
 	if fe.Handoff.IsValid() {
 		svc.Handoff = addrWords(fe.Handoff)
@@ -307,6 +329,15 @@ func (d *Datapath) apply(k frontendKey, fe shard.Frontend, later *[]func()) erro
 		names[i] = ap.String()
 		if old != nil {
 			if id, ok := old.endpoints[ap]; ok {
+				// A kept endpoint whose node changed (dsr) is written again in place,
+				// keeping its id and generation, so its flows stay.
+				if ep.Node != nodeOf(old.fe, ap) {
+					v := endpointValue(ep, d.epGen[id], old.rangeGen)
+					if err := d.objs.Endpoints.Put(id, &v); err != nil {
+						undo()
+						return fmt.Errorf("write endpoint %s: %w", ap, err)
+					}
+				}
 				ids[i], a.endpoints[ap] = id, id
 				continue
 			}
@@ -424,7 +455,7 @@ func (d *Datapath) addEndpoint(ep shard.Endpoint, rangeGen uint32) (uint32, erro
 	if !ok {
 		return 0, d.capacityError(errEndpointsFull)
 	}
-	v := endpointValue(netip.AddrPortFrom(ep.Addr, ep.Port), d.epGen[id], rangeGen)
+	v := endpointValue(ep, d.epGen[id], rangeGen)
 	if err := d.objs.Endpoints.Put(id, &v); err != nil {
 		d.epIDs.release(id)
 		return 0, fmt.Errorf("write endpoint %s: %w", netip.AddrPortFrom(ep.Addr, ep.Port), err)
@@ -457,8 +488,29 @@ func (d *Datapath) capacityError(err error) error {
 }
 
 // endpointValue is the entry of a valid endpoint.
-func endpointValue(ap netip.AddrPort, gen, rangeGen uint32) lbEndpoint {
-	return lbEndpoint{Addr: addrWords(ap.Addr()), Port: htons(ap.Port()), Family: family(ap.Addr()), Valid: 1, Gen: gen, RangeGen: rangeGen}
+func endpointValue(ep shard.Endpoint, gen, rangeGen uint32) lbEndpoint {
+	v := lbEndpoint{Addr: addrWords(ep.Addr), Port: htons(ep.Port), Family: family(ep.Addr), Valid: 1, Gen: gen, RangeGen: rangeGen}
+	if ep.Node.IsValid() {
+		v.Node = addrWords(ep.Node)
+	}
+	return v
+}
+
+// nodeOf is the node address fe, normalized (its endpoints sorted), gives its endpoint
+// ap; zero when none.
+func nodeOf(fe shard.Frontend, ap netip.AddrPort) netip.Addr {
+	i, ok := slices.BinarySearchFunc(fe.Endpoints, ap, func(ep shard.Endpoint, ap netip.AddrPort) int {
+		return netip.AddrPortFrom(ep.Addr, ep.Port).Compare(ap)
+	})
+	if !ok {
+		return netip.Addr{}
+	}
+	return fe.Endpoints[i].Node
+}
+
+// endpointOf is a's endpoint ap as its entry holds it.
+func (a *applied) endpointOf(ap netip.AddrPort) shard.Endpoint {
+	return shard.Endpoint{Addr: ap.Addr(), Port: ap.Port(), Node: nodeOf(a.fe, ap)}
 }
 
 // releaseEndpoint invalidates an endpoint id: flows that still point to it are balanced

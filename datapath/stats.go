@@ -17,6 +17,8 @@ var dropReasons = []string{
 	"fragment",
 	"truncated",
 	"ipv6_extension_header",
+	"dsr_misdirected",
+	"dsr_encap",
 }
 
 // DropReasons lists the names Stats reports drops under.

@@ -133,7 +133,7 @@ func sourceRanges(in []netip.Prefix) []netip.Prefix {
 }
 
 func compareEndpoint(a, b Endpoint) int {
-	return cmp.Or(a.Addr.Compare(b.Addr), cmp.Compare(a.Port, b.Port))
+	return cmp.Or(a.Addr.Compare(b.Addr), cmp.Compare(a.Port, b.Port), a.Node.Compare(b.Node))
 }
 
 func compareFrontend(a, b Frontend) int {

@@ -65,7 +65,9 @@ const (
 	ModeOneArm
 	// ModeFullNAT also rewrites the source to the VIP toward the endpoint.
 	ModeFullNAT
-	// ModeDSR is direct server return (not implemented by the datapath yet).
+	// ModeDSR is direct server return: the node a packet reaches sends it unchanged,
+	// encapsulated, to its endpoint's node (Endpoint.Node), which translates the VIP to
+	// the endpoint and the reply back to the VIP, and sends the reply by its own routing.
 	ModeDSR
 )
 
@@ -117,6 +119,9 @@ func (s Select) String() string {
 type Endpoint struct {
 	Addr netip.Addr
 	Port uint16
+	// Node is the address of the node the endpoint runs on, of the endpoint's family
+	// (that node's shardlb member address); zero when unknown. Only dsr uses it.
+	Node netip.Addr
 }
 
 // ServicePort is one port of a service and the ready endpoints behind it.

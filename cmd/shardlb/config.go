@@ -119,7 +119,7 @@ func newFlags(c *config, r *raw) (*pflag.FlagSet, []group) {
 	f.StringVar(&r.cidr6Pools, "cidr6Pools", "", "IPv6 VIP pools, same syntax")
 	f.BoolVar(&k.UniqueIP, "setUniqueIP", k.UniqueIP, "one VIP per service (needed for sharding); otherwise services with different ports may share one")
 	f.StringVar(&k.LoadBalancerClass, "loadBalancerClass", k.LoadBalancerClass, "spec.loadBalancerClass of the services this load balancer serves")
-	f.StringVar(&r.lbMode, "setLBMode", k.DefaultMode.String(), "default NAT mode: default|onearm|fullnat (or 0..2); per service: loxilb.io/lbmode")
+	f.StringVar(&r.lbMode, "setLBMode", k.DefaultMode.String(), "default NAT mode: default|onearm|fullnat|dsr (or 0..3); per service: loxilb.io/lbmode")
 
 	f = shards.fs
 	f.IntVar(&r.numZones, "numZoneInstances", 1, "number of shards: default, <zone>-inst1, ...")
@@ -252,9 +252,8 @@ func (r *raw) validate(c *config, changed func(string) bool) error {
 	if k.LoadBalancerClass == "" || strings.ContainsAny(k.LoadBalancerClass, " \t") {
 		return &flagError{"loadBalancerClass", k.LoadBalancerClass, "a class name such as loxilb.io/loxilb", nil}
 	}
-	// dsr (3) parses, as kube-loxilb names it, but the datapath does not implement it.
-	if k.DefaultMode, err = shard.ParseMode(r.lbMode); err != nil || k.DefaultMode == shard.ModeDSR {
-		return &flagError{"setLBMode", r.lbMode, "default, onearm, fullnat or 0..2 (dsr is not supported)", nil}
+	if k.DefaultMode, err = shard.ParseMode(r.lbMode); err != nil {
+		return &flagError{"setLBMode", r.lbMode, "default, onearm, fullnat, dsr or 0..3", nil}
 	}
 	if k.Instances, err = shard.NewInstances(r.zone, r.numZones); err != nil {
 		if changed("zone") {

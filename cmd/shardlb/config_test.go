@@ -44,6 +44,15 @@ func TestTheGuidesFlagsParse(t *testing.T) {
 	}
 }
 
+func TestSetLBModeTakesEveryMode(t *testing.T) {
+	for arg, want := range map[string]shard.Mode{"default": shard.ModeDefault, "1": shard.ModeOneArm, "fullnat": shard.ModeFullNAT, "dsr": shard.ModeDSR, "3": shard.ModeDSR} {
+		cfg, err := parseConfig([]string{"--setLBMode=" + arg}, noEnv, os.Stdout)
+		if err != nil || cfg.Kube.DefaultMode != want {
+			t.Errorf("--setLBMode=%s: mode %v, err %v; want %v", arg, cfg.Kube.DefaultMode, err, want)
+		}
+	}
+}
+
 func TestSetRolesWithoutValueTurnsRolesOn(t *testing.T) {
 	cfg, err := parseConfig([]string{"--setRoles"}, noEnv, os.Stdout)
 	if err != nil || !cfg.Kube.Roles {
@@ -77,9 +86,7 @@ func TestBadFlagsNameTheFlag(t *testing.T) {
 		{"--zone=LLB", "zone"},
 		{"--setRoles=yes", "setRoles"},
 		{"--setLBMode=7", "setLBMode"},
-		{"--setLBMode=dsr", "setLBMode"},
-		{"--setLBMode=3", "setLBMode"},
-		{"--setLBMode= DSR", "setLBMode"},
+		{"--setLBMode=direct", "setLBMode"},
 		{"--setBGP=0.0.0", "setBGP"},
 		{"--setBGP=4294967296", "setBGP"},
 		{"--extBGPPeers=10.0.0.1", "extBGPPeers"},
@@ -136,9 +143,9 @@ func TestBadFlagExitsTwoWithOneLine(t *testing.T) {
 		t.Fatalf("exit %d, stderr %q", code, errOut.String())
 	}
 	errOut.Reset()
-	if code := run([]string{"--setLBMode=dsr"}, noEnv, &out, &errOut); code != 2 || strings.Count(errOut.String(), "\n") != 1 ||
-		!strings.Contains(errOut.String(), "--setLBMode") || !strings.Contains(errOut.String(), "dsr is not supported") {
-		t.Fatalf("--setLBMode=dsr: exit %d, stderr %q", code, errOut.String())
+	if code := run([]string{"--setLBMode=4"}, noEnv, &out, &errOut); code != 2 || strings.Count(errOut.String(), "\n") != 1 ||
+		!strings.Contains(errOut.String(), "--setLBMode") || !strings.Contains(errOut.String(), "dsr or 0..3") {
+		t.Fatalf("--setLBMode=4: exit %d, stderr %q", code, errOut.String())
 	}
 	errOut.Reset()
 	if code := run([]string{"--noSuchFlag"}, noEnv, &out, &errOut); code != 2 {

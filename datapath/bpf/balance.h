@@ -69,10 +69,28 @@ static __noinline bool snat_reclaim(const struct flow *r, __u64 now)
 	return true;
 }
 
+/* dsr_local tells whether endpoint ep of the dsr service svc runs on this node, whose
+ * address the service entry holds. An endpoint without a node address (Go writes none)
+ * is taken as local: it is delivered directly. */
+static __always_inline bool dsr_local(const struct endpoint *ep, const struct service *svc)
+{
+	return !(ep->node[0] | ep->node[1] | ep->node[2] | ep->node[3]) ||
+	       (ep->node[0] == svc->snat_addr[0] && ep->node[1] == svc->snat_addr[1] &&
+		ep->node[2] == svc->snat_addr[2] && ep->node[3] == svc->snat_addr[3]);
+}
+
 /* new_flow picks an endpoint of svc for f, records the reply direction in conntrack
  * and fills *t with the forward rewrite, which translate records once it knows the
- * flow's next hop, so that the flow's second packet needs no route lookup. */
-static __noinline int new_flow(const struct flow *f, const struct service *svc, struct ct_entry *t)
+ * flow's next hop, so that the flow's second packet needs no route lookup.
+ *
+ * dsr: an endpoint on another node gets no reply entry here (its node makes it) and *t
+ * becomes a CT_ENCAP entry toward that node, which dsr_encap records; decap (the packet
+ * came encapsulated from another node) means that node picked an endpoint here, so a
+ * pick of another node's endpoint is a disagreement between the nodes' tables (an
+ * update reaching them at different times): the packet is dropped and counted rather
+ * than sent on again. An endpoint on this node is served as in default mode, its reply
+ * entry marked CT_F_DSR. */
+static __noinline int new_flow(const struct flow *f, const struct service *svc, struct ct_entry *t, bool decap)
 {
 	__u32 size = svc->ring_size;
 	__u32 id = svc->id;
@@ -114,6 +132,26 @@ static __noinline int new_flow(const struct flow *f, const struct service *svc, 
 		return TC_ACT_SHOT;
 	}
 
+	if (svc->mode == MODE_DSR && !dsr_local(ep, svc)) {
+		if (decap) {
+			count_drop(DROP_DSR_MISDIRECTED);
+			return TC_ACT_SHOT;
+		}
+		__builtin_memcpy(t->saddr, svc->snat_addr, 16);
+		__builtin_memcpy(t->daddr, ep->node, 16);
+		t->sport = f->sport;
+		t->dport = f->dport;
+		t->service_id = id;
+		t->endpoint_id = ep_id;
+		t->endpoint_gen = ep->gen;
+		t->range_gen = svc->range_gen;
+		t->dir = CT_ENCAP;
+		struct svc_stats *st = bpf_map_lookup_elem(&service_stats, &id);
+		if (st)
+			st->new_flows++;
+		return NEW_FLOW;
+	}
+
 	struct flow reply = {};
 
 	__builtin_memcpy(reply.saddr, ep->addr, 16);
@@ -132,12 +170,14 @@ static __noinline int new_flow(const struct flow *f, const struct service *svc, 
 	t->service_id = id;
 	t->dir = CT_REPLY;
 
-	if (svc->mode == MODE_DEFAULT) {
+	if (svc->mode == MODE_DEFAULT || svc->mode == MODE_DSR) {
 		t->seen = bpf_jiffies64();
+		t->flags = svc->mode == MODE_DSR ? CT_F_DSR : 0;
 		if (ct_insert(&reply, t, BPF_ANY)) {
 			count_drop(DROP_CONNTRACK_FULL);
 			return TC_ACT_SHOT;
 		}
+		t->flags = 0;
 		__builtin_memcpy(t->saddr, f->saddr, 16);
 	} else {
 		/* The reply tuple (endpoint -> SNAT address:port) is inserted only if absent, so
@@ -186,7 +226,7 @@ static __noinline int new_flow(const struct flow *f, const struct service *svc, 
  * that translate can cache the next hop in it, or NEW_FLOW with *entry pointing at this
  * CPU's new_entry, holding the rewrite of a flow not recorded yet. */
 static __always_inline int balance(struct __sk_buff *skb, const struct flow *f, void *l4, void *data_end,
-				   struct ct_entry **entry)
+				   struct ct_entry **entry, bool decap)
 {
 	struct ct_entry *ct = ct_lookup(f);
 	if (ct) {
@@ -232,7 +272,7 @@ static __always_inline int balance(struct __sk_buff *skb, const struct flow *f, 
 		return TC_ACT_OK;
 	__builtin_memset(t, 0, sizeof(*t));
 	*entry = t;
-	return new_flow(f, svc, t);
+	return new_flow(f, svc, t, decap);
 }
 
 #endif

@@ -44,6 +44,13 @@
 /* translate's answer for a packet too big for its next hop that must not be
  * fragmented: its sender is to be told (icmp.h). */
 #define TOO_BIG -19
+/* The parsers' answer for an IP-in-IP packet (IPv4 in IPv4, IPv6 in IPv6): maybe a dsr
+ * packet for an endpoint on this node (dsr.h). */
+#define ENCAPSULATED -20
+
+/* What the dsr encapsulation adds to a packet: one outer IP header. */
+#define DSR_OVERHEAD4 20
+#define DSR_OVERHEAD6 40
 
 #ifndef MAX_SERVICES
 #define MAX_SERVICES 16384
@@ -107,6 +114,7 @@ enum lb_mode {
 	MODE_DEFAULT = 0,
 	MODE_ONEARM = 1,
 	MODE_FULLNAT = 2,
+	MODE_DSR = 3,
 };
 
 enum lb_select {
@@ -124,6 +132,8 @@ enum drop_reason {
 	DROP_FRAGMENT,          /* IP fragment to a VIP: no ports to pick an endpoint with */
 	DROP_TRUNCATED,         /* packet to a VIP shorter than its headers say */
 	DROP_IPV6_EXT_HEADER,   /* IPv6 extension header before TCP/UDP on a VIP */
+	DROP_DSR_MISDIRECTED,   /* decapsulated for a dsr service whose endpoint is on another node */
+	DROP_DSR_ENCAP,         /* the kernel refused room for the outer header */
 	DROP_REASONS,
 };
 
@@ -137,6 +147,17 @@ enum svc_flags {
 enum ct_dir {
 	CT_FORWARD = 0, /* client -> service, rewritten toward the endpoint */
 	CT_REPLY = 1,   /* endpoint -> client, rewritten back to the VIP */
+	/* dsr, client -> service on a load-balancing node whose endpoint runs on another
+	 * node: saddr and daddr are the outer header's (this node, the endpoint's node), the
+	 * packet itself is not rewritten (dsr.h). A cache: any node recomputes it. */
+	CT_ENCAP = 2,
+};
+
+/* struct ct_entry flags. */
+enum ct_flags {
+	/* A reply entry of a dsr flow: its SYN-ACK's MSS is lowered by the encapsulation's
+	 * overhead, which the client's segments carry on their way in (dsr.h). */
+	CT_F_DSR = 1,
 };
 
 #endif

@@ -127,10 +127,25 @@ static __always_inline void remember_next_hop(const struct ct_entry *t)
  * here. */
 static __noinline void mark_closing(const struct flow *f, const struct ct_entry *t)
 {
-	struct flow o = {};
+	struct ct_entry *other;
 
-	ct_reverse(&o, t, f->proto, f->family);
-	struct ct_entry *other = ct_lookup(&o);
+	/* IPv4's key is built directly rather than through a struct flow: this frame is the
+	 * last of the program's deepest call chain, which must fit BPF's 512 bytes. */
+	if (f->family == AF_INET) {
+		struct flow4 k = {.saddr = t->daddr[0], .daddr = t->saddr[0], .sport = t->dport, .dport = t->sport};
+
+		if (f->proto == IPPROTO_TCP) {
+			other = bpf_map_lookup_elem(&conntrack4_tcp, &k);
+			SEPARATE_CALL();
+		} else {
+			other = bpf_map_lookup_elem(&conntrack4_udp, &k);
+		}
+	} else {
+		struct flow o = {};
+
+		ct_reverse(&o, t, f->proto, f->family);
+		other = bpf_map_lookup_elem(&conntrack6, &o);
+	}
 	if (other && !other->closing)
 		other->closing = 1;
 }
@@ -252,6 +267,9 @@ static __always_inline bool must_not_fragment(struct __sk_buff *skb, const struc
 	return (void *)(iph + 1) <= data_end && (iph->frag_off & bpf_htons(IP_DF));
 }
 
+/* dsr.h sends packets on with the helpers above. */
+#include "dsr.h"
+
 /* translate rewrites the packet of a balanced flow and sends it on. t is the flow's
  * conntrack entry, with mtu where the answer to a packet too big goes: a tracked flow's
  * packet too big for its next hop that must not be fragmented is left untouched, and
@@ -310,18 +328,33 @@ static __noinline int translate(struct __sk_buff *skb, const struct flow *f, str
 	return redirect_cached(skb, t);
 }
 
+/* parse fills f and *l4 from the packet's IP header, or returns the verdict (or
+ * ICMP_MESSAGE, ENCAPSULATED). */
+static __always_inline int parse(struct __sk_buff *skb, struct flow *f, void **l4)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > data_end)
+		return NOT_OURS;
+	if (eth->h_proto == bpf_htons(ETH_P_IP))
+		return parse_ipv4(skb, (void *)(eth + 1), data_end, f, l4);
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+		return parse_ipv6(skb, (void *)(eth + 1), data_end, f, l4);
+	return NOT_OURS;
+}
+
 /* One path for both families (Katran's habit): only parsing and the header rewrite
  * differ, and sharing the locals keeps the stack small. */
 SEC("tc")
 int lb_ingress(struct __sk_buff *skb)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
 	struct flow f = {};
 	struct ct_entry *t = 0;
 	void *l4 = 0;
 	__u16 mtu = 0;
+	bool decap = false;
 	int ret;
 
 	/* Frames for other hosts (a bridge flooding unknown unicast to every node) are none
@@ -329,28 +362,41 @@ int lb_ingress(struct __sk_buff *skb)
 	 * is sent to this node's MAC as next hop, and replies are addressed to the node. */
 	if (skb->pkt_type != PACKET_HOST)
 		return NOT_OURS;
-	if ((void *)(eth + 1) > data_end)
-		return NOT_OURS;
-	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
-		ret = parse_ipv4(skb, (void *)(eth + 1), data_end, &f, &l4);
-		if (ret == ICMP_MESSAGE)
-			return icmp4_error(skb);
-	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
-		ret = parse_ipv6(skb, (void *)(eth + 1), data_end, &f, &l4);
-		if (ret == ICMP_MESSAGE)
-			return icmp6_error(skb);
-	} else {
-		return NOT_OURS;
+	ret = parse(skb, &f, &l4);
+	if (ret == ENCAPSULATED) {
+		/* A dsr packet from another node, for an endpoint here: without its outer
+		 * header it is balanced as if it had come directly. */
+		ret = dsr_decap(skb);
+		if (ret != FURTHER_PROCESSING)
+			return ret;
+		decap = true;
+		__builtin_memset(&f, 0, sizeof(f));
+		ret = parse(skb, &f, &l4);
+		if (ret == ENCAPSULATED || ret == ICMP_MESSAGE)
+			return TC_ACT_SHOT; /* never: dsr_decap checked the inner header */
 	}
+	/* parse_ipv6 names the family before it answers ICMP_MESSAGE; parse_ipv4 does not. */
+	if (ret == ICMP_MESSAGE)
+		return f.family == AF_INET6 ? icmp6_error(skb) : icmp4_error(skb);
 	if (ret != FURTHER_PROCESSING)
 		return ret;
-	ret = balance(skb, &f, l4, data_end, &t);
+	void *data_end = (void *)(long)skb->data_end;
+	ret = balance(skb, &f, l4, data_end, &t, decap);
 	if (ret != FURTHER_PROCESSING && ret != NEW_FLOW)
 		return ret;
 	/* Set on both answers; checked for the verifier, which cannot tell that a noinline
 	 * helper's verdict passed on by balance is never one of them. */
 	if (!t)
 		return TC_ACT_OK;
+	if (t->dir == CT_ENCAP) {
+		ret = dsr_encap(skb, &f, t, ret == NEW_FLOW, &mtu);
+		if (ret != TOO_BIG)
+			return ret;
+		return f.family == AF_INET ? icmp4_too_big(skb, mtu, t->service_id)
+					   : icmp6_too_big(skb, mtu, t->service_id);
+	}
+	if (t->flags & CT_F_DSR)
+		dsr_clamp_mss(skb, &f, l4, data_end);
 	if (ret == NEW_FLOW)
 		return translate(skb, &f, t, l4, 0);
 	ret = forward_cached(skb, &f, t, l4);

@@ -55,6 +55,8 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct iphdr *iph, 
 		return NOT_OURS;
 	if (iph->protocol == IPPROTO_ICMP)
 		return ICMP_MESSAGE;
+	if (iph->protocol == IPPROTO_IPIP)
+		return ENCAPSULATED;
 	if (iph->protocol != IPPROTO_TCP && iph->protocol != IPPROTO_UDP)
 		return NOT_OURS;
 	f->saddr[0] = iph->saddr;
@@ -97,6 +99,8 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct ipv6hdr *ip6
 		break;
 	case IPPROTO_ICMPV6:
 		return ICMP_MESSAGE;
+	case IPPROTO_IPV6:
+		return ENCAPSULATED;
 	case IPPROTO_FRAGMENT:
 		return not_balanceable(f, DROP_FRAGMENT);
 	case IPPROTO_HOPOPTS:

@@ -43,7 +43,9 @@ struct service {
 	__u8 select;      /* enum lb_select */
 	__u8 flags;       /* SVC_SOURCE_RANGES */
 	__u8 pad;
-	__u32 snat_addr[4]; /* onearm: the node address; fullnat: the VIP */
+	/* onearm: the node address; fullnat: the VIP; dsr: the node address, the outer
+	 * source of encapsulated packets and how the program knows its endpoints' node */
+	__u32 snat_addr[4];
 	/* onearm and fullnat after a planned switch: the previous master's address, where
 	 * TCP segments of connections unknown here go (handoff.h); zero = none. */
 	__u32 handoff[4];
@@ -66,6 +68,9 @@ struct endpoint {
 	/* Its service's range_gen once a change of the source ranges is complete: a flow
 	 * that checked its client under another one checks it again (ranges.h). */
 	__u32 range_gen;
+	/* dsr: the address of the node the endpoint runs on, where its packets go
+	 * encapsulated unless that is this node (dsr.h); zero in the other modes. */
+	__u32 node[4];
 };
 
 /* What to write into a packet of a tracked flow, and where to send it. */
@@ -82,7 +87,7 @@ struct ct_entry {
 	/* The client is outside the service's source ranges (as of range_gen): the
 	 * flow's packets are dropped in both directions. */
 	__u8 denied;
-	__u8 pad;
+	__u8 flags; /* enum ct_flags */
 	/* The direction's next hop as bpf_fib_lookup last gave it, so that most packets skip
 	 * the route lookup (the costliest step of an established flow). It is valid for
 	 * packets arriving on nh_iif no longer than nh_len (the MTU check the lookup made)
