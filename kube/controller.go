@@ -43,7 +43,8 @@ const (
 	// ReasonLoadBalancerIPIgnored: spec.loadBalancerIP differs from loxilb.io/staticIP,
 	// which wins.
 	ReasonLoadBalancerIPIgnored = "LoadBalancerIPIgnored"
-	// ReasonUnsupportedMode: loxilb.io/lbmode dsr; the service is not served.
+	// ReasonUnsupportedMode: loxilb.io/lbmode dsr with loxilb.io/epselect rr; the
+	// service is not served.
 	ReasonUnsupportedMode = "UnsupportedMode"
 	// ReasonInvalidSourceRanges: the source ranges cannot be read; the service keeps
 	// its last valid set, or is not served without one.
@@ -534,8 +535,8 @@ func (c *controller) check(s *service) []notice {
 	if len(unreadable) > 0 {
 		warn(ReasonInvalidAnnotation, true, "%v", errors.Join(unreadable...))
 	}
-	if mode == shard.ModeDSR {
-		warn(ReasonUnsupportedMode, true, "%s %q: %v: the service is not served", AnnotationLBMode, s.Annotations[AnnotationLBMode], errDSR)
+	if sel, _ := s.selection(); mode == shard.ModeDSR && sel == shard.SelectRoundRobin {
+		warn(ReasonUnsupportedMode, true, "%s %q: %v: the service is not served", AnnotationLBMode, s.Annotations[AnnotationLBMode], errDSRRoundRobin)
 	}
 	if lbIP := strings.TrimSpace(s.LoadBalancerIP); lbIP != "" {
 		switch a, err := ipam.ParseStaticIP(lbIP); {

@@ -158,7 +158,14 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 		Indexers:      cache.Indexers{indexByService: sliceServiceIndex},
 		Handler:       sliceHandler(onService),
 	})
-	leaseStore, leaseInformer := newLeaseInformer(client, cfg.Namespace, func() { el.poke() })
+	var book *nodeAddressBook // dsr endpoints' node addresses (dsr.go)
+	leaseStore, leaseInformer := newLeaseInformer(client, cfg.Namespace, func() {
+		el.poke()
+		if book.refresh() {
+			nd.poke()
+		}
+	})
+	book = newNodeAddressBook(leaseStore, cfg.Namespace)
 	sliceIndexer := sliceStore.(cache.Indexer)
 	// This node's own Node object: cordoned or labelled out of external load
 	// balancers, it hands its instances over and masters none. Not waited for: a
@@ -184,6 +191,7 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	el = newElector(&cfg, log.With("part", "elector"), client.CoordinationV1().Leases(cfg.Namespace), leaseStore, deps.Router, stepping, clk)
 	nd = newNode(&cfg, log.With("part", "node"), deps.Router, deps.Datapath, svcStore, sliceIndexer, el.Masters, clk, m)
 	nd.handoffs = el.Handoffs
+	nd.nodeAddrs = book.addresses
 	nd.successors = el.Successors
 	if cfg.MaxBackups > 0 {
 		nd.announce = el.Announce
@@ -270,6 +278,9 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 		nd.poke()
 		if ctl != nil {
 			controllers.Go(func() { campaign(ctlCtx, &cfg, client, log, ctl) })
+			controllers.Go(func() {
+				newProber(&cfg, log.With("part", "liveness"), client, svcStore, sliceIndexer, rec, m, ctl.leading, clk).run(ctlCtx)
+			})
 		}
 	}
 	<-ctx.Done()

@@ -80,6 +80,11 @@ type node struct {
 	clock    clock.Clock
 	metrics  *metrics
 
+	// nodeAddrs is member name -> node addresses, for dsr endpoints (dsr.go; nil:
+	// none); lastNodeAddrs is what the last apply planned with.
+	nodeAddrs     func() map[string][]netip.Addr
+	lastNodeAddrs map[string][]netip.Addr
+
 	trigger chan struct{}
 	// waitingSince is when the oldest change not yet picked up by an apply arrived, and
 	// applyingSince when the apply under way started (unix ns, 0: none): /healthz
@@ -212,6 +217,7 @@ func (n *node) apply(ctx context.Context) error {
 	dirty := n.dirty
 	n.dirty = map[string]struct{}{}
 	n.dirtyMu.Unlock()
+	n.dsrNodesChanged(dirty)
 	// given is what this apply hands the Planner, so that a refusal records the
 	// service as it was refused.
 	given := map[string]shard.Service{}
@@ -440,14 +446,21 @@ func (n *node) planService(s *service) (shard.Service, bool) {
 	if err != nil {
 		n.warnOnce(s.key(), err)
 	}
+	ports := n.ports(s)
+	if mode == shard.ModeDSR {
+		endpointNodes(s, n.slices, ports, n.lastNodeAddrs)
+	}
 	return shard.Service{
 		Key: s.key(), Instance: inst, VIPs: slices.Clone(s.Ingress),
-		Ports: n.ports(s), Mode: mode, Select: sel, SourceRanges: ranges,
+		Ports: ports, Mode: mode, Select: sel, SourceRanges: ranges,
 	}, true
 }
 
-// ports is the service's ports with their ready endpoints (servicePorts).
-func (n *node) ports(s *service) []shard.ServicePort { return servicePorts(s, n.slices) }
+// ports is the service's ports with their ready endpoints (servicePorts), less those
+// recorded as failing their probes (healthyPorts).
+func (n *node) ports(s *service) []shard.ServicePort {
+	return healthyPorts(s, servicePorts(s, n.slices))
+}
 
 // hasReadyEndpoint reports whether a port of s has a ready endpoint: without one, no
 // node announces its VIPs.

@@ -13,6 +13,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/tools/cache"
+	"k8s.io/utils/ptr"
 
 	"github.com/shardlb/shardlb/shard"
 )
@@ -37,10 +38,13 @@ const (
 
 // implementedAnnotations are the loxilb.io/ annotations shardlb implements; any other
 // gets an UnsupportedAnnotation Warning.
-var implementedAnnotations = []string{AnnotationZoneInstance, AnnotationLBMode, AnnotationEPSelect, AnnotationStaticIP, AnnotationPoolSelect}
+var implementedAnnotations = []string{AnnotationZoneInstance, AnnotationLBMode, AnnotationEPSelect, AnnotationStaticIP, AnnotationPoolSelect,
+	AnnotationLiveness, AnnotationProbeType, AnnotationProbePort, AnnotationProbeReq, AnnotationProbeResp, AnnotationProbeTimeout, AnnotationProbeRetries}
 
-// errDSR refuses direct server return, which the datapath does not implement.
-var errDSR = errors.New("lbmode dsr (direct server return) is not supported")
+// errDSRRoundRobin refuses dsr with round-robin selection: a dsr packet's endpoint is
+// picked again by the node it is sent to, and only hash and persist give the same
+// answer on every node.
+var errDSRRoundRobin = errors.New("lbmode dsr needs an endpoint selection every node computes alike (epselect hash or persist), not rr")
 
 // service is a Service slimmed at the informer boundary to what shardlb reads, so that
 // ten thousand services cost little memory. It keeps ObjectMeta (with only our
@@ -144,7 +148,9 @@ func (s *service) enforcedRanges() (ranges []netip.Prefix, recorded, ok bool) {
 // its VIPs though it is ours ("" when they do).
 func (s *service) notServed(def shard.Mode) string {
 	if m, _ := s.mode(def); m == shard.ModeDSR {
-		return errDSR.Error()
+		if sel, _ := s.selection(); sel == shard.SelectRoundRobin {
+			return errDSRRoundRobin.Error()
+		}
 	}
 	if _, _, ok := s.enforcedRanges(); !ok {
 		return "its loadBalancerSourceRanges cannot be read and no valid set was recorded"
@@ -267,6 +273,9 @@ type endpointSlice struct {
 	Service string // namespace/name from the kubernetes.io/service-name label
 	Ports   []endpointPort
 	Ready   []netip.Addr
+	// ReadyNodes are the nodeName of each of Ready ("" when not given): dsr sends
+	// an endpoint's packets to its node (dsr.go).
+	ReadyNodes []string
 }
 
 type endpointPort struct {
@@ -280,6 +289,7 @@ func (e *endpointSlice) DeepCopyObject() runtime.Object {
 	e.ObjectMeta.DeepCopyInto(&c.ObjectMeta)
 	c.Ports = append([]endpointPort(nil), e.Ports...)
 	c.Ready = append([]netip.Addr(nil), e.Ready...)
+	c.ReadyNodes = append([]string(nil), e.ReadyNodes...)
 	return &c
 }
 
@@ -321,6 +331,7 @@ func toEndpointSlice(obj any) (any, error) {
 		for _, a := range e.Addresses {
 			if ip, err := netip.ParseAddr(a); err == nil {
 				out.Ready = append(out.Ready, ip)
+				out.ReadyNodes = append(out.ReadyNodes, ptr.Deref(e.NodeName, ""))
 			}
 		}
 	}

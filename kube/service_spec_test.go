@@ -459,69 +459,6 @@ func TestLoadBalancerIPIsAStaticIP(t *testing.T) {
 	}
 }
 
-// lbmode dsr is refused loudly: a Warning, no frontend, no announcement; and a node that
-// starts with such a service already served by an earlier version applies its plan
-// and becomes ready (the datapath refuses dsr; had the node given it, it would retry
-// forever).
-func TestDSRIsRefused(t *testing.T) {
-	e := newEnv(t, "dsr")
-	cfg := e.config(t, "node-a", "defaultPool=10.23.0.1-10.23.0.20", 1)
-	cfg.MetricsAddress = freeAddr(t)
-	e.createSlice(t, "legacy-dsr", "10.244.0.1")
-	e.create(t, e.lbService("legacy-dsr", annotate(AnnotationLBMode, "dsr")))
-	e.served(t, "legacy-dsr", "10.23.0.20")
-
-	rec, dp := &recorder{}, &datapathRecorder{}
-	dp.refuse = func(fe shard.Frontend) error {
-		if fe.Mode == shard.ModeDSR {
-			return fmt.Errorf("mode %s is not implemented by the datapath", fe.Mode)
-		}
-		return nil
-	}
-	startPodOn(t, cfg, rec, dp)
-	e.createSlice(t, "good", "10.244.0.2")
-	e.create(t, e.lbService("good"))
-	e.createSlice(t, "dsr", "10.244.0.3")
-	e.create(t, e.lbService("dsr", annotate(AnnotationLBMode, "3")))
-
-	t.Run("a node started with a dsr service present becomes ready", func(t *testing.T) {
-		waitFor(t, 10*time.Second, "/readyz", func() bool { return readyz(cfg.MetricsAddress) == http.StatusOK })
-		waitFor(t, 10*time.Second, "good's VIP announced", func() bool {
-			ips := ingressIPs(e.get(t, "good"))
-			return len(ips) == 1 && announced(rec, ips[0])
-		})
-	})
-	t.Run("dsr services get a warning, no frontend and no announcement", func(t *testing.T) {
-		msgs := e.waitTold(t, "legacy-dsr", ReasonUnsupportedMode)
-		if !strings.Contains(msgs[0], "not served (it keeps 10.23.0.20, unannounced)") {
-			t.Errorf("message %q", msgs[0])
-		}
-		e.waitTold(t, "dsr", ReasonUnsupportedMode)
-		if ips := ingressIPs(e.get(t, "dsr")); len(ips) != 0 {
-			t.Errorf("dsr got VIP %v", ips)
-		}
-		for _, name := range []string{"legacy-dsr", "dsr"} {
-			if dp.wasGiven(e.ns + "/" + name) {
-				t.Errorf("%s was given to the datapath", name)
-			}
-		}
-		if announced(rec, "10.23.0.20") {
-			t.Errorf("legacy-dsr's VIP is announced")
-		}
-	})
-	good := e.get(t, "good")
-	t.Run("changed to fullnat, the service is served", func(t *testing.T) {
-		e.update(t, "dsr", func(s *corev1.Service) { s.Annotations[AnnotationLBMode] = "fullnat" })
-		waitFor(t, 10*time.Second, "dsr's VIP announced", func() bool {
-			ips := ingressIPs(e.get(t, "dsr"))
-			return len(ips) == 1 && announced(rec, ips[0]) && len(dp.frontends(e.ns+"/dsr")) == 1
-		})
-	})
-	if now := e.get(t, "good"); now.ResourceVersion != good.ResourceVersion {
-		t.Errorf("good was written to while dsr services were refused")
-	}
-}
-
 // What the datapath refuses of one service is that service's problem alone: a Warning
 // on it from the node, its VIP not announced, and the rest of the Plan applied, with
 // no retry.
@@ -642,8 +579,9 @@ func TestUnsupportedAnnotationsAreNamedOnce(t *testing.T) {
 	cfg := e.config(t, "node-a", "defaultPool=10.26.0.1-10.26.0.20", 1)
 	startPodOn(t, cfg, &recorder{}, &datapathRecorder{})
 	e.create(t, e.lbService("implemented", annotate(AnnotationLBMode, "fullnat"), annotate(AnnotationEPSelect, "rr"),
-		annotate(AnnotationPoolSelect, "defaultPool"), annotate(AnnotationZoneInstance, "default"), annotate(AnnotationStaticIP, "10.26.0.5")))
-	e.create(t, e.lbService("extras", annotate("loxilb.io/liveness", "yes"), annotate("loxilb.io/probetype", "ping"),
+		annotate(AnnotationPoolSelect, "defaultPool"), annotate(AnnotationZoneInstance, "default"), annotate(AnnotationStaticIP, "10.26.0.5"),
+		annotate(AnnotationLiveness, "yes"), annotate(AnnotationProbeType, "ping")))
+	e.create(t, e.lbService("extras", annotate("loxilb.io/timeout", "30"), annotate("loxilb.io/usepodnetwork", "yes"),
 		annotate("loxilb.io/staticip", "10.26.0.6")))
 	waitFor(t, 10*time.Second, "three UnsupportedAnnotation events", func() bool {
 		_, msgs := e.told(t, "extras", ReasonUnsupportedAnnotation)
@@ -665,7 +603,7 @@ func TestUnsupportedAnnotationsAreNamedOnce(t *testing.T) {
 		k, _, _ := strings.Cut(m, " ")
 		keys = append(keys, k)
 	}
-	if want := []string{"loxilb.io/liveness", "loxilb.io/probetype", "loxilb.io/secondaryIPs", "loxilb.io/staticip"}; n != 4 || !slices.Equal(keys, want) {
+	if want := []string{"loxilb.io/secondaryIPs", "loxilb.io/staticip", "loxilb.io/timeout", "loxilb.io/usepodnetwork"}; n != 4 || !slices.Equal(keys, want) {
 		t.Errorf("told %d times about %v, want once each about %v", n, keys, want)
 	}
 	if ips := ingressIPs(e.get(t, "extras")); len(ips) != 1 {
