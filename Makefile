@@ -9,7 +9,7 @@ BIN     := bin
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X main.version=$(VERSION)
 export PATH := $(PATH):$(shell $(GO) env GOPATH)/bin
-APT_PKGS := clang-16 llvm-16 libbpf-dev frr ethtool nftables iproute2 openssl wrk nginx-light python3
+APT_PKGS := clang-16 llvm-16 libbpf-dev frr ethtool nftables iproute2 openssl wrk nginx-light python3 tcpdump
 
 .PHONY: all build test test-unit bench generate check-generate lint deps k8s-bins demo clean
 
@@ -59,7 +59,8 @@ tools:
 	@$(GO) version -m "$$(command -v helm)" 2>/dev/null | grep -q 'mod[[:space:]]*helm.sh/helm/v4[[:space:]]*$(HELM_VERSION)' || \
 	  { echo "building helm $(HELM_VERSION)"; $(GO) install helm.sh/helm/v4/cmd/helm@$(HELM_VERSION); }
 
-## k8s-bins: kube-apiserver and etcd from the Go module proxy, cached outside the repo.
+## k8s-bins: kube-apiserver and etcd, and the node stack's kubelet, kube-scheduler,
+## kube-controller-manager and kubectl, from the Go module proxy, cached outside the repo.
 k8s-bins:
 	@SHARDLB_CACHE=$(CACHE) bash hack/k8s-binaries.sh >/dev/null
 
@@ -68,9 +69,10 @@ k8s-bins:
 ## probe on planned switches) want the two cores to itself.
 LAB := ./test/lab
 test: deps tools k8s-bins check-generate lint
-	SHARDLB_K8S_BINS=$(CACHE)/k8s-v1.37.2 $(GO) test -race -count=1 -timeout 40m $$($(GO) list $(PKGS) | grep -v '/test/lab$$')
+	SHARDLB_K8S_BINS=$(CACHE)/k8s-v1.37.2 $(GO) test -race -count=1 -timeout 40m $$($(GO) list $(PKGS) | grep -v -e '/test/lab$$' -e '/test/nodestack$$')
 	SHARDLB_K8S_BINS=$(CACHE)/k8s-v1.37.2 $(GO) test -race -count=1 -timeout 20m $(LAB)
 	$(GO) test -C hack/image -count=1 ./...
+	$(MAKE) --no-print-directory nodestack
 
 ## test-unit: the pure packages only, seconds, no root.
 test-unit:
@@ -106,3 +108,31 @@ lint:
 
 clean:
 	rm -rf $(BIN)
+
+## lab-images: the node-stack lab's pod sandbox (pause) and backend images, from
+## hack/image/pause and hack/image/backend, built and assembled like the shardlb image
+## into $(IMAGE_DIR)/lab/{pause,backend}.tar (lab.shardlb.io/NAME:v1).
+.PHONY: lab-images
+lab-images:
+	@mkdir -p $(IMAGE_DIR)/lab
+	@$(GO) build -C hack/image -o $(abspath $(IMAGE_DIR))/assemble .
+	@for b in pause backend; do \
+	  CGO_ENABLED=0 $(GO) build -C hack/image $(IMAGE_GOFLAGS) -ldflags '$(IMAGE_LDFLAGS)' -o $(abspath $(IMAGE_DIR))/lab/$$b ./$$b && \
+	  SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) $(IMAGE_DIR)/assemble -name lab.shardlb.io/$$b -version v1 -revision $(REVISION) \
+	    -arch $$($(GO) env GOARCH) -bin usr/bin/$$b=$(IMAGE_DIR)/lab/$$b -tar $(IMAGE_DIR)/lab/$$b.tar || exit 1; \
+	done
+
+## nodestack: the DaemonSet installed with `kubectl apply -k test/nodestack/overlay` and run by
+## real kubelets and containerd in the lab (test/nodestack), with the kube-controller-
+## manager and kube-scheduler; root. Alone, like the lab: it takes the lab's lock.
+## Warm: about a minute. First run: k8s-bins builds the four node binaries in about
+## 10 minutes more (after the apiserver's build, whose packages they share).
+NODESTACK := ./test/nodestack
+NODESTACK_PKGS := containerd runc containernetworking-plugins
+.PHONY: nodestack nodestack-deps
+nodestack-deps:
+	@missing=""; for p in $(NODESTACK_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
+nodestack: deps nodestack-deps k8s-bins image lab-images
+	SHARDLB_K8S_BINS=$(CACHE)/k8s-v1.37.2 $(GO) test -count=1 -timeout 30m -v $(NODESTACK)

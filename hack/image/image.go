@@ -53,6 +53,13 @@ type spec struct {
 	// files maps a path in the image (usr/bin/shardlb) to the file on disk copied
 	// there. Only the content is taken: modes, owners and times are fixed.
 	files map[string]string
+	// title is org.opencontainers.image.title; entrypoint, cmd and user the config's.
+	// shardlb's image has the constants above; the lab's images (pause, backend) run
+	// their one binary.
+	title      string
+	entrypoint []string
+	cmd        []string
+	user       string
 }
 
 func (s spec) tag() (name.Tag, error) {
@@ -137,13 +144,13 @@ func (s spec) image() (v1.Image, error) {
 		OS:           "linux",
 		Created:      created,
 		Config: v1.Config{
-			Entrypoint: []string{entrypoint},
-			Cmd:        defaultCmd,
-			User:       user,
+			Entrypoint: s.entrypoint,
+			Cmd:        s.cmd,
+			User:       s.user,
 			Env:        []string{defaultEnv},
 			WorkingDir: "/",
 			Labels: map[string]string{
-				"org.opencontainers.image.title":    "shardlb",
+				"org.opencontainers.image.title":    s.title,
 				"org.opencontainers.image.version":  s.version,
 				"org.opencontainers.image.revision": s.revision,
 				"org.opencontainers.image.source":   s.source,

@@ -374,3 +374,71 @@ func tarFiles(t *testing.T, file string) map[string][]byte {
 		}
 	}
 }
+
+func TestALabImageHoldsOnlyItsBinaryAndRunsIt(t *testing.T) {
+	dir := t.TempDir()
+	pause := filepath.Join(dir, "pause")
+	if err := os.WriteFile(pause, []byte("a static pause"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	env := func(k string) string {
+		if k == "SOURCE_DATE_EPOCH" {
+			return strconv.Itoa(testEpoch)
+		}
+		return ""
+	}
+	ociDir := filepath.Join(dir, "oci")
+	err := run([]string{"-name", "lab.shardlb.io/pause", "-version", "v1", "-revision", testRevision, "-arch", "amd64",
+		"-bin", "/usr/bin/pause=" + pause, "-oci", ociDir}, env, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	img := readImage(t, ociDir, "lab.shardlb.io/pause:v1")
+	cf, err := img.ConfigFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := cf.Config
+	if !slices.Equal(c.Entrypoint, []string{"/usr/bin/pause"}) || len(c.Cmd) != 0 || c.User != "65532:65532" {
+		t.Errorf("entrypoint %q cmd %q user %q, want [/usr/bin/pause] [] 65532:65532", c.Entrypoint, c.Cmd, c.User)
+	}
+	if title := c.Labels["org.opencontainers.image.title"]; title != "pause" {
+		t.Errorf("title %q, want pause", title)
+	}
+	layers, err := img.Layers()
+	if err != nil || len(layers) != 1 {
+		t.Fatalf("%d layers (%v), want 1", len(layers), err)
+	}
+	rc, err := layers[0].Uncompressed()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rc.Close()
+	var names []string
+	tr := tar.NewReader(rc)
+	for {
+		h, err := tr.Next()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		names = append(names, h.Name)
+	}
+	if want := []string{"usr/", "usr/bin/", "usr/bin/pause"}; !slices.Equal(names, want) {
+		t.Errorf("layer holds %q, want %q", names, want)
+	}
+}
+
+func TestBinCannotBeMixedWithShardlbsBinaries(t *testing.T) {
+	env := func(string) string { return strconv.Itoa(testEpoch) }
+	err := run([]string{"-version", "v1", "-revision", testRevision, "-shardlb", "x", "-bin", "usr/bin/pause=y", "-tar", "z"}, env, io.Discard)
+	if err == nil || !strings.Contains(err.Error(), "without -shardlb") {
+		t.Errorf("-bin with -shardlb: %v, want a refusal", err)
+	}
+	err = run([]string{"-version", "v1", "-revision", testRevision, "-bin", "pause", "-tar", "z"}, env, io.Discard)
+	if err == nil || !strings.Contains(err.Error(), "PATH=FILE") {
+		t.Errorf("-bin without =FILE: %v, want a refusal", err)
+	}
+}

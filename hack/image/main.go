@@ -4,6 +4,10 @@
 // digest. It writes an OCI layout directory and the same as one tarball that
 // ctr images import, docker load and podman load all read.
 //
+// With -bin instead of -shardlb and -gobgp it assembles one of the lab's images the
+// same way (the pod sandbox's pause and the backend in pause/ and backend/): the given
+// static binaries, the first one the entrypoint, no command, user 65532.
+//
 // It is its own module so that go-containerregistry stays out of shardlb's
 // dependency graph.
 package main
@@ -14,9 +18,11 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path"
 	"path/filepath"
 	"runtime"
 	"strconv"
+	"strings"
 	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -38,7 +44,9 @@ func run(args []string, env func(string) string, stdout io.Writer) error {
 		gobgp   = fs.String("gobgp", "", "the static GoBGP v4 CLI, put at /usr/bin/gobgp")
 		ociDir  = fs.String("oci", "", "write an OCI layout directory here (replaced if it is one)")
 		tarFile = fs.String("tar", "", "write the OCI layout as a tarball here, with a docker manifest.json")
+		bins    binFlag
 	)
+	fs.Var(&bins, "bin", "PATH=FILE: put the static binary FILE at /PATH (repeatable; instead of -shardlb and -gobgp); the first is the entrypoint")
 	fs.StringVar(&s.name, "name", "ghcr.io/shardlb/shardlb", "image repository; the tag is -version")
 	fs.StringVar(&s.version, "version", "", "version: the image tag and its org.opencontainers.image.version label")
 	fs.StringVar(&s.revision, "revision", "", "source commit, the org.opencontainers.image.revision label")
@@ -51,8 +59,26 @@ func run(args []string, env func(string) string, stdout io.Writer) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	if *shardlb == "" || *gobgp == "" || s.version == "" || s.revision == "" {
-		return errors.New("-shardlb, -gobgp, -version and -revision are required")
+	if s.version == "" || s.revision == "" {
+		return errors.New("-version and -revision are required")
+	}
+	switch {
+	case len(bins) > 0 && (*shardlb != "" || *gobgp != ""):
+		return errors.New("-bin builds another image than shardlb's: give it without -shardlb and -gobgp")
+	case len(bins) > 0:
+		s.title, s.entrypoint, s.user = path.Base(s.name), []string{"/" + bins[0][0]}, user
+		for _, b := range bins {
+			if _, dup := s.files[b[0]]; dup {
+				return fmt.Errorf("-bin: /%s given twice", b[0])
+			}
+			s.files[b[0]] = b[1]
+		}
+	case *shardlb == "" || *gobgp == "":
+		return errors.New("-shardlb and -gobgp (or -bin) are required")
+	default:
+		s.title, s.entrypoint, s.cmd, s.user = "shardlb", []string{entrypoint}, defaultCmd, user
+		s.files["usr/bin/shardlb"] = *shardlb
+		s.files["usr/bin/gobgp"] = *gobgp
 	}
 	if *ociDir == "" && *tarFile == "" {
 		return errors.New("nothing to write: give -oci, -tar or both")
@@ -62,8 +88,6 @@ func run(args []string, env func(string) string, stdout io.Writer) error {
 		return fmt.Errorf("SOURCE_DATE_EPOCH (the commit time, seconds since 1970) is required: %w", err)
 	}
 	s.created = time.Unix(epoch, 0).UTC()
-	s.files["usr/bin/shardlb"] = *shardlb
-	s.files["usr/bin/gobgp"] = *gobgp
 
 	tag, err := s.tag()
 	if err != nil {
@@ -104,6 +128,21 @@ func run(args []string, env func(string) string, stdout io.Writer) error {
 	if *tarFile != "" {
 		fmt.Fprintf(stdout, "  %s  OCI archive with a docker manifest.json (ctr -n k8s.io images import, docker load, podman load)\n", *tarFile)
 	}
+	return nil
+}
+
+// binFlag is the repeated -bin PATH=FILE: the path in the image, relative, and the file.
+type binFlag [][2]string
+
+func (b *binFlag) String() string { return fmt.Sprint(*b) }
+
+func (b *binFlag) Set(v string) error {
+	p, file, ok := strings.Cut(v, "=")
+	p = strings.TrimPrefix(p, "/")
+	if !ok || p == "" || file == "" {
+		return fmt.Errorf("%q: want PATH=FILE, e.g. usr/bin/pause=bin/image/pause", v)
+	}
+	*b = append(*b, [2]string{p, file})
 	return nil
 }
 

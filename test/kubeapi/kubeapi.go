@@ -62,6 +62,11 @@ type Options struct {
 	BinDir string
 	// ExtraArgs are appended to the kube-apiserver command line.
 	ExtraArgs []string
+	// ServiceAccountAdmission keeps the ServiceAccount admission plugin, which mounts
+	// a token into Pods and refuses Pods of a namespace without its ServiceAccount (a
+	// kube-controller-manager creates them): what a cluster whose kubelets run Pods
+	// needs. Off by default, as without a controller-manager no Pod would be admitted.
+	ServiceAccountAdmission bool
 	// Log receives both processes' output; nil writes it to Dir/etcd.log and
 	// Dir/apiserver.log.
 	Log io.Writer
@@ -166,8 +171,10 @@ func Start(ctx context.Context, o Options) (_ *Server, err error) {
 		"--authorization-mode", "RBAC",
 		// Large enough for benchmarks with ten thousand services.
 		"--service-cluster-ip-range", "10.96.0.0/16",
-		"--disable-admission-plugins", "ServiceAccount",
 		"--v", "0",
+	}
+	if !o.ServiceAccountAdmission {
+		args = append(args, "--disable-admission-plugins", "ServiceAccount")
 	}
 	if err := s.spawn(o.Log, "apiserver", apiserverBin, append(args, o.ExtraArgs...)...); err != nil {
 		return nil, err
