@@ -219,6 +219,45 @@ static __noinline int new_flow(const struct flow *f, const struct service *svc, 
 	return NEW_FLOW;
 }
 
+/* ct_idle_past tells whether the flow of forward entry e, idle in that direction past
+ * its timeout, is idle in the reply direction too (as snat_reclaim judges a flow).
+ * Not inlined: it runs only for entries idle that long. */
+static __noinline bool ct_idle_past(const struct flow *f, const struct ct_entry *e, __u64 now)
+{
+	__u64 seen = e->seen;
+	bool closing = e->closing;
+	struct flow o = {};
+
+	ct_reverse(&o, e, f->proto, f->family);
+	struct ct_entry *r = ct_lookup(&o);
+	if (r && r->dir == CT_REPLY) {
+		if ((__s64)(r->seen - seen) > 0)
+			seen = r->seen;
+		closing |= r->closing;
+	}
+	return now - seen > (closing ? ct_closing_timeout : f->proto == IPPROTO_TCP ? CT_TCP_TIMEOUT : CT_UDP_TIMEOUT);
+}
+
+/* ct_stale tells whether a forward entry no longer names a live flow, so that a
+ * packet of its tuple is taken for a new connection's (balanced, or handed off):
+ *  - a SYN (without ACK) on a closing entry: the client reuses the tuple of a
+ *    connection it closed, and the old translation may meet the endpoint's TIME_WAIT
+ *    for it (the endpoint answers with the old connection's ACK, the new one stalls);
+ *  - any packet on an expired entry (both directions idle past their timeout, which
+ *    may already have given its SNAT port to another flow, snat_reclaim): entries are
+ *    never deleted on a timer, and one adopted across a restart or left from an
+ *    earlier mastership would otherwise translate a new connection's segments with
+ *    another connection's port. */
+static __always_inline bool ct_stale(const struct flow *f, const struct ct_entry *e, bool syn)
+{
+	__u64 now = bpf_jiffies64();
+	__u64 limit = e->closing ? ct_closing_timeout : f->proto == IPPROTO_TCP ? CT_TCP_TIMEOUT : CT_UDP_TIMEOUT;
+
+	if (syn && e->closing)
+		return true;
+	return now - e->seen > limit && ct_idle_past(f, e, now);
+}
+
 /* balance decides flow f: NOT_OURS when it is not load-balanced traffic, a drop (a
  * client outside the service's source ranges among others, ranges.h) or a redirect (a
  * segment handed off to the service's previous master, handoff.h), FURTHER_PROCESSING
@@ -237,9 +276,13 @@ static __always_inline int balance(struct __sk_buff *skb, const struct flow *f, 
 			return FURTHER_PROCESSING;
 		}
 		/* A forward flow keeps its endpoint while that endpoint is in the service; once
-		 * it is gone the flow is balanced again like a new one. */
+		 * it is gone the flow is balanced again like a new one, as is a stale entry's
+		 * tuple (ct_stale; a dsr cache, CT_ENCAP, is never stale: it only keeps the
+		 * flow's endpoint). */
 		struct endpoint *ep = bpf_map_lookup_elem(&endpoints, &ct->endpoint_id);
-		if (ep && ep->valid && ep->gen == ct->endpoint_gen) {
+		struct tcphdr *th = l4;
+		bool syn = f->proto == IPPROTO_TCP && (void *)(th + 1) <= data_end && th->syn && !th->ack;
+		if (ep && ep->valid && ep->gen == ct->endpoint_gen && (ct->dir != CT_FORWARD || !ct_stale(f, ct, syn))) {
 			if (ep->range_gen != ct->range_gen)
 				recheck_source(f, ct);
 			if (ct->denied)
