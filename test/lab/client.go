@@ -52,6 +52,22 @@ func (c *client) dial(ctx context.Context, network, addr string) (net.Conn, erro
 	return conn, err
 }
 
+// getFrom fetches http://target/ on a new connection from the client's address src
+// (one of the client namespace's addresses) within timeout.
+func (c *client) getFrom(ctx context.Context, src netip.Addr, target netip.AddrPort, timeout time.Duration) (page, error) {
+	tr := &http.Transport{DisableKeepAlives: true, DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+		var conn net.Conn
+		err := inNetNS(c.h, func() error {
+			var err error
+			conn, err = (&net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(src, 0))}).DialContext(ctx, network, addr)
+			return err
+		})
+		return conn, err
+	}}
+	defer tr.CloseIdleConnections()
+	return fetch(ctx, tr, target, timeout)
+}
+
 // page is what one GET returned.
 type page struct {
 	Body string
@@ -60,13 +76,18 @@ type page struct {
 
 // get fetches http://target/ on a new connection within timeout.
 func (c *client) get(ctx context.Context, target netip.AddrPort, timeout time.Duration) (page, error) {
+	return fetch(ctx, c.tr, target, timeout)
+}
+
+// fetch GETs http://target/ through tr within timeout.
+func fetch(ctx context.Context, tr http.RoundTripper, target netip.AddrPort, timeout time.Duration) (page, error) {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+target.String()+"/", nil)
 	if err != nil {
 		return page{}, err
 	}
-	resp, err := c.tr.RoundTrip(req)
+	resp, err := tr.RoundTrip(req)
 	if err != nil {
 		return page{}, err
 	}

@@ -198,11 +198,17 @@ func (l *Lab) RollingRestart(ctx context.Context, vips map[netip.Addr]string) (m
 	for _, v := range sortedVIPs(vips) {
 		prefixes = append(prefixes, netip.PrefixFrom(v, 32))
 	}
+	where := map[string]string{clientNS: "eth0"}
+	for _, n := range l.nodes {
+		where[n.ns] = "eth0"
+	}
+	pcap := l.startCapture("rolling", where)
+	defer pcap.stop()
 	p := l.client.startProbes(targets(vips), probeEvery)
 	watch := l.watchRoutes(prefixes)
 	time.Sleep(300 * time.Millisecond) // a baseline of good probes first
 	t0 := time.Now()
-	var marks []string
+	marks := []string{fmt.Sprintf("%+6dms lab: t0 is %s (pcaps: rolling-*.pcap)", 0, t0.UTC().Format("15:04:05.000"))}
 	mark := func(what string) {
 		marks = append(marks, fmt.Sprintf("%+6dms lab: %s", time.Since(t0).Milliseconds(), what))
 	}

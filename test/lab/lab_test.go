@@ -364,4 +364,7 @@ func TestBoundedAdvertisers(t *testing.T) {
 		t.Fatal(err)
 	}
 	twoPaths("two paths per VIP again after the failover and the node's return")
+	t.Run("a client outside a service's source ranges gets nothing, one inside the page", func(t *testing.T) {
+		checkSourceRanges(t, l)
+	})
 }
