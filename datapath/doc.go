@@ -429,16 +429,20 @@
 // last packets. The values are in bpf/consts.h, in jiffies at HZ=250 (shorter at a higher
 // HZ), overridable with -D. A new onearm or fullnat flow whose SNAT port is held by an
 // expired flow deletes that flow's entries and takes the port, so the port range bounds
-// live flows per endpoint, not flows ever seen. An entry that stays in the map after
-// its flow ended names no flow (ct_stale in bpf/balance.h): a segment on an expired
-// forward entry is handed off or balanced anew, and a SYN (without ACK) on a closing
-// one starts a new flow with a SNAT port of its own, while a SYN retransmitted on an
-// open flow keeps the flow's. Translating with the old entry lost connections in the
-// lab's rolling restarts: a client reused a source port 13.7 s after a connection that
-// had gone through another node; when that node took the VIP back, it translated the new
-// connection's segments with the old entry (adopted across its restart), onto a tuple
-// the endpoint still held in TIME_WAIT, which answered with the old connection's ACK,
-// and the new connection stalled. A route or neighbour change reaches established
+// live flows per endpoint, not flows ever seen. An expired entry names no flow
+// (ct_stale in bpf/balance.h): a segment on an expired forward entry is handed off or
+// balanced anew. Translating with it lost connections in the lab's rolling restarts: a
+// client reused a source port 13.7 s after a connection that had gone through another
+// node; when that node took the VIP back, it translated the new connection's segments
+// with the old entry (adopted across its restart), onto a tuple the endpoint still held
+// in TIME_WAIT, which answered with the old connection's ACK, and the new connection
+// stalled. A closing entry not yet expired still translates a SYN: a SNAT port is
+// taken over after the closing timeout, sooner than an endpoint's TIME_WAIT (60 s)
+// ends, so a new flow's SYN may meet an old connection's TIME_WAIT, which answers with
+// that connection's ACK; the client's RST ends the TIME_WAIT only on the same tuple,
+// and the SYN it retransmits 10 ms later must follow it there (balancing it anew sent
+// it to another port, often another TIME_WAIT, and the connection waited a second for
+// its next retransmission). A route or neighbour change reaches established
 // and new flows only when the cached next hop expires (up to 64 jiffies later); a flow's
 // cache is written without a lock, so a packet racing a refresh on another CPU may
 // leave with the old and new answer mixed, which only happens when the answer changed.

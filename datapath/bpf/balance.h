@@ -238,23 +238,21 @@ static __noinline bool ct_idle_past(const struct flow *f, const struct ct_entry 
 	return now - seen > (closing ? ct_closing_timeout : f->proto == IPPROTO_TCP ? CT_TCP_TIMEOUT : CT_UDP_TIMEOUT);
 }
 
-/* ct_stale tells whether a forward entry no longer names a live flow, so that a
- * packet of its tuple is taken for a new connection's (balanced, or handed off):
- *  - a SYN (without ACK) on a closing entry: the client reuses the tuple of a
- *    connection it closed, and the old translation may meet the endpoint's TIME_WAIT
- *    for it (the endpoint answers with the old connection's ACK, the new one stalls);
- *  - any packet on an expired entry (both directions idle past their timeout, which
- *    may already have given its SNAT port to another flow, snat_reclaim): entries are
- *    never deleted on a timer, and one adopted across a restart or left from an
- *    earlier mastership would otherwise translate a new connection's segments with
- *    another connection's port. */
-static __always_inline bool ct_stale(const struct flow *f, const struct ct_entry *e, bool syn)
+/* ct_stale tells whether a forward entry no longer names a live flow: both directions
+ * idle past their timeout (as snat_reclaim judges a flow, which may already have given
+ * its SNAT port to another flow). Entries are never deleted on a timer, and one adopted
+ * across a restart or left from an earlier mastership would otherwise translate a new
+ * connection's segments with another connection's port; its tuple is taken for a new
+ * connection's instead (balanced, or handed off). A closing entry that is not expired
+ * still translates a SYN: when the endpoint answers a reused SNAT tuple's SYN from its
+ * TIME_WAIT with the old connection's ACK, the client's RST must reach that TIME_WAIT
+ * on the same tuple (which ends it) and its SYN retransmitted 10 ms later must follow,
+ * which a new translation would send to another port, maybe another TIME_WAIT. */
+static __always_inline bool ct_stale(const struct flow *f, const struct ct_entry *e)
 {
 	__u64 now = bpf_jiffies64();
 	__u64 limit = e->closing ? ct_closing_timeout : f->proto == IPPROTO_TCP ? CT_TCP_TIMEOUT : CT_UDP_TIMEOUT;
 
-	if (syn && e->closing)
-		return true;
 	return now - e->seen > limit && ct_idle_past(f, e, now);
 }
 
@@ -280,9 +278,7 @@ static __always_inline int balance(struct __sk_buff *skb, const struct flow *f, 
 		 * tuple (ct_stale; a dsr cache, CT_ENCAP, is never stale: it only keeps the
 		 * flow's endpoint). */
 		struct endpoint *ep = bpf_map_lookup_elem(&endpoints, &ct->endpoint_id);
-		struct tcphdr *th = l4;
-		bool syn = f->proto == IPPROTO_TCP && (void *)(th + 1) <= data_end && th->syn && !th->ack;
-		if (ep && ep->valid && ep->gen == ct->endpoint_gen && (ct->dir != CT_FORWARD || !ct_stale(f, ct, syn))) {
+		if (ep && ep->valid && ep->gen == ct->endpoint_gen && (ct->dir != CT_FORWARD || !ct_stale(f, ct))) {
 			if (ep->range_gen != ct->range_gen)
 				recheck_source(f, ct);
 			if (ct->denied)
