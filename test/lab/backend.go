@@ -7,6 +7,8 @@ import (
 	"os"
 	"path/filepath"
 	"time"
+
+	"github.com/shardlb/shardlb/internal/labsys"
 )
 
 // nginxPage is the page the guide's nginx pods serve.
@@ -46,7 +48,7 @@ type backend struct {
 	ns   string
 	addr netip.Addr
 	port uint16
-	proc *proc
+	proc *labsys.Proc
 }
 
 // startBackend runs nginx in ns, listening on addr:port.
@@ -84,7 +86,7 @@ http {
 	if err := os.WriteFile(confPath, []byte(conf), 0o644); err != nil {
 		return nil, err
 	}
-	p, err := startProc("nginx "+pod, filepath.Join(dir, "nginx.out"),
+	p, err := labsys.StartProc("nginx "+pod, filepath.Join(dir, "nginx.out"),
 		"ip", "netns", "exec", ns, "nginx", "-e", "stderr", "-p", dir, "-c", confPath)
 	if err != nil {
 		return nil, err
@@ -92,11 +94,11 @@ http {
 	b.proc = p
 	ap := netip.AddrPortFrom(addr, port).String()
 	return b, waitFor(ctx, 10*time.Second, "nginx of "+pod, func() error {
-		if !p.running() {
-			return fmt.Errorf("nginx exited: %v (see %s)", p.exitErr(), p.log)
+		if !p.Running() {
+			return fmt.Errorf("nginx exited: %v (see %s)", p.ExitErr(), p.Log)
 		}
 		// Listening is checked from inside the namespace, where the address lives.
-		_, err := nsRun(ns, "bash", "-c", "exec 3<>/dev/tcp/"+addr.String()+"/"+fmt.Sprint(port))
+		_, err := labsys.NSRun(ns, "bash", "-c", "exec 3<>/dev/tcp/"+addr.String()+"/"+fmt.Sprint(port))
 		if err != nil {
 			return fmt.Errorf("connect %s: %w", ap, err)
 		}

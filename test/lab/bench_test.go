@@ -17,6 +17,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
+	"github.com/shardlb/shardlb/internal/labsys"
 	"github.com/shardlb/shardlb/internal/testenv"
 )
 
@@ -149,7 +150,7 @@ var wrkRate = regexp.MustCompile(`Requests/sec:\s+([0-9.]+)`)
 
 // wrk runs wrk from the client namespace for d and returns requests per second.
 func wrk(target netip.AddrPort, d time.Duration) (float64, error) {
-	out, err := nsRun(clientNS, "wrk", "-t1", "-c16", fmt.Sprintf("-d%ds", int(d.Seconds())), "http://"+target.String()+"/")
+	out, err := labsys.NSRun(clientNS, "wrk", "-t1", "-c16", fmt.Sprintf("-d%ds", int(d.Seconds())), "http://"+target.String()+"/")
 	if err != nil {
 		return 0, err
 	}

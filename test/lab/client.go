@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/vishvananda/netns"
+
+	"github.com/shardlb/shardlb/internal/labsys"
 )
 
 // client is the outside world: a namespace behind the router. The lab's own Go code
@@ -44,7 +46,7 @@ func (c *client) close() {
 // dial opens a TCP connection from the client namespace.
 func (c *client) dial(ctx context.Context, network, addr string) (net.Conn, error) {
 	var conn net.Conn
-	err := inNetNS(c.h, func() error {
+	err := labsys.InNetNS(c.h, func() error {
 		var err error
 		conn, err = (&net.Dialer{}).DialContext(ctx, network, addr)
 		return err
@@ -57,7 +59,7 @@ func (c *client) dial(ctx context.Context, network, addr string) (net.Conn, erro
 func (c *client) getFrom(ctx context.Context, src netip.Addr, target netip.AddrPort, timeout time.Duration) (page, error) {
 	tr := &http.Transport{DisableKeepAlives: true, DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
 		var conn net.Conn
-		err := inNetNS(c.h, func() error {
+		err := labsys.InNetNS(c.h, func() error {
 			var err error
 			conn, err = (&net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(src, 0))}).DialContext(ctx, network, addr)
 			return err

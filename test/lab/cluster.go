@@ -25,6 +25,7 @@ import (
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/restmapper"
 
+	"github.com/shardlb/shardlb/internal/labsys"
 	"github.com/shardlb/shardlb/manifest"
 )
 
@@ -186,19 +187,19 @@ func (l *Lab) RunPods(ctx context.Context) error {
 // startPod gives a Pod its namespace on the node LAN and runs nginx there.
 func (l *Lab) startPod(ctx context.Context, idx int, name string, port uint16) (*backend, error) {
 	ns := podNS(idx)
-	if err := addNetNS(ns, false); err != nil {
+	if err := labsys.AddNetNS(ns, false); err != nil {
 		return nil, err
 	}
 	rport := fmt.Sprintf("pod%d", idx+1)
-	if err := veth(routerNS, rport, ns, "eth0"); err != nil {
+	if err := labsys.Veth(routerNS, rport, ns, "eth0"); err != nil {
 		return nil, err
 	}
-	var s script
-	s.run("ip", "-n", routerNS, "link", "set", rport, "master", "lan")
-	s.run("ip", "-n", ns, "addr", "add", cidr(podAddr(idx), 24), "dev", "eth0")
-	s.run("ip", "-n", ns, "route", "add", "default", "via", routerLAN.String())
-	if s.err != nil {
-		return nil, s.err
+	var s labsys.Script
+	s.Run("ip", "-n", routerNS, "link", "set", rport, "master", "lan")
+	s.Run("ip", "-n", ns, "addr", "add", cidr(podAddr(idx), 24), "dev", "eth0")
+	s.Run("ip", "-n", ns, "route", "add", "default", "via", routerLAN.String())
+	if s.Err != nil {
+		return nil, s.Err
 	}
 	b, err := startBackend(ctx, name, ns, filepath.Join(l.Dir, "pod-"+name), podAddr(idx), port)
 	if b != nil {

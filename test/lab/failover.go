@@ -98,7 +98,7 @@ func (l *Lab) Failover(ctx context.Context, f Failure, instance string, vips map
 	switch f {
 	case CleanStop:
 		victim.up = false
-		go victim.proc.stop(15 * time.Second)
+		go victim.proc.Stop(15 * time.Second)
 	case Kill:
 		victim.kill()
 	case LinkCut:
@@ -122,7 +122,7 @@ func (l *Lab) Failover(ctx context.Context, f Failure, instance string, vips map
 	})
 	if err == nil && f != LinkCut {
 		err = waitFor(ctx, 30*time.Second, "a new master of "+instance, func() error {
-			if victim.proc.running() {
+			if victim.proc.Running() {
 				return fmt.Errorf("%s still stopping", victim.name)
 			}
 			return l.Settled(ctx, vips)

@@ -85,9 +85,9 @@ func (l *Lab) KeepAliveAcrossStop(ctx context.Context, instance string, vips map
 	}
 	var results []result
 	victim.up = false
-	go victim.proc.stop(15 * time.Second)
+	go victim.proc.Stop(15 * time.Second)
 	tick := time.NewTicker(keepAliveEvery)
-	for victim.proc.running() {
+	for victim.proc.Running() {
 		start := time.Now()
 		err := keepAliveGet(conn, br, target)
 		results = append(results, result{start, time.Now(), err})
@@ -97,7 +97,7 @@ func (l *Lab) KeepAliveAcrossStop(ctx context.Context, instance string, vips map
 		<-tick.C
 	}
 	tick.Stop()
-	<-victim.proc.done
+	<-victim.proc.Done()
 	exited := time.Now()
 	routes := watch()
 	drainEnd := drained()

@@ -15,6 +15,7 @@ import (
 
 	"k8s.io/client-go/kubernetes"
 
+	"github.com/shardlb/shardlb/internal/labsys"
 	"github.com/shardlb/shardlb/test/frr"
 	"github.com/shardlb/shardlb/test/kubeapi"
 )
@@ -128,10 +129,10 @@ func Start(ctx context.Context, o Options) (_ *Lab, err error) {
 	l.logf("lab directory %s", l.Dir)
 	// The nodes pin their datapaths here (--pinPath), as the DaemonSet does in the
 	// host's /sys/fs/bpf: a restarted node adopts its maps instead of allocating them.
-	if _, err := sh("mkdir", "-p", l.bpffs()); err != nil {
+	if _, err := labsys.Sh("mkdir", "-p", l.bpffs()); err != nil {
 		return nil, err
 	}
-	if _, err := sh("mount", "-t", "bpf", "bpf", l.bpffs()); err != nil {
+	if _, err := labsys.Sh("mount", "-t", "bpf", "bpf", l.bpffs()); err != nil {
 		return nil, fmt.Errorf("mount bpffs: %w", err)
 	}
 	if err := l.topology(); err != nil {
@@ -184,58 +185,58 @@ func cidr(a netip.Addr, bits int) string { return netip.PrefixFrom(a, bits).Stri
 // the management bridge in the root namespace.
 func (l *Lab) topology() error {
 	for _, ns := range []string{routerNS, clientNS} {
-		if err := addNetNS(ns, ns == routerNS); err != nil {
+		if err := labsys.AddNetNS(ns, ns == routerNS); err != nil {
 			return err
 		}
 	}
-	var s script
-	s.run("ip", "-n", routerNS, "link", "add", "lan", "type", "bridge")
-	s.run("ip", "-n", routerNS, "addr", "add", cidr(routerLAN, 24), "dev", "lan")
-	s.run("ip", "-n", routerNS, "link", "set", "lan", "up")
-	if s.err != nil {
-		return s.err
+	var s labsys.Script
+	s.Run("ip", "-n", routerNS, "link", "add", "lan", "type", "bridge")
+	s.Run("ip", "-n", routerNS, "addr", "add", cidr(routerLAN, 24), "dev", "lan")
+	s.Run("ip", "-n", routerNS, "link", "set", "lan", "up")
+	if s.Err != nil {
+		return s.Err
 	}
-	if err := veth(routerNS, "cli", clientNS, "eth0"); err != nil {
+	if err := labsys.Veth(routerNS, "cli", clientNS, "eth0"); err != nil {
 		return err
 	}
-	s.run("ip", "-n", routerNS, "addr", "add", cidr(routerCli, 24), "dev", "cli")
-	s.run("ip", "-n", clientNS, "addr", "add", cidr(clientAddr, 24), "dev", "eth0")
-	s.run("ip", "-n", clientNS, "route", "add", "default", "via", routerCli.String())
+	s.Run("ip", "-n", routerNS, "addr", "add", cidr(routerCli, 24), "dev", "cli")
+	s.Run("ip", "-n", clientNS, "addr", "add", cidr(clientAddr, 24), "dev", "eth0")
+	s.Run("ip", "-n", clientNS, "route", "add", "default", "via", routerCli.String())
 
-	s.run("ip", "link", "add", bridge, "type", "bridge")
-	s.run("ip", "addr", "add", cidr(mgmtGateway, 24), "dev", bridge)
-	s.run("ip", "link", "set", bridge, "up")
-	if s.err != nil {
-		return s.err
+	s.Run("ip", "link", "add", bridge, "type", "bridge")
+	s.Run("ip", "addr", "add", cidr(mgmtGateway, 24), "dev", bridge)
+	s.Run("ip", "link", "set", bridge, "up")
+	if s.Err != nil {
+		return s.Err
 	}
 	for i := range l.opts.Nodes {
 		ns := nodeNS(i)
-		if err := addNetNS(ns, true); err != nil {
+		if err := labsys.AddNetNS(ns, true); err != nil {
 			return err
 		}
 		port := fmt.Sprintf("node%d", i+1)
-		if err := veth(routerNS, port, ns, "eth0"); err != nil {
+		if err := labsys.Veth(routerNS, port, ns, "eth0"); err != nil {
 			return err
 		}
-		s.run("ip", "-n", routerNS, "link", "set", port, "master", "lan")
+		s.Run("ip", "-n", routerNS, "link", "set", port, "master", "lan")
 		// A NIC drops frames for other MACs; a veth hands them to the tc hook, where
 		// the node's eBPF program would see traffic the bridge floods when another
 		// node's port goes down. No unknown-unicast flooding toward nodes keeps a
 		// link cut what it is on real hardware.
-		s.in(routerNS, "bridge", "link", "set", "dev", port, "flood", "off")
-		s.run("ip", "-n", ns, "addr", "add", cidr(nodeLAN(i), 24), "dev", "eth0")
-		s.run("ip", "-n", ns, "route", "add", "default", "via", routerLAN.String())
+		s.In(routerNS, "bridge", "link", "set", "dev", port, "flood", "off")
+		s.Run("ip", "-n", ns, "addr", "add", cidr(nodeLAN(i), 24), "dev", "eth0")
+		s.Run("ip", "-n", ns, "route", "add", "default", "via", routerLAN.String())
 		mgmt := fmt.Sprintf("%sm%d", prefix, i+1)
-		if s.err != nil {
-			return s.err
+		if s.Err != nil {
+			return s.Err
 		}
-		if err := veth("", mgmt, ns, "mgmt"); err != nil {
+		if err := labsys.Veth("", mgmt, ns, "mgmt"); err != nil {
 			return err
 		}
-		s.run("ip", "link", "set", mgmt, "master", bridge)
-		s.run("ip", "-n", ns, "addr", "add", cidr(nodeMgmt(i), 24), "dev", "mgmt")
+		s.Run("ip", "link", "set", mgmt, "master", bridge)
+		s.Run("ip", "-n", ns, "addr", "add", cidr(nodeMgmt(i), 24), "dev", "mgmt")
 	}
-	return s.err
+	return s.Err
 }
 
 // acquire takes the machine-wide lab lock; the kernel drops it when the process dies,
@@ -273,14 +274,14 @@ func removeStale() {
 	if mounts, err := os.ReadFile("/proc/self/mounts"); err == nil {
 		for _, line := range strings.Split(string(mounts), "\n") {
 			if f := strings.Fields(line); len(f) > 2 && f[2] == "bpf" && strings.Contains(f[1], "/"+prefix) {
-				_, _ = sh("umount", f[1])
+				_, _ = labsys.Sh("umount", f[1])
 			}
 		}
 	}
-	for _, ns := range listNetNS(prefix) {
-		_ = deleteNetNS(ns)
+	for _, ns := range labsys.ListNetNS(prefix) {
+		_ = labsys.DeleteNetNS(ns)
 	}
-	out, _ := sh("ip", "-o", "link", "show")
+	out, _ := labsys.Sh("ip", "-o", "link", "show")
 	for _, line := range strings.Split(out, "\n") {
 		f := strings.Fields(line)
 		if len(f) < 2 {
@@ -288,7 +289,7 @@ func removeStale() {
 		}
 		name, _, _ := strings.Cut(strings.TrimSuffix(f[1], ":"), "@")
 		if strings.HasPrefix(name, prefix) {
-			_, _ = sh("ip", "link", "del", name)
+			_, _ = labsys.Sh("ip", "link", "del", name)
 		}
 	}
 }
@@ -305,12 +306,12 @@ func (l *Lab) Close() {
 	l.mu.Unlock()
 	for _, n := range l.nodes {
 		if n.proc != nil {
-			n.proc.stop(10 * time.Second)
+			n.proc.Stop(10 * time.Second)
 		}
 	}
 	for _, b := range l.pods {
 		if b.proc != nil {
-			b.proc.stop(3 * time.Second)
+			b.proc.Stop(3 * time.Second)
 		}
 	}
 	if l.client != nil {
@@ -325,13 +326,13 @@ func (l *Lab) Close() {
 		}
 		l.Router.Stop()
 	}
-	for _, ns := range listNetNS(prefix) {
-		_ = deleteNetNS(ns)
+	for _, ns := range labsys.ListNetNS(prefix) {
+		_ = labsys.DeleteNetNS(ns)
 	}
-	_, _ = sh("ip", "link", "del", bridge)
+	_, _ = labsys.Sh("ip", "link", "del", bridge)
 	removeStale()
 	if l.Dir != "" {
-		_, _ = sh("umount", l.bpffs())
+		_, _ = labsys.Sh("umount", l.bpffs())
 	}
 	if l.Dir != "" && !l.opts.Keep {
 		_ = os.RemoveAll(l.Dir)

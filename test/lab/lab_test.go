@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/shardlb/shardlb/internal/labsys"
 	"github.com/shardlb/shardlb/internal/testenv"
 	"github.com/shardlb/shardlb/test/frr"
 	"github.com/shardlb/shardlb/test/kubeapi"
@@ -204,7 +205,7 @@ func TestGuideEndToEnd(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		out, err := nsRun(l.nodes[0].ns, gobgp, "global", "rib")
+		out, err := labsys.NSRun(l.nodes[0].ns, gobgp, "global", "rib")
 		if err != nil {
 			t.Fatal(err)
 		}

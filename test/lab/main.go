@@ -19,6 +19,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/shardlb/shardlb/internal/labsys"
 )
 
 func main() {
@@ -121,7 +123,7 @@ func demo(ctx context.Context, w io.Writer, keep, verbose bool) int {
 		return fail("build the gobgp CLI", err)
 	}
 	say("\n%s$ gobgp global rib", l.nodes[0].name)
-	out, err = nsRun(l.nodes[0].ns, gobgp, "global", "rib")
+	out, err = labsys.NSRun(l.nodes[0].ns, gobgp, "global", "rib")
 	if err != nil {
 		return fail("gobgp global rib", err)
 	}

@@ -16,6 +16,8 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/shardlb/shardlb/internal/labsys"
 )
 
 // node is one shardlb "pod": the real binary in the node's network namespace, with
@@ -27,7 +29,7 @@ type node struct {
 	ip   netip.Addr
 	argv []string
 	log  string
-	proc *proc
+	proc *labsys.Proc
 	// up says the lab means the node to run: a node that exits on its own is an error.
 	up bool
 	// cordoned says its Node is cordoned: it must master nothing.
@@ -106,10 +108,10 @@ func (l *Lab) StartNodes(ctx context.Context) error {
 }
 
 func (n *node) start() error {
-	if n.proc != nil && n.proc.running() {
+	if n.proc != nil && n.proc.Running() {
 		return fmt.Errorf("%s is already running", n.name)
 	}
-	p, err := startProc(n.name, n.log, n.argv...)
+	p, err := labsys.StartProc(n.name, n.log, n.argv...)
 	if err != nil {
 		return err
 	}
@@ -120,19 +122,19 @@ func (n *node) start() error {
 // stop is a clean stop: SIGTERM, as the kubelet sends.
 func (n *node) stop() error {
 	n.up = false
-	n.proc.stop(15 * time.Second)
+	n.proc.Stop(15 * time.Second)
 	return n.exitErr()
 }
 
 // kill is a crash: SIGKILL, no chance to withdraw anything.
 func (n *node) kill() {
 	n.up = false
-	n.proc.signal(syscall.SIGKILL)
-	<-n.proc.done
+	n.proc.Signal(syscall.SIGKILL)
+	<-n.proc.Done()
 }
 
 func (n *node) exitErr() error {
-	if err := n.proc.exitErr(); err != nil {
+	if err := n.proc.ExitErr(); err != nil {
 		return fmt.Errorf("%s exited: %w (log %s)", n.name, err, n.log)
 	}
 	return nil
@@ -146,13 +148,13 @@ func (n *node) setLink(up bool) error {
 	if up {
 		state = "up"
 	}
-	_, err := sh("ip", "-n", routerNS, "link", "set", fmt.Sprintf("node%d", n.i+1), state)
+	_, err := labsys.Sh("ip", "-n", routerNS, "link", "set", fmt.Sprintf("node%d", n.i+1), state)
 	return err
 }
 
 // cli runs `shardlb ARGS` in the node's namespace, where its local API listens.
 func (l *Lab) cli(n *node, args ...string) (string, error) {
-	return nsRun(n.ns, l.shardlb, args...)
+	return labsys.NSRun(n.ns, l.shardlb, args...)
 }
 
 // haRow is one line of `shardlb get ha -o json`.
@@ -181,7 +183,7 @@ func (l *Lab) Masters() (map[string]*node, error) {
 	masters := map[string]*node{}
 	var instances []string
 	for _, n := range l.nodes {
-		if !n.proc.running() {
+		if !n.proc.Running() {
 			continue
 		}
 		rows, err := l.HA(n)
@@ -223,7 +225,7 @@ func (l *Lab) Settled(ctx context.Context, vips map[netip.Addr]string) error {
 		return err
 	}
 	for _, n := range l.nodes {
-		if n.proc == nil || !n.proc.running() {
+		if n.proc == nil || !n.proc.Running() {
 			continue
 		}
 		running++
@@ -239,7 +241,7 @@ func (l *Lab) Settled(ctx context.Context, vips map[netip.Addr]string) error {
 	// share over: settled means balanced to within one among the running nodes.
 	load := map[string]int{}
 	for _, n := range l.nodes {
-		if n.proc != nil && n.proc.running() && !n.cordoned {
+		if n.proc != nil && n.proc.Running() && !n.cordoned {
 			load[n.name] = 0
 		}
 	}
@@ -303,8 +305,8 @@ func (l *Lab) Settled(ctx context.Context, vips map[netip.Addr]string) error {
 func (l *Lab) WaitSettled(ctx context.Context, vips map[netip.Addr]string, d time.Duration) error {
 	return waitFor(ctx, d, "the lab to settle", func() error {
 		for _, n := range l.nodes {
-			if n.up && !n.proc.running() {
-				return fmt.Errorf("%s exited: %v (log %s)", n.name, n.proc.exitErr(), n.log)
+			if n.up && !n.proc.Running() {
+				return fmt.Errorf("%s exited: %v (log %s)", n.name, n.proc.ExitErr(), n.log)
 			}
 		}
 		return l.Settled(ctx, vips)

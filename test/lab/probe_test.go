@@ -104,7 +104,7 @@ func TestEndpointProbe(t *testing.T) {
 	}
 
 	killed := time.Now()
-	b.proc.stop(5 * time.Second)
+	b.proc.Stop(5 * time.Second)
 	gone, err := l.everyNodeServes(ctx, vip, ep, false, 30*time.Second)
 	if err != nil {
 		t.Fatal(err)

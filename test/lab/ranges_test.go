@@ -9,6 +9,8 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
+
+	"github.com/shardlb/shardlb/internal/labsys"
 )
 
 // otherClient is a second address of the client namespace, outside the source range
@@ -22,10 +24,10 @@ var otherClient = netip.MustParseAddr("203.0.113.11")
 func checkSourceRanges(t *testing.T, l *Lab) {
 	t.Helper()
 	ctx := context.Background()
-	var s script
-	s.run("ip", "-n", clientNS, "addr", "add", cidr(otherClient, 24), "dev", "eth0")
-	if s.err != nil {
-		t.Fatal(s.err)
+	var s labsys.Script
+	s.Run("ip", "-n", clientNS, "addr", "add", cidr(otherClient, 24), "dev", "eth0")
+	if s.Err != nil {
+		t.Fatal(s.Err)
 	}
 	svc := &corev1.Service{
 		ObjectMeta: metav1.ObjectMeta{Name: "ranged", Namespace: namespace, Annotations: map[string]string{"loxilb.io/lbmode": "onearm"}},

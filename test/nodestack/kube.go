@@ -66,7 +66,7 @@ func (s *Stack) WaitFor(ctx context.Context, d time.Duration, what string, check
 			}
 		}
 		for _, p := range s.control {
-			if err := p.exited(); err != nil {
+			if err := p.Exited(); err != nil {
 				return stop(err)
 			}
 		}

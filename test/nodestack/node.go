@@ -16,6 +16,8 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/shardlb/shardlb/internal/labsys"
 )
 
 // Node is one lab node: a containerd and a kubelet in the node's network namespace,
@@ -29,8 +31,8 @@ type Node struct {
 	mnt        string // the mount namespace, bound to this file
 	cgroup     string
 	sock       string // containerd's
-	containerd *proc
-	kubelet    *proc
+	containerd *labsys.Proc
+	kubelet    *labsys.Proc
 }
 
 // in is the command prefix that runs argv in the node's namespaces and cgroup.
@@ -83,19 +85,19 @@ func (s *Stack) mountNS(n *Node) error {
 	nsDir := filepath.Join(s.Dir, "mntns")
 	if _, err := os.Stat(nsDir); err != nil {
 		// A namespace file can be bound only on a private mount.
-		var sc script
-		sc.run("mkdir", "-p", nsDir)
-		sc.run("mount", "--bind", nsDir, nsDir)
-		sc.run("mount", "--make-private", nsDir)
-		if sc.err != nil {
-			return sc.err
+		var sc labsys.Script
+		sc.Run("mkdir", "-p", nsDir)
+		sc.Run("mount", "--bind", nsDir, nsDir)
+		sc.Run("mount", "--make-private", nsDir)
+		if sc.Err != nil {
+			return sc.Err
 		}
 	}
 	n.mnt = filepath.Join(nsDir, n.Name)
 	if err := os.WriteFile(n.mnt, nil, 0o644); err != nil {
 		return err
 	}
-	_, err := sh("unshare", "--mount="+n.mnt, "--propagation", "private", "--", "sh", "-ec",
+	_, err := labsys.Sh("unshare", "--mount="+n.mnt, "--propagation", "private", "--", "sh", "-ec",
 		"mount -t bpf bpf /sys/fs/bpf; mount -t tmpfs -o mode=0711 tmpfs /run/containerd")
 	return err
 }
@@ -124,7 +126,7 @@ func (s *Stack) kubernetesService(n *Node) error {
 	if err := os.WriteFile(f, []byte(rules), 0o644); err != nil {
 		return err
 	}
-	_, err = nsRun(n.NS, "nft", "-f", f)
+	_, err = labsys.NSRun(n.NS, "nft", "-f", f)
 	return err
 }
 
@@ -192,11 +194,11 @@ state = %q
 	if err != nil {
 		return err
 	}
-	if n.containerd, err = startProc(n.Name+" containerd", filepath.Join(n.Dir, "containerd.log"), argv...); err != nil {
+	if n.containerd, err = labsys.StartProc(n.Name+" containerd", filepath.Join(n.Dir, "containerd.log"), argv...); err != nil {
 		return err
 	}
 	return waitFor(ctx, 30*time.Second, n.Name+"'s containerd", func() error {
-		if err := n.containerd.exited(); err != nil {
+		if err := n.containerd.Exited(); err != nil {
 			return err
 		}
 		_, err := n.ctr("version")
@@ -206,7 +208,7 @@ state = %q
 
 // ctr runs the containerd CLI against the node's containerd, in Kubernetes' namespace.
 func (n *Node) ctr(args ...string) (string, error) {
-	return sh("ctr", append([]string{"--address", n.sock, "--namespace", "k8s.io"}, args...)...)
+	return labsys.Sh("ctr", append([]string{"--address", n.sock, "--namespace", "k8s.io"}, args...)...)
 }
 
 // importImages imports the shardlb image (tagged also as the lab overlay's
@@ -307,7 +309,7 @@ syncFrequency: 10s
 	if err != nil {
 		return err
 	}
-	n.kubelet, err = startProc(n.Name+" kubelet", filepath.Join(n.Dir, "kubelet.log"), argv...)
+	n.kubelet, err = labsys.StartProc(n.Name+" kubelet", filepath.Join(n.Dir, "kubelet.log"), argv...)
 	return err
 }
 
@@ -315,24 +317,24 @@ syncFrequency: 10s
 // in the node's cgroups (shims, containers) and removes them.
 func (n *Node) stop() {
 	if n.kubelet != nil {
-		n.kubelet.stop(10 * time.Second)
+		n.kubelet.Stop(10 * time.Second)
 	}
 	if n.containerd != nil {
-		n.containerd.stop(10 * time.Second)
+		n.containerd.Stop(10 * time.Second)
 	}
 	if n.cgroup != "" {
 		_ = removeCgroup(n.cgroup)
 	}
 	if n.mnt != "" {
-		_, _ = sh("umount", n.mnt)
+		_, _ = labsys.Sh("umount", n.mnt)
 	}
 }
 
 // running says which of the node's daemons has exited, if one has.
 func (n *Node) running() error {
-	for _, p := range []*proc{n.containerd, n.kubelet} {
+	for _, p := range []*labsys.Proc{n.containerd, n.kubelet} {
 		if p != nil {
-			if err := p.exited(); err != nil {
+			if err := p.Exited(); err != nil {
 				return err
 			}
 		}
@@ -350,7 +352,7 @@ func (s *Stack) waitNodesReady(ctx context.Context, d time.Duration) error {
 			}
 		}
 		for _, p := range s.control {
-			if err := p.exited(); err != nil {
+			if err := p.Exited(); err != nil {
 				return stop(err)
 			}
 		}

@@ -62,6 +62,7 @@ import (
 
 	"k8s.io/client-go/kubernetes"
 
+	"github.com/shardlb/shardlb/internal/labsys"
 	"github.com/shardlb/shardlb/test/frr"
 	"github.com/shardlb/shardlb/test/kubeapi"
 )
@@ -123,7 +124,7 @@ type Stack struct {
 	Nodes  []*Node
 
 	lock    *os.File
-	control []*proc // controller-manager, scheduler
+	control []*labsys.Proc // controller-manager, scheduler
 	mu      sync.Mutex
 	closed  bool
 }
@@ -281,67 +282,67 @@ func (s *Stack) acquire(ctx context.Context) error {
 // between the root namespace (the control plane) and the router.
 func (s *Stack) topology() error {
 	for _, ns := range []string{routerNS, clientNS} {
-		if err := addNetNS(ns, ns == routerNS); err != nil {
+		if err := labsys.AddNetNS(ns, ns == routerNS); err != nil {
 			return err
 		}
 	}
-	var sc script
-	sc.run("ip", "-n", routerNS, "link", "add", "lan", "type", "bridge")
-	sc.run("ip", "-n", routerNS, "addr", "add", cidr(routerLAN, 24), "dev", "lan")
-	sc.run("ip", "-n", routerNS, "link", "set", "lan", "up")
-	if sc.err != nil {
-		return sc.err
+	var sc labsys.Script
+	sc.Run("ip", "-n", routerNS, "link", "add", "lan", "type", "bridge")
+	sc.Run("ip", "-n", routerNS, "addr", "add", cidr(routerLAN, 24), "dev", "lan")
+	sc.Run("ip", "-n", routerNS, "link", "set", "lan", "up")
+	if sc.Err != nil {
+		return sc.Err
 	}
-	if err := veth(routerNS, "cli", clientNS, "eth0"); err != nil {
+	if err := labsys.Veth(routerNS, "cli", clientNS, "eth0"); err != nil {
 		return err
 	}
-	sc.run("ip", "-n", routerNS, "addr", "add", cidr(routerCli, 24), "dev", "cli")
-	sc.run("ip", "-n", clientNS, "addr", "add", cidr(ClientAddr, 24), "dev", "eth0")
-	sc.run("ip", "-n", clientNS, "route", "add", "default", "via", routerCli.String())
-	if sc.err != nil {
-		return sc.err
+	sc.Run("ip", "-n", routerNS, "addr", "add", cidr(routerCli, 24), "dev", "cli")
+	sc.Run("ip", "-n", clientNS, "addr", "add", cidr(ClientAddr, 24), "dev", "eth0")
+	sc.Run("ip", "-n", clientNS, "route", "add", "default", "via", routerCli.String())
+	if sc.Err != nil {
+		return sc.Err
 	}
-	if err := veth("", apiLink, routerNS, "api"); err != nil {
+	if err := labsys.Veth("", apiLink, routerNS, "api"); err != nil {
 		return err
 	}
-	sc.run("ip", "addr", "add", cidr(apiAddr, 30), "dev", apiLink)
-	sc.run("ip", "-n", routerNS, "addr", "add", cidr(routerUp, 30), "dev", "api")
+	sc.Run("ip", "addr", "add", cidr(apiAddr, 30), "dev", apiLink)
+	sc.Run("ip", "-n", routerNS, "addr", "add", cidr(routerUp, 30), "dev", "api")
 	// The root namespace reaches the nodes (the apiserver calls the kubelets for exec
 	// and logs) through the router; the route goes with the link.
-	sc.run("ip", "route", "add", "10.80.0.0/24", "via", routerUp.String(), "dev", apiLink)
+	sc.Run("ip", "route", "add", "10.80.0.0/24", "via", routerUp.String(), "dev", apiLink)
 	for i := range s.opts.Nodes {
 		ns := nodeNS(i)
-		if sc.err != nil {
-			return sc.err
+		if sc.Err != nil {
+			return sc.Err
 		}
-		if err := addNetNS(ns, true); err != nil {
+		if err := labsys.AddNetNS(ns, true); err != nil {
 			return err
 		}
 		port := fmt.Sprintf("node%d", i+1)
-		if err := veth(routerNS, port, ns, "eth0"); err != nil {
+		if err := labsys.Veth(routerNS, port, ns, "eth0"); err != nil {
 			return err
 		}
-		sc.run("ip", "-n", routerNS, "link", "set", port, "master", "lan")
+		sc.Run("ip", "-n", routerNS, "link", "set", port, "master", "lan")
 		// As in test/lab: no unknown-unicast flooding toward nodes, so a node's eBPF
 		// program sees only what a NIC would give it.
-		sc.in(routerNS, "bridge", "link", "set", "dev", port, "flood", "off")
-		sc.run("ip", "-n", ns, "addr", "add", cidr(nodeLAN(i), 24), "dev", "eth0")
-		sc.run("ip", "-n", ns, "route", "add", "default", "via", routerLAN.String())
+		sc.In(routerNS, "bridge", "link", "set", "dev", port, "flood", "off")
+		sc.Run("ip", "-n", ns, "addr", "add", cidr(nodeLAN(i), 24), "dev", "eth0")
+		sc.Run("ip", "-n", ns, "route", "add", "default", "via", routerLAN.String())
 		// The pod bridge exists before any pod, as the CNI bridge plugin then finds it:
 		// shardlb matches --interfaces (eth0,cni0 in the lab's overlay) at start, and
 		// the plugin would create the bridge only with the first pod.
-		sc.in(ns, "ip", "link", "add", "cni0", "type", "bridge")
-		sc.in(ns, "ip", "addr", "add", netip.PrefixFrom(podCIDR(i).Addr().Next(), 24).String(), "dev", "cni0")
-		sc.in(ns, "ip", "link", "set", "dev", "cni0", "up")
+		sc.In(ns, "ip", "link", "add", "cni0", "type", "bridge")
+		sc.In(ns, "ip", "addr", "add", netip.PrefixFrom(podCIDR(i).Addr().Next(), 24).String(), "dev", "cni0")
+		sc.In(ns, "ip", "link", "set", "dev", "cni0", "up")
 		// Pod ranges are routed to their nodes, by the router and by every other node.
-		sc.run("ip", "-n", routerNS, "route", "add", podCIDR(i).String(), "via", nodeLAN(i).String())
+		sc.Run("ip", "-n", routerNS, "route", "add", podCIDR(i).String(), "via", nodeLAN(i).String())
 		for j := range s.opts.Nodes {
 			if j != i {
-				sc.run("ip", "-n", ns, "route", "add", podCIDR(j).String(), "via", nodeLAN(j).String())
+				sc.Run("ip", "-n", ns, "route", "add", podCIDR(j).String(), "via", nodeLAN(j).String())
 			}
 		}
 	}
-	return sc.err
+	return sc.Err
 }
 
 // startControlPlane runs kube-controller-manager and kube-scheduler in the root
@@ -349,7 +350,7 @@ func (s *Stack) topology() error {
 func (s *Stack) startControlPlane() error {
 	kc := s.API.Kubeconfig()
 	dir := s.API.Dir()
-	cm, err := startProc("kube-controller-manager", filepath.Join(s.Dir, "controller-manager.log"),
+	cm, err := labsys.StartProc("kube-controller-manager", filepath.Join(s.Dir, "controller-manager.log"),
 		filepath.Join(s.opts.Bins, "kube-controller-manager"),
 		"--kubeconfig="+kc, "--authentication-kubeconfig="+kc, "--authorization-kubeconfig="+kc,
 		"--leader-elect=false", "--bind-address=127.0.0.1", "--secure-port=0",
@@ -363,7 +364,7 @@ func (s *Stack) startControlPlane() error {
 		return err
 	}
 	s.control = append(s.control, cm)
-	sched, err := startProc("kube-scheduler", filepath.Join(s.Dir, "scheduler.log"),
+	sched, err := labsys.StartProc("kube-scheduler", filepath.Join(s.Dir, "scheduler.log"),
 		filepath.Join(s.opts.Bins, "kube-scheduler"),
 		"--kubeconfig="+kc, "--authentication-kubeconfig="+kc, "--authorization-kubeconfig="+kc,
 		"--leader-elect=false", "--bind-address=127.0.0.1", "--secure-port=0", "--v=1")
@@ -390,14 +391,14 @@ func removeStale(keep string) {
 		lines := strings.Split(string(mounts), "\n")
 		for i := len(lines) - 1; i >= 0; i-- {
 			if f := strings.Fields(lines[i]); len(f) > 2 && strings.HasPrefix(f[1], filepath.Join(os.TempDir(), prefix)) {
-				_, _ = sh("umount", "-l", f[1])
+				_, _ = labsys.Sh("umount", "-l", f[1])
 			}
 		}
 	}
-	for _, ns := range listNetNS(prefix) {
-		_ = deleteNetNS(ns)
+	for _, ns := range labsys.ListNetNS(prefix) {
+		_ = labsys.DeleteNetNS(ns)
 	}
-	_, _ = sh("ip", "link", "del", apiLink)
+	_, _ = labsys.Sh("ip", "link", "del", apiLink)
 	// Directories of stacks killed before Close, or kept, and their routers'.
 	for _, pattern := range []string{prefix + "*", "frr-" + routerNS + "-*"} {
 		dirs, _ := filepath.Glob(filepath.Join(os.TempDir(), pattern))
@@ -431,7 +432,7 @@ func (s *Stack) Close() {
 		n.stop()
 	}
 	for i := len(s.control) - 1; i >= 0; i-- {
-		s.control[i].stop(5 * time.Second)
+		s.control[i].Stop(5 * time.Second)
 	}
 	if s.API != nil {
 		_ = s.API.Stop()
