@@ -73,6 +73,29 @@ type Pool struct {
 	AutoAssign bool
 	Priority   int32
 	Labels     map[string]string
+	// Namespaces, NamespaceSelectors and ServiceSelectors are the IPPool's
+	// serviceAllocation: which services may use the pool (see Admits).
+	Namespaces         []string
+	NamespaceSelectors []metav1.LabelSelector
+	ServiceSelectors   []metav1.LabelSelector
+}
+
+// Restricted reports whether the pool serves only some services.
+func (p Pool) Restricted() bool {
+	return len(p.Namespaces) > 0 || len(p.NamespaceSelectors) > 0 || len(p.ServiceSelectors) > 0
+}
+
+// Admits reports whether a service in namespace ns (whose labels are nsLabels) with
+// labels svcLabels may use the pool, as MetalLB's serviceAllocation: its namespace is
+// listed or matches a namespace selector, when either is given, and its labels match
+// a service selector, when one is given.
+func (p Pool) Admits(ns string, nsLabels, svcLabels map[string]string) bool {
+	if len(p.Namespaces) > 0 || len(p.NamespaceSelectors) > 0 {
+		if !slices.Contains(p.Namespaces, ns) && (len(p.NamespaceSelectors) == 0 || !matchesAny(p.NamespaceSelectors, nsLabels)) {
+			return false
+		}
+	}
+	return matchesAny(p.ServiceSelectors, svcLabels)
 }
 
 // Attrs are the attributes of one role.
@@ -306,6 +329,7 @@ func (b *builder) pools(ps []v1alpha1.IPPool) {
 		pool := Pool{Name: p.Name, Ranges: ranges, AutoAssign: p.Spec.AutoAssign == nil || *p.Spec.AutoAssign, Labels: p.Labels}
 		if a := p.Spec.ServiceAllocation; a != nil {
 			pool.Priority = a.Priority
+			pool.Namespaces, pool.NamespaceSelectors, pool.ServiceSelectors = a.Namespaces, a.NamespaceSelectors, a.ServiceSelectors
 		}
 		b.desired.Pools = append(b.desired.Pools, pool)
 		b.verdict(KindIPPool, p.ObjectMeta, nil, "")

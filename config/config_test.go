@@ -525,3 +525,38 @@ func TestAdvertisementWithoutRoleValuesKeepsTheFlags(t *testing.T) {
 		t.Fatalf("verdict = %+v, want accepted", v)
 	}
 }
+
+// TestPoolAdmits: serviceAllocation as MetalLB reads it: the namespace (listed or
+// selected) and the service's labels must both qualify, each when given.
+func TestPoolAdmits(t *testing.T) {
+	sel := func(k, v string) []metav1.LabelSelector {
+		return []metav1.LabelSelector{{MatchLabels: map[string]string{k: v}}}
+	}
+	blue := map[string]string{"team": "blue"}
+	gold := map[string]string{"tier": "gold"}
+	for _, tc := range []struct {
+		desc     string
+		pool     Pool
+		ns       string
+		nsLabels map[string]string
+		labels   map[string]string
+		want     bool
+	}{
+		{"an unrestricted pool admits every service", Pool{}, "a", nil, nil, true},
+		{"a listed namespace is admitted", Pool{Namespaces: []string{"a"}}, "a", nil, nil, true},
+		{"an unlisted namespace is not", Pool{Namespaces: []string{"a"}}, "b", nil, nil, false},
+		{"a namespace a selector matches is admitted", Pool{NamespaceSelectors: sel("team", "blue")}, "b", blue, nil, true},
+		{"a listed or selected namespace: either will do", Pool{Namespaces: []string{"a"}, NamespaceSelectors: sel("team", "blue")}, "a", nil, nil, true},
+		{"a namespace neither listed nor selected is not", Pool{Namespaces: []string{"a"}, NamespaceSelectors: sel("team", "blue")}, "b", nil, nil, false},
+		{"a service a selector matches is admitted", Pool{ServiceSelectors: sel("tier", "gold")}, "a", nil, gold, true},
+		{"a service no selector matches is not", Pool{ServiceSelectors: sel("tier", "gold")}, "a", nil, nil, false},
+		{"both must hold: the namespace without the labels is not enough", Pool{Namespaces: []string{"a"}, ServiceSelectors: sel("tier", "gold")}, "a", nil, nil, false},
+		{"both must hold: the labels without the namespace are not enough", Pool{Namespaces: []string{"a"}, ServiceSelectors: sel("tier", "gold")}, "b", nil, gold, false},
+	} {
+		t.Run(tc.desc, func(t *testing.T) {
+			if got := tc.pool.Admits(tc.ns, tc.nsLabels, tc.labels); got != tc.want {
+				t.Errorf("Admits = %v, want %v", got, tc.want)
+			}
+		})
+	}
+}

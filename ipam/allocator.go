@@ -9,6 +9,7 @@ import (
 	"math/bits"
 	"net/netip"
 	"slices"
+	"strings"
 )
 
 var (
@@ -45,9 +46,13 @@ func (e *ConflictError) Is(target error) bool { return target == ErrStaticIPConf
 
 // Request asks for one address of one family for one service.
 type Request struct {
-	Service  string     // namespace/name
-	Family   Family     // IPv4 or IPv6
-	Pool     string     // annotation loxilb.io/poolSelect; "" = the first pool of the family
+	Service string // namespace/name
+	Family  Family // IPv4 or IPv6
+	Pool    string // annotation loxilb.io/poolSelect; "" = Pools
+	// Pools are the pools a request without Pool or StaticIP may use, by name, in
+	// order of preference: the first with an address for the request serves it. nil
+	// is the first pool of the family; an empty, non-nil list is no pool (ErrNoPool).
+	Pools    []string
 	StaticIP netip.Addr // annotation loxilb.io/staticIP; zero value = none
 	Ports    []PortKey  // in shared mode, services may share an IP when their ports differ
 }
@@ -369,7 +374,7 @@ func famIndex(f Family) int {
 // one address per service. Otherwise services share an address when their ports do not
 // overlap, as kube-loxilb does by default.
 func New(pools []PoolSpec, unique bool) (*Allocator, error) {
-	if err := checkPools(pools); err != nil {
+	if err := checkRanges(pools); err != nil {
 		return nil, err
 	}
 	a := &Allocator{
@@ -408,17 +413,17 @@ func (a *Allocator) Allocate(r Request) (Allocation, error) {
 	}
 	var buf [maxInterned]PortKey
 	ports := normalize(&buf, r.Ports)
-	var p *pool
+	var ps []*pool
 	if r.Pool != "" || !r.StaticIP.IsValid() {
 		var err error
-		if p, err = a.selectPool(r); err != nil {
+		if ps, err = a.selectPools(r); err != nil {
 			return Allocation{}, err
 		}
 	}
 	if r.StaticIP.IsValid() {
 		in := a.poolOf(r.StaticIP)
-		if p != nil && in != p {
-			return Allocation{}, fmt.Errorf("%w: service %s: static IP %s is not in the selected pool %q", ErrInvalidRequest, r.Service, r.StaticIP, p.spec.Name)
+		if r.Pool != "" && !slices.Contains(ps, in) {
+			return Allocation{}, fmt.Errorf("%w: service %s: static IP %s is not in the selected pool %q", ErrInvalidRequest, r.Service, r.StaticIP, r.Pool)
 		}
 		rec, err := a.hold(recs, in, r.StaticIP, r.Service, ports)
 		if err != nil {
@@ -427,21 +432,37 @@ func (a *Allocator) Allocate(r Request) (Allocation, error) {
 		return rec.allocation(r.Service), nil
 	}
 
-	if !a.unique {
-		if k, ok := p.lowestShareable(ports); ok {
-			return a.take(recs, r.Service, p, k, ports), nil
+	// The ranges of one pool are tried together (in shared mode an address to share
+	// in any of them before a free one), the pools one after the other.
+	for i := 0; i < len(ps); {
+		j := i + 1
+		for j < len(ps) && ps[j].spec.Name == ps[i].spec.Name {
+			j++
 		}
-	}
-	k, ok := p.lowestFree()
-	if !ok {
-		what := "every address is in use"
 		if !a.unique {
-			// A copy, so that buf stays on the stack on the way that does not fail.
-			what = "every address is in use by a service with one of the ports " + fmt.Sprint(slices.Clone(ports))
+			for _, p := range ps[i:j] {
+				if k, ok := p.lowestShareable(ports); ok {
+					return a.take(recs, r.Service, p, k, ports), nil
+				}
+			}
 		}
-		return Allocation{}, fmt.Errorf("%w: pool %q (%s) for service %s: %s", ErrPoolExhausted, p.spec.Name, p.spec, r.Service, what)
+		for _, p := range ps[i:j] {
+			if k, ok := p.lowestFree(); ok {
+				return a.take(recs, r.Service, p, k, ports), nil
+			}
+		}
+		i = j
 	}
-	return a.take(recs, r.Service, p, k, ports), nil
+	what := "every address is in use"
+	if !a.unique {
+		// A copy, so that buf stays on the stack on the way that does not fail.
+		what = "every address is in use by a service with one of the ports " + fmt.Sprint(slices.Clone(ports))
+	}
+	var names []string
+	for _, p := range ps {
+		names = append(names, fmt.Sprintf("%q (%s)", p.spec.Name, p.spec))
+	}
+	return Allocation{}, fmt.Errorf("%w: pool %s for service %s: %s", ErrPoolExhausted, strings.Join(names, ", "), r.Service, what)
 }
 
 // take gives service address k of pool p.
@@ -451,12 +472,45 @@ func (a *Allocator) take(recs [2]record, service string, p *pool, k u128, ports 
 	return a.record(recs, service, p, k.addr(p.family), kept).allocation(service)
 }
 
-func (a *Allocator) selectPool(r Request) (*pool, error) {
+// selectPools is the ranges that may serve r, in the order to try them; the ranges of
+// one pool are next to each other.
+func (a *Allocator) selectPools(r Request) ([]*pool, error) {
+	named := func(name string) []*pool {
+		var out []*pool
+		for _, p := range a.pools {
+			if p.family == r.Family && p.spec.Name == name {
+				out = append(out, p)
+			}
+		}
+		return out
+	}
+	var out []*pool
+	switch {
+	case r.Pool != "":
+		out = named(r.Pool)
+	case r.Pools != nil:
+		for i, name := range r.Pools {
+			if !slices.Contains(r.Pools[:i], name) {
+				out = append(out, named(name)...)
+			}
+		}
+		if len(out) == 0 {
+			return nil, fmt.Errorf("%w: service %s asks for %v and none of the %v pools may serve it", ErrNoPool, r.Service, r.Family, r.Family)
+		}
+		return out, nil
+	default:
+		for _, p := range a.pools {
+			if p.family == r.Family {
+				out = named(p.spec.Name)
+				break
+			}
+		}
+	}
+	if len(out) > 0 {
+		return out, nil
+	}
 	var other *pool
 	for _, p := range a.pools {
-		if p.family == r.Family && (r.Pool == "" || p.spec.Name == r.Pool) {
-			return p, nil
-		}
 		if p.spec.Name == r.Pool {
 			other = p
 		}

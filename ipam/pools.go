@@ -200,14 +200,29 @@ func checkName(name string) error {
 	return nil
 }
 
-// checkPools validates a whole pool table: names unique within a family (kube-loxilb
-// setups name both their IPv4 and IPv6 pool "defaultPool"), ranges non-empty and disjoint.
+// checkPools validates a pool table written in the flags' syntax: names unique within
+// a family (kube-loxilb setups name both their IPv4 and IPv6 pool "defaultPool"), ranges
+// non-empty and disjoint.
 func checkPools(pools []PoolSpec) error {
 	type nameKey struct {
 		f    Family
 		name string
 	}
 	seen := make(map[nameKey]bool, len(pools))
+	for _, p := range pools {
+		k := nameKey{p.Family(), p.Name}
+		if p.First.IsValid() && seen[k] {
+			return fmt.Errorf("%w: two %s pools are named %q", ErrInvalidPool, k.f, p.Name)
+		}
+		seen[k] = true
+	}
+	return checkRanges(pools)
+}
+
+// checkRanges validates the ranges an allocator is made of: named, non-empty and
+// disjoint. Several ranges may share a name: together they are one pool (an IPPool
+// with several addresses).
+func checkRanges(pools []PoolSpec) error {
 	for _, p := range pools {
 		if err := checkName(p.Name); err != nil {
 			return err
@@ -224,11 +239,6 @@ func checkPools(pools []PoolSpec) error {
 		if p.Last.Less(p.First) {
 			return fmt.Errorf("%w: pool %q is empty (%s is after %s)", ErrInvalidPool, p.Name, p.First, p.Last)
 		}
-		k := nameKey{p.Family(), p.Name}
-		if seen[k] {
-			return fmt.Errorf("%w: two %s pools are named %q", ErrInvalidPool, k.f, p.Name)
-		}
-		seen[k] = true
 	}
 	sorted := slices.Clone(pools)
 	slices.SortFunc(sorted, func(a, b PoolSpec) int { return a.First.Compare(b.First) })

@@ -18,6 +18,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/record"
@@ -103,6 +104,10 @@ type controller struct {
 	// they do), as last told by VIPWithdrawn/VIPAnnounced; a term starts from what the
 	// services are when it begins, without telling.
 	withdrawn map[string]string
+	// pools are the term's pools: the flags' and the IPPools' (pool.go).
+	pools *poolWatch
+	// dyn reads the IPPools; made on the first term.
+	dyn dynamic.Interface
 }
 
 // notice is one Event the controller owes a service about its spec or annotations.
@@ -145,9 +150,10 @@ func (c *controller) enqueue(key string) {
 // lead runs one leadership term: restore from what the services record, then
 // reconcile until ctx ends.
 func (c *controller) lead(ctx context.Context) {
-	alloc, err := ipam.New(c.cfg.Pools, c.cfg.UniqueIP)
+	pools := c.watchPools(ctx)
+	alloc, err := ipam.New(pools.set.specs(), c.cfg.UniqueIP)
 	if err != nil {
-		c.log.Error("controller: pools", "err", err) // Validate checked them already
+		c.log.Error("controller: pools", "err", err) // Validate and config.Build checked them already
 		return
 	}
 	q := workqueue.NewTypedRateLimitingQueueWithConfig(
@@ -158,7 +164,9 @@ func (c *controller) lead(ctx context.Context) {
 	c.instances, c.load = map[string]string{}, map[string]int{}
 	c.pending, c.told, c.written = map[string]bool{}, map[string]map[notice]bool{}, map[string]writeMark{}
 	c.claims, c.withdrawn = map[netip.Addr]ipam.Request{}, map[string]string{}
+	c.pools = pools
 	keys := c.restore()
+	pools.adoptOutside()
 	c.mu.Unlock()
 	c.metrics.leader.Set(1)
 	c.log.Info("controller: leading", "services", len(keys))
@@ -166,6 +174,7 @@ func (c *controller) lead(ctx context.Context) {
 		q.Add(k)
 	}
 	var wg sync.WaitGroup
+	wg.Go(func() { pools.run(ctx) })
 	workers := max(c.cfg.ControllerWorkers, 1)
 	for range workers {
 		wg.Go(func() {
@@ -624,7 +633,8 @@ func (c *controller) allocate(s *service, static netip.Addr) ([]ipam.Allocation,
 	pool := s.Annotations[AnnotationPoolSelect]
 	fams := families(s)
 	for _, al := range c.alloc.Lookup(key) {
-		if (static.IsValid() && al.IP != static) || (pool != "" && al.Pool != pool) {
+		// A VIP its pool let go stays, whatever the pool it was selected from.
+		if (static.IsValid() && al.IP != static) || (pool != "" && al.Pool != pool && !c.pools.keptOutside(key, al.IP)) {
 			c.alloc.Release(key)
 			break
 		}
@@ -640,6 +650,13 @@ func (c *controller) allocate(s *service, static netip.Addr) ([]ipam.Allocation,
 			case i == 0:
 				req.StaticIP = static // the allocator refuses the family mismatch
 			}
+		}
+		// A VIP held stays whatever the pools say now (Allocate gives it back).
+		if reason, err := c.pools.request(s, &req, c.alloc.Lookup(key)); err != nil {
+			if fresh {
+				c.alloc.Release(key)
+			}
+			return nil, reason, err
 		}
 		al, err := c.alloc.Allocate(req)
 		if err != nil {
@@ -768,14 +785,27 @@ func (c *controller) patchStatusRV(ctx context.Context, s *service, ips []netip.
 	return out.ResourceVersion, nil
 }
 
-// poolStats is the allocator's view for metrics, nil when not leading.
+// poolStats is the allocator's view for metrics, nil when not leading: one entry per
+// pool name, summed over its ranges and families (an IPPool of several addresses, or
+// the IPv4 and IPv6 flag pools of one name), so each pool is one series.
 func (c *controller) poolStats() []ipam.PoolStats {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.queue == nil || c.alloc == nil {
 		return nil
 	}
-	return c.alloc.Pools()
+	var out []ipam.PoolStats
+	for _, st := range c.alloc.Pools() {
+		i := slices.IndexFunc(out, func(o ipam.PoolStats) bool { return o.Name == st.Name })
+		if i < 0 {
+			out = append(out, st)
+			continue
+		}
+		out[i].Size = satAdd(out[i].Size, st.Size)
+		out[i].Used += st.Used
+		out[i].Services += st.Services
+	}
+	return out
 }
 
 func families(s *service) []ipam.Family {

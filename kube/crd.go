@@ -67,10 +67,8 @@ const eventObjectAccepted = "Accepted"
 
 // notSupported are the object kinds this release validates and reports on but does
 // not apply: a valid one is refused with ReasonNotSupported, so nobody takes it as
-// working.
-var notSupported = map[config.Kind]string{
-	config.KindIPPool: "IPPool objects are validated but not used for allocation yet: set pools with --cidrPools/--cidr6Pools",
-}
+// working. Every kind is applied today (IPPools by the controller, pool.go).
+var notSupported = map[config.Kind]string{}
 
 // objectKinds maps each kind to its resource.
 var objectKinds = []struct {
@@ -446,7 +444,7 @@ func conditionsOf(o any) []metav1.Condition {
 	var st v1alpha1.Status
 	switch x := o.(type) {
 	case *v1alpha1.IPPool:
-		st = x.Status
+		st.Conditions = x.Status.Conditions
 	case *v1alpha1.BGPPeer:
 		st = x.Status
 	case *v1alpha1.BFDProfile:

@@ -408,11 +408,11 @@ func TestObjectsAppliedLive(t *testing.T) {
 				t2 != nil && t2.Status == metav1.ConditionFalse && t2.Reason == v1alpha1.ReasonNotSupported && strings.Contains(t2.Message, "localPref")
 		})
 	})
-	t.Run("a valid IPPool is reported as not applied yet", func(t *testing.T) {
+	t.Run("a valid IPPool is accepted", func(t *testing.T) {
 		c.mustCreate(t, "IPPool", &v1alpha1.IPPool{ObjectMeta: metav1.ObjectMeta{Name: "later"}, Spec: v1alpha1.IPPoolSpec{Addresses: []string{"10.77.0.0/24"}}})
-		waitFor(t, 10*time.Second, "later marked NotSupported", func() bool {
+		waitFor(t, 10*time.Second, "later accepted", func() bool {
 			cond := c.accepted(t, "IPPool", "later")
-			return cond != nil && cond.Status == metav1.ConditionFalse && cond.Reason == v1alpha1.ReasonNotSupported
+			return cond != nil && cond.Status == metav1.ConditionTrue && cond.Reason == v1alpha1.ReasonAccepted
 		})
 	})
 }

@@ -228,6 +228,7 @@ func toService(obj any) (any, error) {
 			UID:               s.UID,
 			ResourceVersion:   s.ResourceVersion,
 			CreationTimestamp: s.CreationTimestamp,
+			Labels:            s.Labels, // IPPool serviceSelectors
 		},
 		LoadBalancer: s.Spec.Type == corev1.ServiceTypeLoadBalancer,
 		Families:     s.Spec.IPFamilies,

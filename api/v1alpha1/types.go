@@ -19,6 +19,17 @@ const (
 	ReasonNotSupported = "NotSupported"
 )
 
+// The IPPool condition the controller writes, beside Accepted.
+const (
+	// ConditionVIPsOutside is True while services hold VIPs that the pool handed
+	// out and no longer contains (it shrank under them): they keep them, and the
+	// message names them. False with ReasonAllInside otherwise.
+	ConditionVIPsOutside = "VIPsOutside"
+
+	ReasonVIPsKept  = "VIPsKept"
+	ReasonAllInside = "AllInside"
+)
+
 // Status is the status every object here has.
 type Status struct {
 	// Conditions: Accepted (True, or False with the reason).
@@ -36,14 +47,48 @@ type Status struct {
 // +kubebuilder:subresource:status
 // +kubebuilder:printcolumn:name="Addresses",type=string,JSONPath=`.spec.addresses`
 // +kubebuilder:printcolumn:name="Auto",type=boolean,JSONPath=`.spec.autoAssign`
+// +kubebuilder:printcolumn:name="Priority",type=integer,JSONPath=`.spec.serviceAllocation.priority`,priority=1
+// +kubebuilder:printcolumn:name="Assigned IPv4",type=integer,JSONPath=`.status.assignedIPv4`
+// +kubebuilder:printcolumn:name="Available IPv4",type=integer,JSONPath=`.status.availableIPv4`
+// +kubebuilder:printcolumn:name="Assigned IPv6",type=integer,JSONPath=`.status.assignedIPv6`
+// +kubebuilder:printcolumn:name="Available IPv6",type=integer,JSONPath=`.status.availableIPv6`
 // +kubebuilder:printcolumn:name="Accepted",type=string,JSONPath=`.status.conditions[?(@.type=="Accepted")].status`
+// +kubebuilder:printcolumn:name="Outside",type=string,JSONPath=`.status.conditions[?(@.type=="VIPsOutside")].status`,priority=1
 // +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`
 type IPPool struct {
 	metav1.TypeMeta   `json:",inline"`
 	metav1.ObjectMeta `json:"metadata,omitempty"`
 
-	Spec   IPPoolSpec `json:"spec"`
-	Status Status     `json:"status,omitempty"`
+	Spec   IPPoolSpec   `json:"spec"`
+	Status IPPoolStatus `json:"status,omitempty"`
+}
+
+// IPPoolStatus is what the pool holds, as the controller last wrote it, and its
+// conditions: Accepted (every pod) and VIPsOutside (the controller). The counts are
+// MetalLB's IPAddressPool status fields; an IPv6 pool larger than 2^63-1 addresses
+// counts as 2^63-1 available.
+type IPPoolStatus struct {
+	// Conditions: Accepted (True, or False with the reason) and VIPsOutside.
+	// +optional
+	// +listType=map
+	// +listMapKey=type
+	Conditions []metav1.Condition `json:"conditions,omitempty"`
+	// AssignedIPv4 is the number of the pool's IPv4 addresses held by services.
+	// +optional
+	AssignedIPv4 int64 `json:"assignedIPv4"`
+	// AvailableIPv4 is the number of its IPv4 addresses still free.
+	// +optional
+	AvailableIPv4 int64 `json:"availableIPv4"`
+	// AssignedIPv6 is the number of the pool's IPv6 addresses held by services.
+	// +optional
+	AssignedIPv6 int64 `json:"assignedIPv6"`
+	// AvailableIPv6 is the number of its IPv6 addresses still free.
+	// +optional
+	AvailableIPv6 int64 `json:"availableIPv6"`
+	// Services is the number of services holding an address of the pool (above
+	// the assigned addresses where services share them).
+	// +optional
+	Services int64 `json:"services"`
 }
 
 // IPPoolSpec is what an IPPool holds.
@@ -59,7 +104,8 @@ type IPPoolSpec struct {
 	Addresses []string `json:"addresses"`
 
 	// AutoAssign: false keeps the pool for services that name it
-	// (loxilb.io/poolSelect) or ask for one of its addresses.
+	// (loxilb.io/poolSelect) or ask for one of its addresses (loxilb.io/staticIP or
+	// spec.loadBalancerIP).
 	// +kubebuilder:default=true
 	// +optional
 	AutoAssign *bool `json:"autoAssign,omitempty"`
@@ -69,10 +115,13 @@ type IPPoolSpec struct {
 	ServiceAllocation *ServiceAllocation `json:"serviceAllocation,omitempty"`
 }
 
-// ServiceAllocation says which services may use a pool, as MetalLB's.
+// ServiceAllocation says which services may use a pool, as MetalLB's: a service
+// qualifies when its namespace is listed or matches a namespace selector (when
+// either is given) and its labels match a service selector (when one is given). A
+// service that names a pool or one of its addresses and does not qualify is refused.
 type ServiceAllocation struct {
-	// Priority orders pools that a service may use: lower first; 0 (unset) after all
-	// others.
+	// Priority orders pools that a service may use: lower first (1 is the highest);
+	// 0 (unset) after all others.
 	// +kubebuilder:validation:Minimum=0
 	// +optional
 	Priority int32 `json:"priority,omitempty"`
