@@ -65,6 +65,12 @@ func (d *Datapath) chooseHook() {
 	if len(d.cfg.Interfaces) == 0 {
 		return
 	}
+	d.selectHook()
+}
+
+// selectHook is chooseHook for a Datapath that has interfaces to attach to: New's, or
+// the first ones SetInterfaces gets after New had none.
+func (d *Datapath) selectHook() {
 	var why string
 	switch d.cfg.AttachMode {
 	case AttachTCX:

@@ -7,7 +7,11 @@
 //
 // The program runs at the ingress of each of Config.Interfaces (New fails with
 // ErrNoInterface, naming every missing one, before loading anything), at one of two
-// hooks chosen by Config.AttachMode; New logs which one and why:
+// hooks chosen by Config.AttachMode; New logs which one and why. SetInterfaces changes
+// the set later, declaratively (attach the new, detach the gone, move a renamed one's
+// pin), and FollowInterfaces keeps it equal to what patterns match as links come, go
+// and are renamed (a CNI bridge created after start, a routed CNI's per-pod veths),
+// with the decision in MatchInterfaces:
 //
 //   - tcx: a bpf_link per interface, no qdisc. Linux 6.6 or later. AttachAuto (the
 //     default) takes it when the kernel has it, probed by asking for a tcx link on an

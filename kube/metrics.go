@@ -154,6 +154,15 @@ type DatapathCounters struct {
 	Frontends []FrontendCounters
 	// Drops counts dropped packets by reason.
 	Drops map[string]uint64
+	// Conntrack is the fill of each conntrack map, as last counted.
+	Conntrack []ConntrackFill
+}
+
+// ConntrackFill is one conntrack map's entries against its capacity.
+type ConntrackFill struct {
+	Map      string // ipv4_tcp, ipv4_udp or ipv6
+	Entries  int
+	Capacity int
 }
 
 // FrontendCounters are one frontend's packet counters since it was programmed.
@@ -178,6 +187,7 @@ type datapathCollector struct {
 	read                                                         func() DatapathCounters
 	dropDesc, pktDesc, byteDesc, flowDesc, handoffDesc, icmpDesc *prometheus.Desc
 	feDropDesc                                                   *prometheus.Desc
+	ctDesc, ctLimitDesc                                          *prometheus.Desc
 }
 
 func newDatapathCollector(read func() DatapathCounters) *datapathCollector {
@@ -194,6 +204,12 @@ func newDatapathCollector(read func() DatapathCounters) *datapathCollector {
 			"ICMP errors about the frontend's flows (fragmentation needed, unreachable, time exceeded) translated back to the host that sent the quoted packet.", fe, nil),
 		feDropDesc: prometheus.NewDesc("shardlb_frontend_drops_total",
 			"Packets to or from a frontend dropped, by reason (source_range: the client is outside spec.loadBalancerSourceRanges).", append(fe, "reason"), nil),
+		// As node_exporter's node_nf_conntrack_entries and _entries_limit: two gauges, so
+		// that the fill is their ratio and each sums over maps and nodes.
+		ctDesc: prometheus.NewDesc("shardlb_conntrack_entries",
+			"Entries in each conntrack map (ipv4_tcp, ipv4_udp, ipv6; a flow takes two), counted at most every 30 s.", []string{"map"}, nil),
+		ctLimitDesc: prometheus.NewDesc("shardlb_conntrack_entries_limit",
+			"Capacity of each conntrack map (--conntrackSize); when full, the least recently used entries are evicted for new flows.", []string{"map"}, nil),
 	}
 }
 
@@ -205,6 +221,8 @@ func (c *datapathCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.handoffDesc
 	ch <- c.icmpDesc
 	ch <- c.feDropDesc
+	ch <- c.ctDesc
+	ch <- c.ctLimitDesc
 }
 
 func (c *datapathCollector) Collect(ch chan<- prometheus.Metric) {
@@ -221,5 +239,9 @@ func (c *datapathCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(c.handoffDesc, prometheus.CounterValue, float64(f.Handoffs), f.Service, f.Frontend)
 		ch <- prometheus.MustNewConstMetric(c.icmpDesc, prometheus.CounterValue, float64(f.ICMPErrors), f.Service, f.Frontend)
 		ch <- prometheus.MustNewConstMetric(c.feDropDesc, prometheus.CounterValue, float64(f.SourceRangeDrops), f.Service, f.Frontend, "source_range")
+	}
+	for _, f := range d.Conntrack {
+		ch <- prometheus.MustNewConstMetric(c.ctDesc, prometheus.GaugeValue, float64(f.Entries), f.Map)
+		ch <- prometheus.MustNewConstMetric(c.ctLimitDesc, prometheus.GaugeValue, float64(f.Capacity), f.Map)
 	}
 }

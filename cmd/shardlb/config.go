@@ -157,7 +157,7 @@ func newFlags(c *config, r *raw) (*pflag.FlagSet, []group) {
 	f.StringVar(&b.GRPCListen, "bgpAPIListen", b.GRPCListen, "GoBGP gRPC API for the gobgp CLI; empty disables")
 
 	f = dp.fs
-	f.StringVar(&r.interfaces, "interfaces", strings.Join(c.Interfaces, ","), "interfaces the eBPF datapath attaches to, matched at start: names and glob patterns (path.Match syntax: eth*, ens*, bond0, enp[0-9]s0), comma separated, up or down, a loopback only by its name; empty: the interfaces carrying --nodeIP, else those of the IPv4 and IPv6 default routes; none: no datapath; matching nothing stops the start")
+	f.StringVar(&r.interfaces, "interfaces", strings.Join(c.Interfaces, ","), "interfaces the eBPF datapath attaches to: names and glob patterns (path.Match syntax: eth*, ens*, bond0, cni0, cali*), comma separated, up or down, a loopback only by its name, followed as interfaces appear, go and are renamed; empty: the interfaces carrying --nodeIP, else those of the IPv4 and IPv6 default routes, chosen at start; none: no datapath; matching nothing stops the start")
 	f.StringVar(&r.attachMode, "attachMode", string(d.AttachMode), "datapath hook: auto (tcx where the kernel has it, Linux 6.6+, else tc), tcx, or tc (a clsact direct-action filter at priority 2)")
 	f.StringVar(&d.PinPath, "pinPath", d.PinPath, "bpffs directory where the datapath pins its maps and links, e.g. /sys/fs/bpf/shardlb: a crashed process leaves the datapath forwarding and the next one adopts its connections; empty: nothing pinned")
 	f.IntVar(&d.ConntrackSize, "conntrackSize", d.ConntrackSize, "connection tracking entries of each conntrack map (IPv4 TCP, IPv4 UDP, IPv6); a flow takes two")

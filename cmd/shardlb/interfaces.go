@@ -6,10 +6,10 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"path"
 	"slices"
 	"strings"
 
+	"github.com/shardlb/shardlb/datapath"
 	"github.com/vishvananda/netlink"
 )
 
@@ -40,32 +40,25 @@ type interfaceChoice struct {
 	Unmatched []string
 }
 
-// resolveInterfaces turns --interfaces into the interfaces the datapath attaches to.
-// Patterns (path.Match syntax; a plain name is a pattern matching itself) match any
-// interface, up or down, so a link that comes up later is already served; a wildcard
-// never matches a loopback, which can only be named. Without patterns the choice is
-// this node's: the up, non-loopback interfaces that carry nodeIPs, else those of the
-// IPv4 and IPv6 default routes. Finding nothing is an error naming what was seen.
+// resolveInterfaces turns --interfaces into the interfaces the datapath attaches to at
+// start. Patterns are datapath.MatchInterfaces': path.Match syntax, a plain name is a
+// pattern matching itself, any interface up or down, a wildcard never a loopback; the
+// datapath then follows them (datapath.FollowInterfaces) as links come and go. Without
+// patterns the choice is this node's, made once: the up, non-loopback interfaces that
+// carry nodeIPs, else those of the IPv4 and IPv6 default routes. Finding nothing at
+// start is an error naming what was seen.
 func resolveInterfaces(patterns []string, nodeIPs []netip.Addr, links []hostInterface, routes []hostRoute) (interfaceChoice, error) {
 	var ch interfaceChoice
 	if len(patterns) > 0 {
-		found := map[string]bool{}
-		for _, p := range patterns {
-			n := 0
-			for _, l := range links {
-				if ok, _ := path.Match(p, l.Name); ok && (!l.Loopback || p == l.Name) {
-					found[l.Name] = true
-					n++
-				}
-			}
-			if n == 0 {
-				ch.Unmatched = append(ch.Unmatched, p)
-			}
+		ifs := make([]datapath.Interface, len(links))
+		for i, l := range links {
+			ifs[i] = datapath.Interface{Name: l.Name, Loopback: l.Loopback}
 		}
-		if len(found) == 0 {
+		ch.Names, ch.Unmatched = datapath.MatchInterfaces(patterns, ifs)
+		if len(ch.Names) == 0 {
 			return ch, fmt.Errorf("--interfaces=%s matches none of this node's interfaces (%s)", strings.Join(patterns, ","), seen(links))
 		}
-		ch.Names, ch.Reason = sortedKeys(found), "--interfaces="+strings.Join(patterns, ",")
+		ch.Reason = "--interfaces=" + strings.Join(patterns, ",")
 		return ch, nil
 	}
 

@@ -64,8 +64,29 @@ func runServe(ctx context.Context, cfg config, log *slog.Logger) error {
 				log.Error(what, "err", err)
 			}
 		}()
+		if len(cfg.Interfaces) > 0 {
+			// Patterns are followed: a CNI bridge created with the node's first pod, or
+			// a routed CNI's per-pod veths, get the program as they appear. The default
+			// choice (node IPs, default routes) is made once, at start.
+			fctx, stopFollow := context.WithCancel(ctx)
+			followed := make(chan struct{})
+			go func() {
+				defer close(followed)
+				if err := dp.FollowInterfaces(fctx, cfg.Interfaces); err != nil {
+					log.Error("follow --interfaces", "err", err)
+				}
+			}()
+			defer func() { stopFollow(); <-followed }() // before the datapath ends
+		}
+		ct := datapath.NewConntrackCounter(dp, datapath.DefaultConntrackCountInterval)
 		deps.Datapath = dp
-		deps.DatapathCounters = func() kube.DatapathCounters { return counters(dp.Stats()) }
+		deps.DatapathCounters = func() kube.DatapathCounters {
+			fill, err := ct.Fill()
+			if err != nil {
+				log.Error("count conntrack entries", "err", err)
+			}
+			return counters(dp.Stats(), fill)
+		}
 	}
 
 	var speaker *bgp.Speaker
@@ -126,9 +147,12 @@ func peerRows(ps []bgp.PeerStatus) []kube.BGPPeer {
 	return rows
 }
 
-// counters adapts the datapath's counters to the metrics' shape.
-func counters(st datapath.Stats) kube.DatapathCounters {
+// counters adapts the datapath's counters and conntrack fill to the metrics' shape.
+func counters(st datapath.Stats, fill []datapath.ConntrackFill) kube.DatapathCounters {
 	c := kube.DatapathCounters{Drops: st.Drops, Frontends: make([]kube.FrontendCounters, 0, len(st.Services))}
+	for _, f := range fill {
+		c.Conntrack = append(c.Conntrack, kube.ConntrackFill{Map: f.Map, Entries: f.Entries, Capacity: f.Capacity})
+	}
 	for _, s := range st.Services {
 		c.Frontends = append(c.Frontends, kube.FrontendCounters{
 			Service:  s.Service,

@@ -47,7 +47,8 @@ func TestCountersCarryEveryFrontendCounter(t *testing.T) {
 		sent[to] = v
 	}
 
-	got := counters(datapath.Stats{Drops: map[string]uint64{"truncated": 1}, Services: []datapath.ServiceStats{in}})
+	fill := []datapath.ConntrackFill{{Map: "ipv4_tcp", Entries: 7, Capacity: 1024}}
+	got := counters(datapath.Stats{Drops: map[string]uint64{"truncated": 1}, Services: []datapath.ServiceStats{in}}, fill)
 	if len(got.Frontends) != 1 {
 		t.Fatalf("frontend counters %+v, want one", got.Frontends)
 	}
@@ -73,12 +74,16 @@ func TestCountersCarryEveryFrontendCounter(t *testing.T) {
 	if got.Drops["truncated"] != 1 {
 		t.Errorf("drops %v, want truncated=1", got.Drops)
 	}
-	// Beside the frontends' counters, the drops are all there is on either side.
+	if want := []kube.ConntrackFill{{Map: "ipv4_tcp", Entries: 7, Capacity: 1024}}; !reflect.DeepEqual(got.Conntrack, want) {
+		t.Errorf("conntrack %+v, want %+v", got.Conntrack, want)
+	}
+	// Beside the frontends' counters, the drops and the conntrack fill are all there is
+	// on either side.
 	for _, v := range []any{datapath.Stats{}, kube.DatapathCounters{}} {
 		typ := reflect.TypeOf(v)
 		for i := range typ.NumField() {
 			switch name := typ.Field(i).Name; name {
-			case "Services", "Frontends", "Drops":
+			case "Services", "Frontends", "Drops", "Conntrack":
 			default:
 				t.Errorf("%s.%s is not carried", typ, name)
 			}
