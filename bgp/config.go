@@ -127,6 +127,20 @@ type Config struct {
 	// up on a restart, short enough that a router down for maintenance does not keep
 	// the node from ever mastering.
 	PeerWait time.Duration
+	// GracefulRestart is the restart time advertised in the Graceful Restart
+	// capability (RFC 4724, with RFC 8538's notification support) for both families:
+	// how long a router keeps this speaker's routes, marked stale, after its session
+	// closed without a NOTIFICATION (Suspend, or the process killed), waiting for the
+	// speaker to come back and refresh them. 0: no capability, every session loss
+	// withdraws at once. At most 4095 s (the capability's 12 bits).
+	GracefulRestart time.Duration
+	// Restarting says the speaker replaces one whose routes the routers hold stale
+	// and whose forwarding state was kept (a pinned datapath): its OPEN sets the
+	// Restart State bit and, per family, the Forwarding State bit, so the routers
+	// keep the stale routes until its End-of-RIB; and its peers are not dialled until
+	// Resume, so the first UPDATE a router gets carries the whole plan, not part of
+	// it. Needs GracefulRestart.
+	Restarting bool
 }
 
 // DefaultConfig returns the defaults of DESIGN.md; LocalASN, RouterID and Peers are
@@ -150,6 +164,7 @@ func DefaultConfig() Config {
 		GRPCListen:         "127.0.0.1:50051",
 		ShutdownFlush:      time.Second,
 		PeerWait:           30 * time.Second,
+		GracefulRestart:    120 * time.Second,
 	}
 }
 
@@ -246,6 +261,12 @@ func (c *Config) validate() error {
 	}
 	if err := c.BFD.validate(); err != nil {
 		errs = append(errs, err)
+	}
+	if c.GracefulRestart < 0 || c.GracefulRestart > 4095*time.Second || c.GracefulRestart%time.Second != 0 {
+		bad("graceful restart time %v: want whole seconds, 0 (off) to 4095s", c.GracefulRestart)
+	}
+	if c.Restarting && c.GracefulRestart == 0 {
+		bad("restarting without graceful restart: the routers kept nothing to refresh")
 	}
 	if c.EBGPMultiHop && c.EBGPMultiHopTTL < 2 {
 		bad("eBGP multihop TTL %d: must be at least 2", c.EBGPMultiHopTTL)

@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/osrg/gobgp/v4/api"
@@ -31,7 +32,9 @@ type router interface {
 	// peers lists the sessions; counting the prefixes sent (advertised) costs a
 	// walk of the RIB per peer.
 	peers(ctx context.Context, advertised bool) ([]PeerStatus, error)
-	stop(ctx context.Context) error
+	// stop closes every session and stops the speaker; with keepRoutes the sessions
+	// that negotiated graceful restart close without a NOTIFICATION.
+	stop(ctx context.Context, keepRoutes bool) error
 }
 
 const (
@@ -48,6 +51,9 @@ type gobgpRouter struct {
 	log       *slog.Logger
 	stopWatch context.CancelFunc
 	pools     []netip.Prefix
+	// quiet drops GoBGP's complaint that Stop found BGP already stopped, after a
+	// stop that kept the routes.
+	quiet atomic.Bool
 
 	mu sync.Mutex
 	// outside are the announced VIPs outside every pool (static IPs), each in its VIP
@@ -61,13 +67,15 @@ func startGoBGP(ctx context.Context, cfg *Config, log *slog.Logger) (*gobgpRoute
 	// GoBGP logs every path at debug and peer chatter at info; the speaker logs
 	// session changes itself.
 	lvl.Set(slog.LevelWarn)
-	opts := []server.ServerOption{server.LoggerOption(log.With("component", "gobgp"), lvl)}
+	r := &gobgpRouter{log: log, pools: cfg.Pools, outside: make(map[netip.Prefix]bool)}
+	glog := slog.New(&quietHandler{Handler: log.With("component", "gobgp").Handler(), quiet: &r.quiet})
+	opts := []server.ServerOption{server.LoggerOption(glog, lvl)}
 	if cfg.GRPCListen != "" {
 		opts = append(opts, server.GrpcListenAddress(cfg.GRPCListen))
 	}
 	srv := server.NewBgpServer(opts...)
 	go srv.Serve()
-	r := &gobgpRouter{srv: srv, log: log, pools: cfg.Pools, outside: make(map[netip.Prefix]bool)}
+	r.srv = srv
 
 	global := &api.Global{
 		Asn:        cfg.LocalASN,
@@ -97,6 +105,9 @@ func startGoBGP(ctx context.Context, cfg *Config, log *slog.Logger) (*gobgpRoute
 		return nil, fmt.Errorf("watch GoBGP peer events: %w", err)
 	}
 	for _, p := range cfg.Peers {
+		if cfg.Restarting {
+			break // dialled by Resume
+		}
 		if err := r.addPeer(ctx, cfg, p); err != nil {
 			stopWatch()
 			srv.Stop()
@@ -104,6 +115,27 @@ func startGoBGP(ctx context.Context, cfg *Config, log *slog.Logger) (*gobgpRoute
 		}
 	}
 	return r, nil
+}
+
+// quietHandler drops the error GoBGP's Stop logs when StopBgp already ran.
+type quietHandler struct {
+	slog.Handler
+	quiet *atomic.Bool
+}
+
+func (h *quietHandler) Handle(ctx context.Context, rec slog.Record) error {
+	if h.quiet.Load() && rec.Message == "failed to stop BGP server" {
+		return nil
+	}
+	return h.Handler.Handle(ctx, rec)
+}
+
+func (h *quietHandler) WithAttrs(as []slog.Attr) slog.Handler {
+	return &quietHandler{Handler: h.Handler.WithAttrs(as), quiet: h.quiet}
+}
+
+func (h *quietHandler) WithGroup(name string) slog.Handler {
+	return &quietHandler{Handler: h.Handler.WithGroup(name), quiet: h.quiet}
 }
 
 // noPeer fills the eBGP peer set, which is never empty: GoBGP's neighbor condition
@@ -354,6 +386,24 @@ func apiPeer(cfg *Config, p Peer) *api.Peer {
 	bfd := cfg.BFD
 	if p.BFD != nil {
 		bfd = *p.BFD
+	}
+	if cfg.GracefulRestart > 0 {
+		// RFC 4724 with RFC 8538's N bit: a session lost without a NOTIFICATION, or
+		// closed with one other than Hard Reset, keeps this speaker's routes at the
+		// router for the restart time; GoBGP turns the Cease of a deleted peer or a
+		// stopped server into a Hard Reset, which withdraws them at once. A restarting
+		// speaker sets the R and F bits and defers its first UPDATE until the peer's
+		// End-of-RIB (at most DeferralTime), then ends it with its own End-of-RIB.
+		ap.GracefulRestart = &api.GracefulRestart{
+			Enabled:             true,
+			RestartTime:         uint32(cfg.GracefulRestart / time.Second),
+			NotificationEnabled: true,
+			LocalRestarting:     cfg.Restarting,
+			DeferralTime:        uint32(grDeferral / time.Second),
+		}
+		for _, f := range families {
+			f.MpGracefulRestart = &api.MpGracefulRestart{Config: &api.MpGracefulRestartConfig{Enabled: true}}
+		}
 	}
 	if bfd.Enabled {
 		ap.Bfd = &api.BfdPeerConfig{
@@ -613,12 +663,26 @@ func peerStatus(p *api.Peer) PeerStatus {
 	return ps
 }
 
-func (r *gobgpRouter) stop(ctx context.Context) error {
+// grDeferral bounds how long a restarting speaker waits for its peers' End-of-RIB
+// before sending its routes: FRR sends its own at once, and a peer that never does
+// must not keep the routers on stale routes for long.
+const grDeferral = 5 * time.Second
+
+func (r *gobgpRouter) stop(ctx context.Context, keepRoutes bool) error {
 	r.stopWatch()
 	done := make(chan struct{})
 	go func() {
-		// Stop sends a Cease NOTIFICATION to every peer, then closes the BFD and
-		// gRPC servers.
+		if keepRoutes {
+			// The sessions of peers that negotiated graceful restart are closed
+			// without a NOTIFICATION: they keep this speaker's routes, stale, for
+			// the restart time. Stop's own StopBgp then finds nothing running.
+			r.quiet.Store(true)
+			if err := r.srv.StopBgp(context.WithoutCancel(ctx), &api.StopBgpRequest{AllowGracefulRestart: true}); err != nil {
+				r.log.Warn("stop GoBGP for a graceful restart", "err", err)
+			}
+		}
+		// Stop sends a Cease NOTIFICATION to every peer still there, then closes the
+		// BFD and gRPC servers.
 		r.srv.Stop()
 		close(done)
 	}()

@@ -45,7 +45,8 @@ func TestMain(m *testing.M) {
 // a JSON array of advertisements (SetAdvertisements), "peers" (Peers as JSON),
 // "inject PREFIX LOCAL_PREF" (a path added through the speaker's own gRPC API, as
 // another process on the node would), "setpeers JSON" (SetPeers), "poolcommunities
-// JSON" (SetPoolCommunities) and "shutdown". Each is answered with one line:
+// JSON" (SetPoolCommunities), "resume" (Resume), "suspend" (Suspend, then exit) and
+// "shutdown". Each is answered with one line:
 // "ok", JSON, or "error: ...".
 // SIGTERM shuts down cleanly, as the DaemonSet's pod would.
 func runSpeakerProcess(cfgJSON string) int {
@@ -98,6 +99,22 @@ func runSpeakerProcess(cfgJSON string) int {
 				code := shutdown()
 				reply("ok")
 				return code
+			case line == "suspend":
+				sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+				err := s.Suspend(sctx)
+				cancel()
+				if err != nil {
+					log.Error("suspend", "err", err)
+					return 1
+				}
+				reply("ok")
+				return 0
+			case line == "resume":
+				if err := s.Resume(ctx); err != nil {
+					reply("error: " + err.Error())
+					continue
+				}
+				reply("ok")
 			case line == "peers":
 				b, _ := json.Marshal(s.Peers())
 				reply(string(b))
@@ -373,7 +390,10 @@ type labConfig struct {
 	speakers              int
 	bfd                   time.Duration // 0: no BFD
 	hold                  time.Duration // speaker's hold time; 0: default 9 s
-	maximumPaths          int
+	// gracefulRestart is the speakers' restart time, with FRR's graceful restart on;
+	// 0: off on both sides.
+	gracefulRestart time.Duration
+	maximumPaths    int
 }
 
 func requireLab(t testing.TB) {
@@ -396,7 +416,7 @@ func newLab(t testing.TB, lc labConfig) *lab {
 	l.routerNS.Run(t, "ip", "link", "add", "br0", "type", "bridge")
 	l.routerNS.Run(t, "ip", "addr", "add", routerAddr.String()+"/24", "dev", "br0")
 	l.routerNS.Run(t, "ip", "link", "set", "br0", "up")
-	fc := frr.Config{ASN: lc.routerASN, RouterID: routerAddr, MaximumPaths: lc.maximumPaths}
+	fc := frr.Config{ASN: lc.routerASN, RouterID: routerAddr, MaximumPaths: lc.maximumPaths, GracefulRestart: lc.gracefulRestart > 0}
 	if lc.bfd > 0 {
 		fc.BFD = frr.BFDTimers{Interval: lc.bfd, Multiplier: 3}
 	}
@@ -419,6 +439,7 @@ func newLab(t testing.TB, lc labConfig) *lab {
 		if lc.hold > 0 {
 			cfg.HoldTime, cfg.KeepaliveInterval = lc.hold, lc.hold/3
 		}
+		cfg.GracefulRestart = lc.gracefulRestart
 		p := &speakerProc{name: name, ns: ns, addr: speakerAddr(i), cfg: cfg}
 		l.speakers = append(l.speakers, p)
 	}

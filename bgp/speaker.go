@@ -59,6 +59,8 @@ type Speaker struct {
 	pools   []poolCommunities
 	applied map[netip.Prefix]applied // what is announced now
 	stopped bool
+	// deferred: a restarting speaker whose peers wait for Resume.
+	deferred bool
 	// unsent is the sessions' state just before the last change that announced a
 	// route, until Flush saw it leave; nil when nothing is waiting.
 	unsent []PeerStatus
@@ -121,7 +123,56 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Speaker, error) {
 		pw:          pw,
 		peers:       slices.Clone(cfg.Peers),
 		applied:     make(map[netip.Prefix]applied),
+		deferred:    cfg.Restarting,
 	}, nil
+}
+
+// Resume dials the peers of a restarting speaker (Config.Restarting), once the routes
+// it must announce are set: each router then gets them in the session's first
+// UPDATE, followed by End-of-RIB, which replaces its stale routes in one step. It does
+// nothing on a speaker that is not waiting.
+func (s *Speaker) Resume(ctx context.Context) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.stopped {
+		return ErrStopped
+	}
+	if !s.deferred {
+		return nil
+	}
+	cfg := s.cfg
+	var errs []error
+	for _, p := range s.peers {
+		if err := s.r.addPeer(ctx, &cfg, p); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	s.deferred = false
+	s.cfg.Restarting = false // peers added from now on are new, not restarting
+	s.started = time.Now()
+	s.log.Info("BGP peers dialled after a restart", "peers", len(s.peers), "routes", len(s.applied))
+	return errors.Join(errs...)
+}
+
+// Suspend ends the speaker for a restart: nothing is withdrawn and every session that
+// negotiated graceful restart closes without a NOTIFICATION, so the routers keep this
+// speaker's routes, marked stale, for Config.GracefulRestart, and keep forwarding to
+// this node (whose datapath must outlive the process: a pinned datapath) until the
+// next process re-announces them or the restart time runs out. Sessions without the
+// capability are closed with a Cease, as by Shutdown. After Suspend the speaker is
+// stopped.
+func (s *Speaker) Suspend(ctx context.Context) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.stopped {
+		return nil
+	}
+	s.stopped = true
+	if err := s.r.stop(ctx, s.cfg.GracefulRestart > 0); err != nil {
+		return fmt.Errorf("bgp suspend: %w", err)
+	}
+	s.log.Info("BGP speaker stopped for a restart: routes left with the routers", "restartTime", s.cfg.GracefulRestart, "routes", len(s.applied))
+	return nil
 }
 
 // SetPeers makes the speaker's peers exactly desired, by address: a new peer is
@@ -144,6 +195,10 @@ func (s *Speaker) SetPeers(ctx context.Context, desired []Peer) error {
 	defer s.mu.Unlock()
 	if s.stopped {
 		return ErrStopped
+	}
+	if s.deferred {
+		s.peers = desired // dialled by Resume
+		return nil
 	}
 	want := make(map[netip.Addr]Peer, len(desired))
 	for _, p := range desired {
@@ -487,7 +542,7 @@ func (s *Speaker) Shutdown(ctx context.Context) error {
 			s.waitFlushed(ctx, before, false)
 		}
 	}
-	if err := s.r.stop(ctx); err != nil {
+	if err := s.r.stop(ctx, false); err != nil {
 		errs = append(errs, err)
 	}
 	s.log.Info("BGP speaker stopped")

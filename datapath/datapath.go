@@ -160,6 +160,7 @@ type Datapath struct {
 	links   []link.Link // tcx
 	filters []tcFilter  // tc
 	pins    *pinDir     // nil without Config.PinPath
+	adopted bool        // the maps were adopted from an earlier Datapath
 
 	mu      sync.Mutex
 	closed  bool
@@ -281,6 +282,7 @@ func (d *Datapath) loadPinned(spec *ebpf.CollectionSpec) error {
 	} else {
 		d.applied, d.rings, d.epIDs, d.epGen, d.svcIDs, d.vipRefs = r.applied, r.rings, r.epIDs, r.epGen, r.svcIDs, r.vipRefs
 		d.rangeCount = r.rangeCount
+		d.adopted = true
 	}
 	d.chooseHook()
 	return d.attachPinned()
@@ -410,6 +412,11 @@ func (d *Datapath) Close() error {
 	}
 	return errors.Join(errs...)
 }
+
+// Adopted reports whether New adopted the maps an earlier Datapath left pinned
+// (conntrack included): the connections it served are still served, so this process
+// restarts the node's forwarding state rather than starting it.
+func (d *Datapath) Adopted() bool { return d.adopted }
 
 // Release ends this Datapath but not the datapath: with a PinPath it closes the
 // process's descriptors and leaves the maps and links pinned (tc filters attached and

@@ -85,12 +85,50 @@ type Config struct {
 	// Drain is how long a stopping pod keeps its member Lease, and so the handoff to
 	// it, after its routes are withdrawn; the caller detaches the datapath after Run.
 	Drain time.Duration
+	// RestartTime is how long this node's forwarding outlives its process: its
+	// datapath is pinned and the routers keep its routes that long by BGP graceful
+	// restart. 0: it does not. With it, a stop may be a restart (StopMode), peers
+	// that find the process gone while its node answers leave its instances to its
+	// next process for that long, and a process that finds instance Leases its
+	// previous one wrote takes them back at once (mastership.Local.Restarting).
+	RestartTime time.Duration
+	// StopMode says what a stop (SIGTERM) is: StopHandover hands the instances over,
+	// withdraws the routes and drains; StopRestart keeps them all for the next
+	// process (Leases, routes at the routers, the pinned datapath); StopAuto (the
+	// default) restarts when RestartTime is set and this node is not in maintenance
+	// (cordoned or excluded from external load balancers), and hands over otherwise.
+	StopMode StopMode
 
 	// APIAddress is the local HTTP API for `shardlb get` (loopback). "" disables it.
 	APIAddress string
 	// MetricsAddress serves /metrics, /healthz and /readyz. "" serves them on the
 	// API address instead.
 	MetricsAddress string
+}
+
+// StopMode is what a stop of the process means: see Config.StopMode.
+type StopMode string
+
+// Stop modes.
+const (
+	StopAuto     StopMode = "auto"
+	StopRestart  StopMode = "restart"
+	StopHandover StopMode = "handover"
+)
+
+// restarts decides whether a stop is a restart: always with StopRestart, never with
+// StopHandover or without a restart time, and with StopAuto unless the node is in
+// maintenance (a cordon or the exclusion label asks for its instances to move, and a
+// restart would keep them).
+func (m StopMode) restarts(restartTime time.Duration, maintenance string) bool {
+	switch {
+	case restartTime <= 0 || m == StopHandover:
+		return false
+	case m == StopRestart:
+		return true
+	default:
+		return maintenance == ""
+	}
 }
 
 // LeaderTimings are client-go leaderelection's three durations.
@@ -142,6 +180,7 @@ func DefaultConfig() Config {
 		Debounce:          20 * time.Millisecond,
 		Handover:          3 * time.Second,
 		Drain:             time.Second,
+		StopMode:          StopAuto,
 		APIAddress:        DefaultAPIAddress,
 		MetricsAddress:    DefaultMetricsAddress,
 	}
@@ -178,6 +217,12 @@ func (c *Config) Validate() error {
 			c.ControllerLease.LeaseDuration, c.ControllerLease.RenewDeadline, c.ControllerLease.RetryPeriod)
 	case c.Debounce < 0:
 		return bad("debounce %v is negative", c.Debounce)
+	case c.StopMode != "" && c.StopMode != StopAuto && c.StopMode != StopRestart && c.StopMode != StopHandover:
+		return fmt.Errorf("%w: stop mode %q: want auto, restart or handover", ErrConfig, c.StopMode)
+	case c.StopMode == StopRestart && c.RestartTime <= 0:
+		return fmt.Errorf("%w: stop mode restart needs a datapath that outlives the process (a pin path) and BGP graceful restart", ErrConfig)
+	case c.RestartTime < 0:
+		return fmt.Errorf("%w: restart time %v: must not be negative", ErrConfig, c.RestartTime)
 	case c.Handover < 0 || c.Drain < 0:
 		return bad("handover %v and drain %v must not be negative", c.Handover, c.Drain)
 	}

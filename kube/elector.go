@@ -63,7 +63,12 @@ const (
 	// annotationHolderIncarnation, on an instance Lease, is its holder's process
 	// incarnation: the Lease counts while that process's member Lease does.
 	annotationHolderIncarnation = "shardlb.io/holder-incarnation"
-	labelPartOf                 = "app.kubernetes.io/part-of"
+	// annotationRestartTime, on a member Lease, is how long the member's forwarding
+	// outlives its process (Config.RestartTime); annotationRestarting marks a member
+	// taking back the instances its previous process held.
+	annotationRestartTime = "shardlb.io/restart-time"
+	annotationRestarting  = "shardlb.io/restarting"
+	labelPartOf           = "app.kubernetes.io/part-of"
 )
 
 // MemberLeaseName is the Lease through which a member shows it is alive.
@@ -96,6 +101,11 @@ type elector struct {
 	changed func()
 	wake    chan struct{}
 	leaving atomic.Bool
+	// restarting: instance Leases this pod's previous process wrote are still to be
+	// taken back (set by each step, read by the node loop).
+	restarting atomic.Bool
+	// started: the first step ran, so restarting says something.
+	started atomic.Bool
 
 	mu     sync.Mutex // guards master, holders and handoffs, read by the node loop and the API
 	master map[string]bool
@@ -130,7 +140,7 @@ func newElector(cfg *Config, log *slog.Logger, api coordclient.LeaseInterface, l
 		Me: cfg.NodeName, Instances: cfg.Instances, Excluded: cfg.Excluded,
 		Renew: cfg.MemberLease.Renew, Duration: cfg.MemberLease.Duration, Grace: cfg.MemberLease.Grace,
 		Protocol: cfg.LeaseProtocol, HandoverTimeout: cfg.HandoverAck, Probe: probeAddress(cfg), MaxBackups: cfg.MaxBackups,
-		Addresses: cfg.NodeAddresses, Incarnation: inc,
+		Addresses: cfg.NodeAddresses, Incarnation: inc, RestartTime: cfg.RestartTime,
 	})
 	return &elector{
 		cfg: cfg, log: log, api: api, leases: leases, router: r, maintenance: maintenance, clock: clk, me: cfg.NodeName,
@@ -313,13 +323,21 @@ func (e *elector) evaluate(ctx context.Context) time.Time {
 	e.mu.Lock()
 	suspects := maps.Clone(e.suspects)
 	e.mu.Unlock()
+	restarting := e.inherits(leases)
+	e.restarting.Store(restarting)
+	e.started.Store(true)
 	writes := e.core.Step(mastership.Input{Now: now, Leases: leases, Local: mastership.Local{
 		Leaving: e.leaving.Load(), Announcing: e.router.Announcing(), Maintenance: e.maintenance(),
-		Suspects: suspects,
+		Suspects: suspects, Restarting: restarting,
 	}})
 	results := e.execute(ctx, now, writes, objs)
 	out := e.core.Advance(e.clock.Now(), results)
 	e.report(out.Events)
+	if restarting {
+		// What this round took back counts before the node loop next looks.
+		after, _ := e.observe()
+		e.restarting.Store(e.inherits(after))
+	}
 
 	e.mu.Lock()
 	e.master, e.until, e.holders, e.handoffs, e.successors = out.Masters, out.Until, out.Holders, out.Handoffs, out.AnnouncedSuccessors
@@ -352,6 +370,24 @@ func (e *elector) evaluate(ctx context.Context) time.Time {
 	}
 	return next
 }
+
+// inherits reports whether, with a restart time, an instance Lease written for this
+// member by an earlier process is still to be taken back.
+func (e *elector) inherits(leases []mastership.Lease) bool {
+	if e.cfg.RestartTime <= 0 || e.leaving.Load() {
+		return false
+	}
+	for _, l := range leases {
+		if l.Member == nil && l.Holder == e.me && l.HandoverFrom == "" && l.Incarnation != "" && l.Incarnation != e.incarnation {
+			return true
+		}
+	}
+	return false
+}
+
+// Restarting reports whether this pod is still taking back what its previous process
+// held (true until its first step has looked).
+func (e *elector) Restarting() bool { return !e.started.Load() || e.restarting.Load() }
 
 func earliest(a, b time.Time) time.Time {
 	if b.Before(a) {
@@ -431,6 +467,10 @@ func fromLease(l *coordinationv1.Lease) mastership.Lease {
 			Announcing:  l.Annotations[annotationAnnouncing] != "false",
 			Maintenance: l.Annotations[annotationMaintenance],
 			Probe:       l.Annotations[annotationProbe],
+			Restarting:  l.Annotations[annotationRestarting] != "",
+		}
+		if d, err := time.ParseDuration(l.Annotations[annotationRestartTime]); err == nil && d > 0 {
+			m.RestartTime = d
 		}
 		if d := l.Annotations[annotationDead]; d != "" {
 			m.Dead = strings.Split(d, ",")
@@ -481,6 +521,12 @@ func applyWrite(l *coordinationv1.Lease, w mastership.Write, now time.Time) {
 		set(annotationMaintenance, m.Maintenance)
 		set(annotationProbe, m.Probe)
 		set(annotationDead, strings.Join(m.Dead, ","))
+		set(annotationRestarting, map[bool]string{true: "true"}[m.Restarting])
+		restart := ""
+		if m.RestartTime > 0 {
+			restart = m.RestartTime.String()
+		}
+		set(annotationRestartTime, restart)
 	}
 }
 
@@ -580,7 +626,10 @@ func probeAddress(cfg *Config) string {
 // make it a suspect, which the next step takes for dead; one answer clears it.
 func (e *elector) probeLoop(ctx context.Context) {
 	client := &http.Client{Timeout: e.cfg.PeerProbe.Interval}
-	type target struct{ incarnation, addr string }
+	type target struct {
+		incarnation, addr string
+		restarts          bool // its forwarding outlives its process
+	}
 	failures := map[string]int{}  // member -> failures in a row
 	probed := map[string]target{} // member -> what was probed
 	next := e.clock.Now()
@@ -605,7 +654,7 @@ func (e *elector) probeLoop(ctx context.Context) {
 				continue
 			}
 			if l, ok := o.(*coordinationv1.Lease); ok && l.Annotations[annotationProbe] != "" {
-				targets[m] = target{l.Annotations[annotationIncarnation], l.Annotations[annotationProbe]}
+				targets[m] = target{l.Annotations[annotationIncarnation], l.Annotations[annotationProbe], l.Annotations[annotationRestartTime] != ""}
 			}
 		}
 		var wg sync.WaitGroup
@@ -632,6 +681,11 @@ func (e *elector) probeLoop(ctx context.Context) {
 				mu.Lock()
 				switch {
 				case ok:
+					failures[m] = 0
+				case refused && t.restarts:
+					// Its node answers and its process is gone, but its datapath
+					// forwards and the routers keep its routes: a restart. Its member
+					// Lease, which lasts its restart time, says when it is not.
 					failures[m] = 0
 				case refused:
 					// Its node answers that nothing listens: that process is gone.

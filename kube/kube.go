@@ -104,6 +104,10 @@ type Deps struct {
 	Version string
 	// Clock is for tests; nil is the real clock.
 	Clock clock.WithTicker
+	// Stopping, when set, is told once the stop begins whether it is a restart
+	// (Config.StopMode): the caller then suspends the speaker (routes kept at the
+	// routers) instead of shutting it down, and leaves the pinned datapath.
+	Stopping func(restart bool)
 }
 
 // Run serves until ctx ends, then shuts down in the order traffic needs: mastership
@@ -198,6 +202,22 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	}
 	el.changed = nd.poke
 	el.applyNow = nd.apply
+	if r, ok := deps.Router.(Resumer); ok {
+		nd.resume, nd.restarting = r.Resume, el.Restarting
+		// Past the restart time the routers dropped the old routes anyway.
+		wait := cfg.RestartTime
+		if wait <= 0 {
+			wait = cfg.MemberLease.Duration
+		}
+		nd.resumeBy = clk.Now().Add(wait)
+		go func() {
+			select {
+			case <-clk.After(wait):
+				nd.poke()
+			case <-ctx.Done():
+			}
+		}()
+	}
 
 	// Events: the controller's, and the node loop's on the services its datapath refuses.
 	broadcaster := record.NewBroadcaster(record.WithContext(ctx))
@@ -284,6 +304,27 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 		}
 	}
 	<-ctx.Done()
+
+	restart := synced && cfg.StopMode.restarts(cfg.RestartTime, maintenance())
+	if deps.Stopping != nil {
+		deps.Stopping(restart)
+	}
+	if restart {
+		// A restart: nothing is handed over, withdrawn or released. The routers keep
+		// this node's routes (the caller suspends the speaker), the pinned datapath
+		// keeps forwarding, and the Leases keep this pod's instances for its next
+		// process, which takes them back.
+		log.Info("stopping for a restart: instances, routes and Leases left for the next process", "restartTime", cfg.RestartTime, "masters", el.Holding())
+		stopNode()
+		loops.Wait()
+		stopController()
+		controllers.Wait()
+		broadcaster.Shutdown()
+		stopInformers()
+		informers.Wait()
+		log.Info("stopped", "node", cfg.NodeName, "restart", true)
+		return nil
+	}
 
 	// Shutdown, a planned switch: every instance this pod masters is handed to its next
 	// master make-before-break (bounded by Handover), which hands segments of the

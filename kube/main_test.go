@@ -363,6 +363,11 @@ func nodeMain() int {
 	if d, err := time.ParseDuration(os.Getenv("NODE_LEASE")); err == nil {
 		cfg.MemberLease.Duration = d
 	}
+	if d, err := time.ParseDuration(os.Getenv("NODE_RESTART")); err == nil {
+		// Its forwarding outlives it (a pinned datapath and BGP graceful restart):
+		// a stop is a restart, and peers leave its instances to its next process.
+		cfg.RestartTime = d
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	var mu sync.Mutex

@@ -32,6 +32,13 @@ type Router interface {
 	Flush(ctx context.Context) error
 }
 
+// Resumer is a Router that, after a restart, waits to dial its peers until the plan
+// is in place (bgp's Speaker with Config.Restarting): the routers, which kept the
+// previous process's routes, then get the whole plan at once.
+type Resumer interface {
+	Resume(ctx context.Context) error
+}
+
 // Datapath serves frontends; datapath's loader implements it, declaratively too.
 //
 // A Datapath that cannot serve some frontends should apply the others and return one
@@ -101,6 +108,13 @@ type node struct {
 	lastErr  error
 	warnings map[string]string // service -> annotation problem already logged
 	onApply  func(shard.Plan)  // hook for the API's readiness
+	// resume dials the BGP peers of a restarting speaker (Resumer), once an apply has
+	// the plan with the instances this pod's previous process mastered taken back
+	// (restarting false) or at resumeBy at the latest; nil once done or when there
+	// is nothing to resume.
+	resume     func(context.Context) error
+	restarting func() bool
+	resumeBy   time.Time
 	// refused are the services this node's datapath refused, as they were given to the
 	// Planner then: left out of it until they change. told is the refusal last
 	// recorded as an Event on each, until the service is served again.
@@ -293,6 +307,13 @@ func (n *node) apply(ctx context.Context) error {
 	}
 	n.last, n.applied = plan, true
 	n.onApply(plan)
+	if n.resume != nil && (!n.restarting() || !n.clock.Now().Before(n.resumeBy)) {
+		if err := n.resume(ctx); err != nil {
+			n.log.Warn("node: dialling the BGP peers after a restart", "err", err)
+		}
+		n.log.Info("node: plan in place after a restart, BGP peers dialled", "advertisements", len(plan.Advertisements), "waitedForLeases", n.restarting())
+		n.resume = nil
+	}
 	return nil
 }
 

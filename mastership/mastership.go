@@ -39,6 +39,14 @@
 //   - A member that is not eligible (leaving, in maintenance, excluded, its own member
 //     Lease stale) takes nothing, hands over what it holds, and releases what nobody
 //     can take.
+//   - Restarts (Config.RestartTime: the member's forwarding outlives its process). Its
+//     member Lease lasts the restart time and a renew period more, so a process that
+//     stops or dies while its node stays up keeps its instances for its next process
+//     (kube's prober takes a refused probe of such a member for a restart, not a
+//     death). The next process, a new incarnation, finds the instance Leases its
+//     previous one wrote, marks its member Lease restarting (Local.Restarting) and
+//     takes them back at once, announcing or not; while it is marked, the others count
+//     those Leases as its own whatever their incarnation, and do not take it for dead.
 //
 // Every write is conditioned on the version read (a create, or an update of that
 // resourceVersion), so the API server decides every race: two members never both
@@ -113,6 +121,14 @@ type Config struct {
 	// connections it does not know to these addresses while this incarnation lives.
 	Addresses   []netip.Addr
 	Incarnation string
+	// RestartTime is how long this member's forwarding outlives its process (a pinned
+	// datapath, and routers that keep its routes by BGP graceful restart); 0: not at
+	// all. With ProtocolMemberBound and a Probe, it is the duration of the member
+	// Lease: a member whose process is gone while its node answers (a refused probe,
+	// see Member.RestartTime) keeps its instances that long, for its next process to
+	// take back, instead of being replaced at once. A node that does not answer is
+	// still found dead by the probes.
+	RestartTime time.Duration
 }
 
 // Protocol is how instance Leases stay held.
@@ -151,6 +167,14 @@ type Member struct {
 	Maintenance string
 	// Probe is where to probe the member's liveness ("" for nowhere).
 	Probe string
+	// RestartTime is the member's Config.RestartTime: a probe its node refuses (the
+	// process is gone, the node is up) means a restart, not a death, for a member
+	// with one.
+	RestartTime time.Duration
+	// Restarting marks a member whose process restarted and holds instance Leases
+	// written by its previous process: they count as its own, whatever their
+	// incarnation, until it has taken them back.
+	Restarting bool
 	// Dead are the members this member's probes found dead, each as
 	// "member@incarnation@version" (the version of its member Lease then): every
 	// member counts them as gone while that member Lease stays at that version.
@@ -265,6 +289,11 @@ type Local struct {
 	Announcing bool
 	// Maintenance: why this node must master nothing now ("" when it may).
 	Maintenance string
+	// Restarting: this process replaced one of the same member and holds instance
+	// Leases its previous process wrote (Member.Restarting). It takes them back at
+	// once, announcing or not: the routers still hold its previous process's routes
+	// and its datapath still forwards.
+	Restarting bool
 	// Suspects are members this member's probes found dead: member -> the
 	// incarnation probed. Such a member counts as gone (its instances are taken
 	// over at once) until its member Lease shows another incarnation.
@@ -500,6 +529,33 @@ func (c *Core) observe(now time.Time, leases []Lease) map[string]Lease {
 	return out
 }
 
+// memberDuration is the duration of this member's own Lease: with a restart time that
+// applies, the restart time and a renew period more, so that a process that never
+// comes back loses its instances after the routers dropped its routes (they count
+// the restart time from the session's end, at or after the last renewal), never
+// while they still send traffic to its node.
+func (c *Core) memberDuration() time.Duration {
+	if t := c.restartTime(); t > 0 {
+		return t + c.cfg.Renew
+	}
+	return c.cfg.Duration
+}
+
+// restartTime is Config.RestartTime when it applies: ProtocolMemberBound with probes
+// (the probes still find a node that is gone), and longer than Duration.
+func (c *Core) restartTime() time.Duration {
+	if c.cfg.Protocol == ProtocolMemberBound && c.cfg.Probe != "" && c.cfg.RestartTime > c.cfg.Duration {
+		return c.cfg.RestartTime
+	}
+	return 0
+}
+
+// inherited reports whether an instance Lease was written for this member by its
+// previous process and this one takes it back (Local.Restarting).
+func (c *Core) inherited(r *round, l Lease) bool {
+	return r.local.Restarting && l.Holder == c.cfg.Me && l.HandoverFrom == "" && !c.ours(l)
+}
+
 // instanceLease is the Lease fields this member writes as holder of an instance.
 func (c *Core) instanceLease(name string) Lease {
 	l := Lease{Name: name, Holder: c.cfg.Me, Duration: c.cfg.Duration}
@@ -530,6 +586,9 @@ func (c *Core) until(r *round, l Lease) time.Time {
 		return c.expiry(l)
 	}
 	if l.Holder == c.cfg.Me {
+		if c.inherited(r, l) {
+			return r.now.Add(c.cfg.Duration) // being taken back
+		}
 		if !c.ours(l) {
 			return c.seen[l.Name].at
 		}
@@ -537,7 +596,7 @@ func (c *Core) until(r *round, l Lease) time.Time {
 	}
 	ml, ok := r.leases[MemberLeaseName(l.Holder)]
 	if !ok || ml.Member == nil || ml.Holder != l.Holder ||
-		l.Incarnation != "" && ml.Member.Incarnation != l.Incarnation {
+		l.Incarnation != "" && ml.Member.Incarnation != l.Incarnation && !ml.Member.Restarting {
 		return c.seen[l.Name].at // its holder is gone or restarted
 	}
 	if c.isDead(ml) {
@@ -554,8 +613,8 @@ type deadMember struct{ incarnation, version string }
 // member's probes, or by another live member's (published on its member Lease), and
 // has not renewed its member Lease since.
 func (c *Core) isDead(ml Lease) bool {
-	if ml.Member == nil {
-		return false
+	if ml.Member == nil || ml.Member.Restarting {
+		return false // a restarting member is taking its instances back
 	}
 	if d, ok := c.dead[ml.Holder]; ok && d.incarnation == ml.Member.Incarnation && d.version == ml.Version {
 		return true
@@ -628,14 +687,15 @@ func (c *Core) Step(in Input) []Write {
 	}
 	if now.Sub(c.memberRenewed) >= renew || loc.Leaving && !c.written.Leaving ||
 		loc.Announcing != c.written.Announcing || loc.Maintenance != c.written.Maintenance ||
-		!slices.Equal(dead, c.writtenDead) {
+		loc.Restarting != c.written.Restarting || !slices.Equal(dead, c.writtenDead) {
 		name := MemberLeaseName(me)
 		base := r.leases[name]
 		r.write(Write{
 			Kind: KindMember, Base: base.Version, Acquire: base.Holder != me,
-			Lease: Lease{Name: name, Holder: me, Duration: c.cfg.Duration, Member: &Member{
+			Lease: Lease{Name: name, Holder: me, Duration: c.memberDuration(), Member: &Member{
 				Addresses: slices.Clone(c.cfg.Addresses), Incarnation: c.cfg.Incarnation,
 				Leaving: loc.Leaving, Announcing: loc.Announcing, Maintenance: loc.Maintenance, Probe: c.cfg.Probe, Dead: dead,
+				RestartTime: c.restartTime(), Restarting: loc.Restarting,
 			}},
 		})
 	}
@@ -739,6 +799,14 @@ func (c *Core) Step(in Input) []Write {
 			from := l.HandoverFrom
 			if ml, ok := r.leases[MemberLeaseName(from)]; ok && ml.Member != nil && ml.Member.Incarnation != "" {
 				c.previous[inst] = previousMaster{member: from, incarnation: ml.Member.Incarnation}
+			}
+			continue
+		case c.inherited(r, l):
+			// Written by this member's previous process: take it back at once, as the
+			// routers still send the instance's traffic here.
+			if r.meLive && !loc.Leaving {
+				i := r.write(Write{Kind: KindTake, Instance: inst, Base: l.Version, Lease: c.instanceLease(name), Acquire: true})
+				r.targets[i] = me
 			}
 			continue
 		case c.ours(l):
@@ -856,7 +924,7 @@ func (c *Core) Advance(now time.Time, results []Result) Outcome {
 			if w.Lease.Member.Maintenance != c.written.Maintenance {
 				r.events = append(r.events, Event{Kind: EventMaintenance, Member: cmp.Or(w.Lease.Member.Maintenance, "none")})
 			}
-			c.written = Local{Leaving: w.Lease.Member.Leaving, Announcing: w.Lease.Member.Announcing, Maintenance: w.Lease.Member.Maintenance}
+			c.written = Local{Leaving: w.Lease.Member.Leaving, Announcing: w.Lease.Member.Announcing, Maintenance: w.Lease.Member.Maintenance, Restarting: w.Lease.Member.Restarting}
 			c.writtenDead = w.Lease.Member.Dead
 			if !wasLive {
 				r.next = r.now // decisions waited for this member to be live

@@ -97,6 +97,7 @@ type raw struct {
 	zone, setRoles, excludeRoles                string
 	setBGP, extPeers, bfd, communities          string
 	interfaces, logLevel, logFormat, attachMode string
+	stopMode                                    string
 }
 
 // newFlags binds the flags to c and r; each default is the value c or r already holds,
@@ -155,6 +156,7 @@ func newFlags(c *config, r *raw) (*pflag.FlagSet, []group) {
 	f.Uint32Var(&b.MEDSuccessor, "bgpMEDSuccessor", b.MEDSuccessor, "MED of the VIPs of a shard this node takes over if its master fails; between master and backup")
 	f.Uint8Var(&b.SuccessorPrepend, "bgpSuccessorPrepend", b.SuccessorPrepend, "extra local-AS prepends toward eBGP peers on the VIPs of a shard this node takes over if its master fails; at most --bgpBackupPrepend")
 	f.StringVar(&b.GRPCListen, "bgpAPIListen", b.GRPCListen, "GoBGP gRPC API for the gobgp CLI; empty disables")
+	f.DurationVar(&b.GracefulRestart, "bgpGracefulRestart", b.GracefulRestart, "restart time of BGP graceful restart, offered when the datapath is pinned (--pinPath): how long routers keep this node's routes, and peers its shards, while its process restarts or after it crashed (whole seconds up to 4095s); 0: off")
 
 	f = dp.fs
 	f.StringVar(&r.interfaces, "interfaces", strings.Join(c.Interfaces, ","), "interfaces the eBPF datapath attaches to: names and glob patterns (path.Match syntax: eth*, ens*, bond0, cni0, cali*), comma separated, up or down, a loopback only by its name, followed as interfaces appear, go and are renamed; empty: the interfaces carrying --nodeIP, else those of the IPv4 and IPv6 default routes, chosen at start; none: no datapath; matching nothing stops the start")
@@ -165,6 +167,7 @@ func newFlags(c *config, r *raw) (*pflag.FlagSet, []group) {
 	f.IntVar(&d.MaxEndpoints, "maxEndpoints", d.MaxEndpoints, "endpoint slots of all frontends together (an endpoint of two frontends takes two); a frontend whose endpoints do not fit is refused, the others served. Gives the Maglev rings 64 slots per endpoint slot")
 
 	f.DurationVar(&k.Drain, "shutdownDrain", k.Drain, "on shutdown, how long the datapath keeps serving after the routes are withdrawn")
+	f.StringVar(&r.stopMode, "stopMode", string(k.StopMode), "what SIGTERM means: restart (keep shards, routes at the routers and the pinned datapath for the next process; needs --pinPath and --bgpGracefulRestart), handover (hand shards over, withdraw, drain), or auto: restart unless the node is cordoned or excluded from external load balancers")
 
 	f = ops.fs
 	f.StringVar(&k.APIAddress, "apiListen", k.APIAddress, "local API used by 'shardlb get'")
@@ -322,6 +325,17 @@ func (r *raw) validate(c *config, changed func(string) bool) error {
 	if c.LogFormat, err = parseLogFormat(r.logFormat); err != nil {
 		return &flagError{"logFormat", r.logFormat, "text or json", nil}
 	}
+	switch m := kube.StopMode(r.stopMode); m {
+	case kube.StopAuto, kube.StopHandover:
+		k.StopMode = m
+	case kube.StopRestart:
+		if d.PinPath == "" || c.BGP.GracefulRestart == 0 {
+			return &flagError{"stopMode", r.stopMode, "restart only with --pinPath and --bgpGracefulRestart (the datapath and the routes must outlive the process)", nil}
+		}
+		k.StopMode = m
+	default:
+		return &flagError{"stopMode", r.stopMode, "auto, restart or handover", nil}
+	}
 	if k.Drain < 0 || k.Drain > time.Minute {
 		return &flagError{"shutdownDrain", k.Drain.String(), "a duration from 0 to 1m", nil}
 	}
@@ -391,6 +405,9 @@ func (r *raw) validateBGP(c *config) error {
 		return &flagError{"listenBGPPort", strconv.Itoa(r.listenPort), "a port from 0 to 65535", nil}
 	}
 	b.ListenPort = int32(r.listenPort)
+	if g := b.GracefulRestart; g < 0 || g > 4095*time.Second || g%time.Second != 0 {
+		return &flagError{"bgpGracefulRestart", g.String(), "whole seconds from 0 (off) to 4095s", nil}
+	}
 	if b.HoldTime < 3*time.Second || b.HoldTime%time.Second != 0 {
 		return &flagError{"bgpHoldTime", b.HoldTime.String(), "whole seconds, at least 3s", nil}
 	}

@@ -118,6 +118,11 @@ func TestBadFlagsNameTheFlag(t *testing.T) {
 		{"--maxServices=0", "maxServices"},
 		{"--maxEndpoints=-1", "maxEndpoints"},
 		{"--apiListen=localhost", "apiListen"},
+		{"--bgpGracefulRestart=1500ms", "bgpGracefulRestart"},
+		{"--bgpGracefulRestart=4096s", "bgpGracefulRestart"},
+		{"--bgpGracefulRestart=-1s", "bgpGracefulRestart"},
+		{"--stopMode=later", "stopMode"},
+		{"--stopMode=restart", "stopMode"}, // no --pinPath: nothing outlives the process
 	} {
 		t.Run(tc.arg, func(t *testing.T) {
 			args := []string{tc.arg}

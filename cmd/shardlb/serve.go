@@ -11,6 +11,7 @@ import (
 	"os/signal"
 	"runtime/debug"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -89,6 +90,24 @@ func runServe(ctx context.Context, cfg config, log *slog.Logger) error {
 		}
 	}
 
+	// A restart keeps the routes at the routers (BGP graceful restart) only when the
+	// datapath outlives the process to forward to.
+	var restarting atomic.Bool
+	deps.Stopping = restarting.Store
+	if cfg.Datapath.PinPath == "" || deps.Datapath == (noDatapath{}) {
+		if cfg.BGP.GracefulRestart > 0 && cfg.BGPEnabled {
+			log.Info("BGP graceful restart off: the datapath is not pinned (--pinPath), so it does not outlive the process")
+		}
+		cfg.BGP.GracefulRestart = 0
+	}
+	if a, ok := deps.Datapath.(interface{ Adopted() bool }); ok && a.Adopted() && cfg.BGP.GracefulRestart > 0 {
+		// The previous process's connections are still served: the routers keep its
+		// routes until this one re-announces them with its whole plan.
+		cfg.BGP.Restarting = true
+	}
+	if cfg.BGPEnabled {
+		cfg.Kube.RestartTime = cfg.BGP.GracefulRestart
+	}
 	var speaker *bgp.Speaker
 	if cfg.BGPEnabled {
 		if !cfg.BGP.RouterID.IsValid() {
@@ -103,7 +122,11 @@ func runServe(ctx context.Context, cfg config, log *slog.Logger) error {
 		defer func() {
 			sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			defer cancel()
-			if err := sp.Shutdown(sctx); err != nil {
+			stop := sp.Shutdown
+			if restarting.Load() {
+				stop = sp.Suspend
+			}
+			if err := stop(sctx); err != nil {
 				log.Error("stop BGP", "err", err)
 			}
 		}()

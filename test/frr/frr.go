@@ -61,6 +61,14 @@ type Config struct {
 	KeepaliveTime, HoldTime time.Duration
 	// BFD defaults to 300 ms x 3.
 	BFD BFDTimers
+	// GracefulRestart turns on "bgp graceful-restart" (FRR is a helper by default
+	// anyway). Not "bfd check-control-plane-failure": with it FRR ignores a BFD down
+	// on every session that negotiated graceful restart, so a node lost with its link
+	// keeps its routes until the hold timer (measured: 9 s instead of 0.3 s). Without
+	// it a BFD session that goes down after its BGP session closed for a restart
+	// leaves the stale routes alone, and one that goes down first takes the session
+	// and the routes down, as it should.
+	GracefulRestart bool
 	// ExtraBGP lines go inside "router bgp" as they are.
 	ExtraBGP []string
 }
@@ -231,6 +239,9 @@ func (r *Router) bgpdConf() string {
 	if c.HoldTime > 0 {
 		fmt.Fprintf(&b, " timers bgp %d %d\n", int(c.KeepaliveTime.Seconds()), int(c.HoldTime.Seconds()))
 	}
+	if c.GracefulRestart {
+		b.WriteString(" bgp graceful-restart\n")
+	}
 	for _, l := range c.ExtraBGP {
 		fmt.Fprintf(&b, " %s\n", l)
 	}
@@ -331,6 +342,8 @@ type Path struct {
 	ASPath    []uint32
 	Best      bool
 	Multipath bool
+	// Stale marks a path kept for a peer in graceful restart.
+	Stale bool
 }
 
 // Paths returns every path FRR holds for prefix (none when it has no route).
@@ -345,6 +358,7 @@ func (r *Router) Paths(ctx context.Context, prefix netip.Prefix) ([]Path, error)
 			LocPrf    uint32 `json:"locPrf"`
 			Metric    uint32 `json:"metric"`
 			Multipath bool   `json:"multipath"`
+			Stale     bool   `json:"stale"`
 			BestPath  struct {
 				Overall bool `json:"overall"`
 			} `json:"bestpath"`
@@ -361,7 +375,7 @@ func (r *Router) Paths(ctx context.Context, prefix netip.Prefix) ([]Path, error)
 	}
 	out := make([]Path, 0, len(v.Paths))
 	for _, p := range v.Paths {
-		path := Path{LocalPref: p.LocPrf, MED: p.Metric, Best: p.BestPath.Overall, Multipath: p.Multipath}
+		path := Path{LocalPref: p.LocPrf, MED: p.Metric, Best: p.BestPath.Overall, Multipath: p.Multipath, Stale: p.Stale}
 		path.Peer, _ = netip.ParseAddr(p.Peer.PeerID)
 		if len(p.Nexthops) > 0 {
 			path.NextHop, _ = netip.ParseAddr(p.Nexthops[0].IP)
