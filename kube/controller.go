@@ -276,8 +276,12 @@ func (c *controller) notAnnounced(s *service) string {
 	if why := s.notServed(c.cfg.DefaultMode); why != "" {
 		return why
 	}
-	if !hasReadyEndpoint(s, c.slices) {
+	ports := servicePorts(s, c.slices)
+	if !anyEndpoint(ports) {
 		return "no ready endpoint"
+	}
+	if !anyEndpoint(healthyPorts(s, ports)) {
+		return "every ready endpoint fails its probes (" + AnnotationLiveness + ")"
 	}
 	return ""
 }

@@ -329,9 +329,14 @@ func TestLivenessTakesFailingEndpointsOutOfEveryNode(t *testing.T) {
 	if msgs := e.waitTold(t, "only", ReasonEndpointUnhealthy); !strings.Contains(msgs[0], "VIP is withdrawn") {
 		t.Errorf("EndpointUnhealthy %q does not say the VIP is withdrawn", msgs[0])
 	}
+	// The controller's account of the VIP agrees with the nodes: withdrawn, and why.
+	if msgs := e.waitTold(t, "only", ReasonVIPWithdrawn); !strings.Contains(msgs[0], "fails its probes") {
+		t.Errorf("VIPWithdrawn %q does not say every endpoint fails its probes", msgs[0])
+	}
 	srvC.start()
 	both("only's endpoint back on both nodes", only, fmt.Sprintf("[%s:8080]", c))
 	waitFor(t, 10*time.Second, "only's VIP announced again by both nodes", func() bool { return announced(recA, onlyVIP) && announced(recB, onlyVIP) })
+	e.waitTold(t, "only", ReasonVIPAnnounced)
 
 	if got := endpointsOf(dpA, plain) + " " + endpointsOf(dpB, plain); got != fmt.Sprintf("[%s:8080] [%s:8080]", nobody, nobody) {
 		t.Errorf("plain, without liveness, has endpoints %s, want its unreachable endpoint on both nodes", got)

@@ -486,7 +486,12 @@ func (n *node) ports(s *service) []shard.ServicePort {
 // hasReadyEndpoint reports whether a port of s has a ready endpoint: without one, no
 // node announces its VIPs.
 func hasReadyEndpoint(s *service, sliceIndex cache.Indexer) bool {
-	for _, p := range servicePorts(s, sliceIndex) {
+	return anyEndpoint(servicePorts(s, sliceIndex))
+}
+
+// anyEndpoint reports whether a port has an endpoint.
+func anyEndpoint(ports []shard.ServicePort) bool {
+	for _, p := range ports {
 		if len(p.Endpoints) > 0 {
 			return true
 		}
