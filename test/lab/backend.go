@@ -37,6 +37,22 @@ Commercial support is available at
 </html>
 `
 
+// The long-lived stream every backend serves at /stream: streamBytes at streamRate
+// bytes a second, about 65 s, in a pattern a reader checks byte by byte.
+const (
+	streamBytes = 1 << 20
+	streamRate  = 16 << 10
+)
+
+// streamBody is the stream's content: byte i is i mod 251.
+func streamBody() []byte {
+	b := make([]byte, streamBytes)
+	for i := range b {
+		b[i] = byte(i % 251)
+	}
+	return b
+}
+
 // podHeader names the pod that answered, so that a test can tell which backend a VIP
 // reached; the page itself is the guide's.
 const podHeader = "X-Pod"
@@ -64,6 +80,9 @@ func startBackend(ctx context.Context, pod, ns, dir string, addr netip.Addr, por
 	if err := os.WriteFile(filepath.Join(html, "index.html"), []byte(nginxPage), 0o644); err != nil {
 		return nil, err
 	}
+	if err := os.WriteFile(filepath.Join(html, "stream"), streamBody(), 0o644); err != nil {
+		return nil, err
+	}
 	conf := fmt.Sprintf(`daemon off;
 worker_processes 1;
 pid %[1]s/nginx.pid;
@@ -79,9 +98,17 @@ http {
     listen %[2]s backlog=4096;
     root %[3]s;
     add_header %[4]s %[5]s;
+    # A long-lived stream: streamBytes at streamRate bytes a second.
+    location = /stream {
+      default_type application/octet-stream;
+      limit_rate %[6]d;
+      limit_rate_after 0;
+      sendfile off;
+      output_buffers 1 4k;
+    }
   }
 }
-`, dir, netip.AddrPortFrom(addr, port), html, podHeader, pod)
+`, dir, netip.AddrPortFrom(addr, port), html, podHeader, pod, streamRate)
 	confPath := filepath.Join(dir, "nginx.conf")
 	if err := os.WriteFile(confPath, []byte(conf), 0o644); err != nil {
 		return nil, err

@@ -23,16 +23,30 @@ import (
 
 // The benchmarks share one lab: starting one takes longer than most measurements.
 var (
-	benchOnce sync.Once
+	benchMu   sync.Mutex
+	benchDone bool // started, or failed to
 	bench     *Lab
 	benchVIPs map[netip.Addr]string
 	benchErr  error
 )
 
+// closeSharedLab closes the benchmarks' lab, for a benchmark that needs a lab of its
+// own (only one lab runs at a time); the next sharedLab starts it again.
+func closeSharedLab() {
+	benchMu.Lock()
+	defer benchMu.Unlock()
+	if bench != nil {
+		bench.Close()
+	}
+	bench, benchVIPs, benchErr, benchDone = nil, nil, nil, false
+}
+
 // sharedLab starts the benchmarks' lab on first use; TestMain closes it.
 func sharedLab(b *testing.B) (*Lab, map[netip.Addr]string) {
 	b.Helper()
-	benchOnce.Do(func() {
+	benchMu.Lock()
+	defer benchMu.Unlock()
+	start := func() {
 		// A throwaway testing.TB would end the lab with the first benchmark; this one
 		// lives until TestMain closes it.
 		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
@@ -64,7 +78,11 @@ func sharedLab(b *testing.B) (*Lab, map[netip.Addr]string) {
 			benchVIPs[vip] = inst
 		}
 		benchErr = l.WaitSettled(ctx, benchVIPs, 60*time.Second)
-	})
+	}
+	if !benchDone {
+		benchDone = true
+		start()
+	}
 	if bench == nil && benchErr != nil {
 		// Prerequisites first: the same skip-or-fail rule as the tests.
 		startLab(b, 0)

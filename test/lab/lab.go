@@ -58,6 +58,10 @@ type Options struct {
 	MaxBackups int
 	// AttachMode is every node's --attachMode ("": unset, auto).
 	AttachMode string
+	// GracefulRestart is every node's --bgpGracefulRestart, with graceful restart on
+	// the router too; 0: off on both sides, so that a crash fails over by route
+	// withdrawal (what the failover tests and benchmarks measure).
+	GracefulRestart time.Duration
 }
 
 // Lab is the whole system on one machine: an FRR router, a kube-apiserver with etcd,
@@ -145,7 +149,7 @@ func Start(ctx context.Context, o Options) (_ *Lab, err error) {
 	l.logf("starting FRR (zebra, bgpd, bfdd) in %s", routerNS)
 	l.Router, err = frr.Start(ctx, routerNS, frr.Config{
 		ASN: asn, RouterID: routerLAN, Neighbors: neighbors,
-		BFD: l.bfd(),
+		BFD: l.bfd(), GracefulRestart: o.GracefulRestart > 0,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("FRR: %w", err)

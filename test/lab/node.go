@@ -86,7 +86,8 @@ func (l *Lab) StartNodes(ctx context.Context) error {
 		n.argv = append(n.argv,
 			"--nodeName="+n.name, "--nodeIP="+n.ip.String(), "--namespace="+lbSystem,
 			"--kubeconfig="+l.nodeKubeconfig, "--logLevel=debug",
-			"--pinPath="+filepath.Join(l.bpffs(), n.name))
+			"--pinPath="+filepath.Join(l.bpffs(), n.name),
+			"--bgpGracefulRestart="+l.opts.GracefulRestart.String())
 		if l.opts.MaxBackups > 0 {
 			n.argv = append(n.argv, fmt.Sprintf("--maxBackups=%d", l.opts.MaxBackups))
 		}
