@@ -82,9 +82,19 @@ test-unit:
 bench: deps k8s-bins
 	SHARDLB_K8S_BINS=$(CACHE)/k8s-v1.37.2 $(GO) test -run '^$$' -bench . -benchmem -benchtime=$(or $(BENCHTIME),1s) -timeout 60m $(PKGS) | $(GO) run ./test/benchtab
 
-## demo: the guide end to end in a local lab (root): FRR, kube-apiserver, three shardlb
-## nodes, nginx pods, a client; then a master is killed and the gap measured.
-demo: deps k8s-bins
+## demo: the guide end to end on the node stack (root): shardlb installed with
+## `kubectl apply -k test/nodestack/overlay` from the image built here, run by a kubelet
+## and containerd on each of three nodes, the guide's services and Deployments, an FRR
+## router and a client (test/nodestack/demo). It prints what the guide prints and stops
+## everything it started. Warm: about 25 s.
+demo: deps nodestack-deps k8s-bins image lab-images
+	SHARDLB_K8S_BINS=$(CACHE)/k8s-v1.37.2 $(GO) run ./test/nodestack/demo
+
+## demo-process: the process lab (test/lab): the same guide with shardlb started as
+## processes, then a master SIGKILLed and a planned stop, with the failover gaps
+## measured (a node restarts in milliseconds there, not through a kubelet).
+.PHONY: demo-process
+demo-process: deps k8s-bins
 	SHARDLB_CACHE=$(CACHE) SHARDLB_K8S_BINS=$(CACHE)/k8s-v1.37.2 $(GO) run ./test/lab
 
 ## generate: rebuild the eBPF objects and bindings, and the CRDs and deep copies of
@@ -125,7 +135,7 @@ lab-images:
 ## nodestack: the DaemonSet installed with `kubectl apply -k test/nodestack/overlay` and run by
 ## real kubelets and containerd in the lab (test/nodestack), with the kube-controller-
 ## manager and kube-scheduler; root. Alone, like the lab: it takes the lab's lock.
-## Warm: about a minute. First run: k8s-bins builds the four node binaries in about
+## Warm: about two minutes. First run: k8s-bins builds the four node binaries in about
 ## 10 minutes more (after the apiserver's build, whose packages they share).
 NODESTACK := ./test/nodestack
 NODESTACK_PKGS := containerd runc containernetworking-plugins

@@ -17,24 +17,11 @@ import (
 
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
-	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 
 	"github.com/shardlb/shardlb/manifest"
 )
-
-const (
-	lbNS       = "kube-system"
-	dsSelector = "app.kubernetes.io/name=shardlb"
-	vipPort    = 57002
-)
-
-// The guide's services and the VIPs they get, in the order the controller serves them.
-var guideVIPs = map[string]netip.Addr{
-	"tcp-lb":  netip.MustParseAddr("192.168.80.250"),
-	"tcp-lb2": netip.MustParseAddr("192.168.80.251"),
-}
 
 // testLog writes the stack's progress to the test's log.
 type testLog struct{ t *testing.T }
@@ -49,7 +36,8 @@ func (w testLog) Write(p []byte) (int, error) {
 // operator would: the DaemonSet's pods Ready on every node through the kubelet's
 // probes, with exactly the manifest's capabilities; the guide's services served
 // through the router from pods whose EndpointSlices the controller-manager writes;
-// a rolling restart of the DaemonSet that loses no probe.
+// a rolling restart of the DaemonSet that loses no probe; a dsr service whose
+// connections outlive the loss of their master's node (dsr_test.go).
 func TestOperatorInstall(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 25*time.Minute)
 	defer cancel()
@@ -311,6 +299,10 @@ func TestOperatorInstall(t *testing.T) {
 			return err
 		})
 	})
+
+	t.Run("dsr: every pod answers through the VIP, and connections to pods behind other nodes survive the loss of the master's node", func(t *testing.T) {
+		testDSR(ctx, t, st)
+	})
 }
 
 // probeDuring probes both VIPs from the client every 10 ms while action runs and the
@@ -354,97 +346,6 @@ func probeDuring(ctx context.Context, t *testing.T, st *Stack, old []corev1.Pod,
 	for _, p := range after {
 		t.Logf("pod %s on %s", p.Name, p.Spec.NodeName)
 	}
-}
-
-// waitDaemonSet waits for the DaemonSet to have one Ready pod per node, none of them
-// among old (the pods before a restart), and returns them.
-func waitDaemonSet(ctx context.Context, st *Stack, old []corev1.Pod) ([]corev1.Pod, error) {
-	var pods []corev1.Pod
-	err := st.WaitFor(ctx, 4*time.Minute, "the DaemonSet's pods Ready on every node", func() error {
-		ds, err := st.Kube.AppsV1().DaemonSets(lbNS).Get(ctx, "shardlb", metav1.GetOptions{})
-		if err != nil {
-			return err
-		}
-		if s := ds.Status; s.DesiredNumberScheduled != int32(len(st.Nodes)) || s.NumberReady != s.DesiredNumberScheduled ||
-			s.UpdatedNumberScheduled != s.DesiredNumberScheduled || s.ObservedGeneration != ds.Generation {
-			return fmt.Errorf("DaemonSet status %+v", dsStatus(ds))
-		}
-		all, err := st.Pods(ctx, lbNS, dsSelector)
-		if err != nil {
-			return err
-		}
-		pods = pods[:0]
-		nodes := map[string]bool{}
-		for _, p := range all {
-			if p.DeletionTimestamp != nil {
-				return fmt.Errorf("%s still terminating", p.Name)
-			}
-			if slices.ContainsFunc(old, func(o corev1.Pod) bool { return o.UID == p.UID }) {
-				return fmt.Errorf("%s not replaced yet", p.Name)
-			}
-			if !Ready(&p) {
-				return fmt.Errorf("%s on %s not Ready", p.Name, p.Spec.NodeName)
-			}
-			// Ready only after the startup probe passed and the readiness probe did.
-			for _, cs := range p.Status.ContainerStatuses {
-				if cs.Started == nil || !*cs.Started || !cs.Ready {
-					return fmt.Errorf("%s: container %s started %v ready %v", p.Name, cs.Name, cs.Started, cs.Ready)
-				}
-			}
-			nodes[p.Spec.NodeName] = true
-			pods = append(pods, p)
-		}
-		for _, n := range st.Nodes {
-			if !nodes[n.Name] {
-				return fmt.Errorf("no Ready shardlb pod on %s", n.Name)
-			}
-		}
-		return nil
-	})
-	return pods, err
-}
-
-func dsStatus(ds *appsv1.DaemonSet) string {
-	s := ds.Status
-	return fmt.Sprintf("desired %d, ready %d, updated %d, generation %d observed %d",
-		s.DesiredNumberScheduled, s.NumberReady, s.UpdatedNumberScheduled, ds.Generation, s.ObservedGeneration)
-}
-
-// readyEndpoints lists name=address of the ready endpoints in the Service's
-// EndpointSlices written by the EndpointSlice controller, sorted.
-func readyEndpoints(ctx context.Context, st *Stack, svc string) ([]string, error) {
-	l, err := st.Kube.DiscoveryV1().EndpointSlices("default").List(ctx, metav1.ListOptions{
-		LabelSelector: discoveryv1.LabelServiceName + "=" + svc})
-	if err != nil {
-		return nil, err
-	}
-	var got []string
-	for _, es := range l.Items {
-		if m := es.Labels[discoveryv1.LabelManagedBy]; m != "endpointslice-controller.k8s.io" {
-			return nil, fmt.Errorf("EndpointSlice %s is managed by %q, not the controller-manager", es.Name, m)
-		}
-		for _, e := range es.Endpoints {
-			if e.Conditions.Ready != nil && *e.Conditions.Ready && e.TargetRef != nil {
-				got = append(got, e.TargetRef.Name+"="+strings.Join(e.Addresses, ","))
-			}
-		}
-	}
-	slices.Sort(got)
-	return got, nil
-}
-
-// podOn names the shardlb pod on the node.
-func (st *Stack) podOn(ctx context.Context, node string) (string, error) {
-	pods, err := st.Pods(ctx, lbNS, dsSelector)
-	if err != nil {
-		return "", err
-	}
-	for _, p := range pods {
-		if p.Spec.NodeName == node && p.DeletionTimestamp == nil {
-			return p.Name, nil
-		}
-	}
-	return "", fmt.Errorf("no shardlb pod on %s", node)
 }
 
 // containerPID is the host PID of the pod's one container's process, as the node's
