@@ -30,8 +30,9 @@ import (
 // encapsulated to their node, the reply translated back to the VIP there and sent
 // straight to the router). Then keep-alive connections to the pods behind the other
 // nodes send a request every 20 ms while the master's node is lost without a
-// handover: its shardlb process SIGKILLed (the lab's datapath is not pinned: its
-// program goes with the process) and restarted by the kubelet; its link cut (BFD) and mended; the
+// handover: its shardlb process SIGKILLed and restarted by the kubelet (with the
+// manifest's pinned datapath and graceful restart the router keeps the route via the
+// node, whose program keeps forwarding); its link cut (BFD) and mended; the
 // whole node frozen and thawed. Every request on them is answered, by the
 // connection's pod, and the pods see the client's own address. The same connections
 // through an onearm VIP of the same pods and master are printed beside them (their
@@ -140,7 +141,9 @@ func testDSR(ctx context.Context, t *testing.T, st *Stack) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		// Without --pinPath the program and its maps go with the process.
+		// Without --pinPath the program and its maps go with the process, and the
+		// route moves; with it (the manifest's) the route stays and the program
+		// forwards until the next process takes over.
 		pinned := slices.ContainsFunc(ds.Spec.Template.Spec.Containers[0].Args, func(a string) bool { return strings.HasPrefix(a, "--pinPath") })
 		t.Logf("datapath pinned: %v", pinned)
 		dsrRound(ctx, t, st, addr, onearm, sel, nodeOf, func(master *Node) (func() error, error) {
