@@ -483,13 +483,8 @@ func (n *node) ports(s *service) []shard.ServicePort {
 	return healthyPorts(s, servicePorts(s, n.slices))
 }
 
-// hasReadyEndpoint reports whether a port of s has a ready endpoint: without one, no
-// node announces its VIPs.
-func hasReadyEndpoint(s *service, sliceIndex cache.Indexer) bool {
-	return anyEndpoint(servicePorts(s, sliceIndex))
-}
-
-// anyEndpoint reports whether a port has an endpoint.
+// anyEndpoint reports whether a port has an endpoint: without a ready and healthy one
+// (servicePorts, healthyPorts), no node announces the service's VIPs.
 func anyEndpoint(ports []shard.ServicePort) bool {
 	for _, p := range ports {
 		if len(p.Endpoints) > 0 {
