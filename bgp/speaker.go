@@ -142,11 +142,15 @@ func (s *Speaker) Resume(ctx context.Context) error {
 	}
 	cfg := s.cfg
 	var errs []error
+	added := make([]Peer, 0, len(s.peers))
 	for _, p := range s.peers {
 		if err := s.r.addPeer(ctx, &cfg, p); err != nil {
 			errs = append(errs, err)
+			continue
 		}
+		added = append(added, p)
 	}
+	s.peers = added // a peer refused here is added by the next SetPeers that lists it
 	s.deferred = false
 	s.cfg.Restarting = false // peers added from now on are new, not restarting
 	s.started = time.Now()

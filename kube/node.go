@@ -309,9 +309,11 @@ func (n *node) apply(ctx context.Context) error {
 	n.onApply(plan)
 	if n.resume != nil && (!n.restarting() || !n.clock.Now().Before(n.resumeBy)) {
 		if err := n.resume(ctx); err != nil {
+			// A peer the speaker refused is left for the next change of peers.
 			n.log.Warn("node: dialling the BGP peers after a restart", "err", err)
+		} else {
+			n.log.Info("node: plan in place after a restart, BGP peers dialled", "advertisements", len(plan.Advertisements), "leasesStillInherited", n.restarting())
 		}
-		n.log.Info("node: plan in place after a restart, BGP peers dialled", "advertisements", len(plan.Advertisements), "waitedForLeases", n.restarting())
 		n.resume = nil
 	}
 	return nil
