@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/netip"
 	"slices"
@@ -147,7 +148,11 @@ func (l *Lab) RestartUnderLoad(ctx context.Context, vips map[netip.Addr]string, 
 		defer st.Close()
 		streamConns = append(streamConns, st)
 		wg.Go(func() { c.Requests, c.KeepAliveErr = keepAlive(connCtx, ka, target) })
-		streams.Go(func() { c.StreamBytes, c.StreamTook, c.StreamErr = readStream(st, target) })
+		streams.Go(func() {
+			start := time.Now()
+			c.StreamBytes, c.StreamErr = readStream(st, target)
+			c.StreamTook = time.Since(start)
+		})
 	}
 
 	probes := l.client.startProbes(targets(vips), probeEvery)
@@ -260,11 +265,7 @@ func (l *Lab) waitFresh(ctx context.Context, n *node, prefixes []netip.Prefix) e
 
 // keepAlive sends a request over conn every keepAliveEvery until ctx ends or one
 // fails, and returns how many were answered and the failure.
-func keepAlive(ctx context.Context, conn io.ReadWriter, target netip.AddrPort) (int, string) {
-	nc, ok := conn.(interface{ SetDeadline(time.Time) error })
-	if !ok {
-		return 0, "not a connection"
-	}
+func keepAlive(ctx context.Context, conn net.Conn, target netip.AddrPort) (int, string) {
 	br := bufio.NewReader(conn)
 	n := 0
 	for {
@@ -274,7 +275,7 @@ func keepAlive(ctx context.Context, conn io.ReadWriter, target netip.AddrPort) (
 		case <-time.After(keepAliveEvery):
 		}
 		// A restart must not stall a request either: a second bounds each.
-		if err := nc.SetDeadline(time.Now().Add(time.Second)); err != nil {
+		if err := conn.SetDeadline(time.Now().Add(time.Second)); err != nil {
 			return n, err.Error()
 		}
 		if _, err := fmt.Fprintf(conn, "GET / HTTP/1.1\r\nHost: %s\r\n\r\n", target); err != nil {
@@ -294,37 +295,35 @@ func keepAlive(ctx context.Context, conn io.ReadWriter, target netip.AddrPort) (
 }
 
 // readStream fetches /stream over conn and checks every byte against the pattern.
-func readStream(conn io.ReadWriter, target netip.AddrPort) (got int, took time.Duration, failure string) {
-	start := time.Now()
-	defer func() { took = time.Since(start) }()
+func readStream(conn io.ReadWriter, target netip.AddrPort) (got int, failure string) {
 	if _, err := fmt.Fprintf(conn, "GET /stream HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n", target); err != nil {
-		return 0, 0, err.Error()
+		return 0, err.Error()
 	}
 	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
 	if err != nil {
-		return 0, 0, err.Error()
+		return 0, err.Error()
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return 0, 0, resp.Status
+		return 0, resp.Status
 	}
 	buf := make([]byte, 32<<10)
 	for {
 		n, err := resp.Body.Read(buf)
 		for i := range n {
 			if buf[i] != byte((got+i)%251) {
-				return got + i, 0, fmt.Sprintf("byte %d corrupt", got+i)
+				return got + i, fmt.Sprintf("byte %d corrupt", got+i)
 			}
 		}
 		got += n
 		if err == io.EOF {
 			if got != streamBytes {
-				return got, 0, fmt.Sprintf("ended after %d bytes", got)
+				return got, fmt.Sprintf("ended after %d bytes", got)
 			}
-			return got, 0, ""
+			return got, ""
 		}
 		if err != nil {
-			return got, 0, err.Error()
+			return got, err.Error()
 		}
 	}
 }
