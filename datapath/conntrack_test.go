@@ -3,6 +3,7 @@ package datapath
 import (
 	"bytes"
 	"encoding/binary"
+	"fmt"
 	"net/netip"
 	"testing"
 	"time"
@@ -208,5 +209,95 @@ func TestProtocolsTrackedApart(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestSNATTimeWaitHold checks that a port whose endpoint closed first (and so holds the
+// tuple in TIME_WAIT) is given to a new flow only when every other port is taken, and
+// that doing so is counted: ports whose client closed first, or whose endpoint reset,
+// go first, even to a flow whose hash tries the TIME_WAIT port first.
+func TestSNATTimeWaitHold(t *testing.T) {
+	f := families[0]
+	const portMin, portMax = 61000, 61003
+	h := newHarness(t, Config{NodeIPv4: f.node, SNATPortMin: portMin, SNATPortMax: portMax,
+		closingTimeout: 1, timeWaitTimeout: 1 << 40})
+	vip := netip.AddrPortFrom(f.vip, vipPort)
+	ep := netip.AddrPortFrom(f.ep, epPort)
+	h.set(shard.Frontend{
+		Service: "ns/snat", VIP: f.vip, Port: vipPort, Protocol: shard.TCP, Mode: shard.ModeOneArm,
+		Endpoints: []shard.Endpoint{{Addr: f.ep, Port: epPort}},
+	})
+	client := func(i int) netip.AddrPort { return netip.AddrPortFrom(f.client, uint16(cliPort+i)) }
+	reuses := func() uint64 { return h.d.Stats().SNATTimeWaitReuses }
+	send := func(what string, p pkt) []byte {
+		t.Helper()
+		ret, out := h.lb(p.bytes())
+		if ret != actOK {
+			t.Fatalf("%s: action %d, want %d", what, ret, actOK)
+		}
+		return out
+	}
+	open := func(i int) netip.AddrPort {
+		t.Helper()
+		return sourceOf(t, send(fmt.Sprintf("SYN of client %d", i), pkt{src: client(i), dst: vip, proto: shard.TCP}))
+	}
+
+	var snat [4]netip.AddrPort
+	for i := range snat {
+		snat[i] = open(i)
+	}
+	// 0: the client closes first, then the endpoint. 1: the endpoint closes first (it
+	// holds TIME_WAIT). 2: the endpoint resets. 3: open.
+	send("FIN of client 0", pkt{src: client(0), dst: vip, proto: shard.TCP, tcpFlags: 0x11})
+	send("endpoint's FIN to client 0", pkt{src: ep, dst: snat[0], proto: shard.TCP, tcpFlags: 0x11})
+	send("endpoint's FIN to client 1", pkt{src: ep, dst: snat[1], proto: shard.TCP, tcpFlags: 0x11})
+	send("FIN of client 1", pkt{src: client(1), dst: vip, proto: shard.TCP, tcpFlags: 0x11})
+	send("endpoint's RST to client 2", pkt{src: ep, dst: snat[2], proto: shard.TCP, tcpFlags: 0x14})
+	time.Sleep(100 * time.Millisecond) // past the closing timeout (one jiffy)
+
+	// A new client whose hash tries client 1's port first.
+	next := 10
+	for ; ; next++ {
+		if h := flowHash(client(next), vip, shard.TCP); portMin+h%4 == uint32(snat[1].Port()) {
+			break
+		}
+	}
+	free := map[netip.AddrPort]bool{snat[0]: true, snat[2]: true}
+	for range 2 {
+		got := open(next)
+		if !free[got] {
+			t.Fatalf("client %d got %s, want one of %v (not %s, held in TIME_WAIT, nor the open %s)", next, got, free, snat[1], snat[3])
+		}
+		delete(free, got)
+		next++
+	}
+	if n := reuses(); n != 0 {
+		t.Fatalf("%d TIME_WAIT reuses counted while other ports were free", n)
+	}
+	if got := open(next); got != snat[1] {
+		t.Fatalf("client %d got %s, want %s: the TIME_WAIT port is taken rather than drop the SYN when every other port is taken", next, got, snat[1])
+	}
+	if n := reuses(); n != 1 {
+		t.Fatalf("%d TIME_WAIT reuses counted, want 1", n)
+	}
+	if ret, _ := h.lb(pkt{src: client(next + 1), dst: vip, proto: shard.TCP}.bytes()); ret != actShot {
+		t.Fatalf("a flow beyond the four ports: action %d, want a drop", ret)
+	}
+}
+
+func TestPortRangesOverlap(t *testing.T) {
+	for _, c := range []struct {
+		a, b, c, d uint16
+		want       bool
+	}{
+		{1024, 32767, 32768, 60999, false},
+		{61000, 65535, 32768, 60999, false},
+		{1024, 32768, 32768, 60999, true},
+		{40000, 40000, 32768, 60999, true},
+		{1, 65535, 32768, 60999, true},
+	} {
+		if got := portRangesOverlap(c.a, c.b, c.c, c.d); got != c.want {
+			t.Errorf("portRangesOverlap(%d-%d, %d-%d) = %v, want %v", c.a, c.b, c.c, c.d, got, c.want)
+		}
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"runtime"
 	"sync"
@@ -20,8 +21,8 @@ const (
 	DefaultConntrackSize      = 262144
 	DefaultMaxServices        = 16384
 	DefaultMaxEndpoints       = 65536
-	DefaultSNATPortMin        = 61000
-	DefaultSNATPortMax        = 65535
+	DefaultSNATPortMin        = 1024
+	DefaultSNATPortMax        = 32767
 	DefaultMaxSourceRanges    = 256
 	DefaultSourceRangeEntries = 65536
 )
@@ -99,8 +100,9 @@ type Config struct {
 	// SourceRangeEntries bounds the source ranges of all frontends together, in each
 	// family: SetServices refuses a frontend whose ranges do not fit.
 	SourceRangeEntries int
-	// SNATPortMin and SNATPortMax bound the source ports of onearm and fullnat flows.
-	// Keep them outside the node's ip_local_port_range.
+	// SNATPortMin and SNATPortMax bound the source ports of onearm and fullnat flows
+	// (see the package doc, "SNAT ports"). Keep them outside the node's
+	// ip_local_port_range (CheckSNATPorts).
 	SNATPortMin, SNATPortMax uint16
 
 	// AttachMode is the kernel hook the program runs at on Interfaces: AttachTCX (a tcx
@@ -119,6 +121,9 @@ type Config struct {
 	// closingTimeout, in jiffies, replaces the program's CT_CLOSING_TIMEOUT when not
 	// zero: tests shorten it so closed flows expire without waiting seconds.
 	closingTimeout uint64
+	// timeWaitTimeout, in jiffies, replaces the program's CT_TIME_WAIT_TIMEOUT when not
+	// zero.
+	timeWaitTimeout uint64
 	// probeTCX, when set, replaces the kernel probe AttachAuto decides by: tests make it
 	// report tcx unsupported.
 	probeTCX func(*ebpf.Program) error
@@ -195,6 +200,10 @@ func New(cfg Config, log *slog.Logger) (*Datapath, error) {
 	if _, err := ParseAttachMode(string(cfg.AttachMode)); err != nil {
 		return nil, fmt.Errorf("load datapath: %w", err)
 	}
+	if lo, hi, err := localPortRange(); err == nil && portRangesOverlap(cfg.SNATPortMin, cfg.SNATPortMax, lo, hi) {
+		log.Warn("SNAT ports overlap the node's ip_local_port_range: a reply to the node's own connection to an endpoint can be taken for a load-balanced flow's",
+			"snatPorts", fmt.Sprintf("%d-%d", cfg.SNATPortMin, cfg.SNATPortMax), "ip_local_port_range", fmt.Sprintf("%d-%d", lo, hi))
+	}
 	if cfg.RingSlots%2 != 0 {
 		cfg.RingSlots++
 	}
@@ -222,6 +231,11 @@ func New(cfg Config, log *slog.Logger) (*Datapath, error) {
 	if cfg.closingTimeout != 0 {
 		if err := spec.Variables["ct_closing_timeout"].Set(cfg.closingTimeout); err != nil {
 			return nil, fmt.Errorf("set ct_closing_timeout: %w", err)
+		}
+	}
+	if cfg.timeWaitTimeout != 0 {
+		if err := spec.Variables["ct_time_wait_timeout"].Set(cfg.timeWaitTimeout); err != nil {
+			return nil, fmt.Errorf("set ct_time_wait_timeout: %w", err)
 		}
 	}
 
@@ -474,3 +488,19 @@ func (d *Datapath) MapMemory() (uint64, error) {
 	}
 	return total, nil
 }
+
+// localPortRange reads the node's net.ipv4.ip_local_port_range, which IPv6 shares.
+func localPortRange() (lo, hi uint16, err error) {
+	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+	if err != nil {
+		return 0, 0, err
+	}
+	var x, y uint16
+	if _, err := fmt.Sscan(string(b), &x, &y); err != nil {
+		return 0, 0, fmt.Errorf("read ip_local_port_range %q: %w", b, err)
+	}
+	return x, y, nil
+}
+
+// portRangesOverlap tells whether the port ranges a-b and c-d share a port.
+func portRangesOverlap(a, b, c, d uint16) bool { return a <= d && c <= b }

@@ -146,23 +146,25 @@ type lbVipKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	lbMapConntrack4Tcp    = "conntrack4_tcp"
-	lbMapConntrack4Udp    = "conntrack4_udp"
-	lbMapConntrack6       = "conntrack6"
-	lbMapDrops            = "drops"
-	lbMapEndpointNhs      = "endpoint_nhs"
-	lbMapEndpoints        = "endpoints"
-	lbMapNewEntry         = "new_entry"
-	lbMapRingSlots        = "ring_slots"
-	lbMapServiceStats     = "service_stats"
-	lbMapServices         = "services"
-	lbMapSourceRanges4    = "source_ranges4"
-	lbMapSourceRanges6    = "source_ranges6"
-	lbMapVips             = "vips"
-	lbProgLbIngress       = "lb_ingress"
-	lbVarCtClosingTimeout = "ct_closing_timeout"
-	lbVarSnatPortCount    = "snat_port_count"
-	lbVarSnatPortMin      = "snat_port_min"
+	lbMapConntrack4Tcp      = "conntrack4_tcp"
+	lbMapConntrack4Udp      = "conntrack4_udp"
+	lbMapConntrack6         = "conntrack6"
+	lbMapDrops              = "drops"
+	lbMapEndpointNhs        = "endpoint_nhs"
+	lbMapEndpoints          = "endpoints"
+	lbMapNewEntry           = "new_entry"
+	lbMapRingSlots          = "ring_slots"
+	lbMapServiceStats       = "service_stats"
+	lbMapServices           = "services"
+	lbMapSnatTimeWaitReuses = "snat_time_wait_reuses"
+	lbMapSourceRanges4      = "source_ranges4"
+	lbMapSourceRanges6      = "source_ranges6"
+	lbMapVips               = "vips"
+	lbProgLbIngress         = "lb_ingress"
+	lbVarCtClosingTimeout   = "ct_closing_timeout"
+	lbVarCtTimeWaitTimeout  = "ct_time_wait_timeout"
+	lbVarSnatPortCount      = "snat_port_count"
+	lbVarSnatPortMin        = "snat_port_min"
 )
 
 // loadLb returns the embedded CollectionSpec for lb.
@@ -214,28 +216,30 @@ type lbProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type lbMapSpecs struct {
-	Conntrack4Tcp *ebpf.MapSpec `ebpf:"conntrack4_tcp"`
-	Conntrack4Udp *ebpf.MapSpec `ebpf:"conntrack4_udp"`
-	Conntrack6    *ebpf.MapSpec `ebpf:"conntrack6"`
-	Drops         *ebpf.MapSpec `ebpf:"drops"`
-	EndpointNhs   *ebpf.MapSpec `ebpf:"endpoint_nhs"`
-	Endpoints     *ebpf.MapSpec `ebpf:"endpoints"`
-	NewEntry      *ebpf.MapSpec `ebpf:"new_entry"`
-	RingSlots     *ebpf.MapSpec `ebpf:"ring_slots"`
-	ServiceStats  *ebpf.MapSpec `ebpf:"service_stats"`
-	Services      *ebpf.MapSpec `ebpf:"services"`
-	SourceRanges4 *ebpf.MapSpec `ebpf:"source_ranges4"`
-	SourceRanges6 *ebpf.MapSpec `ebpf:"source_ranges6"`
-	Vips          *ebpf.MapSpec `ebpf:"vips"`
+	Conntrack4Tcp      *ebpf.MapSpec `ebpf:"conntrack4_tcp"`
+	Conntrack4Udp      *ebpf.MapSpec `ebpf:"conntrack4_udp"`
+	Conntrack6         *ebpf.MapSpec `ebpf:"conntrack6"`
+	Drops              *ebpf.MapSpec `ebpf:"drops"`
+	EndpointNhs        *ebpf.MapSpec `ebpf:"endpoint_nhs"`
+	Endpoints          *ebpf.MapSpec `ebpf:"endpoints"`
+	NewEntry           *ebpf.MapSpec `ebpf:"new_entry"`
+	RingSlots          *ebpf.MapSpec `ebpf:"ring_slots"`
+	ServiceStats       *ebpf.MapSpec `ebpf:"service_stats"`
+	Services           *ebpf.MapSpec `ebpf:"services"`
+	SnatTimeWaitReuses *ebpf.MapSpec `ebpf:"snat_time_wait_reuses"`
+	SourceRanges4      *ebpf.MapSpec `ebpf:"source_ranges4"`
+	SourceRanges6      *ebpf.MapSpec `ebpf:"source_ranges6"`
+	Vips               *ebpf.MapSpec `ebpf:"vips"`
 }
 
 // lbVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type lbVariableSpecs struct {
-	CtClosingTimeout *ebpf.VariableSpec `ebpf:"ct_closing_timeout"`
-	SnatPortCount    *ebpf.VariableSpec `ebpf:"snat_port_count"`
-	SnatPortMin      *ebpf.VariableSpec `ebpf:"snat_port_min"`
+	CtClosingTimeout  *ebpf.VariableSpec `ebpf:"ct_closing_timeout"`
+	CtTimeWaitTimeout *ebpf.VariableSpec `ebpf:"ct_time_wait_timeout"`
+	SnatPortCount     *ebpf.VariableSpec `ebpf:"snat_port_count"`
+	SnatPortMin       *ebpf.VariableSpec `ebpf:"snat_port_min"`
 }
 
 // lbObjects contains all objects after they have been loaded into the kernel.
@@ -258,19 +262,20 @@ func (o *lbObjects) Close() error {
 //
 // It can be passed to loadLbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type lbMaps struct {
-	Conntrack4Tcp *ebpf.Map `ebpf:"conntrack4_tcp"`
-	Conntrack4Udp *ebpf.Map `ebpf:"conntrack4_udp"`
-	Conntrack6    *ebpf.Map `ebpf:"conntrack6"`
-	Drops         *ebpf.Map `ebpf:"drops"`
-	EndpointNhs   *ebpf.Map `ebpf:"endpoint_nhs"`
-	Endpoints     *ebpf.Map `ebpf:"endpoints"`
-	NewEntry      *ebpf.Map `ebpf:"new_entry"`
-	RingSlots     *ebpf.Map `ebpf:"ring_slots"`
-	ServiceStats  *ebpf.Map `ebpf:"service_stats"`
-	Services      *ebpf.Map `ebpf:"services"`
-	SourceRanges4 *ebpf.Map `ebpf:"source_ranges4"`
-	SourceRanges6 *ebpf.Map `ebpf:"source_ranges6"`
-	Vips          *ebpf.Map `ebpf:"vips"`
+	Conntrack4Tcp      *ebpf.Map `ebpf:"conntrack4_tcp"`
+	Conntrack4Udp      *ebpf.Map `ebpf:"conntrack4_udp"`
+	Conntrack6         *ebpf.Map `ebpf:"conntrack6"`
+	Drops              *ebpf.Map `ebpf:"drops"`
+	EndpointNhs        *ebpf.Map `ebpf:"endpoint_nhs"`
+	Endpoints          *ebpf.Map `ebpf:"endpoints"`
+	NewEntry           *ebpf.Map `ebpf:"new_entry"`
+	RingSlots          *ebpf.Map `ebpf:"ring_slots"`
+	ServiceStats       *ebpf.Map `ebpf:"service_stats"`
+	Services           *ebpf.Map `ebpf:"services"`
+	SnatTimeWaitReuses *ebpf.Map `ebpf:"snat_time_wait_reuses"`
+	SourceRanges4      *ebpf.Map `ebpf:"source_ranges4"`
+	SourceRanges6      *ebpf.Map `ebpf:"source_ranges6"`
+	Vips               *ebpf.Map `ebpf:"vips"`
 }
 
 func (m *lbMaps) Close() error {
@@ -285,6 +290,7 @@ func (m *lbMaps) Close() error {
 		m.RingSlots,
 		m.ServiceStats,
 		m.Services,
+		m.SnatTimeWaitReuses,
 		m.SourceRanges4,
 		m.SourceRanges6,
 		m.Vips,
@@ -295,9 +301,10 @@ func (m *lbMaps) Close() error {
 //
 // It can be passed to loadLbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type lbVariables struct {
-	CtClosingTimeout *ebpf.Variable `ebpf:"ct_closing_timeout"`
-	SnatPortCount    *ebpf.Variable `ebpf:"snat_port_count"`
-	SnatPortMin      *ebpf.Variable `ebpf:"snat_port_min"`
+	CtClosingTimeout  *ebpf.Variable `ebpf:"ct_closing_timeout"`
+	CtTimeWaitTimeout *ebpf.Variable `ebpf:"ct_time_wait_timeout"`
+	SnatPortCount     *ebpf.Variable `ebpf:"snat_port_count"`
+	SnatPortMin       *ebpf.Variable `ebpf:"snat_port_min"`
 }
 
 // lbPrograms contains all programs after they have been loaded into the kernel.

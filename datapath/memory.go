@@ -101,6 +101,7 @@ func estimateMemory(spec *ebpf.CollectionSpec, cpus int) (MemoryEstimate, error)
 var sizedMaps = []string{
 	lbMapConntrack4Tcp, lbMapConntrack4Udp, lbMapConntrack6, lbMapDrops, lbMapEndpoints, lbMapRingSlots,
 	lbMapServiceStats, lbMapServices, lbMapVips, lbMapEndpointNhs, lbMapNewEntry, lbMapSourceRanges4, lbMapSourceRanges6,
+	lbMapSnatTimeWaitReuses,
 }
 
 // perCPUTypes are the map types with a value per CPU.

@@ -43,13 +43,18 @@ const (
 
 // pinnedMaps are the maps whose contents outlive a process: what Go wrote (services,
 // rings, endpoints, source ranges), what the program learnt (conntrack) and the
-// counters. The per-CPU scratch entry and next-hop cache (new_entry, endpoint_nhs)
-// belong to one program.
+// counters. perProgramMaps belong to one program.
 var pinnedMaps = []string{
 	lbMapServices, lbMapVips, lbMapRingSlots, lbMapEndpoints, lbMapSourceRanges4, lbMapSourceRanges6,
 	lbMapConntrack4Tcp, lbMapConntrack4Udp, lbMapConntrack6,
 	lbMapServiceStats, lbMapDrops,
 }
+
+// perProgramMaps start empty with each program: the per-CPU scratch entry and
+// next-hop cache (new_entry, endpoint_nhs), and the SNAT TIME_WAIT reuse counter, which
+// counts from the process's start like its other metrics; pinning it would have made
+// every datapath pinned before it incompatible.
+var perProgramMaps = []string{lbMapNewEntry, lbMapEndpointNhs, lbMapSnatTimeWaitReuses}
 
 // capacityOf names the Config field that sizes a pinned map, for the log line that
 // says why pinned maps were replaced.

@@ -30,6 +30,11 @@ type Stats struct {
 	Services []ServiceStats
 	// Drops counts dropped packets by reason (see DropReasons).
 	Drops map[string]uint64
+	// SNATTimeWaitReuses counts new SNAT flows given a port whose endpoint may still
+	// hold the old connection's tuple in TIME_WAIT, every other port tried being taken
+	// (see the package doc, "SNAT ports"). Unlike the others it counts from the
+	// program's load, not the maps' creation.
+	SNATTimeWaitReuses uint64
 }
 
 // ServiceStats are one frontend's counters; a frontend's counters start at zero when
@@ -69,6 +74,13 @@ func (d *Datapath) Stats() Stats {
 			n += v
 		}
 		st.Drops[name] = n
+	}
+	var per []uint64
+	if err := d.objs.SnatTimeWaitReuses.Lookup(uint32(0), &per); err != nil {
+		d.log.Error("read SNAT TIME_WAIT reuse counter", "err", err)
+	}
+	for _, v := range per {
+		st.SNATTimeWaitReuses += v
 	}
 	for k, a := range d.applied {
 		s := ServiceStats{Service: a.fe.Service, VIP: k.vip, Port: k.port, Protocol: k.proto}

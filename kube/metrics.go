@@ -156,6 +156,9 @@ type DatapathCounters struct {
 	Drops map[string]uint64
 	// Conntrack is the fill of each conntrack map, as last counted.
 	Conntrack []ConntrackFill
+	// SNATTimeWaitReuses are new SNAT flows given a port whose endpoint may still hold
+	// the tuple in TIME_WAIT, every other port tried being taken.
+	SNATTimeWaitReuses uint64
 }
 
 // ConntrackFill is one conntrack map's entries against its capacity.
@@ -188,6 +191,7 @@ type datapathCollector struct {
 	dropDesc, pktDesc, byteDesc, flowDesc, handoffDesc, icmpDesc *prometheus.Desc
 	feDropDesc                                                   *prometheus.Desc
 	ctDesc, ctLimitDesc                                          *prometheus.Desc
+	twDesc                                                       *prometheus.Desc
 }
 
 func newDatapathCollector(read func() DatapathCounters) *datapathCollector {
@@ -210,6 +214,8 @@ func newDatapathCollector(read func() DatapathCounters) *datapathCollector {
 			"Entries in each conntrack map (ipv4_tcp, ipv4_udp, ipv6; a flow takes two), counted at most every 30 s.", []string{"map"}, nil),
 		ctLimitDesc: prometheus.NewDesc("shardlb_conntrack_entries_limit",
 			"Capacity of each conntrack map (--conntrackSize); when full, the least recently used entries are evicted for new flows.", []string{"map"}, nil),
+		twDesc: prometheus.NewDesc("shardlb_snat_time_wait_reuses_total",
+			"New onearm or fullnat connections given a SNAT port whose endpoint may still hold the previous connection in TIME_WAIT, every other port tried being taken (it may answer the SYN with a stale ACK, which costs the client a retransmission): widen --snatPorts when it grows. Counts since the process started.", nil, nil),
 	}
 }
 
@@ -223,6 +229,7 @@ func (c *datapathCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.feDropDesc
 	ch <- c.ctDesc
 	ch <- c.ctLimitDesc
+	ch <- c.twDesc
 }
 
 func (c *datapathCollector) Collect(ch chan<- prometheus.Metric) {
@@ -240,6 +247,7 @@ func (c *datapathCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(c.icmpDesc, prometheus.CounterValue, float64(f.ICMPErrors), f.Service, f.Frontend)
 		ch <- prometheus.MustNewConstMetric(c.feDropDesc, prometheus.CounterValue, float64(f.SourceRangeDrops), f.Service, f.Frontend, "source_range")
 	}
+	ch <- prometheus.MustNewConstMetric(c.twDesc, prometheus.CounterValue, float64(d.SNATTimeWaitReuses))
 	for _, f := range d.Conntrack {
 		ch <- prometheus.MustNewConstMetric(c.ctDesc, prometheus.GaugeValue, float64(f.Entries), f.Map)
 		ch <- prometheus.MustNewConstMetric(c.ctLimitDesc, prometheus.GaugeValue, float64(f.Capacity), f.Map)

@@ -97,6 +97,7 @@ type raw struct {
 	zone, setRoles, excludeRoles                string
 	setBGP, extPeers, bfd, communities          string
 	interfaces, logLevel, logFormat, attachMode string
+	snatPorts                                   string
 	stopMode                                    string
 }
 
@@ -162,6 +163,7 @@ func newFlags(c *config, r *raw) (*pflag.FlagSet, []group) {
 	f.StringVar(&r.interfaces, "interfaces", strings.Join(c.Interfaces, ","), "interfaces the eBPF datapath attaches to: names and glob patterns (path.Match syntax: eth*, ens*, bond0, cni0, cali*), comma separated, up or down, a loopback only by its name, followed as interfaces appear, go and are renamed; empty: the interfaces carrying --nodeIP, else those of the IPv4 and IPv6 default routes, chosen at start; none: no datapath; matching nothing stops the start")
 	f.StringVar(&r.attachMode, "attachMode", string(d.AttachMode), "datapath hook: auto (tcx where the kernel has it, Linux 6.6+, else tc), tcx, or tc (a clsact direct-action filter at priority 2)")
 	f.StringVar(&d.PinPath, "pinPath", d.PinPath, "bpffs directory where the datapath pins its maps and links, e.g. /sys/fs/bpf/shardlb: a crashed process leaves the datapath forwarding and the next one adopts its connections; empty: nothing pinned")
+	f.StringVar(&r.snatPorts, "snatPorts", fmt.Sprintf("%d-%d", d.SNATPortMin, d.SNATPortMax), "source ports of onearm and fullnat flows, MIN-MAX, per SNAT address and endpoint: at most about one new connection a second per 61 ports when endpoints close first (TIME_WAIT), one per 10 ports when clients do; keep it outside the node's net.ipv4.ip_local_port_range")
 	f.IntVar(&d.ConntrackSize, "conntrackSize", d.ConntrackSize, "connection tracking entries of each conntrack map (IPv4 TCP, IPv4 UDP, IPv6); a flow takes two")
 	f.IntVar(&d.MaxServices, "maxServices", d.MaxServices, "frontends (VIP, port, protocol) the datapath holds; one beyond is refused, the others served. Sizes the service maps and, at 256 per frontend, the minimum of the Maglev ring slots")
 	f.IntVar(&d.MaxEndpoints, "maxEndpoints", d.MaxEndpoints, "endpoint slots of all frontends together (an endpoint of two frontends takes two); a frontend whose endpoints do not fit is refused, the others served. Gives the Maglev rings 64 slots per endpoint slot")
@@ -307,6 +309,9 @@ func (r *raw) validate(c *config, changed func(string) bool) error {
 	d.AttachMode = mode
 	if d.PinPath != "" && !filepath.IsAbs(d.PinPath) {
 		return &flagError{"pinPath", d.PinPath, "an absolute path on bpffs", nil}
+	}
+	if d.SNATPortMin, d.SNATPortMax, err = parsePortRange(r.snatPorts); err != nil {
+		return &flagError{"snatPorts", r.snatPorts, "MIN-MAX, ports from 1 to 65535, MIN <= MAX", err}
 	}
 	if d.ConntrackSize < 1024 || d.ConntrackSize > 1<<26 {
 		return &flagError{"conntrackSize", strconv.Itoa(d.ConntrackSize), "a number from 1024 to 67108864", nil}
@@ -507,4 +512,24 @@ func parseBFD(s string) (bgp.BFDConfig, error) {
 		return bgp.BFDConfig{}, fmt.Errorf("interval 10ms..1m, multiplier 1..255")
 	}
 	return bgp.BFDConfig{Enabled: true, Interval: d, Multiplier: uint8(m)}, nil
+}
+
+// parsePortRange reads MIN-MAX (or one port) as a port range.
+func parsePortRange(s string) (lo, hi uint16, err error) {
+	a, b, ok := strings.Cut(strings.TrimSpace(s), "-")
+	if !ok {
+		b = a
+	}
+	x, err := strconv.ParseUint(strings.TrimSpace(a), 10, 16)
+	if err != nil {
+		return 0, 0, err
+	}
+	y, err := strconv.ParseUint(strings.TrimSpace(b), 10, 16)
+	if err != nil {
+		return 0, 0, err
+	}
+	if x == 0 || x > y {
+		return 0, 0, fmt.Errorf("%d-%d is not a range of ports", x, y)
+	}
+	return uint16(x), uint16(y), nil
 }

@@ -101,6 +101,11 @@ func TestBadFlagsNameTheFlag(t *testing.T) {
 		{"--bgpSuccessorPrepend=4", "bgpSuccessorPrepend"},
 		{"--pinPath=sys/fs/bpf", "pinPath"},
 		{"--attachMode=xdp", "attachMode"},
+		{"--snatPorts=5000-4000", "snatPorts"},
+		{"--snatPorts=0-100", "snatPorts"},
+		{"--snatPorts=1024-65536", "snatPorts"},
+		{"--snatPorts=low-high", "snatPorts"},
+		{"--snatPorts=", "snatPorts"},
 		{"--leaseProtocol=fast", "leaseProtocol"},
 		{"--logFormat=xml", "logFormat"},
 		{"--maxBackups=-1", "maxBackups"},
@@ -268,6 +273,30 @@ func TestFlagDefaultsAreThePackagesDefaults(t *testing.T) {
 	sameFields(t, "datapath.Config", cfg.Datapath, datapath.DefaultConfig())
 	if cfg.Datapath.RingSlots != 0 {
 		t.Errorf("with no flags RingSlots is %d, want 0 (derived from --maxServices and --maxEndpoints)", cfg.Datapath.RingSlots)
+	}
+}
+
+func TestSNATPortsFlag(t *testing.T) {
+	for _, tc := range []struct {
+		arg    string
+		lo, hi uint16
+	}{
+		{"", 1024, 32767},
+		{"--snatPorts=61000-65535", 61000, 65535},
+		{"--snatPorts= 2000 - 2999", 2000, 2999},
+		{"--snatPorts=40000", 40000, 40000},
+	} {
+		var args []string
+		if tc.arg != "" {
+			args = append(args, tc.arg)
+		}
+		cfg, err := parseConfig(args, noEnv, os.Stdout)
+		if err != nil {
+			t.Fatalf("%q: %v", tc.arg, err)
+		}
+		if d := cfg.Datapath; d.SNATPortMin != tc.lo || d.SNATPortMax != tc.hi {
+			t.Errorf("%q: SNAT ports %d-%d, want %d-%d", tc.arg, d.SNATPortMin, d.SNATPortMax, tc.lo, tc.hi)
+		}
 	}
 }
 

@@ -172,7 +172,7 @@ func peerRows(ps []bgp.PeerStatus) []kube.BGPPeer {
 
 // counters adapts the datapath's counters and conntrack fill to the metrics' shape.
 func counters(st datapath.Stats, fill []datapath.ConntrackFill) kube.DatapathCounters {
-	c := kube.DatapathCounters{Drops: st.Drops, Frontends: make([]kube.FrontendCounters, 0, len(st.Services))}
+	c := kube.DatapathCounters{Drops: st.Drops, SNATTimeWaitReuses: st.SNATTimeWaitReuses, Frontends: make([]kube.FrontendCounters, 0, len(st.Services))}
 	for _, f := range fill {
 		c.Conntrack = append(c.Conntrack, kube.ConntrackFill{Map: f.Map, Entries: f.Entries, Capacity: f.Capacity})
 	}

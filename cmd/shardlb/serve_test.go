@@ -48,7 +48,7 @@ func TestCountersCarryEveryFrontendCounter(t *testing.T) {
 	}
 
 	fill := []datapath.ConntrackFill{{Map: "ipv4_tcp", Entries: 7, Capacity: 1024}}
-	got := counters(datapath.Stats{Drops: map[string]uint64{"truncated": 1}, Services: []datapath.ServiceStats{in}}, fill)
+	got := counters(datapath.Stats{Drops: map[string]uint64{"truncated": 1}, SNATTimeWaitReuses: 9, Services: []datapath.ServiceStats{in}}, fill)
 	if len(got.Frontends) != 1 {
 		t.Fatalf("frontend counters %+v, want one", got.Frontends)
 	}
@@ -74,16 +74,19 @@ func TestCountersCarryEveryFrontendCounter(t *testing.T) {
 	if got.Drops["truncated"] != 1 {
 		t.Errorf("drops %v, want truncated=1", got.Drops)
 	}
+	if got.SNATTimeWaitReuses != 9 {
+		t.Errorf("SNAT TIME_WAIT reuses %d, want 9", got.SNATTimeWaitReuses)
+	}
 	if want := []kube.ConntrackFill{{Map: "ipv4_tcp", Entries: 7, Capacity: 1024}}; !reflect.DeepEqual(got.Conntrack, want) {
 		t.Errorf("conntrack %+v, want %+v", got.Conntrack, want)
 	}
-	// Beside the frontends' counters, the drops and the conntrack fill are all there is
-	// on either side.
+	// Beside the frontends' counters, the drops, the SNAT TIME_WAIT reuses and the
+	// conntrack fill are all there is on either side.
 	for _, v := range []any{datapath.Stats{}, kube.DatapathCounters{}} {
 		typ := reflect.TypeOf(v)
 		for i := range typ.NumField() {
 			switch name := typ.Field(i).Name; name {
-			case "Services", "Frontends", "Drops", "Conntrack":
+			case "Services", "Frontends", "Drops", "Conntrack", "SNATTimeWaitReuses":
 			default:
 				t.Errorf("%s.%s is not carried", typ, name)
 			}

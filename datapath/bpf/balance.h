@@ -15,13 +15,16 @@
 #include "ranges.h"
 #include "structs.h"
 
-/* Source ports for SNAT flows, set by the loader. The default range sits above Linux's
+/* Source ports for SNAT flows, set by the loader. The default range sits below Linux's
  * ip_local_port_range (32768-60999) so replies to the node's own sockets are never taken
  * for a load-balanced flow's. */
-volatile const __u16 snat_port_min = 61000;
-volatile const __u16 snat_port_count = 4536;
-/* How long a closing flow's SNAT port stays taken after its last packet, in jiffies. */
+volatile const __u16 snat_port_min = 1024;
+volatile const __u16 snat_port_count = 31744;
+/* How long a closing flow's SNAT port stays taken after its last packet, in jiffies,
+ * and how long when its endpoint closed first (CT_F_TIME_WAIT) while other ports are
+ * free. */
 volatile const __u64 ct_closing_timeout = CT_CLOSING_TIMEOUT;
+volatile const __u64 ct_time_wait_timeout = CT_TIME_WAIT_TIMEOUT;
 
 static __always_inline __u32 flow_hash(const struct flow *f)
 {
@@ -33,8 +36,9 @@ static __always_inline __u32 flow_hash(const struct flow *f)
  * expired (see CT_CLOSING_TIMEOUT), both of its entries are deleted and it returns true:
  * the caller then inserts r again only if absent, so that of two CPUs reclaiming the same
  * port one wins. The flow's last packet is the later of its two directions', so a flow
- * sending one way only keeps its port. */
-static __noinline bool snat_reclaim(const struct flow *r, __u64 now)
+ * sending one way only keeps its port. With time_wait, a flow whose endpoint closed
+ * first (CT_F_TIME_WAIT) expires only after ct_time_wait_timeout. */
+static __noinline bool snat_reclaim(const struct flow *r, __u64 now, bool time_wait)
 {
 	struct ct_entry *e = ct_lookup(r);
 	struct flow o = {};
@@ -58,7 +62,7 @@ static __noinline bool snat_reclaim(const struct flow *r, __u64 now)
 		closing |= fw->closing;
 	}
 	if (closing)
-		limit = ct_closing_timeout;
+		limit = time_wait && (e->flags & CT_F_TIME_WAIT) ? ct_time_wait_timeout : ct_closing_timeout;
 	else
 		limit = r->proto == IPPROTO_TCP ? CT_TCP_TIMEOUT : CT_UDP_TIMEOUT;
 	if (now - seen <= limit)
@@ -183,7 +187,11 @@ static __noinline int new_flow(const struct flow *f, const struct service *svc, 
 		/* The reply tuple (endpoint -> SNAT address:port) is inserted only if absent, so
 		 * two flows can never share one: the map is the arbiter, also between CPUs. The
 		 * first port tried follows from the flow hash, so it is reproducible. A port
-		 * held by an expired flow is taken over. */
+		 * held by an expired flow is taken over. A port whose endpoint may still hold
+		 * the tuple in TIME_WAIT is taken only when the SNAT_TRIES ports are all
+		 * otherwise taken (the second pass), and counted: the endpoint may answer the
+		 * SYN with the old connection's ACK, which the client resets before it
+		 * retransmits its SYN. */
 		__u16 count = snat_port_count;
 		__u16 min = snat_port_min;
 		__u64 now = bpf_jiffies64();
@@ -197,12 +205,23 @@ static __noinline int new_flow(const struct flow *f, const struct service *svc, 
 			t->seen = now;
 			if (ct_insert(&reply, t, BPF_NOEXIST) == 0)
 				break;
-			if (snat_reclaim(&reply, now) && ct_insert(&reply, t, BPF_NOEXIST) == 0)
+			if (snat_reclaim(&reply, now, true) && ct_insert(&reply, t, BPF_NOEXIST) == 0)
 				break;
 		}
 		if (i == SNAT_TRIES) {
-			count_drop(DROP_SNAT_EXHAUSTED);
-			return TC_ACT_SHOT;
+			for (i = 0; i < SNAT_TRIES; i++) {
+				reply.dport = bpf_htons(min + (hash + i) % count);
+				if (snat_reclaim(&reply, now, false) && ct_insert(&reply, t, BPF_NOEXIST) == 0)
+					break;
+			}
+			if (i == SNAT_TRIES) {
+				count_drop(DROP_SNAT_EXHAUSTED);
+				return TC_ACT_SHOT;
+			}
+			__u32 zero = 0;
+			__u64 *n = bpf_map_lookup_elem(&snat_time_wait_reuses, &zero);
+			if (n)
+				*n += 1;
 		}
 		__builtin_memcpy(t->saddr, svc->snat_addr, 16);
 	}
@@ -220,7 +239,9 @@ static __noinline int new_flow(const struct flow *f, const struct service *svc, 
 }
 
 /* ct_idle_past tells whether the flow of forward entry e, idle in that direction past
- * its timeout, is idle in the reply direction too (as snat_reclaim judges a flow).
+ * its timeout, is idle in the reply direction too (as snat_reclaim judges a flow without
+ * the TIME_WAIT hold: past it, a new SYN on the client's tuple is balanced again and
+ * gets another port while the old one is held).
  * Not inlined: it runs only for entries idle that long. */
 static __noinline bool ct_idle_past(const struct flow *f, const struct ct_entry *e, __u64 now)
 {

@@ -98,6 +98,12 @@
 #ifndef CT_CLOSING_TIMEOUT
 #define CT_CLOSING_TIMEOUT (10 * 250)
 #endif
+/* Linux's TCP_TIMEWAIT_LEN (60 s, not tunable) and a second of margin for the last ACK's
+ * way: how long a SNAT port whose endpoint closed first stays with its flow (see
+ * CT_F_TIME_WAIT). The default of the loader-set ct_time_wait_timeout. */
+#ifndef CT_TIME_WAIT_TIMEOUT
+#define CT_TIME_WAIT_TIMEOUT (61 * 250)
+#endif
 #ifndef CT_TCP_TIMEOUT
 #define CT_TCP_TIMEOUT (300 * 250)
 #endif
@@ -158,6 +164,11 @@ enum ct_flags {
 	/* A reply entry of a dsr flow: its SYN-ACK's MSS is lowered by the encapsulation's
 	 * overhead, which the client's segments carry on their way in (dsr.h). */
 	CT_F_DSR = 1,
+	/* A reply entry whose endpoint sent the flow's first FIN: the endpoint holds the
+	 * tuple in TIME_WAIT for 60 s after the close, and a SYN on it then may be answered
+	 * with the old connection's ACK, so its SNAT port is held for ct_time_wait_timeout
+	 * rather than ct_closing_timeout while other ports are free (new_flow). */
+	CT_F_TIME_WAIT = 2,
 };
 
 #endif

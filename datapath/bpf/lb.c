@@ -172,7 +172,9 @@ static __always_inline __u16 ip_header(const struct flow *f, void *data, void *d
 
 /* seen records that t's direction carried a packet now (stored only when the jiffy
  * changed: most packets of a busy flow store nothing) and, on a TCP FIN or RST, that
- * the flow is closing. */
+ * the flow is closing; a FIN from the endpoint that comes first (the reply direction is
+ * not closing yet) leaves the endpoint in TIME_WAIT once the flow is closed
+ * (CT_F_TIME_WAIT). */
 static __always_inline void seen(const struct flow *f, struct ct_entry *t, void *l4, void *data_end, __u64 now)
 {
 	if (t->seen != now)
@@ -180,6 +182,8 @@ static __always_inline void seen(const struct flow *f, struct ct_entry *t, void 
 	if (f->proto == IPPROTO_TCP && !t->closing) {
 		struct tcphdr *th = l4;
 		if ((void *)(th + 1) <= data_end && (th->fin || th->rst)) {
+			if (t->dir == CT_REPLY && th->fin && !th->rst)
+				t->flags |= CT_F_TIME_WAIT;
 			t->closing = 1;
 			mark_closing(f, t);
 		}

@@ -205,4 +205,14 @@ struct {
 	__uint(max_entries, DROP_REASONS);
 } drops SEC(".maps");
 
+/* New SNAT flows given a port whose endpoint may still hold the tuple in TIME_WAIT
+ * (CT_F_TIME_WAIT), every other port tried being taken. Not pinned: it counts from the
+ * program's load, like the process's own counters. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, 1);
+} snat_time_wait_reuses SEC(".maps");
+
 #endif
