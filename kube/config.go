@@ -92,6 +92,10 @@ type Config struct {
 	// next process for that long, and a process that finds instance Leases its
 	// previous one wrote takes them back at once (mastership.Local.Restarting).
 	RestartTime time.Duration
+	// PodName is this pod's name ($POD_NAME), in Namespace. With it, a stop reads the
+	// pod's DaemonSet: one deleted (an uninstall) makes the stop a removal for good
+	// (Stop.Removal), whatever StopMode says. Empty: no such read.
+	PodName string
 	// StopMode says what a stop (SIGTERM) is: StopHandover hands the instances over,
 	// withdraws the routes and drains; StopRestart keeps them all for the next
 	// process (Leases, routes at the routers, the pinned datapath); StopAuto (the

@@ -104,10 +104,11 @@ type Deps struct {
 	Version string
 	// Clock is for tests; nil is the real clock.
 	Clock clock.WithTicker
-	// Stopping, when set, is told once the stop begins whether it is a restart
-	// (Config.StopMode): the caller then suspends the speaker (routes kept at the
-	// routers) instead of shutting it down, and leaves the pinned datapath.
-	Stopping func(restart bool)
+	// Stopping, when set, is told once the stop begins what it is: a restart
+	// (Config.StopMode), when the caller suspends the speaker (routes kept at the
+	// routers) instead of shutting it down and leaves the pinned datapath, or a removal
+	// for good (Stop.Removal), when the caller removes the pinned datapath too.
+	Stopping func(Stop)
 }
 
 // Run serves until ctx ends, then shuts down in the order traffic needs: mastership
@@ -305,9 +306,18 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	}
 	<-ctx.Done()
 
-	restart := synced && cfg.StopMode.restarts(cfg.RestartTime, maintenance())
+	why := maintenance()
+	removed, err := removal(context.WithoutCancel(ctx), client, cfg.Namespace, cfg.PodName)
+	if err != nil {
+		log.Warn("cannot tell whether this pod is removed for good; stopping as --stopMode says", "stopMode", cfg.StopMode, "err", err)
+	}
+	if removed != "" {
+		log.Info("this pod is removed for good: handing over, withdrawing and removing the pinned datapath", "reason", removed)
+		why = removed
+	}
+	restart := synced && removed == "" && cfg.StopMode.restarts(cfg.RestartTime, why)
 	if deps.Stopping != nil {
-		deps.Stopping(restart)
+		deps.Stopping(Stop{Restart: restart, Removal: removed})
 	}
 	if restart {
 		// A restart: nothing is handed over, withdrawn or released. The routers keep

@@ -57,6 +57,7 @@ func defaultConfig(env func(string) string) config {
 	}
 	c.Kube.NodeName, c.Kube.Kubeconfig = env("NODE_NAME"), env("KUBECONFIG")
 	c.Kube.Namespace = or(env("POD_NAMESPACE"), "kube-system")
+	c.Kube.PodName = env("POD_NAME")
 	// A pod accepts its routers' sessions on the BGP port and detects their loss with
 	// BFD; the package leaves both off for callers that only dial out.
 	c.BGP.ListenPort = 179
@@ -114,6 +115,7 @@ func newFlags(c *config, r *raw) (*pflag.FlagSet, []group) {
 	f.StringVar(&k.NodeName, "nodeName", k.NodeName, "this node's name, the member name in Leases ($NODE_NAME when set)")
 	f.StringVar(&r.nodeIP, "nodeIP", r.nodeIP, "this node's addresses, at most one per family, comma separated: the IPv4 one is the BGP router ID, the IPv6 one the next hop of IPv6 VIPs (IPv4 VIPs get the session's address); each is the onearm source toward endpoints and where handed-off segments go ($NODE_IP when set)")
 	f.StringVar(&k.Namespace, "namespace", k.Namespace, "namespace of the Leases and the controller ($POD_NAMESPACE when set)")
+	f.StringVar(&k.PodName, "podName", k.PodName, "this pod's name ($POD_NAME when set): at a stop, a deleted DaemonSet of this pod (an uninstall) makes it a removal for good: hand over, withdraw, remove the pinned datapath")
 	f.StringVar(&k.Kubeconfig, "kubeconfig", k.Kubeconfig, "kubeconfig file; empty: in-cluster configuration")
 
 	f = pools.fs

@@ -47,6 +47,9 @@ func runServe(ctx context.Context, cfg config, log *slog.Logger) error {
 	if err := cfg.findInterfaces(log); err != nil {
 		return err
 	}
+	// What the stop is, once it begins (kube.Run tells).
+	var stopping atomic.Pointer[kube.Stop]
+	deps.Stopping = func(s kube.Stop) { stopping.Store(&s) }
 	if len(cfg.Datapath.Interfaces) > 0 {
 		dp, err := datapath.New(cfg.Datapath, log.With("part", "datapath"))
 		if err != nil {
@@ -63,6 +66,14 @@ func runServe(ctx context.Context, cfg config, log *slog.Logger) error {
 			}
 			if err := end(); err != nil {
 				log.Error(what, "err", err)
+			}
+			if s := stopping.Load(); s != nil && s.Removal != "" && cfg.Datapath.PinPath != "" {
+				// Removed for good: no next process adopts it.
+				if err := datapath.Cleanup(cfg.Datapath.PinPath); err != nil {
+					log.Error("remove the pinned datapath", "err", err)
+				} else {
+					log.Info("pinned datapath removed", "pinPath", cfg.Datapath.PinPath, "reason", s.Removal)
+				}
 			}
 		}()
 		if len(cfg.Interfaces) > 0 {
@@ -92,8 +103,6 @@ func runServe(ctx context.Context, cfg config, log *slog.Logger) error {
 
 	// A restart keeps the routes at the routers (BGP graceful restart) only when the
 	// datapath outlives the process to forward to.
-	var restarting atomic.Bool
-	deps.Stopping = restarting.Store
 	if cfg.Datapath.PinPath == "" || deps.Datapath == (noDatapath{}) {
 		if cfg.BGP.GracefulRestart > 0 && cfg.BGPEnabled {
 			log.Info("BGP graceful restart off: the datapath is not pinned (--pinPath), so it does not outlive the process")
@@ -123,7 +132,7 @@ func runServe(ctx context.Context, cfg config, log *slog.Logger) error {
 			sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			defer cancel()
 			stop := sp.Shutdown
-			if restarting.Load() {
+			if s := stopping.Load(); s != nil && s.Restart {
 				stop = sp.Suspend
 			}
 			if err := stop(sctx); err != nil {
