@@ -290,9 +290,13 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	for _, inf := range []cache.Controller{svcInformer, sliceInformer, leaseInformer, nodeInformer} {
 		informers.Go(func() { inf.Run(informCtx.Done()) })
 	}
+	removals := &removalCheck{client: client, namespace: cfg.Namespace, pod: cfg.PodName}
 	synced := cache.WaitForCacheSync(ctx.Done(), svcInformer.HasSynced, sliceInformer.HasSynced, leaseInformer.HasSynced)
 	if synced {
 		log.Info("caches synced", "node", cfg.NodeName)
+		if err := removals.start(ctx); err != nil {
+			log.Warn("cannot read this pod and its DaemonSet: a stop cannot tell an uninstall from a restart (grant get on pods and daemonsets)", "err", err)
+		}
 		hl.start()
 		loops.Go(func() { el.run(nodeCtx) })
 		loops.Go(func() { nd.run(nodeCtx) })
@@ -307,7 +311,7 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	<-ctx.Done()
 
 	why := maintenance()
-	removed, err := removal(context.WithoutCancel(ctx), client, cfg.Namespace, cfg.PodName)
+	removed, err := removals.removal(context.WithoutCancel(ctx))
 	if err != nil {
 		log.Warn("cannot tell whether this pod is removed for good; stopping as --stopMode says", "stopMode", cfg.StopMode, "err", err)
 	}

@@ -11,6 +11,7 @@ import (
 	appsv1 "k8s.io/api/apps/v1"
 	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
@@ -156,7 +157,7 @@ func TestAnUninstallIsNoRestart(t *testing.T) {
 		}
 		expect(t, stopOnce(t, pod.Name), false, "being deleted")
 	})
-	t.Run("the ServiceAccount deleted: a removal", func(t *testing.T) {
+	t.Run("the RBAC deleted, then the ServiceAccount: a removal", func(t *testing.T) {
 		sa, err := e.client.CoreV1().ServiceAccounts(e.ns).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "shardlb"}}, metav1.CreateOptions{})
 		if err != nil {
 			t.Fatal(err)
@@ -171,15 +172,44 @@ func TestAnUninstallIsNoRestart(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		// Authenticated but not allowed to read the pod: that says nothing.
-		if why, err := removal(ctx, podClient, e.ns, pod.Name); why != "" || err == nil {
+		// Authenticated but never allowed to read the pod: that says nothing.
+		check := &removalCheck{client: podClient, namespace: e.ns, pod: pod.Name}
+		if err := check.start(ctx); err == nil {
+			t.Fatal("the start's check read the pod without RBAC")
+		}
+		if why, err := check.removal(ctx); why != "" || err == nil {
 			t.Fatalf("without RBAC: removal %q, error %v; want none and an error", why, err)
 		}
+		// Allowed at the start, refused at the stop: the RBAC was deleted.
+		role := &rbacv1.Role{ObjectMeta: metav1.ObjectMeta{Name: "shardlb"}, Rules: []rbacv1.PolicyRule{
+			{APIGroups: []string{""}, Resources: []string{"pods"}, Verbs: []string{"get"}},
+			{APIGroups: []string{"apps"}, Resources: []string{"daemonsets"}, Verbs: []string{"get"}},
+		}}
+		if _, err := e.client.RbacV1().Roles(e.ns).Create(ctx, role, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		binding := &rbacv1.RoleBinding{ObjectMeta: metav1.ObjectMeta{Name: "shardlb"},
+			RoleRef:  rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "Role", Name: "shardlb"},
+			Subjects: []rbacv1.Subject{{Kind: "ServiceAccount", Name: sa.Name, Namespace: e.ns}}}
+		if _, err := e.client.RbacV1().RoleBindings(e.ns).Create(ctx, binding, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, 10*time.Second, "the start's check to read the pod with the Role", func() bool { return check.start(ctx) == nil })
+		if why, err := check.removal(ctx); err != nil || strings.Contains(why, "RBAC") {
+			t.Fatalf("with the pod and its DaemonSet readable: removal %q, error %v", why, err)
+		}
+		if err := e.client.RbacV1().RoleBindings(e.ns).Delete(ctx, binding.Name, metav1.DeleteOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, 10*time.Second, "the deleted RoleBinding to read as a removal", func() bool {
+			why, err := check.removal(ctx)
+			return err == nil && strings.Contains(why, "RBAC deleted")
+		})
 		if err := e.client.CoreV1().ServiceAccounts(e.ns).Delete(ctx, sa.Name, metav1.DeleteOptions{}); err != nil {
 			t.Fatal(err)
 		}
 		waitFor(t, 30*time.Second, "the deleted ServiceAccount's token refused", func() bool {
-			why, err := removal(ctx, podClient, e.ns, pod.Name)
+			why, err := check.removal(ctx)
 			return err == nil && strings.Contains(why, "ServiceAccount deleted")
 		})
 	})
