@@ -166,8 +166,9 @@ func (c *controller) lead(ctx context.Context) {
 	c.claims, c.withdrawn = map[netip.Addr]ipam.Request{}, map[string]string{}
 	c.pools = pools
 	keys := c.restore()
-	pools.adoptOutside()
+	adopted := pools.adoptOutside()
 	c.mu.Unlock()
+	pools.warnAdopted(adopted)
 	c.metrics.leader.Set(1)
 	c.log.Info("controller: leading", "services", len(keys))
 	for _, k := range keys {

@@ -500,8 +500,10 @@ func (w *poolWatch) keptOutside(key string, ip netip.Addr) bool {
 
 // adoptOutside records, at the start of a term, the VIPs the services restored
 // outside every pool without asking for them (their pool went while no controller
-// led): they are kept as a pool's are. c.mu is held.
-func (w *poolWatch) adoptOutside() {
+// led, or before this term's controller restarted): they are kept as a pool's are,
+// and returned so that each is told again (warnAdopted). c.mu is held.
+func (w *poolWatch) adoptOutside() []ipam.Allocation {
+	var adopted []ipam.Allocation
 	for _, obj := range w.c.services.List() {
 		s, ok := obj.(*service)
 		if !ok || !s.ours(w.c.cfg.LoadBalancerClass) {
@@ -515,6 +517,24 @@ func (w *poolWatch) adoptOutside() {
 				continue
 			}
 			w.outside[al.Service] = append(w.outside[al.Service], outsideVIP{ip: al.IP})
+			adopted = append(adopted, al)
+		}
+	}
+	return adopted
+}
+
+// warnAdopted tells each service that holds a VIP outside every pool at the start of
+// a term so, with a Warning Event: an operator who missed the Warning of the term in
+// which its pool went (or whose pool went while no controller led) sees it again.
+func (w *poolWatch) warnAdopted(adopted []ipam.Allocation) {
+	c := w.c
+	for _, al := range adopted {
+		c.log.Warn("controller: VIP outside every pool, kept", "service", al.Service, "vip", al.IP)
+		if obj, ok, _ := c.services.GetByKey(al.Service); ok {
+			if s, ok := obj.(*service); ok {
+				c.recorder.Event(ref(s), corev1.EventTypeWarning, ReasonVIPOutsidePool,
+					fmt.Sprintf("VIP %s is in no pool (its pool shrank or was deleted): the service keeps it, and no other service gets it", al.IP))
+			}
 		}
 	}
 }

@@ -24,6 +24,9 @@ import (
 // Accepted conditions, as every pod does) over one test's namespace.
 type poolEnv struct {
 	*crdEnv
+	cfg   Config
+	pod   *pod
+	owner *testing.T // the test that started the pod, which stops it at its end
 }
 
 // newPoolEnv starts the pod with flagPools (--cidrPools syntax, "" for none).
@@ -32,8 +35,15 @@ func newPoolEnv(t *testing.T, name, flagPools string) *poolEnv {
 	node := c.ns + "-node"
 	cfg := c.config(t, node, flagPools, 1)
 	c.watch(t, node, nil, config.Flags{Pools: cfg.Pools})
-	startPod(t, cfg)
-	return &poolEnv{c}
+	return &poolEnv{crdEnv: c, cfg: cfg, pod: startPod(t, cfg), owner: t}
+}
+
+// restart stops the pod (its controller) and starts another with the same
+// configuration, which runs until the end of the test that started the first.
+func (p *poolEnv) restart(t *testing.T) {
+	t.Helper()
+	p.pod.stop(t)
+	p.pod = startPod(p.owner, p.cfg)
 }
 
 func ipPool(name string, addrs ...string) *v1alpha1.IPPool {
@@ -231,6 +241,20 @@ func TestIPPoolLive(t *testing.T) {
 		if b, c := p.vip(t, ns, "b-second"), p.vip(t, ns, "c-third"); b != "10.90.0.2" || c != "10.90.0.3" {
 			t.Fatalf("b-second %s, c-third %s: want 10.90.0.2 and 10.90.0.3 kept", b, c)
 		}
+	})
+	t.Run("after a controller restart, the VIPs kept outside every pool are told again", func(t *testing.T) {
+		p.restart(t)
+		for _, svc := range []string{"b-second", "c-third"} {
+			waitFor(t, 30*time.Second, "a Warning on "+svc+" from the new term", func() bool {
+				return slices.ContainsFunc(p.svcEvents(t, ns, svc), func(e string) bool {
+					return strings.HasPrefix(e, "Warning "+ReasonVIPOutsidePool) && strings.Contains(e, "is in no pool")
+				})
+			})
+		}
+		if b, c := p.vip(t, ns, "b-second"), p.vip(t, ns, "c-third"); b != "10.90.0.2" || c != "10.90.0.3" {
+			t.Fatalf("b-second %s, c-third %s: want 10.90.0.2 and 10.90.0.3 kept across the restart", b, c)
+		}
+		p.stillNoVIP(t, ns, "d-fourth", ReasonPoolExhausted)
 	})
 	t.Run("a pool back over kept VIPs serves the waiting service a free address only", func(t *testing.T) {
 		p.mustCreate(t, "IPPool", ipPool(p.name("back"), "10.90.0.2-10.90.0.4"))
