@@ -137,7 +137,7 @@ func TestEstimateMemoryMatchesTheLoadedMaps(t *testing.T) {
 				lbMapDrops: h.d.objs.Drops, lbMapEndpointNhs: h.d.objs.EndpointNhs, lbMapEndpoints: h.d.objs.Endpoints,
 				lbMapNewEntry: h.d.objs.NewEntry, lbMapRingSlots: h.d.objs.RingSlots, lbMapServiceStats: h.d.objs.ServiceStats,
 				lbMapServices: h.d.objs.Services, lbMapSourceRanges4: h.d.objs.SourceRanges4, lbMapSourceRanges6: h.d.objs.SourceRanges6,
-				lbMapVips: h.d.objs.Vips,
+				lbMapVips: h.d.objs.Vips, lbMapSnatTimeWaitReuses: h.d.objs.SnatTimeWaitReuses,
 			}
 			if len(est.Maps) != len(loaded) {
 				t.Errorf("estimate counts %d maps, the datapath loads %d", len(est.Maps), len(loaded))

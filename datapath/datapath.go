@@ -473,7 +473,8 @@ func (d *Datapath) closeFDs() error {
 func (d *Datapath) MapMemory() (uint64, error) {
 	var total uint64
 	for _, m := range []*ebpf.Map{d.objs.Conntrack4Tcp, d.objs.Conntrack4Udp, d.objs.Conntrack6, d.objs.Drops, d.objs.Endpoints, d.objs.RingSlots,
-		d.objs.ServiceStats, d.objs.Services, d.objs.Vips, d.objs.EndpointNhs, d.objs.NewEntry, d.objs.SourceRanges4, d.objs.SourceRanges6} {
+		d.objs.ServiceStats, d.objs.Services, d.objs.Vips, d.objs.EndpointNhs, d.objs.NewEntry, d.objs.SourceRanges4, d.objs.SourceRanges6,
+		d.objs.SnatTimeWaitReuses} {
 		info, err := m.Info()
 		if err != nil {
 			return 0, fmt.Errorf("map memory: %w", err)
