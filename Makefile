@@ -79,7 +79,9 @@ test-unit:
 	$(GO) test -count=1 ./shard/... ./ipam/... ./cmd/...
 
 ## bench: readable tables, each row with a ratio to a baseline measured in the same run.
-bench: deps k8s-bins
+## test/nodestack's BenchmarkPodMemory needs the node stack's packages and images: each
+## shardlb pod's memory cgroup beside the maps' estimate and the manifest's limit.
+bench: deps nodestack-deps k8s-bins image lab-images
 	SHARDLB_K8S_BINS=$(CACHE)/k8s-v1.37.2 $(GO) test -run '^$$' -bench . -benchmem -benchtime=$(or $(BENCHTIME),1s) -timeout 60m $(PKGS) | $(GO) run ./test/benchtab
 
 ## demo: the guide end to end on the node stack (root): shardlb installed with
@@ -145,4 +147,4 @@ nodestack-deps:
 	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 nodestack: deps nodestack-deps k8s-bins image lab-images
-	SHARDLB_K8S_BINS=$(CACHE)/k8s-v1.37.2 $(GO) test -count=1 -timeout 30m -v $(NODESTACK)
+	SHARDLB_K8S_BINS=$(CACHE)/k8s-v1.37.2 $(GO) test -count=1 -timeout 90m -v $(NODESTACK)

@@ -250,10 +250,11 @@ func testDSR(ctx context.Context, t *testing.T, st *Stack) {
 
 // dsrRound opens keep-alive connections through the dsr VIP to the pods behind the
 // nodes other than the VIP's master (one each), and the same through the onearm VIP
-// (the same pods and master) for comparison, asks on each every 20 ms, loses the
-// master with lose, waits for the function it returns (the node back) to finish and 5 s
+// (the same pods and master) for comparison, asks on each every 20 ms, and reads a
+// 60 s stream through each VIP from a pod behind another node; it loses the master
+// with lose, waits for the function it returns (the node back) to finish and 5 s
 // more, and checks that every request on the dsr connections was answered by the
-// connection's pod. It prints each connection's longest answer, what became of the
+// connection's pod and that the dsr stream arrived whole. It prints each connection's longest answer, what became of the
 // onearm ones, and the router's route to the VIP over time.
 func dsrRound(ctx context.Context, t *testing.T, st *Stack, addr, onearm netip.AddrPort, sel string, nodeOf map[string]string, lose func(master *Node) (func() error, error)) {
 	dsrRoundVia(ctx, t, st, st.masterOf, addr, onearm, sel, nodeOf, lose)
@@ -340,6 +341,32 @@ func dsrRoundVia(ctx context.Context, t *testing.T, st *Stack, carrier func(cont
 		}
 	}
 
+	// A 60 s stream through each VIP from a pod behind another node than the master,
+	// read from before the loss to its end.
+	var streams []*stream
+	defer func() {
+		for _, s := range streams {
+			s.conn.Close()
+		}
+	}()
+	for _, to := range to {
+		for try := 0; ; try++ {
+			s, err := openStream(ctx, to)
+			if err != nil {
+				t.Fatalf("a stream through %s: %v", to, err)
+			}
+			if nodeOf[s.pod] != master.Name {
+				streams = append(streams, s)
+				go s.read()
+				break
+			}
+			s.conn.Close()
+			if try == 60 {
+				t.Fatalf("no stream through %s from a pod behind another node than %s in 60 tries", to, master.Name)
+			}
+		}
+	}
+
 	var wg sync.WaitGroup
 	done := make(chan struct{})
 	for _, c := range conns {
@@ -396,6 +423,29 @@ func dsrRoundVia(ctx context.Context, t *testing.T, st *Stack, carrier func(cont
 		}
 		if c.answeredAfter(lost) == 0 {
 			t.Errorf("dsr: connection to %s: no request answered after the loss", c.pod)
+		}
+	}
+	for _, s := range streams {
+		select {
+		case <-s.done:
+		case <-time.After(2 * time.Minute):
+			s.conn.Close()
+			<-s.done
+		}
+		what := fmt.Sprintf("%d of %d bytes intact, longest stall %v (from %+v)", s.got, streamBytes, s.stall.Round(time.Millisecond), s.stallAt.Sub(lost).Round(time.Millisecond))
+		if s.err != nil {
+			what += ": " + s.err.Error()
+		}
+		if s.addr == onearm {
+			t.Logf("onearm, for comparison: 60 s stream from %s on %s: %s", s.pod, nodeOf[s.pod], what)
+			continue
+		}
+		t.Logf("dsr: 60 s stream from %s on %s: %s", s.pod, nodeOf[s.pod], what)
+		if s.err != nil {
+			t.Errorf("dsr: the stream from %s on %s did not complete: %v", s.pod, nodeOf[s.pod], s.err)
+		}
+		if !s.finished.After(lost) {
+			t.Errorf("dsr: the stream from %s ended before the loss", s.pod)
 		}
 	}
 }

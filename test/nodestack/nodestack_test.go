@@ -7,7 +7,6 @@ import (
 	"math/bits"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -39,24 +38,18 @@ func (w testLog) Write(p []byte) (int, error) {
 // a rolling restart of the DaemonSet that loses no probe; a dsr service whose
 // connections outlive the loss of their master's node (dsr_test.go).
 func TestOperatorInstall(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 25*time.Minute)
+	// Start waits for the lab lock as long as another lab holds it (its context bounds
+	// the wait and the stack's processes); the test's own time starts once it has it.
+	stackCtx, stopStack := context.WithTimeout(context.Background(), 90*time.Minute)
+	defer stopStack()
+	// The images of this tree, as an operator builds them.
+	t.Logf("make image lab-images\n%s", makeImages(stackCtx, t))
+	st, err := Start(stackCtx, Options{Log: testLog{t}, Keep: os.Getenv("NODESTACK_KEEP") != ""})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(stackCtx, 25*time.Minute)
 	defer cancel()
-	// The images of this tree, as an operator builds them (seconds when warm).
-	root, err := moduleRoot()
-	if err != nil {
-		t.Fatal(err)
-	}
-	mk := exec.CommandContext(ctx, "make", "-s", "image", "lab-images")
-	mk.Dir = root
-	if out, err := mk.CombinedOutput(); err != nil {
-		t.Fatalf("make image lab-images: %v\n%s", err, out)
-	} else {
-		t.Logf("make image lab-images\n%s", out)
-	}
-	st, err := Start(ctx, Options{Log: testLog{t}, Keep: os.Getenv("NODESTACK_KEEP") != ""})
-	if err != nil {
-		t.Fatal(err)
-	}
 	t.Cleanup(st.Close)
 	t.Cleanup(func() {
 		if t.Failed() {
@@ -244,12 +237,13 @@ func TestOperatorInstall(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			usage, limit, err := memoryCgroup(pid)
+			cg, err := readMemCgroup(pid)
 			if err != nil {
 				t.Fatal(err)
 			}
-			t.Logf("%s on %s: memory cgroup usage %.1f MiB of the limit %.0f MiB (%.0f%%)",
-				p.Name, p.Spec.NodeName, float64(usage)/(1<<20), float64(limit)/(1<<20), 100*float64(usage)/float64(limit))
+			usage, limit := cg.Usage, cg.Limit
+			t.Logf("%s on %s: memory cgroup usage %.1f MiB (kernel %.1f MiB) of the limit %.0f MiB (%.0f%%)",
+				p.Name, p.Spec.NodeName, mib(usage), mib(cg.Kmem), mib(limit), 100*float64(usage)/float64(limit))
 			if limit != want {
 				t.Errorf("%s: memory limit %d, want the manifest's %d", p.Name, limit, want)
 			}
@@ -302,6 +296,11 @@ func TestOperatorInstall(t *testing.T) {
 
 	t.Run("dsr: every pod answers through the VIP, and connections to pods behind other nodes survive the loss of the master's node", func(t *testing.T) {
 		testDSR(ctx, t, st)
+	})
+
+	// Last: it takes shardlb away.
+	t.Run("kubectl delete -k: every pod knows it is removed for good, withdraws and leaves nothing pinned", func(t *testing.T) {
+		testUninstall(ctx, t, st, overlay)
 	})
 }
 
@@ -401,34 +400,6 @@ func procStatus(pid int) (map[string]uint64, error) {
 		}
 	}
 	return fields, nil
-}
-
-// memoryCgroup returns the usage and the limit of the memory cgroup (v1) the process
-// is in: BPF maps are charged to the cgroup of the process that created them.
-func memoryCgroup(pid int) (usage, limit uint64, err error) {
-	data, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "cgroup"))
-	if err != nil {
-		return 0, 0, err
-	}
-	for _, line := range strings.Split(string(data), "\n") {
-		f := strings.SplitN(line, ":", 3)
-		if len(f) != 3 || !slices.Contains(strings.Split(f[1], ","), "memory") {
-			continue
-		}
-		read := func(name string) (uint64, error) {
-			b, err := os.ReadFile(filepath.Join(cgroupMount, "memory", f[2], name))
-			if err != nil {
-				return 0, err
-			}
-			return strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
-		}
-		if usage, err = read("memory.usage_in_bytes"); err != nil {
-			return 0, 0, err
-		}
-		limit, err = read("memory.limit_in_bytes")
-		return usage, limit, err
-	}
-	return 0, 0, fmt.Errorf("process %d is in no memory cgroup", pid)
 }
 
 // capBits are the Linux capability numbers (linux/capability.h) of the capabilities
