@@ -254,7 +254,8 @@ func testDSR(ctx context.Context, t *testing.T, st *Stack) {
 // 60 s stream through each VIP from a pod behind another node; it loses the master
 // with lose, waits for the function it returns (the node back) to finish and 5 s
 // more, and checks that every request on the dsr connections was answered by the
-// connection's pod and that the dsr stream arrived whole. It prints each connection's longest answer, what became of the
+// connection's pod, that the dsr stream arrived whole, and that new connections through
+// the dsr VIP (one every 10 ms) failed only while the master was lost. It prints each connection's longest answer, what became of the
 // onearm ones, and the router's route to the VIP over time.
 func dsrRound(ctx context.Context, t *testing.T, st *Stack, addr, onearm netip.AddrPort, sel string, nodeOf map[string]string, lose func(master *Node) (func() error, error)) {
 	dsrRoundVia(ctx, t, st, st.masterOf, addr, onearm, sel, nodeOf, lose)
@@ -378,17 +379,26 @@ func dsrRoundVia(ctx context.Context, t *testing.T, st *Stack, carrier func(cont
 	}
 	routes := watchRoute(st, vip, done, &wg)
 	pcap := startCapture(t, st, vip.Addr())
+	// New connections through the dsr VIP all along: they may fail only while the
+	// established ones wait (checked below).
+	const newConnTimeout = 500 * time.Millisecond
+	prober := StartProber(ctx, []netip.AddrPort{addr}, 10*time.Millisecond, newConnTimeout)
 	time.Sleep(time.Second)
 	lost := time.Now()
 	mend, err := lose(master)
 	if err == nil {
 		err = mend()
 	}
+	back := time.Now() // the node back (or its process, restarted)
 	if err == nil {
 		time.Sleep(5 * time.Second)
 	}
 	close(done)
 	wg.Wait()
+	newOK, _, newFailed, perr := prober.Stop()
+	if perr != nil {
+		t.Error(perr)
+	}
 	pcap.stop()
 	if err != nil {
 		t.Error(err)
@@ -446,6 +456,35 @@ func dsrRoundVia(ctx context.Context, t *testing.T, st *Stack, carrier func(cont
 		}
 		if !s.finished.After(lost) {
 			t.Errorf("dsr: the stream from %s ended before the loss", s.pod)
+		}
+	}
+	// The failover gap of this case: when the last wait of an established dsr
+	// connection or stream ended. New connections balanced to the lost node's own pod
+	// fail until the node is back (no endpoint health probe is set on this service), the
+	// others only within that gap: so a failure is allowed from the loss until the
+	// node's return, and none after it.
+	gapEnd := lost
+	for _, c := range conns {
+		if c.addr == addr && c.longestAt.Add(c.longest).After(gapEnd) {
+			gapEnd = c.longestAt.Add(c.longest)
+		}
+	}
+	for _, s := range streams {
+		if s.addr == addr && s.stallAt.Add(s.stall).After(gapEnd) {
+			gapEnd = s.stallAt.Add(s.stall)
+		}
+	}
+	window := "none failed"
+	if len(newFailed) > 0 {
+		window = fmt.Sprintf("%d failed, from %+v to %+v", len(newFailed), newFailed[0].At.Sub(lost).Round(time.Millisecond), newFailed[len(newFailed)-1].At.Sub(lost).Round(time.Millisecond))
+	}
+	t.Logf("dsr: new connections every 10 ms: %d answered, %s (a failure is told %v after its start); the established connections' gap ends at %+v, the node was back at %+v",
+		newOK[addr], window, newConnTimeout, gapEnd.Sub(lost).Round(time.Millisecond), back.Sub(lost).Round(time.Millisecond))
+	for _, f := range newFailed {
+		// A probe fails at its end, up to newConnTimeout (and a scheduling slack)
+		// after it began.
+		if f.At.Before(lost) || f.At.After(back.Add(newConnTimeout+time.Second)) {
+			t.Errorf("dsr: a new connection failed at %+v, outside the loss (to %+v): %v", f.At.Sub(lost).Round(time.Millisecond), back.Sub(lost).Round(time.Millisecond), f.Err)
 		}
 	}
 }
