@@ -26,12 +26,6 @@ const (
 	AttachTC AttachMode = "tc"
 )
 
-// Kernels each part needs (see the package doc).
-const (
-	minKernelTCX     = "6.6" // tcx links
-	minKernelProgram = "6.2" // the bpf_cast_to_kern_ctx kfunc (checksum state)
-)
-
 // ParseAttachMode reads an attach mode: auto, tcx or tc.
 func ParseAttachMode(s string) (AttachMode, error) {
 	switch m := AttachMode(s); m {

@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"slices"
 	"sort"
+	"strings"
 	"testing"
 	"time"
 
@@ -124,9 +125,11 @@ func median(xs []float64) float64 {
 // all but one packet per 64 jiffies of a busy flow do; every new-flow packet looks its
 // route up. The -ranges rows do the same through frontends with source ranges (16
 // prefixes, the client's among them): a new flow pays the trie lookup, an established
-// one only compares its range generation. The rows are measured in alternating rounds
-// (runRounds); each reports its median round, and its fastest and slowest round as min
-// and max.
+// one only compares its range generation. The -compat rows run the compat variant of
+// the program (see the package doc, "Kernels") on the same maps, and report their ratio
+// to the kfunc variant's row of the same rounds (x-kfunc). The rows are measured in
+// alternating rounds (runRounds); each reports its median round, and its fastest and
+// slowest round as min and max.
 func BenchmarkTestRun(b *testing.B) {
 	node := netip.MustParseAddr("10.2.0.1")
 	h := newHarness(b, Config{NodeIPv4: node, SNATPortMin: 1024, SNATPortMax: 65535, ConntrackSize: 1 << 16})
@@ -169,6 +172,9 @@ func BenchmarkTestRun(b *testing.B) {
 	// chosen (with the program's hash) so that no chain revisits a port within a call,
 	// and the UDP conntrack map is emptied before each call; the new-flow counter checks
 	// it.
+	compat := sharedProgram(b, h.d, variantCompat)
+	// The compat rows' calls, which the kfunc rows' counter checks add.
+	compatNew, compatReturn := 0, 0
 	chains := newFlowChains(node, vip, 1024, 65535-1024+1)
 	chainsR := newFlowChains(node, vipR, 1024, 65535-1024+1)
 	before := h.d.Stats().Services
@@ -189,8 +195,8 @@ func BenchmarkTestRun(b *testing.B) {
 			}},
 		{name: "return-path", prog: h.d.objs.LbIngress, in: same(reply), action: actRedirect,
 			check: func(b *testing.B, calls int) {
-				if got := h.serviceStats(b, 0).ReplyPackets - before[0].ReplyPackets; got != uint64(calls*repeats) {
-					b.Fatalf("%d of %d return-path packets were translated", got, calls*repeats)
+				if got := h.serviceStats(b, 0).ReplyPackets - before[0].ReplyPackets; got != uint64((calls+compatReturn)*repeats) {
+					b.Fatalf("%d of %d return-path packets were translated", got, (calls+compatReturn)*repeats)
 				}
 			}},
 		{name: "unknown-vip", prog: h.d.objs.LbIngress, in: same(unknown), action: actPass},
@@ -201,9 +207,19 @@ func BenchmarkTestRun(b *testing.B) {
 			// Only the UDP map: the other cases' TCP flow stays.
 			before: func() { clearMap[lbFlow4](b, h.d.objs.Conntrack4Udp) },
 			check: func(b *testing.B, calls int) {
-				if got := h.serviceStats(b, 1).NewFlows - before[1].NewFlows; got != uint64(calls*repeats) {
-					b.Fatalf("%d of %d packets were new flows", got, calls*repeats)
+				if got := h.serviceStats(b, 1).NewFlows - before[1].NewFlows; got != uint64((calls+compatNew)*repeats) {
+					b.Fatalf("%d of %d packets were new flows", got, (calls+compatNew)*repeats)
 				}
+			}},
+		{name: "established-compat", prog: compat, in: same(fwd), action: actRedirect},
+		{name: "return-path-compat", prog: compat, in: same(reply), action: actRedirect, before: func() { compatReturn++ }},
+		{name: "new-flow-compat", prog: compat, action: actRedirect,
+			in: func(call int) []byte {
+				return pkt{src: netip.AddrPortFrom(node, chains[call%len(chains)]), dst: vip, proto: shard.UDP, ttl: 255}.bytes()
+			},
+			before: func() {
+				compatNew++
+				clearMap[lbFlow4](b, h.d.objs.Conntrack4Udp)
 			}},
 		{name: "established-ranges", prog: h.d.objs.LbIngress, in: same(fwdR), action: actRedirect,
 			check: func(b *testing.B, _ int) {
@@ -233,8 +249,39 @@ func BenchmarkTestRun(b *testing.B) {
 			b.ReportMetric(median(ns), "ns/pkt")
 			b.ReportMetric(slices.Min(ns), "ns/pkt-min")
 			b.ReportMetric(slices.Max(ns), "ns/pkt-max")
+			if kfunc, ok := strings.CutSuffix(c.name, "-compat"); ok {
+				b.ReportMetric(median(ns)/median(rounds[kfunc]), "x-kfunc")
+			}
 		})
 	}
+}
+
+// sharedProgram loads variant v of the program on d's maps, so that rows of both
+// variants measure the same state in the same rounds.
+func sharedProgram(tb testing.TB, d *Datapath, v variant) *ebpf.Program {
+	tb.Helper()
+	spec, err := loadVariant(v)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	if err := prepareSpec(spec, v, d.cfg); err != nil {
+		tb.Fatal(err)
+	}
+	o := d.objs
+	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{
+		lbMapConntrack4Tcp: o.Conntrack4Tcp, lbMapConntrack4Udp: o.Conntrack4Udp, lbMapConntrack6: o.Conntrack6,
+		lbMapDrops: o.Drops, lbMapEndpointNhs: o.EndpointNhs, lbMapEndpoints: o.Endpoints, lbMapNewEntry: o.NewEntry,
+		lbMapRingSlots: o.RingSlots, lbMapServiceStats: o.ServiceStats, lbMapServices: o.Services,
+		lbMapSnatTimeWaitReuses: o.SnatTimeWaitReuses, lbMapSourceRanges4: o.SourceRanges4,
+		lbMapSourceRanges6: o.SourceRanges6, lbMapVips: o.Vips,
+	}})
+	if err != nil {
+		tb.Fatalf("load the %s variant: %v", v, err)
+	}
+	prog := coll.DetachProgram(lbProgLbIngress)
+	coll.Close()
+	tb.Cleanup(func() { prog.Close() })
+	return prog
 }
 
 // newFlowChains returns start ports whose chain of SNAT ports (port -> the port

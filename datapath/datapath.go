@@ -127,6 +127,12 @@ type Config struct {
 	// probeTCX, when set, replaces the kernel probe AttachAuto decides by: tests make it
 	// report tcx unsupported.
 	probeTCX func(*ebpf.Program) error
+	// variant, when set, is the only program variant New loads, instead of the one the
+	// kernel's features pick: tests run both on a kernel that has the kfunc.
+	variant variant
+	// editSpec, when set, changes a variant's spec before it is loaded: tests make the
+	// kernel refuse one.
+	editSpec func(variant, *ebpf.CollectionSpec)
 }
 
 func (c *Config) setDefaults() {
@@ -161,6 +167,7 @@ type Datapath struct {
 	log     *slog.Logger
 	cfg     Config
 	objs    lbObjects
+	variant variant     // the program variant loaded
 	hook    hook        // where the program runs on Config.Interfaces
 	links   []link.Link // tcx
 	filters []tcFilter  // tc
@@ -210,6 +217,8 @@ func New(cfg Config, log *slog.Logger) (*Datapath, error) {
 	if err := checkInterfaces(cfg); err != nil {
 		return nil, fmt.Errorf("load datapath: %w", err)
 	}
+	// The variants' maps are the same: this spec sizes them for the estimate and for
+	// adopting pinned maps; the program is loaded from its variant's (loadProgram).
 	spec, err := loadLb()
 	if err != nil {
 		return nil, fmt.Errorf("load datapath spec: %w", err)
@@ -221,22 +230,6 @@ func New(cfg Config, log *slog.Logger) (*Datapath, error) {
 		log.Info("datapath maps sized", "maxServices", cfg.MaxServices, "maxEndpoints", cfg.MaxEndpoints,
 			"ringSlots", cfg.RingSlots, "conntrackSize", cfg.ConntrackSize, "cpus", runtime.NumCPU(),
 			"estimatedMemory", fmt.Sprintf("%.1f MiB", float64(est.Total)/(1<<20)))
-	}
-	if err := spec.Variables["snat_port_min"].Set(cfg.SNATPortMin); err != nil {
-		return nil, fmt.Errorf("set snat_port_min: %w", err)
-	}
-	if err := spec.Variables["snat_port_count"].Set(uint16(int(cfg.SNATPortMax) - int(cfg.SNATPortMin) + 1)); err != nil {
-		return nil, fmt.Errorf("set snat_port_count: %w", err)
-	}
-	if cfg.closingTimeout != 0 {
-		if err := spec.Variables["ct_closing_timeout"].Set(cfg.closingTimeout); err != nil {
-			return nil, fmt.Errorf("set ct_closing_timeout: %w", err)
-		}
-	}
-	if cfg.timeWaitTimeout != 0 {
-		if err := spec.Variables["ct_time_wait_timeout"].Set(cfg.timeWaitTimeout); err != nil {
-			return nil, fmt.Errorf("set ct_time_wait_timeout: %w", err)
-		}
 	}
 
 	d := &Datapath{
@@ -257,8 +250,8 @@ func New(cfg Config, log *slog.Logger) (*Datapath, error) {
 		}
 		return d, nil
 	}
-	if err := spec.LoadAndAssign(&d.objs, nil); err != nil {
-		return nil, loadError(err)
+	if err := d.loadProgram(nil); err != nil {
+		return nil, err
 	}
 	d.chooseHook()
 	if err := d.attach(); err != nil {
@@ -282,12 +275,8 @@ func (d *Datapath) loadPinned(spec *ebpf.CollectionSpec) error {
 	}
 	// Pinned by name: the loader opens the pins adoptMaps kept, or creates and pins new
 	// maps where it removed them.
-	for _, name := range pinnedMaps {
-		spec.Maps[name].Pinning = ebpf.PinByName
-	}
-	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: filepath.Join(d.cfg.PinPath, pinMaps)}}
-	if err := spec.LoadAndAssign(&d.objs, opts); err != nil {
-		return loadError(err)
+	if err := d.loadProgram(&ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: filepath.Join(d.cfg.PinPath, pinMaps)}}); err != nil {
+		return err
 	}
 	if r == nil {
 		if err := d.writeLayout(spec); err != nil {
@@ -302,12 +291,56 @@ func (d *Datapath) loadPinned(spec *ebpf.CollectionSpec) error {
 	return d.attachPinned()
 }
 
-// loadError explains a program the kernel refuses for want of a feature.
-func loadError(err error) error {
-	if errors.Is(err, ebpf.ErrNotSupported) {
-		return fmt.Errorf("load datapath program: %w (the program needs Linux %s or later)", err, minKernelProgram)
+// loadProgram loads the program variant the kernel runs (see loadProgram in
+// variant.go) with its maps into d.objs; with opts (pinning), the maps of pinnedMaps
+// are opened where pinned, and pinned where created.
+func (d *Datapath) loadProgram(opts *ebpf.CollectionOptions) error {
+	prepare := func(v variant, spec *ebpf.CollectionSpec) error {
+		if opts != nil {
+			for _, name := range pinnedMaps {
+				spec.Maps[name].Pinning = ebpf.PinByName
+			}
+		}
+		return prepareSpec(spec, v, d.cfg)
 	}
-	return fmt.Errorf("load datapath program: %w", err)
+	load := func(spec *ebpf.CollectionSpec) error {
+		err := spec.LoadAndAssign(&d.objs, opts)
+		if err != nil && !refused(err) {
+			return fmt.Errorf("load datapath program: %w", err)
+		}
+		return err
+	}
+	v, err := loadProgram(d.cfg.variant, d.log, prepare, load)
+	d.variant = v
+	return err
+}
+
+// prepareSpec sizes spec's maps and sets the program's variables from cfg; v is the
+// variant spec was loaded for (cfg.editSpec, in tests, may change it).
+func prepareSpec(spec *ebpf.CollectionSpec, v variant, cfg Config) error {
+	if err := sizeMaps(spec, cfg); err != nil {
+		return fmt.Errorf("load datapath: %w", err)
+	}
+	if err := spec.Variables["snat_port_min"].Set(cfg.SNATPortMin); err != nil {
+		return fmt.Errorf("set snat_port_min: %w", err)
+	}
+	if err := spec.Variables["snat_port_count"].Set(uint16(int(cfg.SNATPortMax) - int(cfg.SNATPortMin) + 1)); err != nil {
+		return fmt.Errorf("set snat_port_count: %w", err)
+	}
+	if cfg.closingTimeout != 0 {
+		if err := spec.Variables["ct_closing_timeout"].Set(cfg.closingTimeout); err != nil {
+			return fmt.Errorf("set ct_closing_timeout: %w", err)
+		}
+	}
+	if cfg.timeWaitTimeout != 0 {
+		if err := spec.Variables["ct_time_wait_timeout"].Set(cfg.timeWaitTimeout); err != nil {
+			return fmt.Errorf("set ct_time_wait_timeout: %w", err)
+		}
+	}
+	if cfg.editSpec != nil {
+		cfg.editSpec(v, spec)
+	}
+	return nil
 }
 
 // attach hooks the program to every configured interface, inside cfg.NetNS if set.

@@ -21,10 +21,8 @@
 //     is). AttachAuto takes it when the kernel has no tcx; AttachTC forces it on any
 //     kernel (the tests run it on one with tcx).
 //
-// The program itself needs Linux 6.2 at either hook: it reads the skb's checksum state
-// through the bpf_cast_to_kern_ctx kfunc (see Offloads). So tc mode serves kernels 6.2
-// to 6.5, and an older kernel refuses the program at load, whatever the hook, with an
-// error that names the version needed.
+// The program itself runs from Linux 5.15 at the tc hook (see Kernels): tc mode serves
+// kernels 5.15 to 6.5.
 //
 // Verdicts mean the same at both hooks (TC_ACT_UNSPEC, OK, SHOT, REDIRECT are TCX_NEXT,
 // PASS, DROP, REDIRECT). A packet that is none of the program's business (not to a VIP,
@@ -51,6 +49,74 @@
 // shardlb knows its filter by priority, handle, filter name and program name
 // (lb_ingress), and only ever replaces or removes that one; it removes the clsact qdisc
 // only when it added it and no filter is left on it in either direction.
+//
+// # Kernels
+//
+// The program is compiled twice from the same C (gen.go), and New loads one variant:
+//
+//   - kfunc (lb_bpfel.o): reads the skb's checksum state, ip_summed, through the
+//     bpf_cast_to_kern_ctx kfunc (Linux 6.2) and CO-RE, which needs the kernel's BTF
+//     (/sys/kernel/btf/vmlinux). The verifier turns the cast into a register move.
+//   - compat (lbcompat_bpfel.o, built with -DSHARDLB_NO_KERN_CTX): asks the kernel
+//     instead (csum_partial in bpf/nat.h). bpf_l4_csum_replace without
+//     BPF_F_PSEUDO_HDR changes a checksum field for a change of the bytes under it in
+//     every checksum state but CHECKSUM_PARTIAL, where those bytes are summed later
+//     and the field is left alone (inet_proto_csum_replace4, net/core/utils.c). The
+//     program points it at the packet's first two bytes (the destination MAC, under no
+//     checksum and not in skb->csum) and puts them back when they moved: one helper
+//     call tells CHECKSUM_PARTIAL from the other states, and the rewrite then does what
+//     the kfunc variant does in each state (see Offloads), byte for byte. The dsr MSS
+//     clamp lets bpf_l4_csum_replace apply its change as the state asks. Nothing is
+//     handled less exactly than in the kfunc variant; the cost is the helper call
+//     (BenchmarkTestRun's -compat rows, against the kfunc rows of the same rounds:
+//     established and return-path packets 1.10x to 1.14x, 4 to 6 ns more; new flows
+//     1.03x) and, since the helper may move the packet, its pointers taken again
+//     after it. It needs no kernel BTF and no kfunc.
+//
+// New takes the kfunc variant when the kernel's BTF has bpf_cast_to_kern_ctx, and the
+// compat variant when it has no BTF or no such kfunc, or when the kernel refuses the
+// kfunc variant (a warning names the error). It logs one line, "datapath program
+// variant chosen", with the variant and the reason. When the kernel refuses the
+// variant it tried last, New fails with one line naming the kernel's release and the
+// minimum, "load datapath program: Linux 5.10.0 refused it (shardlb needs Linux 5.15 or
+// later; compat variant: ...)", with the verifier's last line; the verifier's whole
+// log is logged at debug level only. Config's unexported variant forces one variant:
+// the tests run the test-run fixtures and the traffic tests (TestFixtures,
+// TestDSRFixtures, TestICMPErrors, TestTooBigAnswered, TestRealTraffic,
+// TestOffloadedPackets, TestPathMTUThroughTheVIP) with each, on a kernel that has the
+// kfunc.
+//
+// What each helper and kfunc the program calls needs, at a tc (sched_cls) program;
+// TestKernelTableMatchesTheObjects reads the calls from both compiled objects and
+// fails on a call this table does not list for its variant, on a row no variant
+// calls, on a compat call newer than 5.15, and on a kfunc or CO-RE relocation in the
+// compat variant:
+//
+//	helper or kfunc        Linux  variant  used for
+//	bpf_map_lookup_elem    3.19   both     every map read
+//	bpf_map_update_elem    3.19   both     conntrack entries, SNAT ports
+//	bpf_map_delete_elem    3.19   both     an expired flow's entries when its SNAT port is taken
+//	bpf_l4_csum_replace    4.1    compat   the checksum state, the dsr MSS clamp's checksum
+//	bpf_redirect           4.4    both     sending a packet to its next hop
+//	bpf_skb_change_tail    4.9    both     cutting a packet down into a "too big" answer
+//	bpf_csum_update        4.9    both     a CHECKSUM_COMPLETE skb's csum
+//	bpf_skb_adjust_room    5.2    both     dsr's outer header (the helper is 4.13; BPF_ADJ_ROOM_MAC and the ENCAP_L3 and FIXED_GSO flags 5.2)
+//	bpf_jiffies64          5.5    both     conntrack ages, the next-hop caches' age
+//	bpf_redirect_neigh     5.10   both     a next hop whose neighbour is not resolved (with its address, as 5.10 released it)
+//	bpf_fib_lookup         5.12   both     the next hop (the helper is 4.18; mtu_result, the MTU of GSO packets' routes and of "too big" answers, 5.12)
+//	bpf_cast_to_kern_ctx   6.2    kfunc    reading ip_summed (a kfunc, with CO-RE)
+//
+// Other features either variant needs: a direct-action bpf filter on clsact (4.5),
+// direct packet access (4.7), LRU hash maps (4.10) and LPM tries (4.11), BPF-to-BPF
+// calls (4.16), the ALU32 and JMP32 instructions of -mcpu=v3 (5.1), global variables
+// set at load (snat_port_min and the others: 5.2), __sk_buff's gso_size (5.7); tcx
+// (6.6) only at that hook. So 5.12 is the newest need and 5.15 the stated minimum,
+// the oldest kernel of the distributions shardlb is aimed at (Ubuntu 22.04; Debian
+// 12's 6.1 gets the compat variant too; RHEL 9's 5.14 carries backports of later BPF
+// and is not refused by version: New tries it, as it tries any kernel).
+// A verifier older than 6.18's may still refuse what this one accepts (an older one
+// tracks fewer bounds): that the compat variant loads was shown only here, on 6.18
+// with the variant forced, not on a 5.15 kernel.
 //
 // # Forwarding
 //
@@ -480,7 +546,8 @@
 // (NICs have GRO on by default), and packets of a local sender over a veth or virtio
 // device with checksum offload (the veth default). Their checksum field holds the
 // pseudo-header sum, so only the address change goes into it (rewrite_l4); the
-// program reads the skb's checksum state through bpf_cast_to_kern_ctx and CO-RE. A
+// program learns the skb's checksum state through bpf_cast_to_kern_ctx and CO-RE, or
+// one bpf_l4_csum_replace call in the compat variant (see Kernels). A
 // merged (GSO) skb's route lookup also leaves the MTU check to the kernel per segment
 // (tot_len 0) instead of failing on the merged length, and its next hop is cached for
 // packets up to the device's MTU only, so merged packets look their route up each time
@@ -488,5 +555,6 @@
 // or went to the kernel's forwarding path, and TCP through a VIP stalled.
 // TestOffloadedPackets moves 8 MiB each way through IPv4 and IPv6 VIPs with GRO on,
 // then with checksum offload on the senders, and checks that the kernel forwarded none
-// of it.
+// of it, in both variants; with the compat variant's probe made to answer "not
+// partial" every transfer failed.
 package datapath

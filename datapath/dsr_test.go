@@ -118,10 +118,12 @@ func dsrFrontend(f ipFamily, proto shard.Protocol, node netip.Addr) shard.Fronte
 // endpoint's node (it strips the outer header, translates the VIP to the endpoint and
 // its replies back) and a node that is both. Every output is compared byte for byte
 // with a packet built from scratch, inner checksums included.
-func TestDSRFixtures(t *testing.T) {
-	lbCfg := Config{NodeIPv4: families[0].node, NodeIPv6: families[1].node}
+func TestDSRFixtures(t *testing.T) { forEachVariant(t, testDSRFixtures) }
+
+func testDSRFixtures(t *testing.T, v variant) {
+	lbCfg := Config{NodeIPv4: families[0].node, NodeIPv6: families[1].node, variant: v}
 	lbNode := newHarness(t, lbCfg)
-	epNode := newHarness(t, Config{NodeIPv4: dsrNodes["IPv4"].epNode, NodeIPv6: dsrNodes["IPv6"].epNode})
+	epNode := newHarness(t, Config{NodeIPv4: dsrNodes["IPv4"].epNode, NodeIPv6: dsrNodes["IPv6"].epNode, variant: v})
 	for _, f := range families {
 		nodes := dsrNodes[f.name]
 		for _, proto := range protos {
@@ -207,8 +209,10 @@ func TestDSRFixtures(t *testing.T) {
 // TestDSRRoutedFixtures: with a route to the endpoint's node, the outer packet is sent
 // to the next hop's MAC by a redirect, and a packet that does not fit the next hop
 // once encapsulated is answered with the MTU less the outer header.
-func TestDSRRoutedFixtures(t *testing.T) {
-	h := newHarness(t, Config{NodeIPv4: families[0].node, NodeIPv6: families[1].node})
+func TestDSRRoutedFixtures(t *testing.T) { forEachVariant(t, testDSRRoutedFixtures) }
+
+func testDSRRoutedFixtures(t *testing.T, v variant) {
+	h := newHarness(t, Config{NodeIPv4: families[0].node, NodeIPv6: families[1].node, variant: v})
 	peerMAC := [6]byte{2, 0, 0, 0, 0, 0x21}
 	d0 := h.link(families[0].nodeNet, nil, nil)
 	h.nn.Run(t, "ip", "addr", "add", families[1].nodeNet, "dev", "d0", "nodad")

@@ -138,8 +138,10 @@ func withFragment(p pkt) pkt        { p.fragment = true; return p }
 
 // TestFixtures runs every mode x protocol x family through its fixtures: each output
 // must be the expected packet byte for byte, with every checksum right.
-func TestFixtures(t *testing.T) {
-	h := newHarness(t, Config{NodeIPv4: families[0].node, NodeIPv6: families[1].node})
+func TestFixtures(t *testing.T) { forEachVariant(t, testFixtures) }
+
+func testFixtures(t *testing.T, v variant) {
+	h := newHarness(t, Config{NodeIPv4: families[0].node, NodeIPv6: families[1].node, variant: v})
 	for _, m := range modes {
 		for _, f := range families {
 			for _, proto := range protos {

@@ -53,8 +53,12 @@ func MatchInterfaces(patterns []string, links []Interface) (names, unmatched []s
 // to the link updates of Config.NetNS, then lists the links and applies the match with
 // SetInterfaces once, and again after each burst of updates. A subscription the kernel
 // ends (its socket overran) is made again, and the links listed again. Errors of one
-// pass are logged; the next update tries again.
+// pass are logged; the next update tries again. An interface that keeps failing (an
+// attach another party's tc filter refuses) is logged once per error, not on each of
+// the updates that follow: again when its error changes, and when it fails again after
+// it was served or left alone.
 func (d *Datapath) FollowInterfaces(ctx context.Context, patterns []string) error {
+	failing := map[string]string{} // interface -> its error last logged
 	for {
 		ch := make(chan netlink.LinkUpdate, 256)
 		done := make(chan struct{})
@@ -84,7 +88,7 @@ func (d *Datapath) FollowInterfaces(ctx context.Context, patterns []string) erro
 			for range ch { // the receiver ends, and closes ch, once its socket is closed
 			}
 		}
-		d.followPass(patterns)
+		d.followPass(patterns, failing)
 		for open := true; open; {
 			select {
 			case <-ctx.Done():
@@ -95,7 +99,7 @@ func (d *Datapath) FollowInterfaces(ctx context.Context, patterns []string) erro
 				for open && len(ch) > 0 {
 					_, open = <-ch
 				}
-				d.followPass(patterns)
+				d.followPass(patterns, failing)
 			}
 		}
 		stop()
@@ -110,8 +114,11 @@ func (d *Datapath) FollowInterfaces(ctx context.Context, patterns []string) erro
 // followPass lists the links and serves those patterns match. A listing the kernel
 // marks interrupted (the links changed during it) may lack links that are there, so it
 // is never applied: it is listed again, and after three such listings the pass is left
-// to the next update, which the change that interrupted it brings.
-func (d *Datapath) followPass(patterns []string) {
+// to the next update, which the change that interrupted it brings. failing holds the
+// error last logged for each interface (the key "" for the listing), so that a pass
+// logs only what changed.
+func (d *Datapath) followPass(patterns []string, failing map[string]string) {
+	errs := map[string][]error{}
 	var links []netlink.Link
 	err := inNetNSPath(d.cfg.NetNS, func() error {
 		var err error
@@ -123,17 +130,36 @@ func (d *Datapath) followPass(patterns []string) {
 		return err
 	})
 	if err != nil {
-		d.log.Error("follow interfaces: list links", "err", err)
-		return
+		errs[""] = []error{fmt.Errorf("list links: %w", err)}
+	} else {
+		ifs := make([]Interface, 0, len(links))
+		for _, l := range links {
+			a := l.Attrs()
+			ifs = append(ifs, Interface{Name: a.Name, Loopback: a.Flags&net.FlagLoopback != 0})
+		}
+		names, _ := MatchInterfaces(patterns, ifs)
+		for _, e := range d.setInterfaces(names) {
+			errs[e.name] = append(errs[e.name], e.err)
+		}
 	}
-	ifs := make([]Interface, 0, len(links))
-	for _, l := range links {
-		a := l.Attrs()
-		ifs = append(ifs, Interface{Name: a.Name, Loopback: a.Flags&net.FlagLoopback != 0})
+	// What failed before and not in this pass was served, left alone or is gone: its
+	// next failure is news.
+	for name := range failing {
+		if errs[name] == nil {
+			delete(failing, name)
+		}
 	}
-	names, _ := MatchInterfaces(patterns, ifs)
-	if err := d.SetInterfaces(names); err != nil {
-		d.log.Error("follow interfaces", "err", err)
+	for name, es := range errs {
+		err := errors.Join(es...)
+		if failing[name] == err.Error() {
+			continue
+		}
+		failing[name] = err.Error()
+		if name == "" {
+			d.log.Error("follow interfaces", "err", err)
+		} else {
+			d.log.Error("follow interfaces: interface failed", "interface", name, "err", err)
+		}
 	}
 }
 
@@ -165,18 +191,38 @@ type attachment struct {
 // not exist is skipped: the next call finds it if it comes. Each attach and detach is
 // logged; errors of one interface do not stop the others.
 func (d *Datapath) SetInterfaces(names []string) error {
+	var errs []error
+	for _, e := range d.setInterfaces(names) {
+		errs = append(errs, e.err)
+	}
+	return errors.Join(errs...)
+}
+
+// interfaceError is what SetInterfaces could not do for one interface.
+type interfaceError struct {
+	name string // the interface, "" when the error concerns none
+	err  error
+}
+
+// setInterfaces is SetInterfaces with its errors told apart by interface.
+func (d *Datapath) setInterfaces(names []string) []interfaceError {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.closed {
-		return ErrClosed
+		return []interfaceError{{err: ErrClosed}}
 	}
 	want := slices.Compact(slices.Sorted(slices.Values(names)))
-	return inNetNSPath(d.cfg.NetNS, func() error {
+	var errs []interfaceError
+	err := inNetNSPath(d.cfg.NetNS, func() error {
 		if len(d.cfg.Interfaces) == 0 && len(want) > 0 {
 			// New attached nothing, so it chose no hook.
 			d.selectHook()
 		}
-		var errs []error
+		add := func(name string, err error) {
+			if err != nil {
+				errs = append(errs, interfaceError{name, err})
+			}
+		}
 		var kept []attachment
 		for _, a := range d.attachments() {
 			var lk netlink.Link
@@ -185,7 +231,7 @@ func (d *Datapath) SetInterfaces(names []string) error {
 				if lk, err = netlink.LinkByIndex(a.ifindex); err != nil {
 					var nf netlink.LinkNotFoundError
 					if !errors.As(err, &nf) {
-						errs = append(errs, fmt.Errorf("interface %s: %w", a.name, err))
+						add(a.name, fmt.Errorf("interface %s: %w", a.name, err))
 						kept = append(kept, a)
 						continue
 					}
@@ -194,17 +240,15 @@ func (d *Datapath) SetInterfaces(names []string) error {
 			}
 			switch {
 			case lk == nil:
-				errs = append(errs, d.detach(a, false, "the interface is gone"))
+				add(a.name, d.detach(a, false, "the interface is gone"))
 			case lk.Attrs().Name != a.name && slices.Contains(want, lk.Attrs().Name):
 				b, err := d.renamed(a, lk.Attrs().Name)
-				if err != nil {
-					errs = append(errs, err)
-				}
+				add(b.name, err)
 				kept = append(kept, b)
 			case lk.Attrs().Name != a.name:
-				errs = append(errs, d.detach(a, true, "renamed to "+lk.Attrs().Name+", which is not served"))
+				add(lk.Attrs().Name, d.detach(a, true, "renamed to "+lk.Attrs().Name+", which is not served"))
 			case !slices.Contains(want, a.name):
-				errs = append(errs, d.detach(a, true, "no longer served"))
+				add(a.name, d.detach(a, true, "no longer served"))
 			default:
 				kept = append(kept, a)
 			}
@@ -219,19 +263,23 @@ func (d *Datapath) SetInterfaces(names []string) error {
 				continue
 			}
 			if err != nil {
-				errs = append(errs, fmt.Errorf("interface %s: %w", name, err))
+				add(name, fmt.Errorf("interface %s: %w", name, err))
 				continue
 			}
 			a, err := d.attachOne(name, lk.Attrs().Index)
 			if err != nil {
-				errs = append(errs, err)
+				add(name, err)
 				continue
 			}
 			kept = append(kept, a)
 		}
 		d.setAttachments(kept)
-		return errors.Join(errs...)
+		return nil
 	})
+	if err != nil {
+		errs = append(errs, interfaceError{err: err})
+	}
+	return errs
 }
 
 // attachments pairs the served interfaces with their links or filters.

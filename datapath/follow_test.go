@@ -2,6 +2,7 @@ package datapath
 
 import (
 	"context"
+	"fmt"
 	"net/netip"
 	"path/filepath"
 	"slices"
@@ -250,4 +251,108 @@ func waitUntil(t *testing.T, what string, cond func() bool) {
 			t.Fatalf("%s: not after 10 s", what)
 		}
 	}
+}
+
+// TestFollowLogsAFailingInterfaceOnce: an interface the program cannot be attached to
+// (another party's u32 filter holds the tc priority it needs) fails on every link
+// update the follower sees, but is logged once per error: again when the error
+// changes, not when it stays, and again when it fails after it was served.
+func TestFollowLogsAFailingInterfaceOnce(t *testing.T) {
+	testenv.RequireRoot(t)
+	testenv.RequireTool(t, "ip", "tc")
+	lb := testenv.NewNetNS(t, "flflb")
+	peer := testenv.NewNetNS(t, "flfpeer")
+	lbPath := "/var/run/netns/" + lb.Name
+	testenv.Veth(t, lb, "l0", "10.10.1.1/24", peer, "p0", "")
+	logger, logs := newLogBuffer(t)
+	d, err := New(Config{Interfaces: []string{"l0"}, NetNS: lbPath, AttachMode: AttachTC,
+		ConntrackSize: 1 << 12, MaxServices: 16, MaxEndpoints: 64}, logger)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := d.Close(); err != nil {
+			t.Errorf("Close: %v", err)
+		}
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	followed := make(chan error, 1)
+	go func() { followed <- d.FollowInterfaces(ctx, []string{"l0", "x*"}) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-followed; err != nil {
+			t.Errorf("FollowInterfaces: %v", err)
+		}
+	})
+
+	failures := func() []string {
+		return linesWith(strings.Join(logs.lines(), "\n"), `msg="follow interfaces: interface failed" interface=x1 `)
+	}
+	// u32 puts another party's filter at the priority the datapath's needs.
+	u32 := func(ifname, protocol string) {
+		lb.Run(t, "tc", "filter", "add", "dev", ifname, "ingress", "pref", fmt.Sprint(tcPriority), "protocol", protocol, "u32", "match", "u32", "0", "0")
+	}
+	noU32 := func(ifname string) {
+		lb.Run(t, "tc", "filter", "del", "dev", ifname, "ingress", "pref", fmt.Sprint(tcPriority))
+	}
+	rename := func(from, to string) {
+		lb.Run(t, "ip", "link", "set", from, "down")
+		lb.Run(t, "ip", "link", "set", from, "name", to)
+		lb.Run(t, "ip", "link", "set", to, "up")
+	}
+	// updates makes link updates of x1, then a new matching link: the follower handles
+	// updates in order, so once it serves the new link it has seen x1's.
+	markers := 0
+	updates := func(t *testing.T, served ...string) {
+		t.Helper()
+		for _, mtu := range []string{"1400", "1300", "1500"} {
+			lb.Run(t, "ip", "link", "set", "x1", "mtu", mtu)
+		}
+		markers++
+		marker := fmt.Sprintf("x9%d", markers)
+		testenv.Veth(t, lb, marker, "", peer, fmt.Sprintf("q%d", markers), "")
+		want := append(served, marker)
+		waitUntil(t, "the follower serves "+marker, func() bool { return slices.Contains(d.Interfaces(), marker) })
+		for _, name := range want {
+			if !slices.Contains(d.Interfaces(), name) {
+				t.Errorf("%s not served: %q", name, d.Interfaces())
+			}
+		}
+	}
+
+	testenv.Veth(t, lb, "y1", "", peer, "p1", "")
+	lb.Run(t, "tc", "qdisc", "add", "dev", "y1", "clsact")
+	u32("y1", "ip")
+	rename("y1", "x1")
+
+	t.Run("a failure that repeats on every update is logged once", func(t *testing.T) {
+		updates(t)
+		updates(t)
+		if f := failures(); len(f) != 1 || !strings.Contains(f[0], "u32 filter") {
+			t.Errorf("failures of x1 logged: %q; want one naming the u32 filter", f)
+		}
+		if slices.Contains(d.Interfaces(), "x1") {
+			t.Error("x1 served despite the filter at the datapath's priority")
+		}
+	})
+	t.Run("a changed error is logged again", func(t *testing.T) {
+		noU32("x1")
+		u32("x1", "ipv6")
+		updates(t)
+		if f := failures(); len(f) != 2 || !strings.Contains(f[1], "protocol 0x86dd") {
+			t.Errorf("failures of x1 logged: %q; want a second naming the IPv6 filter", f)
+		}
+	})
+	t.Run("a failure after the interface was served is logged again", func(t *testing.T) {
+		noU32("x1")
+		updates(t, "x1")
+		rename("x1", "z1")
+		waitUntil(t, "x1 left", func() bool { return !slices.Contains(d.Interfaces(), "x1") && !slices.Contains(d.Interfaces(), "z1") })
+		u32("z1", "ipv6")
+		rename("z1", "x1")
+		updates(t)
+		if f := failures(); len(f) != 3 || !strings.Contains(f[2], "protocol 0x86dd") {
+			t.Errorf("failures of x1 logged: %q; want a third, the same error as the second", f)
+		}
+	})
 }

@@ -18,7 +18,9 @@ import (
 // checksum right (the outer ones, the quoted IPv4 header's and the quoted TCP or UDP
 // checksum). Errors about no tracked flow, and ICMP that is not an error, pass
 // untouched.
-func TestICMPErrors(t *testing.T) {
+func TestICMPErrors(t *testing.T) { forEachVariant(t, testICMPErrors) }
+
+func testICMPErrors(t *testing.T, v variant) {
 	for _, fam := range []struct {
 		name                             string
 		lbAddr, clientNet                string
@@ -43,9 +45,9 @@ func TestICMPErrors(t *testing.T) {
 		},
 	} {
 		t.Run(fam.name, func(t *testing.T) {
-			cfg := Config{NodeIPv4: fam.node}
+			cfg := Config{NodeIPv4: fam.node, variant: v}
 			if fam.node.Is6() {
-				cfg = Config{NodeIPv6: fam.node}
+				cfg = Config{NodeIPv6: fam.node, variant: v}
 			}
 			h := newHarness(t, cfg)
 			epMAC, clientHopMAC := [6]byte{0x02, 0, 0, 0, 0, 0x11}, [6]byte{0x02, 0, 0, 0, 0, 0x22}
@@ -185,10 +187,12 @@ func sourceOfFrame(t testing.TB, b []byte) netip.AddrPort {
 // destination back to its sender, out where it came in, quoting its first bytes as the
 // sender sent them; an IPv4 packet without DF is translated and left to the kernel,
 // which fragments it.
-func TestTooBigAnswered(t *testing.T) {
+func TestTooBigAnswered(t *testing.T) { forEachVariant(t, testTooBigAnswered) }
+
+func testTooBigAnswered(t *testing.T, v variant) {
 	for _, fam := range families {
 		t.Run(fam.name, func(t *testing.T) {
-			cfg := Config{NodeIPv4: families[0].node, NodeIPv6: families[1].node}
+			cfg := Config{NodeIPv4: families[0].node, NodeIPv6: families[1].node, variant: v}
 			h := newHarness(t, cfg)
 			h.link(fam.nodeNet, []string{fam.clientNet}, map[netip.Addr][6]byte{fam.ep: {0x02, 0, 0, 0, 0, 0x11}, fam.client: {0x02, 0, 0, 0, 0, 0x22}})
 			h.nn.Run(t, "ip", "link", "set", "d0", "mtu", "1280")

@@ -11,9 +11,15 @@ import (
 // call of update and delete) only when every path to a call passes the same map, and
 // clang merges the calls of two branches that differ only in the map (ct_lookup's TCP
 // and UDP maps) into one call on either. Every map helper call must therefore load its
-// map into R1 in its own basic block.
+// map into R1 in its own basic block. Both program variants are checked.
 func TestMapCallsHaveOneMap(t *testing.T) {
-	spec, err := loadLb()
+	for _, v := range variants {
+		t.Run("variant "+string(v), func(t *testing.T) { testMapCallsHaveOneMap(t, v) })
+	}
+}
+
+func testMapCallsHaveOneMap(t *testing.T, v variant) {
+	spec, err := loadVariant(v)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -26,7 +26,9 @@ import (
 // Both must be translated and redirected by the program like any other packet, not
 // left to the kernel's forwarding path (the slow path the program exists to skip),
 // which the namespace's forwarded-datagram counters would show.
-func TestOffloadedPackets(t *testing.T) {
+func TestOffloadedPackets(t *testing.T) { forEachVariant(t, testOffloadedPackets) }
+
+func testOffloadedPackets(t *testing.T, v variant) {
 	testenv.RequireRoot(t)
 	testenv.RequireTool(t, "ip", "ethtool", "sysctl")
 	client := testenv.NewNetNS(t, "offcli")
@@ -63,7 +65,7 @@ func TestOffloadedPackets(t *testing.T) {
 	}
 	vips := []netip.Addr{netip.MustParseAddr("10.30.100.1"), netip.MustParseAddr("fd30:100::1")}
 	d := attached(t, Config{Interfaces: []string{"l0", "l1"}, NetNS: "/var/run/netns/" + lb.Name,
-		NodeIPv4: netip.MustParseAddr("10.30.2.1"), NodeIPv6: netip.MustParseAddr("fd30:2::1")})
+		NodeIPv4: netip.MustParseAddr("10.30.2.1"), NodeIPv6: netip.MustParseAddr("fd30:2::1"), variant: v})
 	c := nsHTTPClient(t, openNS(t, client), false)
 
 	offloads := []struct {

@@ -27,7 +27,9 @@ import (
 //   - the load balancer's link to the router is: its route lookup says the segments
 //     do not fit, and it must answer the backend itself (icmp4_too_big), since the
 //     kernel's own answer would go to the translated source, the VIP.
-func TestPathMTUThroughTheVIP(t *testing.T) {
+func TestPathMTUThroughTheVIP(t *testing.T) { forEachVariant(t, testPathMTUThroughTheVIP) }
+
+func testPathMTUThroughTheVIP(t *testing.T, v variant) {
 	testenv.RequireRoot(t)
 	testenv.RequireTool(t, "ip", "ethtool", "sysctl")
 	client := testenv.NewNetNS(t, "pmcli")
@@ -50,7 +52,7 @@ func TestPathMTUThroughTheVIP(t *testing.T) {
 	ep := netip.AddrPortFrom(netip.MustParseAddr("10.20.3.2"), 8080)
 	serveHTTP(t, openNS(t, backend), ep, "backend", func(w http.ResponseWriter, r *http.Request) { _, _ = w.Write(body) })
 
-	d := attached(t, Config{Interfaces: []string{"l0", "l1"}, NetNS: "/var/run/netns/" + lb.Name, NodeIPv4: netip.MustParseAddr("10.20.3.1")})
+	d := attached(t, Config{Interfaces: []string{"l0", "l1"}, NetNS: "/var/run/netns/" + lb.Name, NodeIPv4: netip.MustParseAddr("10.20.3.1"), variant: v})
 	clientNS := openNS(t, client)
 
 	mtu := func(ns testenv.NetNS, dev string, n int) {

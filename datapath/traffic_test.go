@@ -146,16 +146,18 @@ func get(c *http.Client) (string, error) {
 }
 
 // TestRealTraffic runs HTTP through the VIP with the program at each hook: a tcx link,
-// and a tc filter (forced here, where auto would take tcx).
+// and a tc filter (forced here, where auto would take tcx), in each program variant.
 func TestRealTraffic(t *testing.T) {
 	for _, mode := range []AttachMode{AttachTCX, AttachTC} {
-		t.Run("attach mode "+string(mode), func(t *testing.T) { testRealTraffic(t, mode) })
+		t.Run("attach mode "+string(mode), func(t *testing.T) {
+			forEachVariant(t, func(t *testing.T, v variant) { testRealTraffic(t, mode, v) })
+		})
 	}
 }
 
-func testRealTraffic(t *testing.T, mode AttachMode) {
+func testRealTraffic(t *testing.T, mode AttachMode, v variant) {
 	l := newLab(t)
-	d := attached(t, Config{Interfaces: l.lbIfs, NetNS: l.lbPath, NodeIPv4: netip.MustParseAddr("10.10.1.1"), AttachMode: mode})
+	d := attached(t, Config{Interfaces: l.lbIfs, NetNS: l.lbPath, NodeIPv4: netip.MustParseAddr("10.10.1.1"), AttachMode: mode, variant: v})
 	frontend := func(m shard.Mode, eps []shard.Endpoint) shard.Frontend {
 		return shard.Frontend{Service: "ns/web", VIP: labVIP, Port: 80, Protocol: shard.TCP, Mode: m, Endpoints: eps}
 	}

@@ -55,9 +55,18 @@ static __always_inline void dsr_clamp_mss(struct __sk_buff *skb, const struct fl
 	if (mss <= less)
 		return;
 	__u16 now = bpf_htons(mss - less);
+#ifdef SHARDLB_NO_KERN_CTX
+	/* The kernel applies a change of L4 bytes as the checksum state asks (nothing for
+	 * CHECKSUM_PARTIAL); the call may move the packet, which the caller knows. */
+	__u32 check_off = (void *)&th->check - (void *)(long)skb->data;
+
+	*field = now;
+	bpf_l4_csum_replace(skb, check_off, old, now, sizeof(__u16));
+#else
 	*field = now;
 	if (!csum_partial(skb))
 		th->check = csum_apply(th->check, csum_diff16(0, old, now));
+#endif
 }
 
 /* dsr_decap strips the outer header of an IP-in-IP packet sent to this node for a dsr

@@ -195,6 +195,7 @@ static __always_inline void seen(const struct flow *f, struct ct_entry *t, void 
 static __always_inline int rewrite(struct __sk_buff *skb, const struct flow *f, const struct ct_entry *t, void *l4,
 				   bool fwd)
 {
+	int partial = csum_partial(skb);
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
@@ -202,16 +203,18 @@ static __always_inline int rewrite(struct __sk_buff *skb, const struct flow *f, 
 	struct ipv6hdr *ip6 = (void *)(eth + 1);
 	int ret;
 
+	if (partial < 0)
+		return TC_ACT_SHOT; /* never: see csum_partial */
 	/* Checked again: the helper calls before make the compiler reload f->family, and
 	 * the verifier must see each family's bound on the path that writes its header. */
 	if (f->family == AF_INET) {
 		if ((void *)(iph + 1) > data_end)
 			return TC_ACT_OK;
-		ret = rewrite_ipv4(skb, iph, l4, data_end, t, fwd, csum_partial(skb));
+		ret = rewrite_ipv4(skb, iph, l4_again(f, data, data_end, l4), data_end, t, fwd, partial);
 	} else {
 		if ((void *)(ip6 + 1) > data_end)
 			return TC_ACT_OK;
-		ret = rewrite_ipv6(ip6, l4, data_end, t, fwd, csum_partial(skb));
+		ret = rewrite_ipv6(ip6, l4_again(f, data, data_end, l4), data_end, t, fwd, partial);
 	}
 	if (ret == FURTHER_PROCESSING)
 		count_service(t, skb->len);
@@ -264,11 +267,14 @@ static __always_inline bool must_not_fragment(struct __sk_buff *skb, const struc
 {
 	struct iphdr *iph = data + sizeof(struct ethhdr);
 
-	if (skb->gso_size || csum_partial(skb))
+	if (skb->gso_size)
 		return false;
-	if (f->family != AF_INET)
-		return true;
-	return (void *)(iph + 1) <= data_end && (iph->frag_off & bpf_htons(IP_DF));
+	if (f->family == AF_INET && ((void *)(iph + 1) > data_end || !(iph->frag_off & bpf_htons(IP_DF))))
+		return false;
+	/* Last: in the variant without the kfunc it may move the packet (translate then
+	 * takes its pointers again). Never negative there for a packet whose headers were
+	 * read; if it were, the kernel's own handling is the safe side. */
+	return csum_partial(skb) == 0;
 }
 
 /* dsr.h sends packets on with the helpers above. */
@@ -312,9 +318,18 @@ static __noinline int translate(struct __sk_buff *skb, const struct flow *f, str
 				remember_next_hop(t);
 		}
 	}
-	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && mtu && must_not_fragment(skb, f, data, data_end)) {
-		*mtu = fib.mtu_result;
-		return TOO_BIG;
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && mtu) {
+		if (must_not_fragment(skb, f, data, data_end)) {
+			*mtu = fib.mtu_result;
+			return TOO_BIG;
+		}
+#ifdef SHARDLB_NO_KERN_CTX
+		/* must_not_fragment may have moved the packet. */
+		l4 = l4_reload(skb, f);
+		if (!l4)
+			return TC_ACT_OK;
+		data_end = (void *)(long)skb->data_end;
+#endif
 	}
 	seen(f, t, l4, data_end, now);
 	if (record && ct_insert(f, t, BPF_ANY)) {
@@ -399,13 +414,27 @@ int lb_ingress(struct __sk_buff *skb)
 		return f.family == AF_INET ? icmp4_too_big(skb, mtu, t->service_id)
 					   : icmp6_too_big(skb, mtu, t->service_id);
 	}
-	if (t->flags & CT_F_DSR)
+	if (t->flags & CT_F_DSR) {
 		dsr_clamp_mss(skb, &f, l4, data_end);
+#ifdef SHARDLB_NO_KERN_CTX
+		/* dsr_clamp_mss's helper call may have moved the packet. */
+		l4 = l4_reload(skb, &f);
+		if (!l4)
+			return TC_ACT_OK;
+#endif
+	}
 	if (ret == NEW_FLOW)
 		return translate(skb, &f, t, l4, 0);
 	ret = forward_cached(skb, &f, t, l4);
 	if (ret != FURTHER_PROCESSING)
 		return ret;
+#ifdef SHARDLB_NO_KERN_CTX
+	/* forward_cached returns FURTHER_PROCESSING only before its helper calls, which
+	 * the verifier cannot tell from bpf_redirect's verdict. */
+	l4 = l4_reload(skb, &f);
+	if (!l4)
+		return TC_ACT_OK;
+#endif
 	ret = translate(skb, &f, t, l4, &mtu);
 	if (ret != TOO_BIG)
 		return ret;

@@ -4,6 +4,7 @@
 #define SHARDLB_NAT_H
 
 #include <linux/bpf.h>
+#include <linux/if_ether.h>
 #include <linux/ip.h>
 #include <linux/ipv6.h>
 #include <linux/tcp.h>
@@ -15,6 +16,7 @@
 #include "csum.h"
 #include "structs.h"
 
+#ifndef SHARDLB_NO_KERN_CTX
 /* The kernel's sk_buff, for the one field read here; CO-RE finds it in the running
  * kernel's layout. */
 struct sk_buff___shardlb {
@@ -28,13 +30,80 @@ extern void *bpf_cast_to_kern_ctx(void *ctx) __ksym;
 /* csum_partial tells whether the packet's L4 checksum is left to be completed
  * (CHECKSUM_PARTIAL): segments merged by GRO, and packets of a local sender over a
  * veth or virtio device with checksum offload, which carry only the pseudo-header
- * sum. The verifier turns the cast into a register move. */
-static __always_inline bool csum_partial(struct __sk_buff *ctx)
+ * sum. The verifier turns the cast into a register move. It is never negative (see the
+ * other variant's). */
+static __always_inline int csum_partial(struct __sk_buff *ctx)
 {
 	struct sk_buff___shardlb *skb = bpf_cast_to_kern_ctx(ctx);
 
 	return BPF_CORE_READ_BITFIELD(skb, ip_summed) == CHECKSUM_PARTIAL;
 }
+
+/* l4_again gives the L4 header back after csum_partial: it is where it was. */
+static __always_inline void *l4_again(const struct flow *f, void *data, void *data_end, void *l4)
+{
+	return l4;
+}
+#else
+/* The variant for kernels without bpf_cast_to_kern_ctx (before Linux 6.2), which cannot
+ * read ip_summed, asks the kernel instead. bpf_l4_csum_replace without BPF_F_PSEUDO_HDR
+ * updates a checksum field for a change of bytes it covers in every checksum state but
+ * CHECKSUM_PARTIAL, where those bytes are summed later and the field is left alone
+ * (inet_proto_csum_replace4, net/core/utils.c): one call on a field that must move
+ * tells the states apart. The field is the packet's first two bytes (the destination
+ * MAC, under no checksum and no skb->csum), put back as they were when they moved.
+ *
+ * csum_partial returns 1 for CHECKSUM_PARTIAL, 0 for the others, and -1 when the kernel
+ * refuses the call, which does not happen: the bytes are in the linear part and the
+ * program's direct writes made the packet its own (the verifier's prologue for them).
+ * The helper may move the packet's data: callers take their packet pointers again
+ * (l4_again). */
+static __always_inline int csum_partial(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	__u16 *word = data;
+	__u16 before;
+
+	if ((void *)(word + 1) > data_end)
+		return -1;
+	before = *word;
+	if (bpf_l4_csum_replace(skb, 0, 0, 1, sizeof(__u16)))
+		return -1;
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	word = data;
+	if ((void *)(word + 1) > data_end)
+		return -1;
+	if (*word == before)
+		return 1;
+	*word = before;
+	return 0;
+}
+
+/* l4_again finds f's L4 header again in a packet csum_partial may have moved (data and
+ * data_end taken after it; the IP header already checked to be in the packet). */
+static __always_inline void *l4_again(const struct flow *f, void *data, void *data_end, void *l4)
+{
+	struct iphdr *iph = data + sizeof(struct ethhdr);
+
+	if (f->family == AF_INET)
+		return (void *)iph + iph->ihl * 4;
+	return data + sizeof(struct ethhdr) + sizeof(struct ipv6hdr);
+}
+
+/* l4_reload is l4_again from the skb, for a caller whose pointers a helper call may
+ * have invalidated; 0 when the IP header is not in the packet (never: it was parsed). */
+static __always_inline void *l4_reload(struct __sk_buff *skb, const struct flow *f)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+
+	if (data + sizeof(struct ethhdr) + sizeof(struct iphdr) > data_end)
+		return 0;
+	return l4_again(f, data, data_end, 0);
+}
+#endif
 
 /* rewrite_l4 writes the ports and fixes the L4 checksum for a pseudo-header change of
  * addr_diff. It returns the change of the one's-complement sum of the L4 bytes, which a
