@@ -29,14 +29,15 @@ type Input struct {
 // BuildPlan computes what one node announces and programs.
 //
 // Every node programs every frontend, master or backup, so a backup serves the moment
-// routers move traffic to it. A VIP is announced only while one of its services has a
-// ready endpoint. A VIP shared by services of different instances (shared IP mode)
-// follows the instance of the service with the smallest key, so that every node
-// derives the same single master for it. The master's frontends of an instance with a
-// handoff carry the previous master's address of the VIP's family. Every frontend of a
-// service carries the service's source ranges, all of them whatever the VIP's family
-// (a client of a family no range covers is refused, as Kubernetes defines the field),
-// masked, sorted and without duplicates.
+// routers move traffic to it. A frontend gets the endpoints of its VIP's family only,
+// and a VIP is announced only while one of its services has a ready endpoint of that
+// family. A VIP shared by services of different instances (shared IP mode) follows the
+// instance of the service with the smallest key, so that every node derives the same
+// single master for it. The master's frontends of an instance with a handoff carry the
+// previous master's address of the VIP's family. Every frontend of a service carries
+// the service's source ranges, all of them whatever the VIP's family (a client of a
+// family no range covers is refused, as Kubernetes defines the field), masked, sorted
+// and without duplicates.
 func BuildPlan(in Input) Plan {
 	type vipState struct {
 		instance string
@@ -47,12 +48,6 @@ func BuildPlan(in Input) Plan {
 	var plan Plan
 	for _, s := range in.Services {
 		ranges := sourceRanges(s.SourceRanges)
-		ready := false
-		for _, p := range s.Ports {
-			if len(p.Endpoints) > 0 {
-				ready = true
-			}
-		}
 		for _, vip := range s.VIPs {
 			if !vip.IsValid() {
 				continue
@@ -65,11 +60,9 @@ func BuildPlan(in Input) Plan {
 			} else if s.Key < v.owner {
 				v.instance, v.owner = s.Instance, s.Key
 			}
-			v.ready = v.ready || ready
 			for _, p := range s.Ports {
-				eps := slices.Clone(p.Endpoints)
-				slices.SortFunc(eps, compareEndpoint)
-				eps = slices.Compact(eps)
+				eps := endpointsOf(vip, p.Endpoints)
+				v.ready = v.ready || len(eps) > 0
 				plan.Frontends = append(plan.Frontends, Frontend{
 					Service: s.Key, VIP: vip, Port: p.Port, Protocol: p.Protocol,
 					Mode: s.Mode, Select: s.Select, Endpoints: eps, SourceRanges: ranges,
@@ -129,6 +122,16 @@ func sourceRanges(in []netip.Prefix) []netip.Prefix {
 		}
 	}
 	slices.SortFunc(out, netip.Prefix.Compare)
+	return slices.Compact(out)
+}
+
+// endpointsOf returns a new list of the endpoints of the VIP's family, sorted and
+// without repeats. A dual-stack service has endpoints of both families (an
+// EndpointSlice per family) and each of its VIPs reaches those of its own only: the
+// datapath cannot translate between families.
+func endpointsOf(vip netip.Addr, eps []Endpoint) []Endpoint {
+	out := slices.DeleteFunc(slices.Clone(eps), func(e Endpoint) bool { return e.Addr.Unmap().Is4() != vip.Is4() })
+	slices.SortFunc(out, compareEndpoint)
 	return slices.Compact(out)
 }
 

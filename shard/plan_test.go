@@ -112,9 +112,43 @@ func TestPlanRules(t *testing.T) {
 			}
 		}
 	})
+	t.Run("each VIP of a dual-stack service gets the endpoints of its family, and is announced only with one", func(t *testing.T) {
+		ep := func(a string) Endpoint { return Endpoint{Addr: netip.MustParseAddr(a), Port: 80} }
+		v4, v6 := netip.MustParseAddr("192.168.80.250"), netip.MustParseAddr("fd00:96::250")
+		// The EndpointSlices of both families, merged in no particular order, one of
+		// the IPv4 addresses as an IPv4-mapped IPv6 one.
+		mixed := []Endpoint{ep("fd00:42::7"), ep("10.42.1.5"), ep("::ffff:10.42.1.6"), ep("fd00:42::5")}
+		dual := Service{Key: "default/dual", Instance: "default", VIPs: []netip.Addr{v6, v4}, Mode: ModeOneArm,
+			Ports: []ServicePort{{Protocol: TCP, Port: 57002, Endpoints: mixed}}}
+		onlyV4 := Service{Key: "default/half", Instance: "default", VIPs: []netip.Addr{netip.MustParseAddr("192.168.80.251"), netip.MustParseAddr("fd00:96::251")},
+			Ports: []ServicePort{{Protocol: TCP, Port: 57002, Endpoints: []Endpoint{ep("10.42.1.5")}}}}
+		p := BuildPlan(Input{Node: "master1", Roles: true, Masters: masters, Services: []Service{dual, onlyV4}})
+		want := map[netip.Addr][]Endpoint{
+			v4:                                    {ep("10.42.1.5"), ep("::ffff:10.42.1.6")},
+			v6:                                    {ep("fd00:42::5"), ep("fd00:42::7")},
+			netip.MustParseAddr("192.168.80.251"): {ep("10.42.1.5")},
+			netip.MustParseAddr("fd00:96::251"):   nil,
+		}
+		if len(p.Frontends) != len(want) {
+			t.Fatalf("frontends %+v, want one per VIP", p.Frontends)
+		}
+		for _, fe := range p.Frontends {
+			if !slices.Equal(fe.Endpoints, want[fe.VIP]) {
+				t.Errorf("%s has endpoints %v, want %v", fe.VIP, fe.Endpoints, want[fe.VIP])
+			}
+		}
+		var announced []string
+		for _, a := range p.Advertisements {
+			announced = append(announced, a.Prefix.String())
+		}
+		if w := []string{"192.168.80.250/32", "192.168.80.251/32", "fd00:96::250/128"}; !slices.Equal(announced, w) {
+			t.Errorf("announced %v, want %v (an IPv6 VIP without an IPv6 endpoint reaches nothing)", announced, w)
+		}
+	})
 	t.Run("IPv6 VIPs are announced as /128 and IPv4-mapped ones as /32", func(t *testing.T) {
 		s := guideServices()
 		s[0].VIPs = []netip.Addr{netip.MustParseAddr("2001:db8::250"), netip.MustParseAddr("::ffff:192.168.80.9")}
+		s[0].Ports[0].Endpoints = append(s[0].Ports[0].Endpoints, Endpoint{Addr: netip.MustParseAddr("fd00:42::5"), Port: 80})
 		p := BuildPlan(Input{Node: "master1", Roles: true, Masters: masters, Services: s})
 		var bits []int
 		for _, a := range p.Advertisements {

@@ -13,15 +13,15 @@ import (
 //
 // It holds each service's contribution (its frontends, sorted) and, per VIP, the
 // services on it (sorted keys: the smallest decides the instance), how many of them
-// have a ready endpoint, and the handoff address its frontends carry. Update and
-// Remove change one service's contribution and mark it and its VIPs dirty; SetMasters
-// marks dirty the VIPs of the instances whose role or handoff on this node changed (a
-// scan of the VIPs, as rare as a master change). Plan then recomputes only what is
-// dirty: a dirty VIP whose handoff address changed (its deciding service changed
-// instance, or its instance's handoff did) marks every service on it dirty, since
-// their frontends carry it. The Plan's two sorted slices are patched in place: a
-// changed entry is overwritten where binary search finds it, and only an entry added
-// or removed moves the ones after it; nothing is re-sorted or compared whole.
+// have a ready endpoint of its family, and the handoff address its frontends carry.
+// Update and Remove change one service's contribution and mark it and its VIPs dirty;
+// SetMasters marks dirty the VIPs of the instances whose role or handoff on this node
+// changed (a scan of the VIPs, as rare as a master change). Plan then recomputes only
+// what is dirty: a dirty VIP whose handoff address changed (its deciding service
+// changed instance, or its instance's handoff did) marks every service on it dirty,
+// since their frontends carry it. The Plan's two sorted slices are patched in place: a
+// changed entry is overwritten where binary search finds it, and only an entry added or
+// removed moves the ones after it; nothing is re-sorted or compared whole.
 type Planner struct {
 	node  string
 	roles bool
@@ -43,8 +43,8 @@ type Planner struct {
 // planned is one service's contribution.
 type planned struct {
 	instance string
-	ready    bool         // a port has an endpoint
 	vips     []netip.Addr // distinct, valid, unmapped
+	ready    []bool       // per VIP of vips: a port has an endpoint of its family
 	// frontends as BuildPlan makes them, sorted, without Handoff (a VIP's, set by Plan).
 	frontends []Frontend
 	published []Frontend // as in the last Plan
@@ -54,7 +54,7 @@ type planned struct {
 // vipState is what decides one VIP's advertisement and handoff.
 type vipState struct {
 	keys  []string // services on the VIP, sorted: keys[0] decides the instance
-	ready int      // how many of them have a ready endpoint
+	ready int      // how many of them have a ready endpoint of its family
 	// As in the last Plan: the instance (of keys[0] then), the frontends' Handoff and
 	// the advertisement, if any.
 	instance   string
@@ -100,13 +100,8 @@ func (p *Planner) Update(s Service) {
 	} else if !e.removed {
 		p.leave(s.Key, e)
 	}
-	e.instance, e.removed, e.ready = s.Instance, false, false
-	for _, sp := range s.Ports {
-		if len(sp.Endpoints) > 0 {
-			e.ready = true
-		}
-	}
-	e.vips = nil
+	e.instance, e.removed = s.Instance, false
+	e.vips, e.ready = nil, nil
 	e.frontends = nil
 	ranges := sourceRanges(s.SourceRanges)
 	for _, vip := range s.VIPs {
@@ -114,14 +109,15 @@ func (p *Planner) Update(s Service) {
 			continue
 		}
 		vip = vip.Unmap()
-		if !slices.Contains(e.vips, vip) {
-			e.vips = append(e.vips, vip)
+		j := slices.Index(e.vips, vip)
+		if j < 0 {
+			j = len(e.vips)
+			e.vips, e.ready = append(e.vips, vip), append(e.ready, false)
 		}
 		// As BuildPlan: a VIP listed twice gives its frontends twice.
 		for _, sp := range s.Ports {
-			eps := slices.Clone(sp.Endpoints)
-			slices.SortFunc(eps, compareEndpoint)
-			eps = slices.Compact(eps)
+			eps := endpointsOf(vip, sp.Endpoints)
+			e.ready[j] = e.ready[j] || len(eps) > 0
 			e.frontends = append(e.frontends, Frontend{
 				Service: s.Key, VIP: vip, Port: sp.Port, Protocol: sp.Protocol,
 				Mode: s.Mode, Select: s.Select, Endpoints: eps, SourceRanges: ranges,
@@ -129,7 +125,7 @@ func (p *Planner) Update(s Service) {
 		}
 	}
 	slices.SortFunc(e.frontends, compareFrontend)
-	for _, vip := range e.vips {
+	for j, vip := range e.vips {
 		v := p.vips[vip]
 		if v == nil {
 			v = &vipState{}
@@ -137,7 +133,7 @@ func (p *Planner) Update(s Service) {
 		}
 		i, _ := slices.BinarySearch(v.keys, s.Key)
 		v.keys = slices.Insert(v.keys, i, s.Key)
-		if e.ready {
+		if e.ready[j] {
 			v.ready++
 		}
 		p.dirtyVIPs[vip] = struct{}{}
@@ -158,12 +154,12 @@ func (p *Planner) Remove(key string) {
 
 // leave takes the service key off its VIPs.
 func (p *Planner) leave(key string, e *planned) {
-	for _, vip := range e.vips {
+	for j, vip := range e.vips {
 		v := p.vips[vip]
 		if i, ok := slices.BinarySearch(v.keys, key); ok {
 			v.keys = slices.Delete(v.keys, i, i+1)
 		}
-		if e.ready {
+		if e.ready[j] {
 			v.ready--
 		}
 		p.dirtyVIPs[vip] = struct{}{}

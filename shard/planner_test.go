@@ -77,8 +77,12 @@ func (w *plannerWorld) service() Service {
 		case 1:
 			sp.Endpoints = []Endpoint{}
 		default:
+			// Of both families, as a dual-stack service's EndpointSlices give them.
 			for range n - 1 {
-				sp.Endpoints = append(sp.Endpoints, Endpoint{Addr: netip.AddrFrom4([4]byte{10, 42, 0, byte(1 + r.IntN(3))}), Port: 8080})
+				sp.Endpoints = append(sp.Endpoints, Endpoint{Addr: []netip.Addr{
+					netip.MustParseAddr("10.42.0.1"), netip.MustParseAddr("10.42.0.2"), netip.MustParseAddr("10.42.0.3"),
+					netip.MustParseAddr("fd00:42::1"), netip.MustParseAddr("fd00:42::2"),
+				}[r.IntN(5)], Port: 8080})
 			}
 		}
 		s.Ports = append(s.Ports, sp)

@@ -71,6 +71,9 @@ type Config struct {
 	GracefulRestart bool
 	// ExtraBGP lines go inside "router bgp" as they are.
 	ExtraBGP []string
+	// IPv6Unicast activates every neighbor in the IPv6 unicast family as well, so
+	// that IPv4 sessions carry IPv6 routes (MP-BGP) with maximum-paths as in IPv4.
+	IPv6Unicast bool
 }
 
 // Router is a running FRR in a network namespace.
@@ -258,6 +261,16 @@ func (r *Router) bgpdConf() string {
 	}
 	if c.MaximumPaths > 0 {
 		fmt.Fprintf(&b, " address-family ipv4 unicast\n  maximum-paths %d\n  maximum-paths ibgp %d\n exit-address-family\n", c.MaximumPaths, c.MaximumPaths)
+	}
+	if c.IPv6Unicast {
+		b.WriteString(" address-family ipv6 unicast\n")
+		for _, n := range c.Neighbors {
+			fmt.Fprintf(&b, "  neighbor %s activate\n", n.Addr)
+		}
+		if c.MaximumPaths > 0 {
+			fmt.Fprintf(&b, "  maximum-paths %d\n  maximum-paths ibgp %d\n", c.MaximumPaths, c.MaximumPaths)
+		}
+		b.WriteString(" exit-address-family\n")
 	}
 	b.WriteString("exit\n")
 	return b.String()

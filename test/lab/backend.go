@@ -60,16 +60,22 @@ const podHeader = "X-Pod"
 // backend is a "pod": nginx in its own namespace on the node LAN, standing in for the
 // guide's ghcr.io/loxilb-io/nginx container.
 type backend struct {
-	pod  string // the Pod object's name
-	ns   string
-	addr netip.Addr
-	port uint16
-	proc *labsys.Proc
+	pod   string // the Pod object's name
+	ns    string
+	addr  netip.Addr
+	addr6 netip.Addr // in a dual-stack lab
+	port  uint16
+	proc  *labsys.Proc
 }
 
-// startBackend runs nginx in ns, listening on addr:port.
-func startBackend(ctx context.Context, pod, ns, dir string, addr netip.Addr, port uint16) (*backend, error) {
-	b := &backend{pod: pod, ns: ns, addr: addr, port: port}
+// startBackend runs nginx in ns, listening on addr:port and, when addr6 is valid, on
+// addr6:port too.
+func startBackend(ctx context.Context, pod, ns, dir string, addr, addr6 netip.Addr, port uint16) (*backend, error) {
+	b := &backend{pod: pod, ns: ns, addr: addr, addr6: addr6, port: port}
+	listen := fmt.Sprintf("listen %s backlog=4096;", netip.AddrPortFrom(addr, port))
+	if addr6.IsValid() {
+		listen += fmt.Sprintf("\n    listen %s backlog=4096;", netip.AddrPortFrom(addr6, port))
+	}
 	html := filepath.Join(dir, "html")
 	if err := os.MkdirAll(filepath.Join(dir, "tmp"), 0o755); err != nil {
 		return nil, err
@@ -95,7 +101,7 @@ http {
   default_type text/html;
   keepalive_requests 1000000;
   server {
-    listen %[2]s backlog=4096;
+    %[2]s
     root %[3]s;
     add_header %[4]s %[5]s;
     # A long-lived stream: streamBytes at streamRate bytes a second.
@@ -108,7 +114,7 @@ http {
     }
   }
 }
-`, dir, netip.AddrPortFrom(addr, port), html, podHeader, pod, streamRate)
+`, dir, listen, html, podHeader, pod, streamRate)
 	confPath := filepath.Join(dir, "nginx.conf")
 	if err := os.WriteFile(confPath, []byte(conf), 0o644); err != nil {
 		return nil, err

@@ -167,10 +167,14 @@ func (l *Lab) RunPods(ctx context.Context) error {
 			return fmt.Errorf("pod %s: %w", p.Name, err)
 		}
 		now := metav1.Now()
+		podIPs := []corev1.PodIP{{IP: b.addr.String()}}
+		if b.addr6.IsValid() {
+			podIPs = append(podIPs, corev1.PodIP{IP: b.addr6.String()})
+		}
 		p.Status = corev1.PodStatus{
 			Phase:     corev1.PodRunning,
 			PodIP:     b.addr.String(),
-			PodIPs:    []corev1.PodIP{{IP: b.addr.String()}},
+			PodIPs:    podIPs,
 			StartTime: &now,
 			Conditions: []corev1.PodCondition{
 				{Type: corev1.PodReady, Status: corev1.ConditionTrue, LastTransitionTime: now},
@@ -198,10 +202,16 @@ func (l *Lab) startPod(ctx context.Context, idx int, name string, port uint16) (
 	s.Run("ip", "-n", routerNS, "link", "set", rport, "master", "lan")
 	s.Run("ip", "-n", ns, "addr", "add", cidr(podAddr(idx), 24), "dev", "eth0")
 	s.Run("ip", "-n", ns, "route", "add", "default", "via", routerLAN.String())
+	var a6 netip.Addr
+	if l.opts.DualStack {
+		a6 = podAddr6(idx)
+		addr6(&s, ns, a6, "eth0")
+		s.Run("ip", "-n", ns, "-6", "route", "add", "default", "via", routerLAN6.String())
+	}
 	if s.Err != nil {
 		return nil, s.Err
 	}
-	b, err := startBackend(ctx, name, ns, filepath.Join(l.Dir, "pod-"+name), podAddr(idx), port)
+	b, err := startBackend(ctx, name, ns, filepath.Join(l.Dir, "pod-"+name), podAddr(idx), a6, port)
 	if b != nil {
 		l.mu.Lock()
 		l.pods[name] = b
@@ -210,8 +220,10 @@ func (l *Lab) startPod(ctx context.Context, idx int, name string, port uint16) (
 	return b, err
 }
 
-// syncEndpointSlices writes one EndpointSlice per Service with a selector, listing
-// the running lab pods it selects.
+// syncEndpointSlices writes, for every Service with a selector, an IPv4
+// EndpointSlice listing the running lab pods it selects and, when the Service is of
+// the IPv6 family too, an IPv6 one with the same pods' IPv6 addresses, as the
+// EndpointSlice controller writes a slice per address family of the Service.
 func (l *Lab) syncEndpointSlices(ctx context.Context) error {
 	svcs, err := l.Kube.CoreV1().Services(namespace).List(ctx, metav1.ListOptions{})
 	if err != nil {
@@ -221,51 +233,79 @@ func (l *Lab) syncEndpointSlices(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	api := l.Kube.DiscoveryV1().EndpointSlices(namespace)
 	for _, svc := range svcs.Items {
 		if len(svc.Spec.Selector) == 0 {
 			continue
 		}
-		sel := labels.SelectorFromSet(svc.Spec.Selector)
-		es := &discoveryv1.EndpointSlice{
-			ObjectMeta: metav1.ObjectMeta{
-				Name:      svc.Name + "-lab",
-				Namespace: namespace,
-				Labels: map[string]string{
-					discoveryv1.LabelServiceName: svc.Name,
-					discoveryv1.LabelManagedBy:   "lab.shardlb.io",
-				},
-			},
-			AddressType: discoveryv1.AddressTypeIPv4,
+		if err := l.writeEndpointSlice(ctx, &svc, pods.Items, discoveryv1.AddressTypeIPv4, "-lab"); err != nil {
+			return err
 		}
-		for _, sp := range svc.Spec.Ports {
-			es.Ports = append(es.Ports, discoveryv1.EndpointPort{
-				Name: ptr(sp.Name), Protocol: ptr(sp.Protocol), Port: ptr(int32(sp.TargetPort.IntValue())),
-			})
-		}
-		for _, p := range pods.Items {
-			if !sel.Matches(labels.Set(p.Labels)) || p.Status.PodIP == "" {
-				continue
+		if slices.Contains(svc.Spec.IPFamilies, corev1.IPv6Protocol) {
+			if err := l.writeEndpointSlice(ctx, &svc, pods.Items, discoveryv1.AddressTypeIPv6, "-lab6"); err != nil {
+				return err
 			}
-			es.Endpoints = append(es.Endpoints, discoveryv1.Endpoint{
-				Addresses:  []string{p.Status.PodIP},
-				Conditions: discoveryv1.EndpointConditions{Ready: ptr(true), Serving: ptr(true), Terminating: ptr(false)},
-				TargetRef:  &corev1.ObjectReference{Kind: "Pod", Namespace: namespace, Name: p.Name, UID: p.UID},
-			})
-		}
-		old, err := api.Get(ctx, es.Name, metav1.GetOptions{})
-		switch {
-		case apierrors.IsNotFound(err):
-			_, err = api.Create(ctx, es, metav1.CreateOptions{FieldManager: "lab"})
-		case err == nil:
-			es.ResourceVersion = old.ResourceVersion
-			_, err = api.Update(ctx, es, metav1.UpdateOptions{FieldManager: "lab"})
-		}
-		if err != nil {
-			return fmt.Errorf("endpointslice of %s: %w", svc.Name, err)
 		}
 	}
 	return nil
+}
+
+// writeEndpointSlice writes the Service's EndpointSlice of one address type, named
+// after the Service with suffix.
+func (l *Lab) writeEndpointSlice(ctx context.Context, svc *corev1.Service, pods []corev1.Pod, family discoveryv1.AddressType, suffix string) error {
+	api := l.Kube.DiscoveryV1().EndpointSlices(namespace)
+	sel := labels.SelectorFromSet(svc.Spec.Selector)
+	es := &discoveryv1.EndpointSlice{
+		ObjectMeta: metav1.ObjectMeta{
+			Name:      svc.Name + suffix,
+			Namespace: namespace,
+			Labels: map[string]string{
+				discoveryv1.LabelServiceName: svc.Name,
+				discoveryv1.LabelManagedBy:   "lab.shardlb.io",
+			},
+		},
+		AddressType: family,
+	}
+	for _, sp := range svc.Spec.Ports {
+		es.Ports = append(es.Ports, discoveryv1.EndpointPort{
+			Name: ptr(sp.Name), Protocol: ptr(sp.Protocol), Port: ptr(int32(sp.TargetPort.IntValue())),
+		})
+	}
+	for _, p := range pods {
+		addr := podIPOf(&p, family)
+		if !sel.Matches(labels.Set(p.Labels)) || addr == "" {
+			continue
+		}
+		es.Endpoints = append(es.Endpoints, discoveryv1.Endpoint{
+			Addresses:  []string{addr},
+			Conditions: discoveryv1.EndpointConditions{Ready: ptr(true), Serving: ptr(true), Terminating: ptr(false)},
+			TargetRef:  &corev1.ObjectReference{Kind: "Pod", Namespace: namespace, Name: p.Name, UID: p.UID},
+		})
+	}
+	old, err := api.Get(ctx, es.Name, metav1.GetOptions{})
+	switch {
+	case apierrors.IsNotFound(err):
+		_, err = api.Create(ctx, es, metav1.CreateOptions{FieldManager: "lab"})
+	case err == nil:
+		es.ResourceVersion = old.ResourceVersion
+		_, err = api.Update(ctx, es, metav1.UpdateOptions{FieldManager: "lab"})
+	}
+	if err != nil {
+		return fmt.Errorf("endpointslice of %s: %w", svc.Name, err)
+	}
+	return nil
+}
+
+// podIPOf is the Pod's address of the EndpointSlice's address type, "" if none.
+func podIPOf(p *corev1.Pod, family discoveryv1.AddressType) string {
+	if family == discoveryv1.AddressTypeIPv4 {
+		return p.Status.PodIP // the lab's first address is the IPv4 one
+	}
+	for _, ip := range p.Status.PodIPs {
+		if a, err := netip.ParseAddr(ip.IP); err == nil && a.Is6() {
+			return ip.IP
+		}
+	}
+	return ""
 }
 
 // VIP returns the address in the Service's status.loadBalancer, if any.
@@ -280,6 +320,22 @@ func (l *Lab) VIP(ctx context.Context, svc string) (netip.Addr, error) {
 		}
 	}
 	return netip.Addr{}, errors.New("no VIP in status.loadBalancer yet")
+}
+
+// VIPs returns every address in the Service's status.loadBalancer: one per family
+// of a dual-stack Service.
+func (l *Lab) VIPs(ctx context.Context, svc string) ([]netip.Addr, error) {
+	s, err := l.Kube.CoreV1().Services(namespace).Get(ctx, svc, metav1.GetOptions{})
+	if err != nil {
+		return nil, err
+	}
+	var out []netip.Addr
+	for _, in := range s.Status.LoadBalancer.Ingress {
+		if a, err := netip.ParseAddr(in.IP); err == nil {
+			out = append(out, a)
+		}
+	}
+	return out, nil
 }
 
 // WaitVIP waits for the Service's VIP.

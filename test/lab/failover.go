@@ -27,6 +27,11 @@ const (
 // probeEvery is the probing interval.
 const probeEvery = 10 * time.Millisecond
 
+// killGapTarget is what a master's SIGKILL may cost a client probing every 10 ms:
+// the longest run of failed probes, as the router learns of the loss from the closed
+// BGP session and moves the VIP to the successor.
+const killGapTarget = 150 * time.Millisecond
+
 // FailoverResult is what a client probing every VIP saw while a master went away
 // (Outage) and while it came back and took its shards back (Recovery).
 type FailoverResult struct {
@@ -46,6 +51,9 @@ type FailoverResult struct {
 	// overlap, listed in Overlaps, not a spread; the old master serves its own flows and
 	// the ones the new master hands off to it.
 	Spreads, Overlaps []string
+	// Moved is, per VIP of the instance, when after the failure the router's kernel
+	// route for it first left the master (absent: it did not).
+	Moved map[netip.Addr]time.Duration
 	// LateResets counts, per VIP, the probes reset although they started after the
 	// router had moved the VIP away from the master: their connections went through
 	// the new next hop from their first packet, so a reset means the traffic moved a
@@ -87,7 +95,7 @@ func (l *Lab) Failover(ctx context.Context, f Failure, instance string, vips map
 	var own []netip.Prefix
 	for v, in := range vips {
 		if in == instance {
-			own = append(own, netip.PrefixFrom(v, 32))
+			own = append(own, hostPrefix(v))
 		}
 	}
 
@@ -114,7 +122,7 @@ func (l *Lab) Failover(ctx context.Context, f Failure, instance string, vips map
 			if err != nil {
 				return err
 			}
-			if len(hops) == 0 || slices.Contains(hops, victim.ip) {
+			if len(hops) == 0 || slices.Contains(hops, victim.addr(pfx.Addr())) {
 				return fmt.Errorf("%s via %v", pfx, hops)
 			}
 		}
@@ -128,23 +136,29 @@ func (l *Lab) Failover(ctx context.Context, f Failure, instance string, vips map
 			return l.Settled(ctx, vips)
 		})
 	}
-	handover := []netip.Addr{victim.ip}
+	// The old and the new master's addresses, of both families.
+	handover := []netip.Addr{victim.ip, victim.ip6}
 	if err == nil && f == CleanStop {
 		if masters, merr := l.Masters(); merr == nil && masters[instance] != nil {
-			handover = append(handover, masters[instance].ip)
+			handover = append(handover, masters[instance].ip, masters[instance].ip6)
 		}
 	}
 	time.Sleep(time.Second)
 	res.Outage = byVIP(p.stop())
 	changes := watch()
 	res.Timeline = timeline(t0, changes, res.Outage)
-	res.LateResets = lateResets(t0, victim.ip, changes, res.Outage)
+	moved := movedAt(t0, victim, changes)
+	res.Moved = map[netip.Addr]time.Duration{}
+	for vip, at := range moved {
+		res.Moved[vip] = at.Sub(t0)
+	}
+	res.LateResets = lateResets(moved, res.Outage)
 	for _, c := range changes {
 		if !c.At.After(t0) || len(c.Hops) < 2 {
 			continue
 		}
 		line := fmt.Sprintf("%+dms %s via %v", c.At.Sub(t0).Milliseconds(), c.Prefix, c.Hops)
-		if len(handover) == 2 && !slices.ContainsFunc(c.Hops, func(h netip.Addr) bool { return !slices.Contains(handover, h) }) {
+		if len(handover) == 4 && !slices.ContainsFunc(c.Hops, func(h netip.Addr) bool { return !slices.Contains(handover, h) }) {
 			res.Overlaps = append(res.Overlaps, line)
 			continue
 		}
@@ -196,7 +210,7 @@ func (l *Lab) settledMaster(ctx context.Context, instance string, vips map[netip
 func (l *Lab) RollingRestart(ctx context.Context, vips map[netip.Addr]string) (map[netip.Addr]Outage, []string, error) {
 	var prefixes []netip.Prefix
 	for _, v := range sortedVIPs(vips) {
-		prefixes = append(prefixes, netip.PrefixFrom(v, 32))
+		prefixes = append(prefixes, hostPrefix(v))
 	}
 	where := map[string]string{clientNS: "eth0"}
 	for _, n := range l.nodes {
@@ -273,22 +287,27 @@ func (l *Lab) setUnschedulable(ctx context.Context, n *node, on bool) error {
 	return nil
 }
 
-// lateResets counts the resets of probes that started after the router's first route
-// change for their VIP, since t0, that no longer goes via victim.
-func lateResets(t0 time.Time, victim netip.Addr, changes []routeChange, outages map[netip.Addr]Outage) map[netip.Addr]int {
+// movedAt is, per VIP, the router's first route change since t0 that no longer goes
+// via victim.
+func movedAt(t0 time.Time, victim *node, changes []routeChange) map[netip.Addr]time.Time {
 	moved := map[netip.Addr]time.Time{}
 	for _, c := range changes {
 		v := c.Prefix.Addr()
-		if _, ok := moved[v]; !ok && c.At.After(t0) && len(c.Hops) > 0 && !slices.Contains(c.Hops, victim) {
+		if _, ok := moved[v]; !ok && c.At.After(t0) && len(c.Hops) > 0 && !slices.Contains(c.Hops, victim.addr(v)) {
 			moved[v] = c.At
 		}
 	}
+	return moved
+}
+
+// lateResets counts the resets of probes that started after their VIP moved (movedAt).
+func lateResets(moved map[netip.Addr]time.Time, outages map[netip.Addr]Outage) map[netip.Addr]int {
 	out := map[netip.Addr]int{}
 	for vip, o := range outages {
 		at, ok := moved[vip]
 		if !ok {
 			// Not moved (another instance's VIP): any reset is one too many.
-			at = t0.Add(-time.Hour)
+			at = time.Time{}
 		}
 		for _, r := range o.Resets {
 			if r.After(at) {

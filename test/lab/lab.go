@@ -41,6 +41,18 @@ var (
 	clientAddr  = netip.MustParseAddr("203.0.113.10")
 )
 
+// The IPv6 side of a dual-stack lab (Options.DualStack), unique local addresses
+// numbered as the IPv4 ones.
+var (
+	routerLAN6  = netip.MustParseAddr("fd00:80::1") // nodes ::11.., pods ::101..
+	routerCli6  = netip.MustParseAddr("fd00:113::1")
+	clientAddr6 = netip.MustParseAddr("fd00:113::10")
+)
+
+// vipPool6 is the nodes' IPv6 VIP pool in a dual-stack lab: the first VIP is
+// fd00:96::250, as the IPv4 pool's is 192.168.80.250.
+const vipPool6 = "defaultPool6=fd00:96::250/120"
+
 // Options configure a lab; zero values are the guide's setup.
 type Options struct {
 	// Nodes is the number of shardlb nodes (default 3).
@@ -62,6 +74,13 @@ type Options struct {
 	// the router too; 0: off on both sides, so that a crash fails over by route
 	// withdrawal (what the failover tests and benchmarks measure).
 	GracefulRestart time.Duration
+	// DualStack gives the router, the nodes, the pods and the client an IPv6 address
+	// beside the IPv4 one (fd00:80::/64 on the LAN, fd00:113::/64 toward the client),
+	// forwards IPv6 in the router and the nodes, activates IPv6 unicast on the
+	// router's IPv4 sessions (MP-BGP: the nodes announce IPv6 VIPs with their IPv6
+	// address as next hop), gives the nodes an IPv6 VIP pool (vipPool6) and the
+	// apiserver a dual-stack service range. Off: the guide's IPv4 lab.
+	DualStack bool
 }
 
 // Lab is the whole system on one machine: an FRR router, a kube-apiserver with etcd,
@@ -149,13 +168,18 @@ func Start(ctx context.Context, o Options) (_ *Lab, err error) {
 	l.logf("starting FRR (zebra, bgpd, bfdd) in %s", routerNS)
 	l.Router, err = frr.Start(ctx, routerNS, frr.Config{
 		ASN: asn, RouterID: routerLAN, Neighbors: neighbors,
-		BFD: l.bfd(), GracefulRestart: o.GracefulRestart > 0,
+		BFD: l.bfd(), GracefulRestart: o.GracefulRestart > 0, IPv6Unicast: o.DualStack,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("FRR: %w", err)
 	}
 	l.logf("starting etcd and kube-apiserver on %s", mgmtGateway)
-	l.API, err = kubeapi.Start(ctx, kubeapi.Options{BindAddress: mgmtGateway, Dir: filepath.Join(l.Dir, "kube")})
+	var apiArgs []string
+	if o.DualStack {
+		// Without an IPv6 service range the apiserver refuses dual-stack Services.
+		apiArgs = []string{"--service-cluster-ip-range", "10.96.0.0/16,fd00:10:96::/112"}
+	}
+	l.API, err = kubeapi.Start(ctx, kubeapi.Options{BindAddress: mgmtGateway, Dir: filepath.Join(l.Dir, "kube"), ExtraArgs: apiArgs})
 	if err != nil {
 		return nil, err
 	}
@@ -185,6 +209,24 @@ func podAddr(i int) netip.Addr           { return netip.AddrFrom4([4]byte{10, 80
 func podNS(i int) string                 { return fmt.Sprintf("%spod%d", prefix, i+1) }
 func cidr(a netip.Addr, bits int) string { return netip.PrefixFrom(a, bits).String() }
 
+// nodeLAN6 and podAddr6 are the IPv6 addresses of a dual-stack lab: fd00:80::11 for
+// node 1 and fd00:80::101 for the first pod, as 10.80.0.11 and 10.80.0.101.
+func nodeLAN6(i int) netip.Addr {
+	return netip.AddrFrom16([16]byte{0xfd, 0, 0, 0x80, 15: byte(0x11 + i)})
+}
+func podAddr6(i int) netip.Addr {
+	return netip.AddrFrom16([16]byte{0xfd, 0, 0, 0x80, 14: 0x01, 15: byte(0x01 + i)})
+}
+
+// hostPrefix is the route of one address: /32 or /128.
+func hostPrefix(a netip.Addr) netip.Prefix { return netip.PrefixFrom(a, a.BitLen()) }
+
+// addr6 adds an IPv6 address in namespace ns without duplicate address detection,
+// which would keep it unusable for a second or two.
+func addr6(s *labsys.Script, ns string, a netip.Addr, dev string) {
+	s.Run("ip", "-n", ns, "-6", "addr", "add", cidr(a, 64), "dev", dev, "nodad")
+}
+
 // topology creates the namespaces, the LAN bridge in the router, the client link and
 // the management bridge in the root namespace.
 func (l *Lab) topology() error {
@@ -196,6 +238,10 @@ func (l *Lab) topology() error {
 	var s labsys.Script
 	s.Run("ip", "-n", routerNS, "link", "add", "lan", "type", "bridge")
 	s.Run("ip", "-n", routerNS, "addr", "add", cidr(routerLAN, 24), "dev", "lan")
+	if l.opts.DualStack {
+		s.In(routerNS, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+		addr6(&s, routerNS, routerLAN6, "lan")
+	}
 	s.Run("ip", "-n", routerNS, "link", "set", "lan", "up")
 	if s.Err != nil {
 		return s.Err
@@ -206,6 +252,11 @@ func (l *Lab) topology() error {
 	s.Run("ip", "-n", routerNS, "addr", "add", cidr(routerCli, 24), "dev", "cli")
 	s.Run("ip", "-n", clientNS, "addr", "add", cidr(clientAddr, 24), "dev", "eth0")
 	s.Run("ip", "-n", clientNS, "route", "add", "default", "via", routerCli.String())
+	if l.opts.DualStack {
+		addr6(&s, routerNS, routerCli6, "cli")
+		addr6(&s, clientNS, clientAddr6, "eth0")
+		s.Run("ip", "-n", clientNS, "-6", "route", "add", "default", "via", routerCli6.String())
+	}
 
 	s.Run("ip", "link", "add", bridge, "type", "bridge")
 	s.Run("ip", "addr", "add", cidr(mgmtGateway, 24), "dev", bridge)
@@ -230,6 +281,13 @@ func (l *Lab) topology() error {
 		s.In(routerNS, "bridge", "link", "set", "dev", port, "flood", "off")
 		s.Run("ip", "-n", ns, "addr", "add", cidr(nodeLAN(i), 24), "dev", "eth0")
 		s.Run("ip", "-n", ns, "route", "add", "default", "via", routerLAN.String())
+		if l.opts.DualStack {
+			// The datapath's route lookups (bpf_fib_lookup) need forwarding on, as
+			// for IPv4.
+			s.In(ns, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+			addr6(&s, ns, nodeLAN6(i), "eth0")
+			s.Run("ip", "-n", ns, "-6", "route", "add", "default", "via", routerLAN6.String())
+		}
 		mgmt := fmt.Sprintf("%sm%d", prefix, i+1)
 		if s.Err != nil {
 			return s.Err

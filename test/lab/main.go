@@ -163,7 +163,7 @@ func demo(ctx context.Context, w io.Writer, keep, verbose bool) int {
 		restarted += o.Failed
 	}
 	say("%s restarted and took its shard back: %d failed probes", res.Master, restarted)
-	say("target: a SIGKILL gap <= 150 ms (the router learns it from the closed BGP session)")
+	say("target: a SIGKILL gap <= %d ms (the router learns it from the closed BGP session)", killGapTarget.Milliseconds())
 
 	masters, err = l.Masters()
 	if err != nil {

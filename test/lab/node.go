@@ -27,6 +27,7 @@ type node struct {
 	name string
 	ns   string
 	ip   netip.Addr
+	ip6  netip.Addr // in a dual-stack lab
 	argv []string
 	log  string
 	proc *labsys.Proc
@@ -74,6 +75,11 @@ func (l *Lab) StartNodes(ctx context.Context) error {
 	}
 	for i := range l.opts.Nodes {
 		n := &node{i: i, name: nodeName(i), ns: nodeNS(i), ip: nodeLAN(i), log: filepath.Join(l.Dir, nodeName(i)+".log")}
+		nodeIPs := n.ip.String()
+		if l.opts.DualStack {
+			n.ip6 = nodeLAN6(i)
+			nodeIPs += "," + n.ip6.String()
+		}
 		// The DaemonSet's capabilities, nothing more: the bounding set caps what root
 		// gets on exec, and no_new_privs is allowPrivilegeEscalation: false.
 		bounding := "-all"
@@ -84,7 +90,7 @@ func (l *Lab) StartNodes(ctx context.Context) error {
 			"setpriv", "--bounding-set", bounding, "--no-new-privs", "--",
 			l.shardlb}, l.nodeArgs...)
 		n.argv = append(n.argv,
-			"--nodeName="+n.name, "--nodeIP="+n.ip.String(), "--namespace="+lbSystem,
+			"--nodeName="+n.name, "--nodeIP="+nodeIPs, "--namespace="+lbSystem,
 			"--kubeconfig="+l.nodeKubeconfig, "--logLevel=debug",
 			"--pinPath="+filepath.Join(l.bpffs(), n.name),
 			"--bgpGracefulRestart="+l.opts.GracefulRestart.String())
@@ -93,6 +99,9 @@ func (l *Lab) StartNodes(ctx context.Context) error {
 		}
 		if l.opts.AttachMode != "" {
 			n.argv = append(n.argv, "--attachMode="+l.opts.AttachMode)
+		}
+		if l.opts.DualStack {
+			n.argv = append(n.argv, "--cidr6Pools="+vipPool6)
 		}
 		l.nodes = append(l.nodes, n)
 		// The Node object a kubelet would register; shardlb reads whether it is
@@ -132,6 +141,14 @@ func (n *node) kill() {
 	n.up = false
 	n.proc.Signal(syscall.SIGKILL)
 	<-n.proc.Done()
+}
+
+// addr is the node's address of a's family: the next hop of its VIPs of that family.
+func (n *node) addr(a netip.Addr) netip.Addr {
+	if a.Is6() && !a.Is4In6() {
+		return n.ip6
+	}
+	return n.ip
 }
 
 func (n *node) exitErr() error {
@@ -264,7 +281,7 @@ func (l *Lab) Settled(ctx context.Context, vips map[netip.Addr]string) error {
 		if m == nil {
 			return fmt.Errorf("instance %s of %s has no master", inst, vip)
 		}
-		paths, err := l.Router.Paths(ctx, netip.PrefixFrom(vip, 32))
+		paths, err := l.Router.Paths(ctx, hostPrefix(vip))
 		if err != nil {
 			return err
 		}
@@ -284,19 +301,19 @@ func (l *Lab) Settled(ctx context.Context, vips map[netip.Addr]string) error {
 		if want > 1 && successors != 1 {
 			return fmt.Errorf("router holds %d paths for %s with the successor's LOCAL_PREF 200, want 1", successors, vip)
 		}
-		best, ok, err := l.Router.BestPath(ctx, netip.PrefixFrom(vip, 32))
+		best, ok, err := l.Router.BestPath(ctx, hostPrefix(vip))
 		if err != nil {
 			return err
 		}
-		if !ok || best.NextHop != m.ip {
-			return fmt.Errorf("router's best path for %s is via %v, want %s's master %s (%s)", vip, best.NextHop, inst, m.name, m.ip)
+		if !ok || best.NextHop != m.addr(vip) {
+			return fmt.Errorf("router's best path for %s is via %v, want %s's master %s (%s)", vip, best.NextHop, inst, m.name, m.addr(vip))
 		}
-		hops, err := l.Router.KernelRoute(netip.PrefixFrom(vip, 32))
+		hops, err := l.Router.KernelRoute(hostPrefix(vip))
 		if err != nil {
 			return err
 		}
-		if !slices.Equal(hops, []netip.Addr{m.ip}) {
-			return fmt.Errorf("router's kernel route for %s is via %v, want %s", vip, hops, m.ip)
+		if !slices.Equal(hops, []netip.Addr{m.addr(vip)}) {
+			return fmt.Errorf("router's kernel route for %s is via %v, want %s", vip, hops, m.addr(vip))
 		}
 	}
 	return nil

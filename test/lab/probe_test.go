@@ -128,7 +128,7 @@ func TestEndpointProbe(t *testing.T) {
 	}
 
 	restarted := time.Now()
-	nb, err := startBackend(ctx, b.pod, b.ns, filepath.Join(l.Dir, "pod-"+b.pod), b.addr, b.port)
+	nb, err := startBackend(ctx, b.pod, b.ns, filepath.Join(l.Dir, "pod-"+b.pod), b.addr, b.addr6, b.port)
 	if nb != nil {
 		l.mu.Lock()
 		l.pods[b.pod] = nb
