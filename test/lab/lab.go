@@ -133,7 +133,7 @@ func Start(ctx context.Context, o Options) (_ *Lab, err error) {
 		return nil, errors.New("the lab needs root (network namespaces, eBPF, FRR)")
 	}
 	l := &Lab{opts: o, log: o.Log, pods: map[string]*backend{}}
-	if err := l.acquire(); err != nil {
+	if err := l.acquire(ctx); err != nil {
 		return nil, err
 	}
 	defer func() {
@@ -301,17 +301,29 @@ func (l *Lab) topology() error {
 	return s.Err
 }
 
-// acquire takes the machine-wide lab lock; the kernel drops it when the process dies,
-// so whatever carries the prefix while we hold it is left over from a dead run.
-func (l *Lab) acquire() error {
+// acquire takes the machine-wide lab lock, waiting while another lab (this one's, or
+// the node stack's) holds it, until ctx ends; the kernel drops it when the process
+// dies, so whatever carries the prefix while we hold it is left over from a dead run.
+func (l *Lab) acquire(ctx context.Context) error {
 	f, err := os.OpenFile(lockPath, os.O_CREATE|os.O_RDWR, 0o644)
 	if err != nil {
 		return err
 	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+	for waiting := false; ; {
+		if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err == nil {
+			break
+		}
 		pid, _ := os.ReadFile(lockPath)
-		f.Close()
-		return fmt.Errorf("%w (pid %s; lock %s)", ErrBusy, strings.TrimSpace(string(pid)), lockPath)
+		if !waiting {
+			l.logf("waiting for the lab of pid %s to finish (%s)", strings.TrimSpace(string(pid)), lockPath)
+			waiting = true
+		}
+		select {
+		case <-ctx.Done():
+			f.Close()
+			return fmt.Errorf("%w (pid %s; lock %s): %w", ErrBusy, strings.TrimSpace(string(pid)), lockPath, ctx.Err())
+		case <-time.After(time.Second):
+		}
 	}
 	_ = f.Truncate(0)
 	_, _ = f.WriteAt([]byte(fmt.Sprintf("%d\n", os.Getpid())), 0)

@@ -32,7 +32,9 @@ func startLabWith(t testing.TB, opts Options) *Lab {
 	if _, err := os.Stat(frr.Dir + "/bgpd"); err != nil {
 		testenv.Unavailable(t, "FRR not installed in %s (make deps installs it)", frr.Dir)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	// The start takes under a minute; the rest is for the lab lock, which another lab
+	// on this machine (the node stack's, a demo) may hold for a while.
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
 	var progress strings.Builder
 	// BFD runs at shardlb's default, 300 ms x 3, here, not the manifest's 100 ms x 3:
